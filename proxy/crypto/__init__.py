@@ -1,0 +1,1 @@
+"""Cryptography: the keyring of data master keys and the per-record envelope."""

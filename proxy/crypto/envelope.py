@@ -1,0 +1,111 @@
+"""Per-record encryption: data key, element ciphertexts and the record MAC.
+
+Each written resource gets a fresh 512-bit data key: the first half is the AES-256-GCM
+key for its elements, the second half the HMAC-SHA256 key of its record MAC (two keys,
+so one key never serves two primitives). The data key is wrapped (AES key wrap) by
+the keyring's primary master key and stored once, in the resource's envelope::
+
+    v1.<key id>.<record id>.<wrapped data key>.<record MAC>      (base64url fields)
+
+An element ciphertext is ``v1.`` + base64url(nonce || ciphertext || tag) with a random
+96-bit nonce and associated data binding it to its place::
+
+    "fhircrypt/v1" US resourceType US recordId US fieldId US elementPath
+
+so a ciphertext moved to another element, another resource or another policy field
+fails to decrypt. The record MAC covers the key id and the ordered (path, ciphertext)
+list, detecting elements that were removed, added or swapped as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
+
+from proxy.crypto.encoding import b64d, b64e
+from proxy.crypto.keyring import Keyring
+
+VERSION = "v1"
+_PREFIX = VERSION + "."
+_US, _RS = "\x1f", "\x1e"  # unit and record separators: never part of a path or field id
+
+
+class IntegrityError(Exception):
+    """Ciphertext, envelope or MAC that does not verify. Carries no values."""
+
+
+def associated_data(resource_type: str, record_id: str, field_id: str, path: str) -> bytes:
+    return _US.join(("fhircrypt/v1", resource_type, record_id, field_id, path)).encode()
+
+
+class RecordCipher:
+    """Encrypts or decrypts the elements of one resource version."""
+
+    __slots__ = ("_aead", "_mac_key", "key_id", "record_id", "resource_type", "wrapped")
+
+    def __init__(self, resource_type: str, key_id: str, record_id: str, data_key: bytes, wrapped: bytes) -> None:
+        self.resource_type, self.key_id, self.record_id, self.wrapped = resource_type, key_id, record_id, wrapped
+        self._aead = AESGCM(data_key[:32])
+        self._mac_key = data_key[32:]
+
+    def __repr__(self) -> str:
+        return f"RecordCipher({self.resource_type}, key={self.key_id})"
+
+    @classmethod
+    def new(cls, keyring: Keyring, resource_type: str) -> RecordCipher:
+        kid, master = keyring.primary()
+        data_key = os.urandom(64)
+        return cls(resource_type, kid, b64e(os.urandom(12)), data_key, aes_key_wrap(master, data_key))
+
+    @classmethod
+    def open_envelope(cls, keyring: Keyring, resource_type: str, envelope: str) -> tuple[RecordCipher, bytes]:
+        """Parse an envelope string; returns the cipher and the stored record MAC."""
+        parts = envelope.split(".") if isinstance(envelope, str) else []
+        if len(parts) != 5 or parts[0] != VERSION:
+            raise IntegrityError("envelope has an unknown format")
+        _, kid, record_id, wrapped_text, mac_text = parts
+        master = keyring.master_key(kid)
+        if master is None:
+            raise IntegrityError(f"envelope names key '{kid[:8]}' that is not in the keyring")
+        try:
+            wrapped, mac = b64d(wrapped_text), b64d(mac_text)
+            data_key = aes_key_unwrap(master, wrapped)
+        except (ValueError, InvalidUnwrap):
+            raise IntegrityError("envelope data key does not unwrap") from None
+        if len(data_key) != 64 or len(b64d(record_id)) != 12:
+            raise IntegrityError("envelope has an unknown format")
+        return cls(resource_type, kid, record_id, data_key, wrapped), mac
+
+    def envelope(self, mac: bytes) -> str:
+        return ".".join((VERSION, self.key_id, self.record_id, b64e(self.wrapped), b64e(mac)))
+
+    def seal(self, field_id: str, path: str, plaintext: bytes, nonce: bytes | None = None) -> str:
+        """Encrypt one element. ``nonce`` is only for published test vectors."""
+        nonce = nonce or os.urandom(12)
+        aad = associated_data(self.resource_type, self.record_id, field_id, path)
+        return _PREFIX + b64e(nonce + self._aead.encrypt(nonce, plaintext, aad))
+
+    def open(self, field_id: str, path: str, ciphertext: str) -> bytes:
+        if not isinstance(ciphertext, str) or not ciphertext.startswith(_PREFIX):
+            raise IntegrityError("ciphertext has an unknown version")
+        try:
+            raw = b64d(ciphertext[len(_PREFIX) :])
+            aad = associated_data(self.resource_type, self.record_id, field_id, path)
+            return self._aead.decrypt(raw[:12], raw[12:], aad)
+        except (ValueError, InvalidTag):
+            raise IntegrityError("ciphertext does not verify") from None
+
+    def mac(self, items: list[tuple[str, str]]) -> bytes:
+        """Record MAC over the key id and the ordered (path, ciphertext) list."""
+        parts = [f"fhircrypt/v1 record{_US}{self.resource_type}{_US}{self.record_id}{_US}{self.key_id}"]
+        parts.extend(f"{path}{_US}{ct}" for path, ct in items)
+        return hmac.new(self._mac_key, _RS.join(parts).encode(), hashlib.sha256).digest()
+
+    def verify(self, items: list[tuple[str, str]], expected: bytes) -> None:
+        if not hmac.compare_digest(self.mac(items), expected):
+            raise IntegrityError("record MAC does not verify")

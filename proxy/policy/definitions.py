@@ -1,0 +1,85 @@
+"""Read-only access to the R4 element table (``r4_elements.json``).
+
+The table is derived from the official R4 StructureDefinitions by
+``scripts/derive_r4_elements.py``; it is loaded once and only used while compiling a
+policy, never on the request path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+
+BACKBONE_TYPES = frozenset({"BackboneElement", "Element"})
+
+
+@dataclass(frozen=True)
+class ElementDef:
+    """What the compiler needs to know about one element of a type or resource."""
+
+    path: str  # relative path in its table, with [x] for choices
+    types: tuple[str, ...]
+    min: int
+    max: int  # -1 for unbounded
+    modifier: bool
+    content_ref: str | None  # recursive elements (Questionnaire.item.item) point elsewhere
+
+    @property
+    def repeating(self) -> bool:
+        return self.max != 1
+
+    @property
+    def is_choice(self) -> bool:
+        return self.path.endswith("[x]")
+
+
+@cache
+def table() -> dict:
+    raw = resources.files("proxy.policy").joinpath("r4_elements.json").read_bytes()
+    return json.loads(raw)
+
+
+def resource_types() -> frozenset[str]:
+    return frozenset(table()["resources"])
+
+
+def is_primitive(type_name: str) -> bool:
+    return type_name in _primitives()
+
+
+@cache
+def _primitives() -> frozenset[str]:
+    return frozenset(table()["primitives"])
+
+
+def elements(owner: str) -> dict[str, list]:
+    """Element rows of a resource type or complex datatype."""
+    t = table()
+    return t["resources"].get(owner) or t["types"][owner]
+
+
+def element(owner: str, path: str) -> ElementDef | None:
+    """Look ``path`` up in ``owner``; also finds ``value`` as the choice ``value[x]``."""
+    rows = elements(owner)
+    for candidate in (path, path + "[x]"):
+        row = rows.get(candidate)
+        if row is not None:
+            return ElementDef(candidate, tuple(row[0]), row[1], row[2], "m" in row[3], row[4] if len(row) > 4 else None)
+    return None
+
+
+def choice_json_name(base: str, type_name: str) -> str:
+    """``value`` + ``Quantity`` -> ``valueQuantity`` (FHIR JSON naming of choice types)."""
+    return base + type_name[0].upper() + type_name[1:]
+
+
+def reference_paths(resource_type: str) -> list[str]:
+    """Paths of the resource's own Reference elements (backbones included; choices by JSON name)."""
+    paths = []
+    for path, row in elements(resource_type).items():
+        if "Reference" not in row[0] or "m" in row[3] or len(row) > 4:
+            continue
+        paths.append(choice_json_name(path[:-3], "Reference") if path.endswith("[x]") else path)
+    return sorted(paths)

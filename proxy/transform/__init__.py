@@ -1,0 +1,1 @@
+"""The pure transformation core: resource dicts in, resource dicts out. No HTTP here."""

@@ -1,0 +1,37 @@
+"""The URLs and codes fhircrypt writes into stored resources (its at-rest vocabulary)."""
+
+CANONICAL = "https://fhircrypt.dev/fhir"
+ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
+CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
+TAG_SYSTEM = CANONICAL + "/CodeSystem/fhircrypt"
+TAG_CODE = "encrypted"
+
+DAR_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
+DAR_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+MASKED_SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+NEUTRAL_DIV = '<div xmlns="http://www.w3.org/1999/xhtml"><p>Protected content (fhircrypt)</p></div>'
+
+
+def dar_masked() -> dict:
+    return {"url": DAR_URL, "valueCode": "masked"}
+
+
+def masked_concept() -> dict:
+    return {"coding": [{"system": DAR_SYSTEM, "code": "masked", "display": "Masked"}]}
+
+
+def ciphertext_extension(ct: str) -> dict:
+    return {"url": CIPHERTEXT_URL, "valueString": ct}
+
+
+def encrypted_form(ct: str) -> dict:
+    """An element that holds nothing but the mask marker and its ciphertext."""
+    return {"extension": [dar_masked(), ciphertext_extension(ct)]}
+
+
+def masked_form() -> dict:
+    return {"extension": [dar_masked()]}
+
+
+def neutral_narrative() -> dict:
+    return {"status": "generated", "div": NEUTRAL_DIV}

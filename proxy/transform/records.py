@@ -1,0 +1,521 @@
+"""Encrypt and decrypt the covered elements of one resource, in place.
+
+The at-rest representation is described in ``docs/at-rest-format.md``. Everything
+here works on plain dicts produced by orjson; the compiled policy tells exactly where
+to look, so nothing walks the whole tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from proxy.crypto.envelope import IntegrityError, RecordCipher
+from proxy.crypto.keyring import Keyring
+from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
+from proxy.transform import markers as mk
+
+Grants = frozenset[str] | None  # None: every group (development mode without authentication)
+
+
+class ShapeError(ValueError):
+    """A covered location holds an unexpected JSON type; ``path`` names it, never the value."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+@dataclass
+class ReadReport:
+    """What happened while decrypting a response; contains paths and counts, never values."""
+
+    decrypted: int = 0
+    masked: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def fail(self, where: str, why: str) -> None:
+        self.failures.append(f"{where}: {why}")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
+    return all(item.get(k) == v for k, v in criteria)
+
+
+def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[dict, str]]:
+    """Objects reached by the hops, with their concrete paths (``identifier[1]``).
+
+    A value of the wrong JSON type raises ShapeError when writing (``strict``); when
+    reading it is removed, since it cannot be anything the proxy wrote.
+    """
+    level = [(resource, "")]
+    for hop in nav:
+        nxt = []
+        for obj, path in level:
+            value = obj.get(hop.key)
+            if value is None:
+                continue
+            p = _join(path, hop.key)
+            if type(value) is list:
+                for i, item in enumerate(value):
+                    if type(item) is dict:
+                        if _matches(item, hop.criteria):
+                            nxt.append((item, f"{p}[{i}]"))
+                    elif item is not None:
+                        if strict:
+                            raise ShapeError(f"{p}[{i}]")
+                        value[i] = None
+            elif type(value) is dict and not hop.criteria:
+                nxt.append((value, p))
+            else:
+                if strict:
+                    raise ShapeError(p)
+                del obj[hop.key]
+        level = nxt
+    return level
+
+
+def _ct_of(obj: object) -> str | None:
+    """The ciphertext carried by an element's extensions, or None."""
+    if type(obj) is dict:
+        exts = obj.get("extension")
+        if type(exts) is list:
+            for ext in exts:
+                if type(ext) is dict and ext.get("url") == mk.CIPHERTEXT_URL:
+                    ct = ext.get("valueString")
+                    return ct if type(ct) is str else ""
+    return None
+
+
+_PRIMITIVE_JSON = (str, bool, int, float)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Sealer:
+    """Encrypts the covered elements of one resource and collects the MAC items."""
+
+    def __init__(self, cipher: RecordCipher) -> None:
+        self.cipher = cipher
+        self.items: list[tuple[str, str]] = []
+
+    def seal(self, field_id: str, path: str, payload: object) -> str:
+        ct = self.cipher.seal(field_id, path, orjson.dumps(payload))
+        self.items.append((path, ct))
+        return ct
+
+    def primitive(self, parent: dict, path: str, key: str, repeating: bool, fid: str) -> None:
+        ukey = "_" + key
+        if key not in parent and ukey not in parent:
+            return
+        p = _join(path, key)
+        if not repeating:
+            value, under = parent.pop(key, None), parent.pop(ukey, None)
+            if (value is not None and type(value) not in _PRIMITIVE_JSON) or (
+                under is not None and type(under) is not dict
+            ):
+                raise ShapeError(p)
+            parent[ukey] = mk.encrypted_form(self.seal(fid, p, [value, under]))
+            return
+        values, unders = parent.get(key) or [], parent.get(ukey) or []
+        if type(values) is not list or type(unders) is not list:
+            raise ShapeError(p)
+        n = max(len(values), len(unders))
+        sealed: list[dict | None] = []
+        for i in range(n):
+            value = values[i] if i < len(values) else None
+            under = unders[i] if i < len(unders) else None
+            if (value is not None and type(value) not in _PRIMITIVE_JSON) or (
+                under is not None and type(under) is not dict
+            ):
+                raise ShapeError(f"{p}[{i}]")
+            sealed.append(
+                None
+                if value is None and under is None
+                else mk.encrypted_form(self.seal(fid, f"{p}[{i}]", [value, under]))
+            )
+        parent[key] = [None] * n
+        parent[ukey] = sealed
+
+    def complex(self, parent: dict, path: str, key: str, el: CompiledElement) -> None:
+        value = parent.get(key)
+        if value is None:
+            return
+        p = _join(path, key)
+        if el.repeating:
+            if type(value) is not list:
+                raise ShapeError(p)
+            for i, item in enumerate(value):
+                if item is None:
+                    continue
+                if type(item) is not dict:
+                    raise ShapeError(f"{p}[{i}]")
+                if _matches(item, el.terminal.criteria):
+                    value[i] = self._complex_form(item, f"{p}[{i}]", el)
+        elif type(value) is dict:
+            parent[key] = self._complex_form(value, p, el)
+        else:
+            raise ShapeError(p)
+
+    def _complex_form(self, item: dict, path: str, el: CompiledElement) -> dict:
+        form = {k: item[k] for k in el.keep if k in item}
+        form.update(mk.encrypted_form(self.seal(el.field_id, path, item)))
+        return form
+
+    def choice_masked(self, parent: dict, path: str, el: CompiledElement) -> None:
+        present = [n for n, _ in el.choices if n in parent or "_" + n in parent]
+        if not present:
+            return
+        p = _join(path, el.terminal.key + "[x]")
+        exts = parent.get("extension", [])
+        if len(present) > 1 or type(exts) is not list:
+            raise ShapeError(p)
+        name = present[0]
+        payload = {k: parent.pop(k) for k in (name, "_" + name, "dataAbsentReason") if k in parent}
+        ct = self.seal(el.field_id, p, payload)
+        parent["dataAbsentReason"] = mk.masked_concept()
+        parent["extension"] = [*exts, mk.ciphertext_extension(ct)]
+
+    def narrative(self, parent: dict, path: str, el: CompiledElement) -> None:
+        text = parent.get(el.terminal.key)
+        if text is None:
+            return
+        p = _join(path, el.terminal.key)
+        if type(text) is not dict:
+            raise ShapeError(p)
+        if el.replace:
+            parent[el.terminal.key] = mk.neutral_narrative()
+            return
+        form = mk.neutral_narrative()
+        form["extension"] = [mk.ciphertext_extension(self.seal(el.field_id, p, text))]
+        parent[el.terminal.key] = form
+
+    def element(self, resource: dict, el: CompiledElement) -> None:
+        for parent, path in _parents(resource, el.nav, strict=True):
+            kind = el.kind
+            if kind is Kind.PRIMITIVE:
+                self.primitive(parent, path, el.terminal.key, el.repeating, el.field_id)
+            elif kind is Kind.COMPLEX:
+                self.complex(parent, path, el.terminal.key, el)
+            elif kind is Kind.CHOICE_MASKED:
+                self.choice_masked(parent, path, el)
+            elif kind is Kind.NARRATIVE:
+                self.narrative(parent, path, el)
+            else:  # CHOICE: the typed slot stays, its content is encrypted as primitive or complex
+                for name, primitive in el.choices:
+                    if primitive:
+                        self.primitive(parent, path, name, False, el.field_id)
+                    elif name in parent:
+                        parent[name] = self._complex_form_checked(parent[name], _join(path, name), el)
+
+    def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> dict:
+        if type(item) is not dict:
+            raise ShapeError(path)
+        return self._complex_form(item, path, el)
+
+
+def encrypt_resource(resource: dict, rp: ResourcePolicy, keyring: Keyring) -> None:
+    """Encrypt every covered element and attach the envelope and tag (in place).
+
+    Raises ShapeError when a covered location has the wrong JSON type.
+    """
+    sealer = _Sealer(RecordCipher.new(keyring, rp.type))
+    for el in rp.elements:
+        sealer.element(resource, el)
+    envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(sealer.cipher.mac(sealer.items))}
+    exts = resource.get("extension")
+    if exts is not None and type(exts) is not list:
+        raise ShapeError("extension")
+    resource["extension"] = [*(exts or ()), envelope]
+    meta = resource.get("meta")
+    if meta is None:
+        meta = resource["meta"] = {}
+    elif type(meta) is not dict:
+        raise ShapeError("meta")
+    tags = meta.get("tag")
+    meta["tag"] = [*(tags if type(tags) is list else ()), {"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Slot:
+    """One stored occurrence of a covered element."""
+
+    el: CompiledElement
+    path: str
+    ct: str | None
+    tampered: bool  # plaintext where only ciphertext can legitimately be
+    restore: Callable[[bytes], None]
+    mask: Callable[[], None]
+
+
+def _find_primitive(parent: dict, path: str, key: str, repeating: bool, el: CompiledElement, out: list[_Slot]) -> None:
+    ukey = "_" + key
+    p = _join(path, key)
+    if not repeating:
+        ct, plain = _ct_of(parent.get(ukey)), key in parent
+        if ct is None and not plain:
+            return
+
+        def restore(pt: bytes) -> None:
+            value, under = _pair(pt)
+            parent.pop(ukey, None)
+            if value is not None:
+                parent[key] = value
+            if under is not None:
+                parent[ukey] = under
+
+        def mask() -> None:
+            parent.pop(key, None)
+            parent[ukey] = mk.masked_form()
+
+        out.append(_Slot(el, p, ct, plain, restore, mask))
+        return
+    values, unders = parent.get(key), parent.get(ukey)
+    values = values if type(values) is list else []
+    unders = unders if type(unders) is list else []
+    n = max(len(values), len(unders))
+    if not n:
+        return
+    values.extend([None] * (n - len(values)))
+    unders.extend([None] * (n - len(unders)))
+    parent[key], parent[ukey] = values, unders
+    for i in range(n):
+        ct, plain = _ct_of(unders[i]), values[i] is not None
+        if ct is None and not plain:
+            continue
+
+        def restore(pt: bytes, i: int = i) -> None:
+            values[i], unders[i] = _pair(pt)
+            _tidy(parent, key, ukey)
+
+        def mask(i: int = i) -> None:
+            values[i], unders[i] = None, mk.masked_form()
+            _tidy(parent, key, ukey)
+
+        out.append(_Slot(el, f"{p}[{i}]", ct, plain, restore, mask))
+
+
+def _tidy(parent: dict, key: str, ukey: str) -> None:
+    """Drop a parallel array that holds only nulls (FHIR JSON omits it then)."""
+    for k in (key, ukey):
+        if k in parent and all(v is None for v in parent[k]):
+            del parent[k]
+
+
+def _pair(pt: bytes) -> tuple[object, object]:
+    value, under = orjson.loads(pt)
+    return value, under
+
+
+def _find_complex(
+    container: dict | list, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[_Slot]
+) -> None:
+    item = container[index]  # type: ignore[index]
+    if type(item) is not dict:
+        container[index] = None  # type: ignore[index]
+        out.append(_Slot(el, path, None, True, lambda pt: None, lambda: None))
+        return
+    ct = _ct_of(item)
+
+    def restore(pt: bytes) -> None:
+        value = orjson.loads(pt)
+        if type(value) is not dict:
+            raise ValueError("not an object")
+        container[index] = value  # type: ignore[index]
+
+    def mask() -> None:
+        form = {k: item[k] for k in keep if k in item}
+        form.update(mk.masked_form())
+        container[index] = form  # type: ignore[index]
+
+    out.append(_Slot(el, path, ct, ct is None, restore, mask))
+
+
+def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
+    for parent, path in _parents(resource, el.nav, strict=False):
+        key = el.terminal.key
+        kind = el.kind
+        if kind is Kind.PRIMITIVE:
+            _find_primitive(parent, path, key, el.repeating, el, out)
+        elif kind is Kind.COMPLEX:
+            value = parent.get(key)
+            p = _join(path, key)
+            if value is None:
+                continue
+            if not el.repeating:
+                _find_complex(parent, key, p, el.keep, el, out)
+            elif type(value) is list:
+                for i, item in enumerate(value):
+                    if item is not None and (type(item) is not dict or _matches(item, el.terminal.criteria)):
+                        _find_complex(value, i, f"{p}[{i}]", el.keep, el, out)
+            else:
+                del parent[key]
+                out.append(_Slot(el, p, None, True, lambda pt: None, lambda: None))
+        elif kind is Kind.CHOICE:
+            for name, primitive in el.choices:
+                if primitive:
+                    _find_primitive(parent, path, name, False, el, out)
+                elif name in parent:
+                    _find_complex(parent, name, _join(path, name), (), el, out)
+        elif kind is Kind.CHOICE_MASKED:
+            _find_choice_masked(parent, path, el, out)
+        else:
+            _find_narrative(parent, path, el, out)
+
+
+def _find_choice_masked(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+    names = [n for n, _ in el.choices for k in (n, "_" + n) if k in parent]
+    exts = parent.get("extension")
+    idx = None
+    if type(exts) is list:
+        idx = next((i for i, e in enumerate(exts) if type(e) is dict and e.get("url") == mk.CIPHERTEXT_URL), None)
+    if idx is None and not names:
+        return
+    ct = _ct_of({"extension": [exts[idx]]}) if idx is not None else None
+
+    def drop_ct() -> None:
+        if idx is not None:
+            del exts[idx]
+            if not exts:
+                del parent["extension"]
+
+    def restore(pt: bytes) -> None:
+        payload = orjson.loads(pt)
+        if type(payload) is not dict:
+            raise ValueError("not an object")
+        drop_ct()
+        parent.pop("dataAbsentReason", None)
+        parent.update(payload)
+
+    def mask() -> None:
+        drop_ct()
+        for n in names:
+            parent.pop(n, None)
+        parent["dataAbsentReason"] = mk.masked_concept()
+
+    out.append(_Slot(el, _join(path, el.terminal.key + "[x]"), ct, bool(names), restore, mask))
+
+
+def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+    key = el.terminal.key
+    text = parent.get(key)
+    if text is None:
+        return
+    ct = _ct_of(text)
+    neutral = type(text) is dict and text.get("div") == mk.NEUTRAL_DIV
+    tampered = ct is None and not (neutral and el.replace and set(text) <= {"status", "div"})
+    if ct is None and not tampered:
+        return
+
+    def restore(pt: bytes) -> None:
+        value = orjson.loads(pt)
+        if type(value) is not dict:
+            raise ValueError("not an object")
+        parent[key] = value
+
+    def mask() -> None:
+        parent[key] = mk.neutral_narrative()
+
+    out.append(_Slot(el, _join(path, key), ct, tampered or not neutral, restore, mask))
+
+
+def _take_markers(resource: dict) -> tuple[list[str], bool]:
+    """Remove our envelope extension(s) and tag; returns the envelopes and whether tagged."""
+    envelopes: list[str] = []
+    exts = resource.get("extension")
+    if type(exts) is list:
+        kept = []
+        for ext in exts:
+            if type(ext) is dict and ext.get("url") == mk.ENVELOPE_URL:
+                envelopes.append(ext.get("valueString"))  # type: ignore[arg-type]
+            else:
+                kept.append(ext)
+        if kept:
+            resource["extension"] = kept
+        else:
+            del resource["extension"]
+    tagged = False
+    meta = resource.get("meta")
+    if type(meta) is dict and type(meta.get("tag")) is list:
+        tags = [t for t in meta["tag"] if not (type(t) is dict and t.get("system") == mk.TAG_SYSTEM)]
+        tagged = len(tags) != len(meta["tag"])
+        if tags:
+            meta["tag"] = tags
+        else:
+            del meta["tag"]
+            if not meta:
+                del resource["meta"]
+    return envelopes, tagged
+
+
+def _mark_masked(resource: dict) -> None:
+    meta = resource.get("meta")
+    if type(meta) is not dict:
+        meta = resource["meta"] = {}
+    security = meta.get("security")
+    security = security if type(security) is list else []
+    if not any(
+        type(s) is dict and s.get("code") == "MASKED" and s.get("system") == mk.MASKED_SECURITY_SYSTEM for s in security
+    ):
+        security.append({"system": mk.MASKED_SECURITY_SYSTEM, "code": "MASKED", "display": "masked"})
+    meta["security"] = security
+
+
+def decrypt_resource(
+    resource: dict, rp: ResourcePolicy, keyring: Keyring, grants: Grants, unenveloped: str, report: ReadReport
+) -> None:
+    """Restore what the caller may see, mask the rest, drop our markers (in place).
+
+    Nothing that fails verification is returned as data: a bad envelope or record MAC
+    masks every covered element of the record; a bad element ciphertext masks that
+    element; plaintext found where only ciphertext can be is removed.
+    """
+    where = f"{rp.type}/{resource.get('id', '?')}"
+    envelopes, tagged = _take_markers(resource)
+    slots: list[_Slot] = []
+    for el in rp.elements:
+        _find(resource, el, slots)
+    if not envelopes and not tagged and unenveloped == "allow":
+        return
+    cipher = None
+    try:
+        if len(envelopes) != 1:
+            raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
+        cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
+        cipher.verify([(s.path, s.ct) for s in slots if s.ct is not None], mac)
+    except IntegrityError as exc:
+        if slots or envelopes or tagged:
+            report.fail(where, str(exc))
+        cipher = None
+    masked = 0
+    for slot in slots:
+        if cipher is None or slot.tampered or slot.ct is None:
+            if cipher is not None:
+                report.fail(f"{where} {slot.path}", "plaintext where ciphertext was expected")
+            slot.mask()
+            masked += 1
+            continue
+        if grants is not None and not slot.el.groups <= grants:
+            slot.mask()
+            masked += 1
+            continue
+        try:
+            slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
+            report.decrypted += 1
+        except (IntegrityError, ValueError, TypeError):
+            report.fail(f"{where} {slot.path}", "ciphertext does not verify")
+            slot.mask()
+            masked += 1
+    if masked:
+        report.masked += masked
+        _mark_masked(resource)
