@@ -284,6 +284,8 @@ class _Resolver:
             name = step.name
             if name in _FORBIDDEN_KEYS and (name != "reference" or self.owner == "Reference"):
                 raise PathError(f"'{name}' cannot be encrypted: {_FORBIDDEN_KEYS[name]}")
+            if name == "text" and self.owner == self.rtype and not self.prefix:
+                raise PathError("the resource narrative is set with 'narrative: encrypt|replace', not as a path")
             d, json_name = self._lookup(name)
             i += 1
             criteria: tuple[tuple[str, str], ...] = ()

@@ -1,0 +1,227 @@
+"""The ``fhircrypt`` command: a thin shell over the core and the aiohttp app.
+
+Every ``serve`` flag can also be set by an environment variable (``FHIRCRYPT_`` +
+the flag name in upper case, e.g. ``FHIRCRYPT_UPSTREAM``); flags win. Secrets (the
+key-encryption key) come only from files or environment variables, never from flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from proxy import __version__
+from proxy.crypto.kek import KeyringError, generate_kek, load_local_kek
+from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
+from proxy.policy.compiler import compile_file
+from proxy.policy.explain import explain
+from proxy.policy.loader import PolicyError
+from proxy.settings import Settings
+
+log = logging.getLogger("fhircrypt")
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("FHIRCRYPT_" + name.upper().replace("-", "_"), default)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError("use HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+def _kek_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keyring", default=_env("keyring", ".fhircrypt/keyring.json"), help="keyring file")
+    p.add_argument(
+        "--kek-file", default=_env("kek_file"), help="file holding the key-encryption key (else FHIRCRYPT_KEK)"
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fhircrypt", description="Encrypting reverse proxy for FHIR R4")
+    parser.add_argument("--version", action="version", version=f"fhircrypt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
+    serve.add_argument("--policy", default=_env("policy"), help="policy file (YAML)")
+    serve.add_argument("--listen", type=_listen, default=_env("listen", "127.0.0.1:8080"), help="HOST:PORT")
+    serve.add_argument(
+        "--public-base-url",
+        default=_env("public_base_url"),
+        help="the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)",
+    )
+    serve.add_argument("--tls-cert", default=_env("tls_cert"), help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", default=_env("tls_key"), help="private key of --tls-cert (PEM)")
+    serve.add_argument(
+        "--upstream-ca", default=_env("upstream_ca"), help="CA bundle to verify an https upstream (default: system CAs)"
+    )
+    serve.add_argument(
+        "--auth",
+        choices=("required", "none"),
+        default=_env("auth", "required"),
+        help="'none' is a development mode that decrypts everything for everyone",
+    )
+    serve.add_argument(
+        "--no-validate",
+        action="store_true",
+        default=_env("validate", "true") == "false",
+        help="skip fhir.resources validation of writes",
+    )
+    serve.add_argument(
+        "--max-body", type=int, default=int(_env("max_body", str(16 * 1024 * 1024))), help="request body limit in bytes"
+    )
+    serve.add_argument("--upstream-timeout", type=float, default=float(_env("upstream_timeout", "30")))
+    serve.add_argument("--log-level", default=_env("log_level", "info"))
+    _kek_args(serve)
+
+    keys = sub.add_parser("keys", help="manage the local keyring")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="create a new keyring")
+    _kek_args(init)
+    init.add_argument(
+        "--generate-kek",
+        metavar="FILE",
+        help="also create a new random key-encryption key in FILE (mode 0600; never printed)",
+    )
+    rotate = keys_sub.add_parser("rotate", help="add a new primary key; old keys keep decrypting")
+    _kek_args(rotate)
+    listing = keys_sub.add_parser("list", help="show key ids and dates (never key material)")
+    _kek_args(listing)
+
+    policy = sub.add_parser("policy", help="work with policy files")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="compile a policy and explain what it encrypts")
+    check.add_argument("file")
+    check.add_argument("--show-display", action="store_true", help="list every covered Reference.display")
+
+    demo = sub.add_parser("demo", help="run the demo on the embedded test upstream")
+    demo.add_argument("--keep-running", action="store_true", help="leave proxy and upstream running afterwards")
+    return parser
+
+
+def _write_secret(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text + "\n")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    if args.keys_command == "init":
+        if Path(args.keyring).exists():
+            print(
+                f"error: {args.keyring} exists; refusing to overwrite a keyring (key loss is data loss)",
+                file=sys.stderr,
+            )
+            return 2
+        if args.generate_kek:
+            Path(args.generate_kek).parent.mkdir(parents=True, exist_ok=True)
+            _write_secret(args.generate_kek, generate_kek())
+            args.kek_file = args.generate_kek
+        provider = load_local_kek(args.kek_file)
+        keyring = Keyring.generate()
+        save_keyring(args.keyring, keyring, provider)
+        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
+        return 0
+    provider = load_local_kek(args.kek_file)
+    keyring = load_keyring(args.keyring, provider)
+    if args.keys_command == "rotate":
+        kid = keyring.rotate()
+        save_keyring(args.keyring, keyring, provider)
+        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
+    else:
+        for kid in keyring.key_ids:
+            print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    policy = compile_file(args.file)
+    print(explain(policy, args.show_display))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from proxy.logs import configure
+    from proxy.web.app import create_app, server_ssl
+
+    configure(args.log_level)
+    for name in ("upstream", "policy"):
+        if not getattr(args, name):
+            print(f"error: --{name} (or FHIRCRYPT_{name.upper()}) is required", file=sys.stderr)
+            return 2
+    if args.auth != "none":
+        print(
+            "error: token authentication is not available in this version; start with --auth none for "
+            "development only (it decrypts everything for every caller)",
+            file=sys.stderr,
+        )
+        return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    host, port = args.listen
+    settings = Settings(
+        upstream=args.upstream.rstrip("/"),
+        policy=args.policy,
+        keyring=args.keyring,
+        kek_file=args.kek_file,
+        host=host,
+        port=port,
+        public_base=args.public_base_url,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        upstream_ca=args.upstream_ca,
+        auth=args.auth,
+        validate=not args.no_validate,
+        max_body=args.max_body,
+        upstream_timeout=args.upstream_timeout,
+    )
+    policy = compile_file(settings.policy)
+    keyring = load_keyring(settings.keyring, load_local_kek(settings.kek_file))
+    log.warning(
+        "DEVELOPMENT MODE: --auth none decrypts every element for every caller; never expose this proxy",
+        extra={"event": "auth-disabled"},
+    )
+    app = create_app(settings, policy, keyring)
+    log.info(
+        "starting",
+        extra={
+            "event": "start",
+            "listen": f"{host}:{port}",
+            "policy": policy.name,
+            "policy_sha256": policy.digest,
+            "primary_key": keyring.primary_id,
+            "tls": bool(settings.tls_cert),
+        },
+    )
+    web.run_app(
+        app, host=host, port=port, ssl_context=server_ssl(settings), print=None, access_log=None, shutdown_timeout=10
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "keys":
+            code = cmd_keys(args)
+        elif args.command == "policy":
+            code = cmd_policy(args)
+        elif args.command == "serve":
+            code = cmd_serve(args)
+        else:
+            from proxy.demo import run_demo
+
+            code = run_demo(keep_running=args.keep_running)
+    except (PolicyError, KeyringError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -1,0 +1,43 @@
+"""Human-readable explanation of a compiled policy, for ``fhircrypt policy check``."""
+
+from __future__ import annotations
+
+from proxy.policy.compiler import CompiledPolicy, Kind
+
+_FORMS = {
+    Kind.PRIMITIVE: "value removed; ciphertext on the _element twin",
+    Kind.COMPLEX: "element replaced by masked marker + ciphertext",
+    Kind.CHOICE: "typed slot kept (type visible); contents encrypted",
+    Kind.CHOICE_MASKED: "value[x] removed; dataAbsentReason=masked; ciphertext on the parent",
+    Kind.NARRATIVE: "neutral narrative; original encrypted",
+}
+
+
+def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
+    lines = [
+        f"policy '{policy.name}' ({policy.source}, sha256 {policy.digest[:16]})",
+        f"groups: {', '.join(f'{g}' for g in policy.groups)}",
+        f"resources without an envelope (written around the proxy): {policy.unenveloped}",
+        "",
+    ]
+    display_only = []
+    for rtype, rp in sorted(policy.resources.items()):
+        explicit = [e for e in rp.content_elements if not e.display_copy]
+        displays = [e for e in rp.content_elements if e.display_copy]
+        if not explicit:
+            display_only.append(rtype)
+            continue
+        lines.append(f"{rtype}  (narrative: {rp.narrative_mode})")
+        for el in explicit:
+            lines.append(f"  {el.source:<70} {','.join(sorted(el.groups)):<14} {_FORMS[el.kind]}")
+        if displays:
+            names = ", ".join(e.field_id.removeprefix("display:") for e in displays) if show_display else len(displays)
+            lines.append(f"  + Reference.display of: {names}")
+    if display_only:
+        lines += [
+            "",
+            f"only Reference.display and narrative encrypted ({len(display_only)} types): " + ", ".join(display_only),
+        ]
+    if policy.warnings:
+        lines += ["", "warnings:"] + [f"  - {w}" for w in policy.warnings]
+    return "\n".join(lines)

@@ -1,0 +1,26 @@
+"""Runtime settings of the proxy, filled by the CLI from flags and ``FHIRCRYPT_*`` variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: str  # FHIR base of the upstream server, e.g. https://fhir.example/fhir/R4
+    policy: str  # policy file
+    keyring: str  # keyring file
+    kek_file: str | None = None  # else FHIRCRYPT_KEK / FHIRCRYPT_KEK_FILE
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_base: str | None = None  # external FHIR base of the proxy; default http://host:port/<upstream path>
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    upstream_ca: str | None = None  # CA bundle for an https upstream (system CAs otherwise)
+    auth: str = "required"  # "none" is the development mode that grants every group
+    validate: bool = True
+    max_body: int = 16 * 1024 * 1024
+    max_response: int = 64 * 1024 * 1024
+    upstream_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    upstream_connections: int = 100

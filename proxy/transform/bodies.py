@@ -1,0 +1,97 @@
+"""Find every resource in a FHIR JSON body and encrypt or decrypt it by its own type.
+
+Resources can appear only in these R4 elements: the body itself, ``DomainResource.
+contained``, ``Bundle.entry.resource``, ``Bundle.entry.response.outcome`` and
+``Parameters.parameter.resource`` (and ``part``, recursively). Walking just those
+keeps reads fast and still reaches every resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from proxy.crypto.keyring import Keyring
+from proxy.outcome import FhirError
+from proxy.policy.compiler import CompiledPolicy
+from proxy.transform.records import Grants, ReadReport, ShapeError, decrypt_resource, encrypt_resource
+from proxy.transform.validation import validate_resource
+
+
+def nested_resources(resource: dict, path: str) -> Iterator[tuple[dict, str]]:
+    """Resources held inside ``resource`` (not itself), with their FHIRPath-like locations."""
+    for i, item in enumerate(_list(resource.get("contained"))):
+        if type(item) is dict:
+            yield item, f"{path}.contained[{i}]"
+            yield from nested_resources(item, f"{path}.contained[{i}]")
+    rtype = resource.get("resourceType")
+    if rtype == "Bundle":
+        for i, entry in enumerate(_list(resource.get("entry"))):
+            if type(entry) is not dict:
+                continue
+            inner = entry.get("resource")
+            if type(inner) is dict:
+                yield inner, f"{path}.entry[{i}].resource"
+                yield from nested_resources(inner, f"{path}.entry[{i}].resource")
+            response = entry.get("response")
+            if type(response) is dict and type(response.get("outcome")) is dict:
+                yield response["outcome"], f"{path}.entry[{i}].response.outcome"
+    elif rtype == "Parameters":
+        yield from _parameter_resources(resource.get("parameter"), f"{path}.parameter")
+
+
+def _parameter_resources(params: object, path: str) -> Iterator[tuple[dict, str]]:
+    for i, param in enumerate(_list(params)):
+        if type(param) is not dict:
+            continue
+        inner = param.get("resource")
+        if type(inner) is dict:
+            yield inner, f"{path}[{i}].resource"
+            yield from nested_resources(inner, f"{path}[{i}].resource")
+        yield from _parameter_resources(param.get("part"), f"{path}[{i}].part")
+
+
+def _list(value: object) -> list:
+    return value if type(value) is list else []
+
+
+def decrypt_body(body: dict, policy: CompiledPolicy, keyring: Keyring, grants: Grants, report: ReadReport) -> None:
+    """Decrypt (or mask) every covered resource anywhere in a response body, in place."""
+    for resource in (body, *(r for r, _ in nested_resources(body, ""))):
+        rtype = resource.get("resourceType")
+        rp = policy.resources.get(rtype) if type(rtype) is str else None
+        if rp is not None:
+            decrypt_resource(resource, rp, keyring, grants, policy.unenveloped, report)
+
+
+def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool) -> None:
+    """Validate and encrypt a resource a client wants to store (in place).
+
+    Resources of covered types nested inside it (contained, Bundle entries,
+    Parameters) are refused until they can be encrypted by their own type's policy:
+    forwarding them would store plaintext.
+    """
+    rtype = resource.get("resourceType")
+    for inner, where in nested_resources(resource, rtype if type(rtype) is str else "?"):
+        inner_type = inner.get("resourceType")
+        if type(inner_type) is str and inner_type in policy.resources:
+            raise FhirError(
+                501,
+                "not-supported",
+                f"{where}: a nested {inner_type} resource would be stored "
+                "unencrypted; nested resources of encrypted types are not supported yet",
+                [where],
+            )
+    if validate:
+        validate_resource(resource)
+    rp = policy.resources.get(rtype)  # type: ignore[arg-type]
+    if rp is None:
+        return
+    try:
+        encrypt_resource(resource, rp, keyring)
+    except ShapeError as exc:
+        raise FhirError(
+            400,
+            "structure",
+            f"{rtype}.{exc.path}: unexpected JSON type for an encrypted element",
+            [f"{rtype}.{exc.path}"],
+        ) from None

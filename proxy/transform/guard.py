@@ -1,0 +1,218 @@
+"""Fail-closed request rules: what may be forwarded, and what is refused, before anything
+reaches the upstream.
+
+Query strings and some headers carry search values, and a search value on an
+encrypted element is plaintext PHI. Until blind-index search rewriting lands, only
+parameters that cannot hold element values are forwarded for types with encrypted
+elements; everything else is refused with an OperationOutcome naming the parameter.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl
+
+from proxy.outcome import FhirError
+from proxy.policy.compiler import CompiledPolicy
+from proxy.transform.bodies import nested_resources
+from proxy.transform.interactions import Interaction
+
+JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
+# Parameters that carry no element values; safe on every interaction.
+_FORMAT_PARAMS = frozenset({"_format", "_pretty"})
+# Paging and result control: values are counts, dates of the server's own metadata, ids or parameter names.
+_CONTROL_PARAMS = _FORMAT_PARAMS | {
+    "_count",
+    "_offset",
+    "_total",
+    "_since",
+    "_at",
+    "_page",
+    "_getpages",
+    "_lastUpdated",
+    "_id",
+    "_include",
+    "_revinclude",
+}
+_READ_PARAMS = {
+    "read": _FORMAT_PARAMS,
+    "vread": _FORMAT_PARAMS,
+    "create": _FORMAT_PARAMS,
+    "update": _FORMAT_PARAMS,
+    "delete": _FORMAT_PARAMS,
+    "capabilities": _FORMAT_PARAMS | {"mode"},
+    "history": _CONTROL_PARAMS,
+    "batch": _FORMAT_PARAMS,
+}
+# Parameters that search narrative or free text, or express arbitrary queries.
+_TEXT_PARAMS = frozenset({"_text", "_content", "_filter", "_query", "_has", "_list", "_type"})
+# Operations that must not run through the proxy until they are handled (issue: whole REST surface).
+_REFUSED_OPERATIONS = frozenset(
+    {"export", "graphql", "process-message", "validate", "match", "apply", "populate", "transform", "convert"}
+)
+_SUMMARY_SAFE = frozenset({"count"})
+
+
+def parse_query(query_string: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(
+            query_string,
+            keep_blank_values=True,
+            strict_parsing=bool(query_string),
+            errors="strict",
+            max_num_fields=1000,
+        )
+    except (ValueError, UnicodeDecodeError):
+        raise FhirError(400, "invalid", "the query string cannot be parsed") from None
+
+
+def check_format(params: list[tuple[str, str]], is_write: bool) -> None:
+    for name, value in params:
+        if name == "_format" and value.split(";")[0].strip().lower() not in JSON_FORMATS:
+            raise FhirError(
+                406, "not-supported", "_format: only JSON is supported (application/fhir+json)", ["_format"]
+            )
+
+
+def _param_name(raw: str) -> tuple[str, str | None]:
+    name, _, modifier = raw.partition(":")
+    return name, modifier or None
+
+
+def check_search(rtype: str | None, params: list[tuple[str, str]], policy: CompiledPolicy, where: str) -> None:
+    """Refuse search parameters that could carry or match plaintext of encrypted elements."""
+    rp = policy.resources.get(rtype) if rtype else None
+    sensitive = rtype is None or (rp is not None and rp.search_sensitive)
+    for raw, value in params:
+        name, modifier = _param_name(raw)
+        if name in _FORMAT_PARAMS:
+            continue
+        if name == "_summary" and value in _SUMMARY_SAFE:
+            continue
+        if name in ("_summary", "_elements"):
+            if rp is not None:
+                raise FhirError(
+                    400,
+                    "not-supported",
+                    f"{where}: {name} is not supported yet on {rtype}, whose stored form holds encrypted elements",
+                    [name],
+                )
+            continue
+        if name == "_sort":
+            fields = {f.lstrip("-") for f in value.split(",")}
+            if rp is not None and not fields <= {"_id", "_lastUpdated"}:
+                raise FhirError(
+                    400,
+                    "not-supported",
+                    f"{where}: _sort is only supported on _id and _lastUpdated "
+                    f"for {rtype}, whose elements may be encrypted",
+                    ["_sort"],
+                )
+            continue
+        if name in _CONTROL_PARAMS:
+            continue
+        if name in _TEXT_PARAMS or "." in name or modifier in ("identifier", "text", "contains"):
+            raise FhirError(
+                400,
+                "not-supported",
+                f"{where}: search parameter '{raw}' can reach encrypted data "
+                "(chains, reverse chains, text and identifier searches are not supported yet)",
+                [raw],
+            )
+        if sensitive:
+            target = rtype or "the system level"
+            raise FhirError(
+                400,
+                "not-supported",
+                f"{where}: search parameter '{raw}' on {target} is not supported "
+                "yet: it may match encrypted elements, and forwarding it would send plaintext to "
+                "the server",
+                [raw],
+            )
+
+
+def check_request(
+    it: Interaction, params: list[tuple[str, str]], headers: dict[str, str], policy: CompiledPolicy
+) -> None:
+    """Raise FhirError for anything that could send plaintext of a covered element upstream."""
+    check_format(params, it.is_write)
+    rtype = it.resource_type
+    if "If-None-Exist" in headers:
+        check_search(rtype, parse_query(headers["If-None-Exist"]), policy, "If-None-Exist")
+    if it.kind == "search" or it.conditional:
+        check_search(rtype, params, policy, "query")
+        return
+    if it.kind == "operation":
+        _check_operation(it, params, policy)
+        return
+    allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
+    for raw, _ in params:
+        name = _param_name(raw)[0]
+        if name not in allowed and not (name in ("_summary", "_elements") and rtype not in policy.resources):
+            raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
+    if it.kind == "patch" and rtype in policy.resources:
+        raise FhirError(
+            501,
+            "not-supported",
+            f"PATCH on {rtype} is not supported yet: the patch could write "
+            "plaintext into encrypted elements; use update (PUT) instead",
+            [rtype],
+        )
+
+
+def _check_operation(it: Interaction, params: list[tuple[str, str]], policy: CompiledPolicy) -> None:
+    op = it.operation or ""
+    if op in _REFUSED_OPERATIONS:
+        raise FhirError(501, "not-supported", f"${op} is not supported by this fhircrypt version", [f"${op}"])
+    for raw, _ in params:
+        if _param_name(raw)[0] not in _CONTROL_PARAMS | {"start", "end"}:
+            raise FhirError(
+                501,
+                "not-supported",
+                f"${op}: parameter '{raw}' is not supported yet (it could carry plaintext of encrypted elements)",
+                [raw],
+            )
+
+
+def check_operation_body(it: Interaction) -> None:
+    """Operation requests with bodies may carry covered data anywhere; refused until handled."""
+    raise FhirError(
+        501,
+        "not-supported",
+        f"POST ${it.operation} with a body is not supported yet: its parameters "
+        "could carry plaintext of encrypted elements",
+        [f"${it.operation}"],
+    )
+
+
+def check_bundle(bundle: dict, policy: CompiledPolicy) -> None:
+    """Batch/transaction: refuse any entry that involves a type with encrypted elements."""
+    if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
+        raise FhirError(400, "invalid", "POST to the base needs a batch or transaction Bundle", ["Bundle.type"])
+    entries = bundle.get("entry") or []
+    if type(entries) is not list:
+        raise FhirError(400, "structure", "Bundle.entry must be a list", ["Bundle.entry"])
+    for resource, where in nested_resources(bundle, "Bundle"):
+        if resource.get("resourceType") in policy.resources:
+            raise FhirError(
+                501,
+                "not-supported",
+                f"{where}: {resource.get('resourceType')} in a batch/transaction "
+                "is not supported yet (it would be stored unencrypted)",
+                [where],
+            )
+    for i, entry in enumerate(entries):
+        request = entry.get("request") if type(entry) is dict else None
+        url = request.get("url") if type(request) is dict else None
+        if type(url) is not str:
+            raise FhirError(400, "structure", f"Bundle.entry[{i}].request.url is missing", [f"Bundle.entry[{i}]"])
+        path, _, query = url.partition("?")
+        target = path.strip("/").split("/")[0]
+        if target in policy.resources or query or "ifNoneExist" in request:
+            what = target or "the system level"
+            raise FhirError(
+                501,
+                "not-supported",
+                f"Bundle.entry[{i}].request: this entry touches {what} or is "
+                "conditional, which is not supported yet in batches",
+                [f"Bundle.entry[{i}].request"],
+            )

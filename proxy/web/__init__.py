@@ -1,0 +1,1 @@
+"""The aiohttp shell around the transformation core."""

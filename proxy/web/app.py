@@ -1,0 +1,331 @@
+"""The aiohttp application: classify, check, encrypt, forward, decrypt, answer.
+
+This module only moves bytes and headers; every decision about FHIR content is made
+by the pure core in ``proxy.transform``.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from proxy.crypto.keyring import Keyring
+from proxy.outcome import FhirError
+from proxy.policy.compiler import CompiledPolicy
+from proxy.settings import Settings
+from proxy.transform import guard
+from proxy.transform.bodies import decrypt_body, encrypt_for_write
+from proxy.transform.interactions import Interaction, classify
+from proxy.transform.markers import CANONICAL
+from proxy.transform.records import ReadReport
+from proxy.web import headers as hdr
+
+log = logging.getLogger("fhircrypt")
+_CANONICAL_BYTES = CANONICAL.encode()
+_ALL_GROUPS = None  # development mode: --auth none
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    policy: CompiledPolicy
+    keyring: Keyring
+    upstream: URL
+    public_base: str
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def upstream_base(self) -> str:
+        return str(self.upstream).rstrip("/")
+
+
+def _respond_error(err: FhirError, request_id: str) -> web.Response:
+    headers = {"X-Request-ID": request_id, **err.headers}
+    return web.Response(
+        status=err.status,
+        body=orjson.dumps(err.outcome()),
+        headers=headers,
+        content_type=hdr.FHIR_JSON,
+        charset="utf-8",
+    )
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
+    return body
+
+
+def _segments(rt: Runtime, request: web.Request) -> list[str]:
+    """Path segments below the proxy's FHIR base; refuses encoded or relative tricks."""
+    raw = request.raw_path.split("?", 1)[0]
+    if "%" in raw or "\\" in raw or "//" in raw or ";" in raw:
+        raise FhirError(400, "invalid", "the URL path contains encoded, empty or parameter segments")
+    base = URL(rt.public_base).path.rstrip("/")
+    if raw != base and not raw.startswith(base + "/"):
+        raise FhirError(404, "not-found", "not a FHIR endpoint of this proxy")
+    segments = [s for s in raw[len(base) :].split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        raise FhirError(400, "invalid", "the URL path contains relative segments")
+    return segments
+
+
+def _parse_json(body: bytes, what: str) -> dict:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise FhirError(400, "structure", f"{what} is not valid JSON") from None
+    if type(value) is not dict:
+        raise FhirError(400, "structure", f"{what} must be a JSON object")
+    return value
+
+
+def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes) -> bytes:
+    """Check and encrypt a request body; returns what may be sent upstream."""
+    ctype = hdr.media_type(request.headers.get("Content-Type"))
+    if it.kind == "search":
+        if ctype != "application/x-www-form-urlencoded":
+            raise FhirError(415, "not-supported", "POST _search needs application/x-www-form-urlencoded")
+        guard.check_search(it.resource_type, guard.parse_query(body.decode("utf-8", "strict")), rt.policy, "body")
+        return body
+    if it.kind == "operation":
+        guard.check_operation_body(it)
+    if it.kind == "patch":
+        if ctype not in ("application/json-patch+json",):
+            raise FhirError(415, "not-supported", "PATCH needs application/json-patch+json")
+        _refuse_reserved(body)
+        _refuse_covered_mentions(orjson.loads(body) if body else None, rt.policy)
+        return body
+    if ctype not in hdr.JSON_TYPES:
+        if "xml" in ctype:
+            raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
+        raise FhirError(415, "not-supported", "send application/fhir+json")
+    _refuse_reserved(body)
+    resource = _parse_json(body, "the request body")
+    if it.kind == "batch":
+        guard.check_bundle(resource, rt.policy)
+        return body
+    rtype = resource.get("resourceType")
+    if rtype != it.resource_type:
+        raise FhirError(
+            400, "invalid", f"resourceType in the body does not match the URL ({it.resource_type})", ["resourceType"]
+        )
+    if it.kind == "update" and not it.conditional and resource.get("id") != it.id:
+        raise FhirError(400, "invalid", "the id in the body must match the id in the URL", [f"{rtype}.id"])
+    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
+    return orjson.dumps(resource)
+
+
+def _refuse_reserved(body: bytes) -> None:
+    if _CANONICAL_BYTES in body:
+        raise FhirError(
+            400,
+            "invalid",
+            "the body contains fhircrypt's reserved extensions or tags; they are written by the proxy only",
+        )
+
+
+def _refuse_covered_mentions(value: object, policy: CompiledPolicy) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if item.get("resourceType") in policy.resources:
+                raise FhirError(501, "not-supported", "the patch carries a resource of an encrypted type")
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+
+
+def _rewrite_urls(rt: Runtime):
+    up, pub = rt.upstream_base, rt.public_base.rstrip("/")
+
+    def rewrite(value: str) -> str:
+        return pub + value[len(up) :] if value.startswith(up) else value
+
+    return rewrite
+
+
+async def _forward(
+    rt: Runtime, request: web.Request, it: Interaction, segments: list[str], body: bytes | None, request_id: str
+) -> web.Response:
+    assert rt.session is not None
+    url = rt.upstream_base + "/" + "/".join(segments)
+    if request.query_string:
+        url += "?" + request.raw_path.split("?", 1)[1]
+    headers = hdr.upstream_request_headers(
+        request.headers, request_id, request.remote, request.scheme, request.host, body is not None
+    )
+    if it.kind == "search" and request.method == "POST":
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if it.kind == "patch":
+        headers["Content-Type"] = "application/json-patch+json"
+    try:
+        async with rt.session.request(
+            request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False
+        ) as resp:
+            raw = await resp.content.read(rt.settings.max_response + 1)
+            status, up_headers = resp.status, resp.headers
+            ctype = hdr.media_type(resp.headers.get("Content-Type"))
+    except TimeoutError:
+        raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
+    except aiohttp.ClientError:
+        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+    if len(raw) > rt.settings.max_response:
+        raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
+    rewrite = _rewrite_urls(rt)
+    out_headers = hdr.client_response_headers(up_headers, rewrite)
+    out_headers["X-Request-ID"] = request_id
+    if not raw:
+        return web.Response(status=status, headers=out_headers)
+    if ctype not in hdr.JSON_TYPES:
+        raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
+    report = ReadReport()
+    if type(payload) is dict:
+        decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
+    if report.failures:
+        out_headers["X-Fhircrypt-Integrity"] = f"failed; elements={len(report.failures)}"
+        log.warning(
+            "integrity",
+            extra={
+                "event": "integrity-failure",
+                "request_id": request_id,
+                "interaction": it.label(),
+                "resource_type": it.resource_type,
+                "failures": report.failures[:20],
+            },
+        )
+    if report.masked:
+        out_headers["X-Fhircrypt-Masked"] = str(report.masked)
+    out = orjson.dumps(payload).replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
+    return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    rt: Runtime = request.app["runtime"]
+    request_id = hdr.safe_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
+    started = time.perf_counter()
+    it: Interaction | None = None
+    status = 500
+    try:
+        segments = _segments(rt, request)
+        it = classify(request.method, segments, bool(request.query_string))
+        params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
+        guard.check_request(it, params, request.headers, rt.policy)
+        if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
+            raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
+        body = None
+        if request.method in ("POST", "PUT", "PATCH"):
+            body = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
+        elif request.can_read_body:
+            raise FhirError(400, "invalid", f"{request.method} requests carry no body")
+        response = await _forward(rt, request, it, segments, body, request_id)
+        status = response.status
+        return response
+    except FhirError as err:
+        status = err.status
+        if err.status >= 400:
+            log.info(
+                "refused",
+                extra={
+                    "event": "refused",
+                    "request_id": request_id,
+                    "status": err.status,
+                    "reason": err.reason,
+                    "interaction": it.label() if it else None,
+                },
+            )
+        return _respond_error(err, request_id)
+    except Exception as exc:  # never a traceback (or a value inside an exception message) to the client
+        log.error(
+            "internal error",
+            extra={
+                "event": "internal-error",
+                "request_id": request_id,
+                "error": type(exc).__name__,
+                "trace": traceback.format_tb(exc.__traceback__),
+            },
+        )
+        return _respond_error(FhirError(500, "exception", "internal error in the proxy"), request_id)
+    finally:
+        log.info(
+            "request",
+            extra={
+                "event": "request",
+                "request_id": request_id,
+                "method": request.method,
+                "interaction": it.label() if it else None,
+                "resource_type": it.resource_type if it else None,
+                "status": status,
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _client_ssl(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.upstream.startswith("https://"):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.upstream_ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_ssl(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return ctx
+
+
+def default_public_base(settings: Settings) -> str:
+    scheme = "https" if settings.tls_cert else "http"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{scheme}://{host}:{settings.port}{URL(settings.upstream).path.rstrip('/')}"
+
+
+def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> web.Application:
+    rt = Runtime(
+        settings,
+        policy,
+        keyring,
+        URL(settings.upstream),
+        (settings.public_base or default_public_base(settings)).rstrip("/"),
+    )
+    app = web.Application(client_max_size=settings.max_body)
+    app["runtime"] = rt
+
+    async def session_ctx(app: web.Application):
+        timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
+        connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=_client_ssl(settings) or True)
+        rt.session = aiohttp.ClientSession(
+            timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
+        )
+        yield
+        await rt.session.close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_get("/healthz", health)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app

@@ -1,0 +1,90 @@
+"""Which headers cross the proxy, in each direction.
+
+Allow-lists, not deny-lists: an unknown request header could carry PHI (a custom
+``X-Patient-NIK``), so only headers with a known FHIR or HTTP meaning are forwarded.
+Hop-by-hop headers never cross.
+"""
+
+from __future__ import annotations
+
+import re
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+REQUEST_HEADERS = (
+    "Authorization",
+    "If-Match",
+    "If-None-Match",
+    "If-Modified-Since",
+    "If-None-Exist",
+    "Prefer",
+    "Accept-Language",
+    "User-Agent",
+    "Cache-Control",
+)
+RESPONSE_HEADERS = (
+    "ETag",
+    "Last-Modified",
+    "Location",
+    "Content-Location",
+    "Retry-After",
+    "WWW-Authenticate",
+    "Cache-Control",
+    "Expires",
+    "Vary",
+    "X-Progress",
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+FHIR_JSON = "application/fhir+json"
+JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
+
+
+def media_type(value: str | None) -> str:
+    return (value or "").split(";", 1)[0].strip().lower()
+
+
+def safe_request_id(value: str | None) -> str | None:
+    return value if value and _REQUEST_ID.match(value) else None
+
+
+def accepts_json(accept: str | None) -> bool:
+    if not accept:
+        return True
+    for part in accept.split(","):
+        mt = media_type(part)
+        if mt in JSON_TYPES or mt in ("*/*", "application/*"):
+            return True
+    return False
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    request_id: str,
+    forwarded_for: str | None,
+    proto: str,
+    host: str | None,
+    has_body: bool,
+) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name in REQUEST_HEADERS:
+        for value in incoming.getall(name, ()):
+            out.add(name, value)
+    out["Accept"] = FHIR_JSON
+    if has_body:
+        out["Content-Type"] = FHIR_JSON + "; charset=utf-8"
+    out["X-Request-ID"] = request_id
+    prior = incoming.get("X-Forwarded-For")
+    if forwarded_for:
+        out["X-Forwarded-For"] = f"{prior}, {forwarded_for}" if prior else forwarded_for
+    out["X-Forwarded-Proto"] = proto
+    if host:
+        out["X-Forwarded-Host"] = host
+    return out
+
+
+def client_response_headers(upstream: CIMultiDictProxy[str], rewrite) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name in RESPONSE_HEADERS:
+        for value in upstream.getall(name, ()):
+            out.add(name, rewrite(value) if name in ("Location", "Content-Location") else value)
+    return out

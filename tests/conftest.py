@@ -1,0 +1,109 @@
+"""Shared fixtures: the real upstream FHIR server, keyrings, policies and the proxy under test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy.crypto.keyring import Keyring
+from proxy.policy.compiler import CompiledPolicy, compile_file, compile_text
+from proxy.settings import Settings
+from proxy.web.app import create_app
+from tests.upstream_server import UpstreamServer
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+PUBLIC_BASE = "http://proxy.test/fhir/R4"
+
+TEST_POLICY = """
+fhircrypt-policy: 1
+name: unit-test
+groups: {identity: {}, demographics: {}, clinical: {}}
+reference_display: {group: demographics}
+resources:
+  Patient:
+    elements:
+      - {path: identifier.where(system='https://fhir.kemkes.go.id/id/nik').value, group: identity, id: nik}
+      - {path: name, group: demographics}
+      - {path: address.line, group: demographics}
+      - {path: address.city, group: demographics}
+      - {path: birthDate, group: demographics}
+      - {path: telecom, group: demographics}
+      - {path: extension('https://fhir.kemkes.go.id/r4/StructureDefinition/birthPlace'), group: demographics}
+  Observation:
+    elements:
+      - {path: value, group: clinical}
+      - {path: component.value, group: clinical}
+      - {path: note.text, group: clinical}
+  Communication:
+    elements:
+      - {path: payload.content.ofType(string), group: clinical}
+"""
+
+
+def unit_policy(text: str = TEST_POLICY) -> CompiledPolicy:
+    return compile_text(text, "unit-test.yaml")
+
+
+@pytest.fixture(scope="session")
+def keyring() -> Keyring:
+    return Keyring.generate()
+
+
+@pytest.fixture(scope="session")
+def satusehat() -> CompiledPolicy:
+    return compile_file(ROOT / "policies" / "satusehat.yaml")
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    server = UpstreamServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def clean_upstream(upstream):
+    upstream.reset()
+    return upstream
+
+
+def make_settings(upstream_base: str, **overrides) -> Settings:
+    values = dict(
+        upstream=upstream_base, policy="", keyring="", public_base=PUBLIC_BASE, auth="none", upstream_timeout=10.0
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def proxy_for(aiohttp_client, keyring):
+    """Factory: a test client for the proxy in front of ``upstream_base`` with ``policy``."""
+
+    async def factory(upstream_base: str, policy: CompiledPolicy, ring: Keyring | None = None, **overrides):
+        app = create_app(make_settings(upstream_base, **overrides), policy, ring or keyring)
+        return await aiohttp_client(app)
+
+    return factory
+
+
+def load_fixture(name: str, ids: dict[str, str] | None = None) -> dict:
+    text = (FIXTURES / name).read_text()
+    for placeholder, value in (ids or {}).items():
+        text = text.replace(placeholder, value)
+    return json.loads(text)
+
+
+def assert_no_plaintext(stored: Iterable[dict], needles: Iterable[str]) -> None:
+    """The at-rest invariant: no needle occurs anywhere in anything the upstream stores."""
+    blob = orjson.dumps(list(stored)).decode()
+    found = [n for n in needles if n in blob]
+    assert not found, f"plaintext found at rest: {found}"
+
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}

@@ -1,0 +1,139 @@
+"""Policy loading and compilation: errors name file, line and field; unsafe targets are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.policy.compiler import Kind, compile_text
+from proxy.policy.loader import PolicyError
+from proxy.policy.paths import Child, OfType, PathSyntaxError, Where, parse_path
+from tests.conftest import unit_policy
+
+HEADER = """fhircrypt-policy: 1
+name: t
+groups:
+  g: {{}}
+resources:
+  {rtype}:
+    elements:
+      - path: {path}
+        group: g
+"""
+
+
+def compile_one(path: str, rtype: str = "Patient"):
+    return compile_text(HEADER.format(rtype=rtype, path=path), "p.yaml").resources[rtype].elements[0]
+
+
+def test_path_parser_supports_the_documented_subset():
+    assert parse_path("identifier.where(system='a|b' and use='official').value") == [
+        Child("identifier"),
+        Where((("system", "a|b"), ("use", "official"))),
+        Child("value"),
+    ]
+    assert parse_path("value.ofType(Quantity)") == [Child("value"), OfType("Quantity")]
+    assert parse_path("extension('http://x/y')") == [Child("extension"), Where((("url", "http://x/y"),))]
+    for bad in ("name..given", "name.", ".name", "name.where(system)", "name.first()", "name.where(a='b'"):
+        with pytest.raises(PathSyntaxError):
+            parse_path(bad)
+
+
+@pytest.mark.parametrize(
+    ("path", "rtype", "kind", "repeating"),
+    [
+        ("birthDate", "Patient", Kind.PRIMITIVE, False),
+        ("Patient.birthDate", "Patient", Kind.PRIMITIVE, False),
+        ("name", "Patient", Kind.COMPLEX, True),
+        ("name.given", "Patient", Kind.PRIMITIVE, True),
+        ("identifier.where(system='s').value", "Patient", Kind.PRIMITIVE, False),
+        ("value", "Observation", Kind.CHOICE_MASKED, False),
+        ("value.ofType(Quantity)", "Observation", Kind.CHOICE_MASKED, False),
+        ("valueString", "Observation", Kind.CHOICE_MASKED, False),
+        ("component.value", "Observation", Kind.CHOICE_MASKED, False),
+        ("payload.content.ofType(string)", "Communication", Kind.CHOICE, False),
+        ("section.text", "Composition", Kind.NARRATIVE, False),
+        ("contact", "Patient", Kind.COMPLEX, True),
+        ("medication.ofType(CodeableConcept)", "MedicationRequest", Kind.CHOICE, False),
+    ],
+)
+def test_paths_compile_to_the_documented_at_rest_form(path, rtype, kind, repeating):
+    el = compile_one(path, rtype)
+    assert el.kind is kind
+    assert el.repeating is repeating
+
+
+def test_where_terminal_keeps_the_discriminator_clear():
+    el = compile_one("identifier.where(system='https://fhir.kemkes.go.id/id/nik')")
+    assert el.kind is Kind.COMPLEX and el.keep == ("system",)
+    ext = compile_one("extension('https://fhir.kemkes.go.id/r4/StructureDefinition/birthPlace')")
+    assert ext.keep == ("url",)
+
+
+@pytest.mark.parametrize(
+    ("path", "rtype", "message"),
+    [
+        ("id", "Patient", "ids must stay in the clear"),
+        ("meta", "Patient", "meta is managed"),
+        ("managingOrganization", "Patient", "is a reference"),
+        ("managingOrganization.reference", "Patient", "references must stay in the clear"),
+        ("status", "Observation", "modifier element"),
+        ("active", "Patient", "modifier element"),
+        ("note", "Observation", "required child 'text'"),
+        ("component", "Observation", "required child 'code'"),
+        ("extension", "Patient", "select extensions by URL"),
+        ("nickname", "Patient", "'nickname' is not an element of Patient"),
+        ("birthDate.value", "Patient", "is a primitive"),
+        ("value.ofType(Money)", "Observation", "has no type Money"),
+        ("gender.where(system='x')", "Patient", "does not repeat"),
+        ("contained", "Patient", "own type's policy"),
+        ("text", "Patient", "narrative"),
+    ],
+)
+def test_unsafe_or_impossible_targets_are_load_errors_naming_file_line_and_field(path, rtype, message):
+    with pytest.raises(PolicyError) as err:
+        compile_one(path, rtype)
+    text = str(err.value)
+    assert text.startswith("p.yaml:8: path:"), text
+    assert message in text
+
+
+def test_unknown_resource_type_group_and_field_are_named():
+    with pytest.raises(PolicyError, match=r"p.yaml:6: Patent: not an R4 resource type"):
+        compile_text(HEADER.format(rtype="Patent", path="name"), "p.yaml")
+    with pytest.raises(PolicyError, match=r"p.yaml:9: group: unknown group 'h'"):
+        compile_text(HEADER.format(rtype="Patient", path="name").replace("group: g", "group: h"), "p.yaml")
+    with pytest.raises(PolicyError, match=r"p.yaml:10: frobnicate: unknown field"):
+        compile_text(HEADER.format(rtype="Patient", path="name") + "        frobnicate: 1\n", "p.yaml")
+    with pytest.raises(PolicyError, match=r"p.yaml:\d+: yaml:"):
+        compile_text("fhircrypt-policy: 1\nname: [unclosed\n", "p.yaml")
+
+
+def test_overlapping_and_duplicate_elements_are_refused():
+    doc = HEADER.format(rtype="Patient", path="name") + "      - {path: name.family, group: g}\n"
+    with pytest.raises(PolicyError, match="overlaps"):
+        compile_text(doc, "p.yaml")
+    disjoint = (
+        HEADER.format(rtype="Patient", path="identifier.where(system='a').value")
+        + "      - {path: \"identifier.where(system='b').value\", group: g}\n"
+    )
+    assert len(compile_text(disjoint, "p.yaml").resources["Patient"].content_elements) == 2
+
+
+def test_reference_display_covers_every_reference_and_narrative_needs_every_group():
+    policy = unit_policy()
+    encounter = policy.for_type("Encounter")
+    assert encounter is not None and not encounter.search_sensitive
+    assert "display:subject" in {e.field_id for e in encounter.elements}
+    patient = policy.for_type("Patient")
+    narrative = patient.elements[-1]
+    assert narrative.kind is Kind.NARRATIVE and narrative.groups == {"identity", "demographics"}
+    assert patient.search_sensitive
+
+
+def test_shipped_policies_compile():
+    from proxy.policy.compiler import compile_file
+    from tests.conftest import ROOT
+
+    for name in ("satusehat.yaml", "hipaa.yaml"):
+        policy = compile_file(ROOT / "policies" / name)
+        assert policy.resources["Patient"].search_sensitive
