@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import queue
@@ -38,9 +39,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-__all__ = ["UpstreamServer", "UpstreamServerError", "UPSTREAM_DIR"]
+__all__ = ["UPSTREAM_DIR", "UpstreamServer", "UpstreamServerError"]
 
 UPSTREAM_DIR = Path(__file__).resolve().parent / "upstream"
 FHIR_BASE_PATH = "/fhir/R4"
@@ -61,16 +62,16 @@ class UpstreamServer:
         *,
         startup_timeout: float = 30.0,
         install_timeout: float = 600.0,
-        node: Optional[str] = None,
+        node: str | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.startup_timeout = startup_timeout
         self.install_timeout = install_timeout
         self.node = node or os.environ.get("NODE") or shutil.which("node") or "node"
-        self.port: Optional[int] = None
-        self._proc: Optional[subprocess.Popen] = None
-        self._stderr_file: Optional[Any] = None
+        self.port: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._stderr_file: Any | None = None
 
     # ------------------------------------------------------------------ urls
     @property
@@ -112,14 +113,14 @@ class UpstreamServer:
     def _needs_install() -> bool:
         return not (UPSTREAM_DIR / "node_modules" / ".fhircrypt-install-stamp").exists()
 
-    def start(self) -> "UpstreamServer":
+    def start(self) -> UpstreamServer:
         """Install if needed, launch ``node server.mjs`` and wait for ``LISTENING <port>``."""
         if self._proc is not None:
             raise UpstreamServerError("server already started")
         if self._needs_install():
             self.install(self.install_timeout)
 
-        self._stderr_file = tempfile.TemporaryFile()
+        self._stderr_file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         cmd = [
             self.node,
             str(UPSTREAM_DIR / "server.mjs"),
@@ -143,7 +144,7 @@ class UpstreamServer:
             self._close_stderr()
             raise UpstreamServerError(f"could not run {self.node!r}: {exc}") from exc
 
-        lines: "queue.Queue[Optional[bytes]]" = queue.Queue()
+        lines: queue.Queue[bytes | None] = queue.Queue()
         proc = self._proc
 
         def pump() -> None:
@@ -179,7 +180,7 @@ class UpstreamServer:
                 self.port = int(text.split()[1])
                 return self
 
-    async def start_async(self) -> "UpstreamServer":
+    async def start_async(self) -> UpstreamServer:
         """``start()`` in a worker thread, for use from async fixtures."""
         return await asyncio.to_thread(self.start)
 
@@ -207,17 +208,15 @@ class UpstreamServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def __enter__(self) -> "UpstreamServer":
+    def __enter__(self) -> UpstreamServer:
         return self.start()
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
+        with contextlib.suppress(Exception):
             self.stop()
-        except Exception:
-            pass
 
     # ---------------------------------------------------------------- admin
     def reset(self) -> None:
@@ -268,14 +267,12 @@ class UpstreamServer:
 
     def _close_stderr(self) -> None:
         if self._stderr_file is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._stderr_file.close()
-            except OSError:
-                pass
             self._stderr_file = None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the test upstream FHIR R4 server in the foreground.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8103, help="0 picks a free port (default 8103)")
