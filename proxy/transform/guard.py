@@ -110,7 +110,7 @@ def check_search(rtype: str | None, params: list[tuple[str, str]], policy: Compi
             continue
         if name in _CONTROL_PARAMS:
             continue
-        if name in _TEXT_PARAMS or "." in name or modifier in ("identifier", "text", "contains"):
+        if name in _TEXT_PARAMS or "." in raw or modifier in ("identifier", "text", "contains"):
             raise FhirError(
                 400,
                 "not-supported",

@@ -32,6 +32,7 @@ from proxy.web import headers as hdr
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
 _ALL_GROUPS = None  # development mode: --auth none
+RUNTIME = web.AppKey("runtime", object)
 
 
 @dataclass
@@ -59,12 +60,24 @@ def _respond_error(err: FhirError, request_id: str) -> web.Response:
     )
 
 
+async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole stream, or None as soon as it exceeds ``limit`` bytes."""
+    chunks, total = [], 0
+    async for chunk in stream.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
+    too_big = FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
-        raise FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
+        raise too_big
+    body = await read_limited(request.content, limit)
+    if body is None:
+        raise too_big
     return body
 
 
@@ -176,14 +189,14 @@ async def _forward(
         async with rt.session.request(
             request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False
         ) as resp:
-            raw = await resp.content.read(rt.settings.max_response + 1)
+            raw = await read_limited(resp.content, rt.settings.max_response)
             status, up_headers = resp.status, resp.headers
             ctype = hdr.media_type(resp.headers.get("Content-Type"))
     except TimeoutError:
         raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
     except aiohttp.ClientError:
         raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
-    if len(raw) > rt.settings.max_response:
+    if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
     rewrite = _rewrite_urls(rt)
     out_headers = hdr.client_response_headers(up_headers, rewrite)
@@ -218,7 +231,7 @@ async def _forward(
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    rt: Runtime = request.app["runtime"]
+    rt: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
     request_id = hdr.safe_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
     started = time.perf_counter()
     it: Interaction | None = None
@@ -314,7 +327,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
         (settings.public_base or default_public_base(settings)).rstrip("/"),
     )
     app = web.Application(client_max_size=settings.max_body)
-    app["runtime"] = rt
+    app[RUNTIME] = rt
 
     async def session_ctx(app: web.Application):
         timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)

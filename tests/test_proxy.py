@@ -1,0 +1,338 @@
+"""The proxy in front of a real FHIR server (Medplum's router): single-resource interactions."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import socket
+
+import orjson
+import pytest
+from aiohttp import web
+
+from proxy.transform import markers as mk
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, assert_no_plaintext, unit_policy
+from tests.test_records import NEEDLES, OBSERVATION, PATIENT
+
+POLICY = unit_policy()
+
+
+@pytest.fixture
+async def client(proxy_for, clean_upstream):
+    return await proxy_for(clean_upstream.base_url, POLICY)
+
+
+def _new(resource: dict) -> dict:
+    out = copy.deepcopy(resource)
+    out.pop("id", None)
+    out.pop("meta", None)
+    return out
+
+
+def _strip_server_meta(resource: dict) -> dict:
+    out = copy.deepcopy(resource)
+    out.pop("id", None)
+    meta = out.pop("meta", {})
+    assert set(meta) <= {"versionId", "lastUpdated"}, meta
+    return out
+
+
+async def test_create_read_round_trip_and_nothing_plaintext_at_rest(client, clean_upstream):
+    patient = _new(PATIENT)
+    resp = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert resp.headers["Location"].startswith(f"{PUBLIC_BASE}/Patient/{created['id']}")
+    assert resp.headers["ETag"] == 'W/"1"'
+    assert _strip_server_meta(created) == patient
+
+    resp = await client.get(f"/fhir/R4/Patient/{created['id']}")
+    assert resp.status == 200
+    assert _strip_server_meta(await resp.json()) == patient
+    assert "X-Fhircrypt-Integrity" not in resp.headers
+    stored = clean_upstream.dump()
+    assert stored and all(mk.ENVELOPE_URL in orjson.dumps(r).decode() for r in stored)
+    assert_no_plaintext(stored, NEEDLES)
+    assert_no_plaintext(({"r": r} for r in clean_upstream.requests()), NEEDLES)
+
+
+async def test_update_vread_history_and_delete(client, clean_upstream):
+    resp = await client.post("/fhir/R4/Observation", data=orjson.dumps(OBSERVATION), headers=FHIR_JSON)
+    obs = await resp.json()
+    oid = obs["id"]
+    changed = _strip_server_meta(obs) | {"id": oid, "valueQuantity": {"value": 12.34, "unit": "g/dL"}}
+    resp = await client.put(
+        f"/fhir/R4/Observation/{oid}", data=orjson.dumps(changed), headers=FHIR_JSON | {"If-Match": 'W/"1"'}
+    )
+    assert resp.status == 200, await resp.text()
+    stale = await client.put(
+        f"/fhir/R4/Observation/{oid}", data=orjson.dumps(changed), headers=FHIR_JSON | {"If-Match": 'W/"1"'}
+    )
+    assert stale.status in (409, 412)
+
+    v1 = await (await client.get(f"/fhir/R4/Observation/{oid}/_history/1")).json()
+    assert v1["valueQuantity"]["value"] == 9.87
+    history = await (await client.get(f"/fhir/R4/Observation/{oid}/_history")).json()
+    values = [e["resource"]["valueQuantity"]["value"] for e in history["entry"]]
+    assert sorted(values) == [9.87, 12.34]
+    assert all(e["fullUrl"].startswith(PUBLIC_BASE) for e in history["entry"])
+    type_history = await (await client.get("/fhir/R4/Observation/_history")).json()
+    assert "reaktif-xyz" in orjson.dumps(type_history).decode()
+
+    put_new = {
+        "resourceType": "Observation",
+        "id": "obs-made-by-put",
+        **{k: v for k, v in OBSERVATION.items() if k != "resourceType"},
+    }
+    resp = await client.put("/fhir/R4/Observation/obs-made-by-put", data=orjson.dumps(put_new), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    assert (await client.delete(f"/fhir/R4/Observation/{oid}")).status in (200, 204)
+    assert (await client.get(f"/fhir/R4/Observation/{oid}")).status == 410
+    assert_no_plaintext(clean_upstream.dump(), ["9.87", "12.34", "reaktif-xyz", "anemia ringan qqq", "Wibisono K"])
+
+
+async def test_search_by_id_and_metadata_pass_and_decrypt(client, clean_upstream):
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    resp = await client.get(f"/fhir/R4/Patient?_id={created['id']}")
+    assert resp.status == 200
+    bundle = await resp.json()
+    assert bundle["entry"][0]["resource"]["identifier"][1]["value"] == PATIENT["identifier"][1]["value"]
+    assert all(link["url"].startswith(PUBLIC_BASE) for link in bundle.get("link", []))
+    meta = await client.get("/fhir/R4/metadata")
+    assert meta.status == 200 and (await meta.json())["resourceType"] == "CapabilityStatement"
+
+
+async def test_integrity_failures_at_the_upstream_are_never_returned_as_data(client, clean_upstream):
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    other = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    stored = next(r for r in clean_upstream.dump() if r["id"] == created["id"])
+    donor = next(r for r in clean_upstream.dump() if r["id"] == other["id"])
+    tampered = copy.deepcopy(stored)
+    tampered["_birthDate"] = donor["_birthDate"]  # moved between resources by a cloud administrator
+    tampered["name"][0]["extension"][1]["valueString"] = (
+        "v1.AAAA" + tampered["name"][0]["extension"][1]["valueString"][7:]
+    )
+    await _put_direct(clean_upstream, tampered)
+
+    resp = await client.get(f"/fhir/R4/Patient/{created['id']}")
+    assert resp.status == 200
+    assert resp.headers["X-Fhircrypt-Integrity"].startswith("failed")
+    body = await resp.text()
+    assert not [n for n in NEEDLES if n in body]
+    assert mk.CIPHERTEXT_URL not in body
+
+
+async def _put_direct(upstream, resource: dict) -> None:
+    import urllib.request
+
+    req = urllib.request.Request(
+        f"{upstream.base_url}/{resource['resourceType']}/{resource['id']}",
+        data=orjson.dumps(resource),
+        method="PUT",
+        headers={"Content-Type": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        assert resp.status == 200
+
+
+REFUSALS = [
+    # (method, path, body, headers, status, phrase)
+    (
+        "POST",
+        "/fhir/R4/Patient",
+        b"<Patient xmlns='http://hl7.org/fhir'/>",
+        {"Content-Type": "application/fhir+xml"},
+        415,
+        "XML",
+    ),
+    ("POST", "/fhir/R4/Patient", b'{"resourceType": "Patient", "name": [', FHIR_JSON, 400, "not valid JSON"),
+    (
+        "POST",
+        "/fhir/R4/Patient",
+        b'{"resourceType":"Patient","birthDate":"3 Feb 1971"}',
+        FHIR_JSON,
+        400,
+        "Patient.birthDate",
+    ),
+    ("POST", "/fhir/R4/Patient", b'{"resourceType":"Observation"}', FHIR_JSON, 400, "does not match the URL"),
+    ("PUT", "/fhir/R4/Patient/abc", b'{"resourceType":"Patient","id":"xyz"}', FHIR_JSON, 400, "must match the id"),
+    ("POST", "/fhir/R4/Patient", b'{"resourceType":"Patient","name":"Wibisono"}', FHIR_JSON, 400, "Patient.name"),
+    (
+        "POST",
+        "/fhir/R4/Patient",
+        b'{"resourceType":"Patient","extension":[{"url":"https://fhircrypt.dev/fhir/'
+        b'StructureDefinition/envelope","valueString":"x"}]}',
+        FHIR_JSON,
+        400,
+        "reserved",
+    ),
+    ("POST", "/fhir/R4/Patient", b"{}", {"Content-Type": "text/plain"}, 415, "application/fhir+json"),
+    ("GET", "/fhir/R4/Patient?name=Wibisono", None, {}, 400, "'name'"),
+    (
+        "GET",
+        "/fhir/R4/Patient?identifier=https://fhir.kemkes.go.id/id/nik|3201019988770001",
+        None,
+        {},
+        400,
+        "'identifier'",
+    ),
+    ("GET", "/fhir/R4/Encounter?subject:Patient.name=Wibisono", None, {}, 400, "subject:Patient.name"),
+    ("GET", "/fhir/R4/Observation?_has:Observation:patient:code=x", None, {}, 400, "_has"),
+    ("GET", "/fhir/R4/Patient?_sort=birthdate", None, {}, 400, "_sort"),
+    ("GET", "/fhir/R4/Patient/abc?_elements=name", None, {}, 400, "_elements"),
+    (
+        "POST",
+        "/fhir/R4/Patient/_search",
+        b"name=Wibisono",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        400,
+        "'name'",
+    ),
+    (
+        "POST",
+        "/fhir/R4/Patient",
+        orjson.dumps({"resourceType": "Patient"}),
+        FHIR_JSON | {"If-None-Exist": "identifier=https://fhir.kemkes.go.id/id/nik|3201019988770001"},
+        400,
+        "If-None-Exist",
+    ),
+    (
+        "PUT",
+        "/fhir/R4/Patient?identifier=x|3201019988770001",
+        orjson.dumps({"resourceType": "Patient"}),
+        FHIR_JSON,
+        400,
+        "'identifier'",
+    ),
+    ("DELETE", "/fhir/R4/Patient?name=Wibisono", None, {}, 400, "'name'"),
+    (
+        "PATCH",
+        "/fhir/R4/Patient/abc",
+        b'[{"op":"add","path":"/birthDate","value":"1971-02-03"}]',
+        {"Content-Type": "application/json-patch+json"},
+        501,
+        "PATCH",
+    ),
+    (
+        "POST",
+        "/fhir/R4",
+        orjson.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "resource": {"resourceType": "Patient", "birthDate": "1971-02-03"},
+                        "request": {"method": "POST", "url": "Patient"},
+                    }
+                ],
+            }
+        ),
+        FHIR_JSON,
+        501,
+        "Bundle.entry[0].resource",
+    ),
+    (
+        "POST",
+        "/fhir/R4/Organization",
+        orjson.dumps(
+            {
+                "resourceType": "Organization",
+                "contained": [{"resourceType": "Patient", "id": "c1", "birthDate": "1971-02-03"}],
+            }
+        ),
+        FHIR_JSON,
+        501,
+        "contained",
+    ),
+    ("GET", "/fhir/R4/$export", None, {}, 501, "$export"),
+    ("POST", "/fhir/R4/Patient/$match", orjson.dumps({"resourceType": "Parameters"}), FHIR_JSON, 501, "$match"),
+    ("POST", "/fhir/R4/$graphql", b"{}", FHIR_JSON, 501, "$graphql"),
+    ("GET", "/fhir/R4/Patient/abc?_format=xml", None, {}, 406, "_format"),
+    ("GET", "/fhir/R4/Patient/abc", None, {"Accept": "application/fhir+xml"}, 406, "Accept"),
+    ("GET", "/fhir/R4/Patient/..%2F..%2Fadmin", None, {}, 400, "encoded"),
+    ("GET", "/fhir/R4/Patient/a;b=c", None, {}, 400, "parameter segments"),
+    ("GET", "/fhir/R4/Patiant/abc", None, {}, 404, "not an R4 resource type"),
+    ("GET", "/fhir/R4/Patient/" + "x" * 70, None, {}, 400, "not a valid FHIR id"),
+    ("GET", "/other/Patient", None, {}, 404, "not a FHIR endpoint"),
+    ("POST", "/fhir/R4/Patient/abc", b"{}", FHIR_JSON, 405, "not a FHIR interaction"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "phrase"), REFUSALS, ids=[f"{r[0]} {r[1][:60]}" for r in REFUSALS]
+)
+async def test_refusals_are_operation_outcomes_and_nothing_reaches_the_upstream(
+    client, clean_upstream, method, path, body, headers, status, phrase
+):
+    resp = await client.request(method, path, data=body, headers=headers)
+    assert resp.status == status, await resp.text()
+    outcome = await resp.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    diagnostics = " ".join(i["diagnostics"] for i in outcome["issue"])
+    assert phrase in diagnostics, diagnostics
+    for secret in ("3201019988770001", "Wibisono", "1971-02-03", "3 Feb 1971"):
+        assert secret not in diagnostics
+    assert clean_upstream.requests() == []
+
+
+async def test_request_body_limit_gives_413(proxy_for, clean_upstream):
+    client = await proxy_for(clean_upstream.base_url, POLICY, max_body=1000)
+    big = orjson.dumps({"resourceType": "Patient", "name": [{"text": "x" * 2000}]})
+    resp = await client.post("/fhir/R4/Patient", data=big, headers=FHIR_JSON)
+    assert resp.status == 413
+    assert clean_upstream.requests() == []
+
+
+async def test_headers_are_allow_listed_both_ways(client, clean_upstream):
+    created = await (
+        await client.post(
+            "/fhir/R4/Organization",
+            data=orjson.dumps({"resourceType": "Organization", "name": "RS Uji"}),
+            headers=FHIR_JSON,
+        )
+    ).json()
+    resp = await client.get(
+        f"/fhir/R4/Organization/{created['id']}",
+        headers={
+            "X-Patient-NIK": "3201019988770001",
+            "Authorization": "Bearer abc",
+            "X-Request-ID": "req-123",
+            "Connection": "keep-alive, X-Secret",
+            "X-Secret": "1",
+        },
+    )
+    assert resp.status == 200 and resp.headers["X-Request-ID"] == "req-123"
+    assert resp.headers["ETag"] == 'W/"1"' and "Last-Modified" in resp.headers
+    seen = clean_upstream.requests()[-1]["headers"]
+    lowered = {k.lower(): v for k, v in seen.items()}
+    assert "x-patient-nik" not in lowered and "x-secret" not in lowered
+    assert lowered["authorization"] == "Bearer abc" and lowered["x-request-id"] == "req-123"
+    assert "x-forwarded-for" in lowered
+
+
+async def test_upstream_unreachable_is_502(proxy_for):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = await proxy_for(f"http://127.0.0.1:{port}/fhir/R4", POLICY)
+    resp = await client.get("/fhir/R4/Patient/abc")
+    assert resp.status == 502 and (await resp.json())["issue"][0]["code"] == "transient"
+
+
+async def test_upstream_timeout_is_504_and_non_json_is_502(proxy_for, aiohttp_server):
+    async def slow(request):
+        await asyncio.sleep(2)
+        return web.json_response({})
+
+    async def html(request):
+        return web.Response(text="<html>oops</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/fhir/R4/Patient/slow", slow)
+    app.router.add_get("/fhir/R4/Patient/html", html)
+    server = await aiohttp_server(app)
+    client = await proxy_for(str(server.make_url("/fhir/R4")), POLICY, upstream_timeout=0.3)
+    assert (await client.get("/fhir/R4/Patient/slow")).status == 504
+    resp = await client.get("/fhir/R4/Patient/html")
+    assert resp.status == 502 and "oops" not in await resp.text()
