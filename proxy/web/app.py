@@ -32,7 +32,6 @@ from proxy.web import headers as hdr
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
 _ALL_GROUPS = None  # development mode: --auth none
-RUNTIME = web.AppKey("runtime", object)
 
 
 @dataclass
@@ -47,6 +46,9 @@ class Runtime:
     @property
     def upstream_base(self) -> str:
         return str(self.upstream).rstrip("/")
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 
 
 def _respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -231,7 +233,7 @@ async def _forward(
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    rt: Runtime = request.app[RUNTIME]  # type: ignore[assignment]
+    rt = request.app[RUNTIME]
     request_id = hdr.safe_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
     started = time.perf_counter()
     it: Interaction | None = None
