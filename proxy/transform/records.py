@@ -96,6 +96,13 @@ def _ct_of(obj: object) -> str | None:
 _PRIMITIVE_JSON = (str, bool, int, float)
 
 
+def _primitive_pair(value: object, under: object, path: str) -> list:
+    """The [value, _element] pair that a primitive's ciphertext holds; checks JSON types."""
+    if (value is not None and type(value) not in _PRIMITIVE_JSON) or (under is not None and type(under) is not dict):
+        raise ShapeError(path)
+    return [value, under]
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -117,12 +124,8 @@ class _Sealer:
             return
         p = _join(path, key)
         if not repeating:
-            value, under = parent.pop(key, None), parent.pop(ukey, None)
-            if (value is not None and type(value) not in _PRIMITIVE_JSON) or (
-                under is not None and type(under) is not dict
-            ):
-                raise ShapeError(p)
-            parent[ukey] = mk.encrypted_form(self.seal(fid, p, [value, under]))
+            pair = _primitive_pair(parent.pop(key, None), parent.pop(ukey, None), p)
+            parent[ukey] = mk.encrypted_form(self.seal(fid, p, pair))
             return
         values, unders = parent.get(key) or [], parent.get(ukey) or []
         if type(values) is not list or type(unders) is not list:
@@ -130,17 +133,10 @@ class _Sealer:
         n = max(len(values), len(unders))
         sealed: list[dict | None] = []
         for i in range(n):
-            value = values[i] if i < len(values) else None
-            under = unders[i] if i < len(unders) else None
-            if (value is not None and type(value) not in _PRIMITIVE_JSON) or (
-                under is not None and type(under) is not dict
-            ):
-                raise ShapeError(f"{p}[{i}]")
-            sealed.append(
-                None
-                if value is None and under is None
-                else mk.encrypted_form(self.seal(fid, f"{p}[{i}]", [value, under]))
+            pair = _primitive_pair(
+                values[i] if i < len(values) else None, unders[i] if i < len(unders) else None, f"{p}[{i}]"
             )
+            sealed.append(None if pair == [None, None] else mk.encrypted_form(self.seal(fid, f"{p}[{i}]", pair)))
         parent[key] = [None] * n
         parent[ukey] = sealed
 
