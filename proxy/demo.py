@@ -25,7 +25,7 @@ from proxy.settings import Settings
 from proxy.web.app import RUNTIME, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = ("patient.json", "observation-hemoglobin.json", "condition.json", "medicationrequest.json")
+SAMPLES = ("patient.json", "observation-hemoglobin.json", "condition.json", "medication-request.json")
 FHIR_JSON = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
 
 

@@ -52,7 +52,8 @@ def test_path_parser_supports_the_documented_subset():
         ("component.value", "Observation", Kind.CHOICE_MASKED, False),
         ("payload.content.ofType(string)", "Communication", Kind.CHOICE, False),
         ("section.text", "Composition", Kind.NARRATIVE, False),
-        ("contact", "Patient", Kind.COMPLEX, True),
+        ("dosageInstruction", "MedicationRequest", Kind.COMPLEX, True),
+        ("payload.content.ofType(Attachment)", "Communication", Kind.CHOICE, False),
         ("medication.ofType(CodeableConcept)", "MedicationRequest", Kind.CHOICE, False),
     ],
 )
@@ -87,6 +88,8 @@ def test_where_terminal_keeps_the_discriminator_clear():
         ("gender.where(system='x')", "Patient", "does not repeat"),
         ("contained", "Patient", "own type's policy"),
         ("text", "Patient", "narrative"),
+        ("contact", "Patient", "holds the reference 'contact.organization'"),
+        ("section.section.title", "Composition", "already apply at every nesting depth"),
     ],
 )
 def test_unsafe_or_impossible_targets_are_load_errors_naming_file_line_and_field(path, rtype, message):
@@ -137,3 +140,21 @@ def test_shipped_policies_compile():
     for name in ("satusehat.yaml", "hipaa.yaml"):
         policy = compile_file(ROOT / "policies" / name)
         assert policy.resources["Patient"].search_sensitive
+
+
+def test_recursive_backbones_are_reached_at_every_depth():
+    el = compile_one("section.title", "Composition")
+    assert el.nav[0].recurse == (("section",),)
+    qr = compile_one("item.answer.value.ofType(string)", "QuestionnaireResponse")
+    assert set(qr.nav[0].recurse) == {("item",), ("answer", "item")}
+
+
+def test_different_types_of_one_choice_are_separate_elements():
+    doc = (
+        HEADER.format(rtype="Communication", path="payload.content.ofType(string)")
+        + "      - {path: payload.content.ofType(Attachment), group: g}\n"
+    )
+    assert len(compile_text(doc, "p.yaml").resources["Communication"].content_elements) == 2
+    clash = HEADER.format(rtype="Observation", path="value") + "      - {path: value.ofType(Quantity), group: g}\n"
+    with pytest.raises(PolicyError, match="overlaps"):
+        compile_text(clash, "p.yaml")

@@ -343,14 +343,15 @@ async def test_rotated_keyring_still_reads_old_versions(proxy_for, clean_upstrea
 
     ring = Keyring.generate()
     client = await proxy_for(clean_upstream.base_url, POLICY, ring=ring)
-    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)),
-                                       headers=FHIR_JSON)).json()
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
     ring.rotate()
     update = _strip_server_meta(created) | {"id": created["id"], "birthDate": "1980-08-08"}
-    assert (await client.put(f"/fhir/R4/Patient/{created['id']}", data=orjson.dumps(update),
-                             headers=FHIR_JSON)).status == 200
-    envelopes = [next(e["valueString"] for e in r["extension"] if e["url"] == mk.ENVELOPE_URL)
-                 for r in clean_upstream.dump()]
+    assert (
+        await client.put(f"/fhir/R4/Patient/{created['id']}", data=orjson.dumps(update), headers=FHIR_JSON)
+    ).status == 200
+    envelopes = [
+        next(e["valueString"] for e in r["extension"] if e["url"] == mk.ENVELOPE_URL) for r in clean_upstream.dump()
+    ]
     assert [e.split(".")[1] for e in envelopes] == ["k1", "k2"]
     old = await (await client.get(f"/fhir/R4/Patient/{created['id']}/_history/1")).json()
     new = await (await client.get(f"/fhir/R4/Patient/{created['id']}")).json()
@@ -360,8 +361,12 @@ async def test_rotated_keyring_still_reads_old_versions(proxy_for, clean_upstrea
 async def test_resources_written_around_the_proxy_come_back_masked(client, clean_upstream):
     import urllib.request
 
-    req = urllib.request.Request(f"{clean_upstream.base_url}/Patient", data=orjson.dumps(_new(PATIENT)),
-                                 method="POST", headers={"Content-Type": "application/fhir+json"})
+    req = urllib.request.Request(
+        f"{clean_upstream.base_url}/Patient",
+        data=orjson.dumps(_new(PATIENT)),
+        method="POST",
+        headers={"Content-Type": "application/fhir+json"},
+    )
     with urllib.request.urlopen(req) as resp:
         pid = orjson.loads(resp.read())["id"]
     resp = await client.get(f"/fhir/R4/Patient/{pid}")
@@ -375,8 +380,9 @@ async def test_validation_can_be_switched_off_but_encryption_cannot(proxy_for, c
     resp = await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)
     assert resp.status == 201
     assert_no_plaintext(clean_upstream.dump(), NEEDLES)
-    bad = await client.post("/fhir/R4/Patient", data=b'{"resourceType":"Patient","birthDate":"3 Feb 1971"}',
-                            headers=FHIR_JSON)
+    bad = await client.post(
+        "/fhir/R4/Patient", data=b'{"resourceType":"Patient","birthDate":"3 Feb 1971"}', headers=FHIR_JSON
+    )
     # The upstream cannot validate what it only sees as ciphertext, so the invalid date is stored
     # (encrypted). That is why validation in the proxy is on by default.
     assert bad.status == 201

@@ -187,3 +187,37 @@ def test_wrong_json_types_at_covered_locations_are_refused_on_write(keyring):
         resource = {"resourceType": "Patient", **bad}
         with pytest.raises(ShapeError):
             encrypt_resource(resource, POLICY.for_type("Patient"), keyring)
+
+
+def test_nested_sections_are_encrypted_at_every_depth(keyring, satusehat):
+    div = '<div xmlns="http://www.w3.org/1999/xhtml">{}</div>'
+    composition = {
+        "resourceType": "Composition",
+        "status": "final",
+        "type": {"text": "resume"},
+        "date": "2024-01-01",
+        "author": [{"reference": "Practitioner/1"}],
+        "title": "Resume Wibisono",
+        "section": [
+            {
+                "title": "Top Wibisono",
+                "text": {"status": "generated", "div": div.format("top Wibisono")},
+                "section": [
+                    {
+                        "title": "Nested Wibisono",
+                        "entry": [{"reference": "Observation/1", "display": "Hb Wibisono"}],
+                        "section": [
+                            {"title": "Deep Wibisono", "text": {"status": "generated", "div": div.format("deep")}}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    rp = satusehat.for_type("Composition")
+    stored = copy.deepcopy(composition)
+    encrypt_resource(stored, rp, keyring)
+    assert "Wibisono" not in orjson.dumps(stored).decode()
+    report = ReadReport()
+    decrypt_resource(stored, rp, keyring, None, "mask", report)
+    assert stored == composition and not report.failures

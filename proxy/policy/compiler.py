@@ -45,10 +45,16 @@ class Kind(enum.Enum):
 
 @dataclass(frozen=True)
 class Hop:
-    """Navigate into ``key``; on lists keep items whose clear fields match ``criteria``."""
+    """Navigate into ``key``; on lists keep items whose clear fields match ``criteria``.
+
+    ``recurse`` lists the key paths by which a recursive backbone repeats itself
+    (``Composition.section.section``, ``QuestionnaireResponse.item.answer.item``): the
+    hop then reaches the element at every nesting depth, as a policy author means.
+    """
 
     key: str
     criteria: tuple[tuple[str, str], ...] = ()
+    recurse: tuple[tuple[str, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -294,7 +300,7 @@ class _Resolver:
                     raise PathError(f"where() on '{name}', which does not repeat")
                 criteria = self.steps[i].criteria  # type: ignore[union-attr]
                 i += 1
-            types = d.types
+            types = d.types or ("BackboneElement",)
             if d.is_choice:
                 if json_name is None and i < len(self.steps) and isinstance(self.steps[i], OfType):
                     wanted = self.steps[i].type  # type: ignore[union-attr]
@@ -313,8 +319,8 @@ class _Resolver:
                 raise PathError(f"navigating into the choice '{name}' needs ofType()")
             if len(types) != 1:
                 raise PathError(f"'{name}' has several types")
-            hops.append(Hop(json_name or name, criteria))
             self._descend(d, types[0], name)
+            hops.append(Hop(json_name or name, criteria, self._recursion(types[0])))
         raise PathError("empty path")  # pragma: no cover - parse_path never returns []
 
     def _lookup(self, name: str) -> tuple[defs.ElementDef, str | None]:
@@ -333,10 +339,24 @@ class _Resolver:
         where = f"{self.owner}.{self.prefix}" if self.prefix else self.owner
         raise PathError(f"'{name}' is not an element of {where}")
 
+    def _recursion(self, type_name: str) -> tuple[tuple[str, ...], ...]:
+        """Key paths from an item of the current backbone to nested items of the same backbone."""
+        if type_name not in defs.BACKBONE_TYPES:
+            return ()
+        base = self.prefix + "."
+        return tuple(
+            tuple(p[len(base) :].split("."))
+            for p, row in defs.elements(self.owner).items()
+            if len(row) > 4 and row[4] == self.prefix and p.startswith(base)
+        )
+
     def _descend(self, d: defs.ElementDef, type_name: str, name: str) -> None:
         if d.content_ref:
-            self.prefix = d.content_ref
-        elif type_name in defs.BACKBONE_TYPES:
+            raise PathError(
+                f"'{name}' repeats '{d.content_ref}'; paths below '{d.content_ref}' already apply "
+                "at every nesting depth"
+            )
+        if type_name in defs.BACKBONE_TYPES:
             self.prefix = d.path
         elif defs.is_primitive(type_name):
             raise PathError(f"'{name}' is a primitive; it has no child elements")
@@ -389,6 +409,17 @@ class _Resolver:
             )  # type: ignore[arg-type]
         keep = tuple(k for k, _ in criteria)
         self._check_required_children(name, d, type_name, keep)
+        if type_name in defs.BACKBONE_TYPES:
+            refs = sorted(
+                p
+                for p, row in defs.elements(self.owner).items()
+                if p.startswith(d.path + ".") and "Reference" in row[0]
+            )
+            if refs:
+                raise PathError(
+                    f"'{name}' cannot be encrypted whole: it holds the reference '{refs[0]}', which "
+                    "must stay in the clear; encrypt its other children instead"
+                )
         return CompiledElement(
             nav=self._hops, terminal=Hop(name, criteria), kind=Kind.COMPLEX, repeating=d.repeating, keep=keep, **common
         )  # type: ignore[arg-type]
@@ -418,6 +449,8 @@ def _base(d: defs.ElementDef) -> str:
 
 def _overlaps(a: CompiledElement, b: CompiledElement) -> bool:
     """True when one element's location contains the other's (nested encryption is refused)."""
+    if a.choices and b.choices and (a.nav, a.terminal.key) == (b.nav, b.terminal.key):
+        return bool({n for n, _ in a.choices} & {n for n, _ in b.choices})  # value.ofType(X) vs ofType(Y)
     pa, pb = (*a.nav, a.terminal), (*b.nav, b.terminal)
     for ha, hb in zip(pa, pb, strict=False):
         if ha.key != hb.key:

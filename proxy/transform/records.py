@@ -56,29 +56,49 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
     """
     level = [(resource, "")]
     for hop in nav:
-        nxt = []
+        nxt: list[tuple[dict, str]] = []
         for obj, path in level:
-            value = obj.get(hop.key)
-            if value is None:
-                continue
-            p = _join(path, hop.key)
-            if type(value) is list:
-                for i, item in enumerate(value):
-                    if type(item) is dict:
-                        if _matches(item, hop.criteria):
-                            nxt.append((item, f"{p}[{i}]"))
-                    elif item is not None:
-                        if strict:
-                            raise ShapeError(f"{p}[{i}]")
-                        value[i] = None
-            elif type(value) is dict and not hop.criteria:
-                nxt.append((value, p))
-            else:
-                if strict:
-                    raise ShapeError(p)
-                del obj[hop.key]
+            _children(obj, path, hop.key, hop.criteria, strict, nxt)
+        if hop.recurse:
+            pending = list(nxt)
+            while pending:
+                obj, path = pending.pop()
+                for keys in hop.recurse:
+                    found = [(obj, path)]
+                    for i, key in enumerate(keys):
+                        step: list[tuple[dict, str]] = []
+                        for o, p in found:
+                            _children(o, p, key, hop.criteria if i == len(keys) - 1 else (), strict, step)
+                        found = step
+                    nxt.extend(found)
+                    pending.extend(found)
         level = nxt
     return level
+
+
+def _children(
+    obj: dict, path: str, key: str, criteria: tuple[tuple[str, str], ...], strict: bool, out: list[tuple[dict, str]]
+) -> None:
+    """Append the objects under ``obj[key]`` that match ``criteria``."""
+    value = obj.get(key)
+    if value is None:
+        return
+    p = _join(path, key)
+    if type(value) is list:
+        for i, item in enumerate(value):
+            if type(item) is dict:
+                if _matches(item, criteria):
+                    out.append((item, f"{p}[{i}]"))
+            elif item is not None:
+                if strict:
+                    raise ShapeError(f"{p}[{i}]")
+                value[i] = None
+    elif type(value) is dict and not criteria:
+        out.append((value, p))
+    else:
+        if strict:
+            raise ShapeError(p)
+        del obj[key]
 
 
 def _ct_of(obj: object) -> str | None:
