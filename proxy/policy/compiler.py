@@ -409,6 +409,12 @@ class _Resolver:
             )  # type: ignore[arg-type]
         keep = tuple(k for k, _ in criteria)
         self._check_required_children(name, d, type_name, keep)
+        invariant = defs.masked_invariant(self.rtype, d.path) if self.owner == self.rtype else None
+        if invariant:
+            raise PathError(
+                f"'{name}' cannot be encrypted whole: its masked form at rest would break the FHIR "
+                f"invariant {invariant}; encrypt its children instead"
+            )
         if type_name in defs.BACKBONE_TYPES:
             refs = sorted(
                 p

@@ -41,6 +41,20 @@ def table() -> dict:
     return json.loads(raw)
 
 
+@cache
+def _masked_invariants() -> dict[str, dict[str, str]]:
+    raw = resources.files("proxy.policy").joinpath("r4_masked_invariants.json").read_bytes()
+    return json.loads(raw)
+
+
+def masked_invariant(resource_type: str, path: str) -> str | None:
+    """The invariant (e.g. ``pat-1``) that the element's masked form would break, if any.
+
+    Derived by ``scripts/derive_masked_invariants.mjs`` with Medplum's validator.
+    """
+    return _masked_invariants().get(resource_type, {}).get(path)
+
+
 def resource_types() -> frozenset[str]:
     return frozenset(table()["resources"])
 
