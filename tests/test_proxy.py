@@ -256,6 +256,34 @@ REFUSALS = [
     ("GET", "/fhir/R4/Patient/" + "x" * 70, None, {}, 400, "not a valid FHIR id"),
     ("GET", "/other/Patient", None, {}, 404, "not a FHIR endpoint"),
     ("POST", "/fhir/R4/Patient/abc", b"{}", FHIR_JSON, 405, "not a FHIR interaction"),
+    (
+        "POST",
+        "/fhir/R4/Patient/_search",
+        b"name=\xff\xfe",
+        {"Content-Type": "application/x-www-form-urlencoded"},
+        400,
+        "not UTF-8",
+    ),
+    (
+        "PATCH",
+        "/fhir/R4/CodeSystem/abc",
+        b"[{",
+        {"Content-Type": "application/json-patch+json"},
+        400,
+        "not valid JSON",
+    ),
+    (
+        "PATCH",
+        "/fhir/R4/CodeSystem/abc",
+        b'[{"op":"add","path":"/contained/0","value":{"resourceType":"Patient"}}]',
+        {"Content-Type": "application/json-patch+json"},
+        501,
+        "encrypted type",
+    ),
+    ("POST", "/fhir/R4/Patient", b"[1, 2]", FHIR_JSON, 400, "must be a JSON object"),
+    ("POST", "/fhir/R4/Patient", b'{"resourceType":"Patient","birthDate":"\xff"}', FHIR_JSON, 400, "not valid JSON"),
+    ("GET", "/fhir/R4/Patient/abc", b"{}", FHIR_JSON, 400, "carry no body"),
+    ("GET", "/fhir/R4/Patient?_count", None, {}, 400, "cannot be parsed"),
 ]
 
 

@@ -97,13 +97,13 @@ def _segments(rt: Runtime, request: web.Request) -> list[str]:
     return segments
 
 
-def _parse_json(body: bytes, what: str) -> dict:
+def _parse_json(body: bytes, what: str, shape: type = dict):
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise FhirError(400, "structure", f"{what} is not valid JSON") from None
-    if type(value) is not dict:
-        raise FhirError(400, "structure", f"{what} must be a JSON object")
+    if type(value) is not shape:
+        raise FhirError(400, "structure", f"{what} must be a JSON {'object' if shape is dict else 'array'}")
     return value
 
 
@@ -113,7 +113,11 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
     if it.kind == "search":
         if ctype != "application/x-www-form-urlencoded":
             raise FhirError(415, "not-supported", "POST _search needs application/x-www-form-urlencoded")
-        guard.check_search(it.resource_type, guard.parse_query(body.decode("utf-8", "strict")), rt.policy, "body")
+        try:
+            form = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FhirError(400, "invalid", "the form body is not UTF-8") from None
+        guard.check_search(it.resource_type, guard.parse_query(form), rt.policy, "body")
         return body
     if it.kind == "operation":
         guard.check_operation_body(it)
@@ -121,7 +125,7 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
         if ctype not in ("application/json-patch+json",):
             raise FhirError(415, "not-supported", "PATCH needs application/json-patch+json")
         _refuse_reserved(body)
-        _refuse_covered_mentions(orjson.loads(body) if body else None, rt.policy)
+        _refuse_covered_mentions(_parse_json(body, "the patch document", list), rt.policy)
         return body
     if ctype not in hdr.JSON_TYPES:
         if "xml" in ctype:
@@ -211,9 +215,10 @@ async def _forward(
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
+    if type(payload) is not dict:
+        raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = ReadReport()
-    if type(payload) is dict:
-        decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
+    decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
     if report.failures:
         out_headers["X-Fhircrypt-Integrity"] = f"failed; elements={len(report.failures)}"
         log.warning(
