@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from proxy.crypto.encoding import b64d, b64e
+from proxy.crypto.encoding import b64d, b64d_fast, b64e
 from proxy.crypto.keyring import Keyring
 
 VERSION = "v1"
@@ -94,7 +94,7 @@ class RecordCipher:
         if not isinstance(ciphertext, str) or not ciphertext.startswith(_PREFIX):
             raise IntegrityError("ciphertext has an unknown version")
         try:
-            raw = b64d(ciphertext[len(_PREFIX) :])
+            raw = b64d_fast(ciphertext[len(_PREFIX) :])
             aad = associated_data(self.resource_type, self.record_id, field_id, path)
             return self._aead.decrypt(raw[:12], raw[12:], aad)
         except (ValueError, InvalidTag):

@@ -45,7 +45,10 @@ def _join(path: str, key: str) -> str:
 
 
 def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
-    return all(item.get(k) == v for k, v in criteria)
+    for k, v in criteria:  # noqa: SIM110 - a loop avoids a generator per call on the hot path
+        if item.get(k) != v:
+            return False
+    return True
 
 
 def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[dict, str]]:
