@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate = keys_sub.add_parser("rotate", help="add a new primary key; old keys keep decrypting")
     _kek_args(rotate)
-    listing = keys_sub.add_parser("list", help="show key ids and dates (never key material)")
+    listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
     _kek_args(listing)
 
     policy = sub.add_parser("policy", help="work with policy files")

@@ -50,6 +50,7 @@ def test_path_parser_supports_the_documented_subset():
         ("value.ofType(Quantity)", "Observation", Kind.CHOICE_MASKED, False),
         ("valueString", "Observation", Kind.CHOICE_MASKED, False),
         ("component.value", "Observation", Kind.CHOICE_MASKED, False),
+        ("effective", "Observation", Kind.CHOICE, False),
         ("payload.content.ofType(string)", "Communication", Kind.CHOICE, False),
         ("section.text", "Composition", Kind.NARRATIVE, False),
         ("dosageInstruction", "MedicationRequest", Kind.COMPLEX, True),
@@ -93,6 +94,7 @@ def test_where_terminal_keeps_the_discriminator_clear():
         ("section", "Composition", "invariant cmp-1"),
         ("dosage", "MedicationAdministration", "invariant mad-1"),
         ("section.section.title", "Composition", "already apply at every nesting depth"),
+        ("name.given.where(x='1')", "Patient", "a primitive"),
     ],
 )
 def test_unsafe_or_impossible_targets_are_load_errors_naming_file_line_and_field(path, rtype, message):
@@ -130,6 +132,9 @@ def test_reference_display_covers_every_reference_and_narrative_needs_every_grou
     encounter = policy.for_type("Encounter")
     assert encounter is not None and not encounter.search_sensitive
     assert "display:subject" in {e.field_id for e in encounter.elements}
+    patient_displays = {e.field_id for e in unit_policy().for_type("Patient").elements}
+    assert {"display:identifier.assigner", "display:generalPractitioner"} <= patient_displays
+    assert "display:note.authorReference" in {e.field_id for e in policy.for_type("Condition").elements}
     patient = policy.for_type("Patient")
     narrative = patient.elements[-1]
     assert narrative.kind is Kind.NARRATIVE and narrative.groups == {"identity", "demographics"}

@@ -266,7 +266,7 @@ REFUSALS = [
     ),
     (
         "PATCH",
-        "/fhir/R4/CodeSystem/abc",
+        "/fhir/R4/Subscription/abc",
         b"[{",
         {"Content-Type": "application/json-patch+json"},
         400,
@@ -274,7 +274,7 @@ REFUSALS = [
     ),
     (
         "PATCH",
-        "/fhir/R4/CodeSystem/abc",
+        "/fhir/R4/Subscription/abc",
         b'[{"op":"add","path":"/contained/0","value":{"resourceType":"Patient"}}]',
         {"Content-Type": "application/json-patch+json"},
         501,
@@ -415,3 +415,81 @@ async def test_validation_can_be_switched_off_but_encryption_cannot(proxy_for, c
     # (encrypted). That is why validation in the proxy is on by default.
     assert bad.status == 201
     assert_no_plaintext(clean_upstream.dump(), ["3 Feb 1971"])
+
+
+CONDITIONAL_AND_BATCH_LEAKS = [
+    (
+        "PATCH",
+        "/fhir/R4/Patient?_id=abc",
+        b'[{"op":"add","path":"/birthDate","value":"1971-02-03"}]',
+        {"Content-Type": "application/json-patch+json"},
+        501,
+    ),
+    (
+        "POST",
+        "/fhir/R4",
+        orjson.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "batch",
+                "entry": [
+                    {
+                        "resource": {
+                            "resourceType": "Binary",
+                            "contentType": "application/json-patch+json",
+                            "data": "W10=",
+                        },
+                        "request": {"method": "PATCH", "url": "http://elsewhere/fhir/R4/Patient/abc"},
+                    }
+                ],
+            }
+        ),
+        FHIR_JSON,
+        501,
+    ),
+    (
+        "POST",
+        "/fhir/R4",
+        orjson.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "batch",
+                "entry": [{"request": {"method": "DELETE", "url": "/Patient?name=Wibisono"}}],
+            }
+        ),
+        FHIR_JSON,
+        501,
+    ),
+    (
+        "POST",
+        "/fhir/R4/Patient",
+        b'{"resourceType":"Patient","extension":[{"url":"https:\\/\\/fhircrypt.dev\\/fhir'
+        b'\\/StructureDefinition\\/envelope","valueString":"x"}]}',
+        FHIR_JSON,
+        400,
+    ),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "headers", "status"), CONDITIONAL_AND_BATCH_LEAKS)
+async def test_conditional_patch_batch_urls_and_escaped_markers_are_refused(
+    client, clean_upstream, method, path, body, headers, status
+):
+    resp = await client.request(method, path, data=body, headers=headers)
+    assert resp.status == status, await resp.text()
+    assert clean_upstream.requests() == []
+
+
+async def test_ciphertext_outside_the_policy_is_never_returned(proxy_for, clean_upstream):
+    """An element removed from the policy leaves ciphertext at rest; readers must not get it."""
+    from tests.conftest import TEST_POLICY
+
+    client = await proxy_for(clean_upstream.base_url, POLICY)
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    narrower = unit_policy(TEST_POLICY.replace("      - {path: telecom, group: demographics}\n", ""))
+    reader = await proxy_for(clean_upstream.base_url, narrower)
+    resp = await reader.get(f"/fhir/R4/Patient/{created['id']}")
+    body = await resp.text()
+    assert resp.headers["X-Fhircrypt-Integrity"].startswith("failed")
+    assert mk.CIPHERTEXT_URL not in body and mk.ENVELOPE_URL not in body
+    assert not [n for n in NEEDLES if n in body]

@@ -221,3 +221,25 @@ def test_nested_sections_are_encrypted_at_every_depth(keyring, satusehat):
     report = ReadReport()
     decrypt_resource(stored, rp, keyring, None, "mask", report)
     assert stored == composition and not report.failures
+
+
+def test_reordering_policy_entries_keeps_records_readable(keyring):
+    from tests.conftest import TEST_POLICY
+
+    stored = encrypted(PATIENT, keyring)
+    lines = TEST_POLICY.splitlines()
+    first = lines.index(
+        "      - {path: identifier.where(system='https://fhir.kemkes.go.id/id/nik').value, group: identity, id: nik}"
+    )
+    lines[first], lines[first + 1] = lines[first + 1], lines[first]
+    reordered = unit_policy("\n".join(lines))
+    report = ReadReport()
+    decrypt_resource(stored, reordered.for_type("Patient"), keyring, None, "mask", report)
+    assert stored == PATIENT and not report.failures
+
+
+def test_unenveloped_allow_returns_the_resource_untouched(keyring):
+    legacy = copy.deepcopy(PATIENT)
+    report = ReadReport()
+    decrypt_resource(legacy, POLICY.for_type("Patient"), keyring, None, "allow", report)
+    assert legacy == PATIENT and not report.failures

@@ -13,8 +13,8 @@ An element ciphertext is ``v1.`` + base64url(nonce || ciphertext || tag) with a 
     "fhircrypt/v1" US resourceType US recordId US fieldId US elementPath
 
 so a ciphertext moved to another element, another resource or another policy field
-fails to decrypt. The record MAC covers the key id and the ordered (path, ciphertext)
-list, detecting elements that were removed, added or swapped as a whole.
+fails to decrypt. The record MAC covers the key id and the (path, ciphertext) list
+sorted by path, detecting elements that were removed, added or swapped as a whole.
 """
 
 from __future__ import annotations

@@ -366,6 +366,8 @@ class _Resolver:
             self.owner, self.prefix = type_name, ""
 
     def _check_criteria(self, types: tuple[str, ...], criteria: tuple[tuple[str, str], ...], name: str) -> None:
+        if defs.is_primitive(types[0]):
+            raise PathError(f"where() on '{name}', a primitive: it has no fields to compare")
         owner, prefix = (self.owner, self._child_prefix(name)) if types[0] in defs.BACKBONE_TYPES else (types[0], "")
         for key, _ in criteria:
             d = defs.element(owner, f"{prefix}.{key}" if prefix else key)
@@ -392,7 +394,9 @@ class _Resolver:
             choices = tuple((defs.choice_json_name(_base(d), t), defs.is_primitive(t)) for t in types)
             parent = d.path.rpartition(".")[0]
             dar = defs.element(self.owner, f"{parent}.dataAbsentReason" if parent else "dataAbsentReason")
-            kind = Kind.CHOICE_MASKED if dar is not None and d.min == 0 else Kind.CHOICE
+            # dataAbsentReason explains a missing value[x] only (obs-6); other choices keep their slot
+            masked_slot = dar is not None and d.min == 0 and _base(d) == "value"
+            kind = Kind.CHOICE_MASKED if masked_slot else Kind.CHOICE
             if kind is Kind.CHOICE:  # the typed slot stays, so its required children must too
                 for (cname, primitive), t in zip(choices, types, strict=True):
                     if not primitive:

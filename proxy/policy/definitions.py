@@ -89,11 +89,20 @@ def choice_json_name(base: str, type_name: str) -> str:
     return base + type_name[0].upper() + type_name[1:]
 
 
+# References inside data types that copy PHI into their display (Identifier.assigner names the
+# issuing organisation; Annotation.author[x] the person who wrote a clinical note).
+_NESTED_REFERENCES = {"Identifier": "assigner", "Annotation": "authorReference"}
+
+
 def reference_paths(resource_type: str) -> list[str]:
-    """Paths of the resource's own Reference elements (backbones included; choices by JSON name)."""
+    """Paths of the resource's Reference elements (backbones included; choices by JSON name),
+    plus the references inside its Identifier and Annotation elements."""
     paths = []
     for path, row in elements(resource_type).items():
-        if "Reference" not in row[0] or "m" in row[3] or len(row) > 4:
+        if "m" in row[3] or len(row) > 4:
             continue
-        paths.append(choice_json_name(path[:-3], "Reference") if path.endswith("[x]") else path)
+        if "Reference" in row[0]:
+            paths.append(choice_json_name(path[:-3], "Reference") if path.endswith("[x]") else path)
+        if len(row[0]) == 1 and row[0][0] in _NESTED_REFERENCES:
+            paths.append(f"{path}.{_NESTED_REFERENCES[row[0][0]]}")
     return sorted(paths)

@@ -28,6 +28,8 @@ _CONTROL_PARAMS = _FORMAT_PARAMS | {
     "_at",
     "_page",
     "_getpages",
+    "_getpagesoffset",
+    "_bundletype",
     "_lastUpdated",
     "_id",
     "_include",
@@ -138,6 +140,14 @@ def check_request(
     rtype = it.resource_type
     if "If-None-Exist" in headers:
         check_search(rtype, parse_query(headers["If-None-Exist"]), policy, "If-None-Exist")
+    if it.kind == "patch" and rtype in policy.resources:
+        raise FhirError(
+            501,
+            "not-supported",
+            f"PATCH on {rtype} is not supported yet: the patch could write "
+            "plaintext into encrypted elements; use update (PUT) instead",
+            [rtype],
+        )
     if it.kind == "search" or it.conditional:
         check_search(rtype, params, policy, "query")
         return
@@ -149,14 +159,6 @@ def check_request(
         name = _param_name(raw)[0]
         if name not in allowed and not (name in ("_summary", "_elements") and rtype not in policy.resources):
             raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
-    if it.kind == "patch" and rtype in policy.resources:
-        raise FhirError(
-            501,
-            "not-supported",
-            f"PATCH on {rtype} is not supported yet: the patch could write "
-            "plaintext into encrypted elements; use update (PUT) instead",
-            [rtype],
-        )
 
 
 def _check_operation(it: Interaction, params: list[tuple[str, str]], policy: CompiledPolicy) -> None:
@@ -205,8 +207,15 @@ def check_bundle(bundle: dict, policy: CompiledPolicy) -> None:
         url = request.get("url") if type(request) is dict else None
         if type(url) is not str:
             raise FhirError(400, "structure", f"Bundle.entry[{i}].request.url is missing", [f"Bundle.entry[{i}]"])
+        if "://" in url or url.startswith("/") or request.get("method") == "PATCH":
+            raise FhirError(
+                501,
+                "not-supported",
+                f"Bundle.entry[{i}].request: absolute URLs and PATCH entries are not supported yet in batches",
+                [f"Bundle.entry[{i}].request"],
+            )
         path, _, query = url.partition("?")
-        target = path.strip("/").split("/")[0]
+        target = path.split("/")[0]
         if target in policy.resources or query or "ifNoneExist" in request:
             what = target or "the system level"
             raise FhirError(

@@ -248,7 +248,8 @@ def encrypt_resource(resource: dict, rp: ResourcePolicy, keyring: Keyring) -> No
     sealer = _Sealer(RecordCipher.new(keyring, rp.type))
     for el in rp.elements:
         sealer.element(resource, el)
-    envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(sealer.cipher.mac(sealer.items))}
+    mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
+    envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
     exts = resource.get("extension")
     if exts is not None and type(exts) is not list:
         raise ShapeError("extension")
@@ -501,17 +502,17 @@ def decrypt_resource(
     """
     where = f"{rp.type}/{resource.get('id', '?')}"
     envelopes, tagged = _take_markers(resource)
+    if not envelopes and not tagged and unenveloped == "allow":
+        return
     slots: list[_Slot] = []
     for el in rp.elements:
         _find(resource, el, slots)
-    if not envelopes and not tagged and unenveloped == "allow":
-        return
     cipher = None
     try:
         if len(envelopes) != 1:
             raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
         cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
-        cipher.verify([(s.path, s.ct) for s in slots if s.ct is not None], mac)
+        cipher.verify(sorted((s.path, s.ct) for s in slots if s.ct is not None), mac)
     except IntegrityError as exc:
         if slots or envelopes or tagged:
             report.fail(where, str(exc))
@@ -538,3 +539,34 @@ def decrypt_resource(
     if masked:
         report.masked += masked
         _mark_masked(resource)
+
+
+_MARKER_URLS = frozenset({mk.CIPHERTEXT_URL, mk.ENVELOPE_URL})
+
+
+def scrub_markers(value: object) -> int:
+    """Remove every fhircrypt extension left anywhere in ``value``; returns how many.
+
+    Only needed when a stored resource holds ciphertext the policy no longer points at
+    (an element removed from the policy, or placed by someone else): it is not data
+    for the client. Walks the whole tree, so callers run it only when the serialised
+    response still contains a marker URL.
+    """
+    removed = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            exts = item.get("extension")
+            if type(exts) is list:
+                kept = [e for e in exts if not (type(e) is dict and e.get("url") in _MARKER_URLS)]
+                if len(kept) != len(exts):
+                    removed += len(exts) - len(kept)
+                    if kept:
+                        item["extension"] = kept
+                    else:
+                        del item["extension"]
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return removed

@@ -25,12 +25,14 @@ from proxy.settings import Settings
 from proxy.transform import guard
 from proxy.transform.bodies import decrypt_body, encrypt_for_write
 from proxy.transform.interactions import Interaction, classify
-from proxy.transform.markers import CANONICAL
-from proxy.transform.records import ReadReport
+from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
+from proxy.transform.records import ReadReport, scrub_markers
 from proxy.web import headers as hdr
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
+_CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
+_ENVELOPE_BYTES = ENVELOPE_URL.encode()
 _ALL_GROUPS = None  # development mode: --auth none
 
 
@@ -124,15 +126,16 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
     if it.kind == "patch":
         if ctype not in ("application/json-patch+json",):
             raise FhirError(415, "not-supported", "PATCH needs application/json-patch+json")
-        _refuse_reserved(body)
-        _refuse_covered_mentions(_parse_json(body, "the patch document", list), rt.policy)
+        patch = _parse_json(body, "the patch document", list)
+        _refuse_reserved(patch)
+        _refuse_covered_mentions(patch, rt.policy)
         return body
     if ctype not in hdr.JSON_TYPES:
         if "xml" in ctype:
             raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
         raise FhirError(415, "not-supported", "send application/fhir+json")
-    _refuse_reserved(body)
     resource = _parse_json(body, "the request body")
+    _refuse_reserved(resource)
     if it.kind == "batch":
         guard.check_bundle(resource, rt.policy)
         return body
@@ -147,8 +150,9 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
     return orjson.dumps(resource)
 
 
-def _refuse_reserved(body: bytes) -> None:
-    if _CANONICAL_BYTES in body:
+def _refuse_reserved(parsed: object) -> None:
+    """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL."""
+    if _CANONICAL_BYTES in orjson.dumps(parsed):
         raise FhirError(
             400,
             "invalid",
@@ -219,8 +223,13 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = ReadReport()
     decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
+    out = orjson.dumps(payload)
+    if _CIPHERTEXT_BYTES in out or _ENVELOPE_BYTES in out:
+        report.fail(it.label(), f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
+        out = orjson.dumps(payload)
+    out = out.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
     if report.failures:
-        out_headers["X-Fhircrypt-Integrity"] = f"failed; elements={len(report.failures)}"
+        out_headers["X-Fhircrypt-Integrity"] = f"failed; issues={len(report.failures)}"
         log.warning(
             "integrity",
             extra={
@@ -233,7 +242,6 @@ async def _forward(
         )
     if report.masked:
         out_headers["X-Fhircrypt-Masked"] = str(report.masked)
-    out = orjson.dumps(payload).replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
     return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
