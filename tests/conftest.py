@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiohttp.test_utils import TestServer
 
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file, compile_text
@@ -87,7 +88,9 @@ async def proxy_for(aiohttp_client, keyring):
 
     async def factory(upstream_base: str, policy: CompiledPolicy, ring: Keyring | None = None, **overrides):
         app = create_app(make_settings(upstream_base, **overrides), policy, ring or keyring)
-        return await aiohttp_client(app)
+        server = TestServer(app)
+        await server.start_server(access_log=None)  # as `fhircrypt serve` runs it: URLs carry search values
+        return await aiohttp_client(server)
 
     return factory
 

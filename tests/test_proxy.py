@@ -493,3 +493,24 @@ async def test_ciphertext_outside_the_policy_is_never_returned(proxy_for, clean_
     assert resp.headers["X-Fhircrypt-Integrity"].startswith("failed")
     assert mk.CIPHERTEXT_URL not in body and mk.ENVELOPE_URL not in body
     assert not [n for n in NEEDLES if n in body]
+
+
+async def test_logs_carry_no_phi_even_on_refusals_and_integrity_failures(client, clean_upstream, caplog):
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    await client.get(f"/fhir/R4/Patient/{created['id']}")
+    await client.get("/fhir/R4/Patient?name=Wibisono&identifier=x|3201019988770001")
+    await client.post("/fhir/R4/Patient", data=b'{"resourceType":"Patient","birthDate":"Wibisono"}', headers=FHIR_JSON)
+    stored = next(r for r in clean_upstream.dump() if r["id"] == created["id"])
+    stored["birthDate"] = "1971-02-03"
+    await _put_direct(clean_upstream, stored)
+    await client.get(f"/fhir/R4/Patient/{created['id']}")
+    from proxy.logs import JsonFormatter
+
+    lines = [JsonFormatter().format(r) for r in caplog.records]
+    assert any('"event":"integrity-failure"' in line for line in lines)
+    assert any('"event":"refused"' in line for line in lines)
+    leaked = [n for n in NEEDLES if any(n in line for line in lines)]
+    assert not leaked, [line for line in lines if any(n in line for n in NEEDLES)]
