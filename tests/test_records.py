@@ -243,3 +243,28 @@ def test_unenveloped_allow_returns_the_resource_untouched(keyring):
     report = ReadReport()
     decrypt_resource(legacy, POLICY.for_type("Patient"), keyring, None, "allow", report)
     assert legacy == PATIENT and not report.failures
+
+
+def test_generated_displays_below_a_whole_element_still_cover_the_other_items(keyring):
+    from proxy.policy.compiler import compile_text
+
+    policy = compile_text(
+        "fhircrypt-policy: 1\nname: t\ngroups: {g: {}}\nreference_display: {group: g}\nresources:\n  Patient:\n"
+        "    elements:\n      - {path: \"identifier.where(system='urn:nik')\", group: g}\n",
+        "t.yaml",
+    )
+    patient = {
+        "resourceType": "Patient",
+        "identifier": [
+            {"system": "urn:nik", "value": "3201", "assigner": {"display": "Dukcapil Kota Bogor"}},
+            {"system": "urn:mrn", "value": "RM-1", "assigner": {"display": "RS Harapan Kita Bogor"}},
+        ],
+    }
+    rp = policy.for_type("Patient")
+    stored = copy.deepcopy(patient)
+    encrypt_resource(stored, rp, keyring)
+    text = orjson.dumps(stored).decode()
+    assert "Dukcapil" not in text and "Harapan" not in text and "RM-1" in text
+    report = ReadReport()
+    decrypt_resource(stored, rp, keyring, None, "mask", report)
+    assert stored == patient and not report.failures

@@ -184,7 +184,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             if el.kind is Kind.CHOICE:
                 warnings.append(
                     f"{rp.type}.{el.source}: the choice type stays visible at rest "
-                    "(no dataAbsentReason sibling to hold the mask)"
+                    "(only value[x] can be masked with dataAbsentReason)"
                 )
     return CompiledPolicy(
         name=str(doc["name"]),
@@ -471,6 +471,13 @@ def _overlaps(a: CompiledElement, b: CompiledElement) -> bool:
     return True
 
 
+def _inside(inner: CompiledElement, outer: CompiledElement) -> bool:
+    """``inner`` lies strictly below an element encrypted whole, e.g. identifier.assigner.display
+    below identifier.where(system=...). Sealing runs in policy order, so the outer element is
+    encrypted first and the inner one only ever meets the items the outer one did not take."""
+    return outer.kind is Kind.COMPLEX and len(outer.nav) < len(inner.nav)
+
+
 def _check_unique_and_disjoint(ctx: _Ctx, node: Node, rtype: str, elements: list[CompiledElement]) -> None:
     seen: dict[str, CompiledElement] = {}
     for el in elements:
@@ -501,7 +508,7 @@ def _add_reference_display(
         generated = []
         for path in defs.reference_paths(rtype):
             el = compile_path(rtype, f"{path}.display", f"display:{path}", frozenset({group}), display_copy=True)
-            if not any(_overlaps(el, other) for other in explicit):
+            if not any(_overlaps(el, other) and not _inside(el, other) for other in explicit):
                 generated.append(el)
         if generated:
             mode = existing.narrative_mode if existing else narrative_default
