@@ -417,6 +417,10 @@ async def test_validation_can_be_switched_off_but_encryption_cannot(proxy_for, c
     assert_no_plaintext(clean_upstream.dump(), ["3 Feb 1971"])
 
 
+def _batch(*entries: dict) -> bytes:
+    return orjson.dumps({"resourceType": "Bundle", "type": "batch", "entry": list(entries)})
+
+
 CONDITIONAL_AND_BATCH_LEAKS = [
     (
         "PATCH",
@@ -428,20 +432,10 @@ CONDITIONAL_AND_BATCH_LEAKS = [
     (
         "POST",
         "/fhir/R4",
-        orjson.dumps(
+        _batch(
             {
-                "resourceType": "Bundle",
-                "type": "batch",
-                "entry": [
-                    {
-                        "resource": {
-                            "resourceType": "Binary",
-                            "contentType": "application/json-patch+json",
-                            "data": "W10=",
-                        },
-                        "request": {"method": "PATCH", "url": "http://elsewhere/fhir/R4/Patient/abc"},
-                    }
-                ],
+                "resource": {"resourceType": "Binary", "contentType": "application/json-patch+json", "data": "W10="},
+                "request": {"method": "PATCH", "url": "http://elsewhere/fhir/R4/Patient/abc"},
             }
         ),
         FHIR_JSON,
@@ -450,13 +444,7 @@ CONDITIONAL_AND_BATCH_LEAKS = [
     (
         "POST",
         "/fhir/R4",
-        orjson.dumps(
-            {
-                "resourceType": "Bundle",
-                "type": "batch",
-                "entry": [{"request": {"method": "DELETE", "url": "/Patient?name=Wibisono"}}],
-            }
-        ),
+        _batch({"request": {"method": "DELETE", "url": "/Patient?name=Wibisono"}}),
         FHIR_JSON,
         501,
     ),
