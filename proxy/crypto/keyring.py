@@ -27,6 +27,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.kek import KeyProvider, KeyringError
 
@@ -47,6 +48,7 @@ class Keyring:
         self._index_root = index_root
         self._integrity = integrity
         self._created = created
+        self._indexer: BlindIndexer | None = None
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary_id}, keys={sorted(self._keys)})"
@@ -62,8 +64,11 @@ class Keyring:
         return self._keys.get(kid)
 
     @property
-    def index_root(self) -> bytes:
-        return self._index_root
+    def indexer(self) -> BlindIndexer:
+        """Blind-index tokens under this keyring's index root (derived keys cached)."""
+        if self._indexer is None:
+            self._indexer = BlindIndexer(self._index_root)
+        return self._indexer
 
     @classmethod
     def generate(cls) -> Keyring:

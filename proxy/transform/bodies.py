@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
+from proxy.transform.indexes import index_identifiers
 from proxy.transform.records import Grants, ReadReport, ShapeError, decrypt_resource, encrypt_resource
 from proxy.transform.validation import validate_resource
 
@@ -87,6 +88,7 @@ def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, 
     if rp is None:
         return
     try:
+        index_ids = index_identifiers(resource, rp, keyring.indexer)
         encrypt_resource(resource, rp, keyring)
     except ShapeError as exc:
         raise FhirError(
@@ -95,3 +97,8 @@ def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, 
             f"{rtype}.{exc.path}: unexpected JSON type for an encrypted element",
             [f"{rtype}.{exc.path}"],
         ) from None
+    if index_ids:
+        existing = resource.get("identifier") or []
+        if type(existing) is not list:
+            raise FhirError(400, "structure", f"{rtype}.identifier must be a list", [f"{rtype}.identifier"])
+        resource["identifier"] = [*existing, *index_ids]

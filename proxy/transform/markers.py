@@ -35,3 +35,6 @@ def masked_form() -> dict:
 
 def neutral_narrative() -> dict:
     return {"status": "generated", "div": NEUTRAL_DIV}
+
+
+BLIND_INDEX_BASE = CANONICAL + "/blind-index/"  # + <resource type>/<field id>/<search parameter>

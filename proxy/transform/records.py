@@ -478,6 +478,23 @@ def _take_markers(resource: dict) -> tuple[list[str], bool]:
     return envelopes, tagged
 
 
+def strip_index_identifiers(resource: dict) -> None:
+    """Remove index identifiers (any fhircrypt blind-index system) from a resource read back."""
+    ids = resource.get("identifier")
+    if type(ids) is not list:
+        return
+    kept = [
+        i
+        for i in ids
+        if not (type(i) is dict and type(i.get("system")) is str and i["system"].startswith(mk.BLIND_INDEX_BASE))
+    ]
+    if len(kept) != len(ids):
+        if kept:
+            resource["identifier"] = kept
+        else:
+            del resource["identifier"]
+
+
 def _mark_masked(resource: dict) -> None:
     meta = resource.get("meta")
     if type(meta) is not dict:
@@ -502,6 +519,7 @@ def decrypt_resource(
     """
     where = f"{rp.type}/{resource.get('id', '?')}"
     envelopes, tagged = _take_markers(resource)
+    strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return
     slots: list[_Slot] = []

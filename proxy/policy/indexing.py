@@ -1,0 +1,150 @@
+"""Compile an element's ``search:`` settings into blind-index specifications.
+
+An element lists the standard search parameters that must keep working on it::
+
+    - path: identifier.where(system='https://fhir.kemkes.go.id/id/nik').value
+      id: nik
+      search: {params: [identifier], normalize: digits}
+    - path: name
+      id: name
+      search: {params: [name, family, given], prefix: 3}
+    - path: birthDate
+      id: birthdate
+      search: {params: [birthdate], year: true}
+
+Each parameter is resolved against the R4 search parameter table: the parameter's
+expression must read the element, the element itself, something inside it, or (for an
+identifier's or contact point's ``value`` selected by ``system``) the token around it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from proxy.policy import definitions as defs
+from proxy.policy.searchparams import element_paths, search_param
+
+if TYPE_CHECKING:
+    from proxy.policy.compiler import CompiledElement
+
+INDEXABLE_TYPES = ("string", "token", "date")
+NORMALIZE = ("exact", "digits")
+DEFAULT_PREFIX = 3
+
+
+class IndexError_(ValueError):
+    """A ``search`` setting that cannot be honoured; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    param: str  # search parameter code
+    param_type: str  # string | token | date
+    label: str  # <type>/<field id>/<param>: names the HMAC key and the index identifier system
+    value_type: str  # FHIR type of the values that are indexed (HumanName, Identifier, date, ...)
+    sub_path: tuple[str, ...] = ()  # from the element's value down to the indexed values
+    criteria: tuple[tuple[str, str], ...] = ()  # the parameter's own filter (telecom.where(system='phone'))
+    token_system: str | None = None  # the element is the value of a token whose system the policy fixed
+    prefix_min: int | None = None  # string: prefixes of at least this length are tokens
+    year: bool = False  # date: also a year token
+    normalize: str = "exact"  # token codes: exact or digits
+
+
+def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
+    """The FHIR type at a path of element names (choices by base name need a single type)."""
+    owner, prefix = rtype, ""
+    type_name: str | None = None
+    for key in keys:
+        d = defs.element(owner, f"{prefix}.{key}" if prefix else key)
+        if d is None:
+            return None
+        if d.content_ref:
+            owner_prefix = d.content_ref
+            type_name, prefix = "BackboneElement", owner_prefix
+            continue
+        if len(d.types) != 1:
+            return None
+        type_name = d.types[0]
+        if type_name in defs.BACKBONE_TYPES:
+            prefix = d.path
+        else:
+            owner, prefix = type_name, ""
+    return type_name
+
+
+def compile_indexes(rtype: str, el: CompiledElement, settings: dict) -> tuple[IndexSpec, ...]:
+    params = settings.get("params")
+    if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
+        raise IndexError_("search.params must list search parameter codes")
+    normalize = settings.get("normalize", "exact")
+    if normalize not in NORMALIZE:
+        raise IndexError_(f"search.normalize must be one of {', '.join(NORMALIZE)}")
+    prefix = settings.get("prefix", DEFAULT_PREFIX)
+    if not isinstance(prefix, int) or prefix < 1:
+        raise IndexError_("search.prefix must be a positive number of characters")
+    year = bool(settings.get("year", False))
+    if defs.element(rtype, "identifier") is None or search_param(rtype, "identifier") is None:
+        raise IndexError_(f"{rtype} has no identifier element to carry blind indexes")
+    if el.kind.value.startswith("choice") or el.kind.value == "narrative":
+        raise IndexError_("choice elements and narratives cannot carry a blind index")
+    keys = (*(h.key for h in el.nav), el.terminal.key)
+    return tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
+
+
+def _relative_criteria(
+    criteria: tuple[tuple[str, str], ...], base: tuple[str, ...], code: str
+) -> tuple[tuple[str, str], ...]:
+    dotted = ".".join(base) + "."
+    out = []
+    for key, literal in criteria:
+        rest = key[len(dotted) :] if key.startswith(dotted) else ""
+        if not rest or "." in rest or "(" in rest:
+            raise IndexError_(f"search parameter '{code}' filters on '{key}', which a blind index cannot follow")
+        out.append((rest, literal))
+    return tuple(out)
+
+
+def _spec(
+    rtype: str, el: CompiledElement, keys: tuple[str, ...], code: str, normalize: str, prefix: int, year: bool
+) -> IndexSpec:
+    sp = search_param(rtype, code)
+    if sp is None:
+        raise IndexError_(f"'{code}' is not an R4 search parameter of {rtype}")
+    if sp.type not in INDEXABLE_TYPES:
+        raise IndexError_(f"'{code}' is a {sp.type} parameter; blind indexes serve string, token and date")
+    paths = element_paths(sp)
+    if paths is None:
+        raise IndexError_(f"the expression of '{code}' cannot be analysed")
+    common = dict(
+        param=code,
+        param_type=sp.type,
+        label=f"{rtype}/{el.field_id}/{code}",
+        prefix_min=prefix if sp.type == "string" else None,
+        year=year,
+        normalize=normalize,
+    )
+    for p in paths:
+        if p.choice_type is not None:
+            continue
+        if p.path[: len(keys)] == keys:  # the parameter reads the element or something inside it
+            base = p.path
+            value_type = type_at(rtype, p.path)
+            if value_type is None:
+                continue
+            return IndexSpec(
+                value_type=value_type,
+                sub_path=p.path[len(keys) :],
+                criteria=_relative_criteria(p.criteria, base, code),
+                **common,
+            )
+        if keys[: len(p.path)] == p.path and len(keys) == len(p.path) + 1 and keys[-1] == "value":
+            outer = type_at(rtype, p.path)
+            system = dict(el.nav[-1].criteria).get("system") if el.nav else None
+            if outer in ("Identifier", "ContactPoint") and system is not None and sp.type == "token":
+                return IndexSpec(value_type="string", token_system=system, **common)
+    where = ".".join(keys)
+    raise IndexError_(
+        f"search parameter '{code}' does not read {rtype}.{where} (or reads it in a way a blind "
+        "index cannot follow: index the whole element, or select identifiers by system)"
+    )

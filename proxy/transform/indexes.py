@@ -1,0 +1,105 @@
+"""Blind-index tokens of a resource (on write) and of a search value (on search).
+
+Both sides go through :func:`value_tokens`, so a search finds exactly the resources
+whose stored tokens equal the query's. Tokens are stored as extra identifiers
+``{"system": <index system>, "value": <hex HMAC>}`` that the upstream's standard
+``identifier`` token search can match; readers never see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from proxy.crypto.blindindex import BlindIndexer
+from proxy.policy.compiler import CompiledElement, IndexSpec, Kind, ResourcePolicy
+from proxy.transform import markers as mk
+from proxy.transform.normalize import NORMALISERS, date_tokens, string_tokens
+from proxy.transform.records import _matches, _parents
+
+_STRING_PARTS = {
+    "HumanName": ("text", "family", "given", "prefix", "suffix"),
+    "Address": ("text", "line", "city", "district", "state", "postalCode", "country"),
+}
+
+
+def _as_list(value: object) -> list:
+    return value if type(value) is list else [] if value is None else [value]
+
+
+def _descend(values: list, sub_path: tuple[str, ...], criteria: tuple[tuple[str, str], ...]) -> list:
+    """Values below ``sub_path``; ``criteria`` filter the items of the first step."""
+    for i, key in enumerate(sub_path):
+        nxt = []
+        for v in values:
+            if type(v) is dict:
+                nxt.extend(
+                    x
+                    for x in _as_list(v.get(key))
+                    if not (i == 0 and criteria and not (type(x) is dict and _matches(x, criteria)))
+                )
+        values = nxt
+    if not sub_path and criteria:
+        values = [v for v in values if type(v) is dict and _matches(v, criteria)]
+    return values
+
+
+def value_tokens(spec: IndexSpec, value: object) -> list[str]:
+    """Normalised token texts for one plaintext value of the indexed type."""
+    t = spec.value_type
+    if spec.param_type == "string":
+        parts: list[object] = [value]
+        if type(value) is dict:
+            parts = [p for key in _STRING_PARTS.get(t, ()) for p in _as_list(value.get(key))]
+        return [tok for p in parts if type(p) is str for tok in string_tokens(p, spec.prefix_min)]
+    if spec.param_type == "date":
+        return date_tokens(value, spec.year) if type(value) is str else []
+    norm = NORMALISERS[spec.normalize]
+    if spec.token_system is not None:  # the element is an identifier's or contact point's value
+        return [f"{spec.token_system}|{norm(value)}"] if type(value) is str else []
+    if type(value) is str:
+        return [f"*|{norm(value)}"]
+    if type(value) is not dict:
+        return []
+    if t in ("Identifier", "ContactPoint"):
+        code, system = value.get("value"), value.get("system")
+        return [f"{system}|{norm(code)}", f"*|{norm(code)}"] if type(code) is str else []
+    codings = _as_list(value.get("coding")) if t == "CodeableConcept" else [value]
+    out = []
+    for coding in codings:
+        if type(coding) is dict and type(coding.get("code")) is str:
+            system, code = coding.get("system"), norm(coding["code"])
+            out += [f"{system}|{code}", f"*|{code}", f"{system}|*"]
+    return out
+
+
+def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
+    key = el.terminal.key
+    for parent, _ in _parents(resource, el.nav, strict=True):
+        if el.kind in (Kind.CHOICE, Kind.CHOICE_MASKED):
+            names = [n for n, _ in el.choices if n in parent]
+            values = [parent[n] for n in names]
+        else:
+            values = _as_list(parent.get(key))
+        for value in values:
+            if (
+                el.kind is Kind.COMPLEX
+                and el.terminal.criteria
+                and not (type(value) is dict and _matches(value, el.terminal.criteria))
+            ):
+                continue
+            if value is not None:
+                yield value
+
+
+def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
+    """The index identifiers for a plaintext resource (computed before it is encrypted)."""
+    out: list[dict] = []
+    for el in rp.elements:
+        if not el.indexes:
+            continue
+        values = list(_element_values(resource, el))
+        for spec in el.indexes:
+            texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+            system = mk.BLIND_INDEX_BASE + spec.label
+            out.extend({"system": system, "value": indexer.token(spec.label, text)} for text in sorted(texts))
+    return out
