@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.policy import definitions as defs
-from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes
+from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
 
@@ -184,6 +184,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
 
     for rp in resources.values():
         for el in rp.content_elements:
+            warnings.extend(f"{rp.type}.{el.source}: {w}" for w in index_warnings(el))
             if el.kind is Kind.CHOICE:
                 warnings.append(
                     f"{rp.type}.{el.source}: the choice type stays visible at rest "

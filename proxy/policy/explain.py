@@ -30,6 +30,8 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
         lines.append(f"{rtype}  (narrative: {rp.narrative_mode})")
         for el in explicit:
             lines.append(f"  {el.source:<70} {','.join(sorted(el.groups)):<14} {_FORMS[el.kind]}")
+            if el.indexes:
+                lines.append(f"  {'':<70} {'':<14} blind index for: {', '.join(i.param for i in el.indexes)}")
         if displays:
             names = ", ".join(e.field_id.removeprefix("display:") for e in displays) if show_display else len(displays)
             lines.append(f"  + Reference.display of: {names}")

@@ -148,3 +148,27 @@ def _spec(
         f"search parameter '{code}' does not read {rtype}.{where} (or reads it in a way a blind "
         "index cannot follow: index the whole element, or select identifiers by system)"
     )
+
+
+def index_warnings(el: CompiledElement) -> list[str]:
+    """Frequency leakage of blind indexes that a policy author should weigh."""
+    out = []
+    for spec in el.indexes:
+        if spec.year:
+            out.append(
+                f"blind index '{spec.param}' with year: true - equal tokens show which resources share a "
+                "year (a few dozen distinct values)"
+            )
+        if spec.param_type == "token" and spec.value_type in ("CodeableConcept", "Coding", "code"):
+            out.append(
+                f"blind index '{spec.param}' on codes - codes repeat across resources, so token frequencies "
+                "reveal how common each (unknown) code is"
+            )
+        if spec.param_type == "string" and spec.prefix_min is not None and spec.prefix_min < 3:
+            out.append(
+                f"blind index '{spec.param}' with prefix {spec.prefix_min} - short prefixes are shared by "
+                "many values and reveal their distribution"
+            )
+        if spec.param_type == "date" and not spec.year:
+            out.append(f"blind index '{spec.param}' on a date - equal days are visible as equal tokens")
+    return out

@@ -9,10 +9,15 @@ elements; everything else is refused with an OperationOutcome naming the paramet
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlencode
 
+from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
+from proxy.policy.searchparams import search_param
+from proxy.transform import search
 from proxy.transform.bodies import nested_resources
 from proxy.transform.interactions import Interaction
 
@@ -80,13 +85,18 @@ def _param_name(raw: str) -> tuple[str, str | None]:
     return name, modifier or None
 
 
-def check_search(rtype: str | None, params: list[tuple[str, str]], policy: CompiledPolicy, where: str) -> None:
-    """Refuse search parameters that could carry or match plaintext of encrypted elements."""
+def check_search(
+    rtype: str | None, params: list[tuple[str, str]], policy: CompiledPolicy, indexer: BlindIndexer, where: str
+) -> list[tuple[str, str]]:
+    """The parameters to forward: blind-index rewrites for encrypted elements, refusals for
+    anything that could carry or match plaintext of encrypted elements, the rest as is."""
     rp = policy.resources.get(rtype) if rtype else None
     sensitive = rtype is None or (rp is not None and rp.search_sensitive)
+    out: list[tuple[str, str]] = []
     for raw, value in params:
+        out.append((raw, value))
         name, modifier = _param_name(raw)
-        if name in _FORMAT_PARAMS:
+        if name in _FORMAT_PARAMS or (rp is not None and search.is_rewritten(raw, value)):
             continue
         if name == "_summary" and value in _SUMMARY_SAFE:
             continue
@@ -120,6 +130,12 @@ def check_search(rtype: str | None, params: list[tuple[str, str]], policy: Compi
                 "(chains, reverse chains, text and identifier searches are not supported yet)",
                 [raw],
             )
+        sp = search_param(rtype, name) if rtype else None
+        if rp is not None and sp is not None:
+            rewritten = search.rewrite(rp, sp, raw, modifier, value, indexer, where)
+            if rewritten is not None:
+                out[-1] = rewritten
+            continue
         if sensitive:
             target = rtype or "the system level"
             raise FhirError(
@@ -130,16 +146,36 @@ def check_search(rtype: str | None, params: list[tuple[str, str]], policy: Compi
                 "the server",
                 [raw],
             )
+    return out
+
+
+@dataclass(frozen=True)
+class Forwarding:
+    """What may go upstream: the query (None = unchanged) and a rewritten If-None-Exist."""
+
+    query: list[tuple[str, str]] | None = None
+    if_none_exist: str | None = None
+
+
+def encode_query(params: list[tuple[str, str]]) -> str:
+    return urlencode(params, safe="|,:$", quote_via=quote)
 
 
 def check_request(
-    it: Interaction, params: list[tuple[str, str]], headers: dict[str, str], policy: CompiledPolicy
-) -> None:
-    """Raise FhirError for anything that could send plaintext of a covered element upstream."""
+    it: Interaction,
+    params: list[tuple[str, str]],
+    headers: Mapping[str, str],
+    policy: CompiledPolicy,
+    indexer: BlindIndexer,
+) -> Forwarding:
+    """Raise FhirError for anything that could send plaintext of a covered element upstream;
+    otherwise say what to forward (search values on encrypted elements become blind indexes)."""
     check_format(params, it.is_write)
     rtype = it.resource_type
+    if_none_exist = None
     if "If-None-Exist" in headers:
-        check_search(rtype, parse_query(headers["If-None-Exist"]), policy, "If-None-Exist")
+        criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), policy, indexer, "If-None-Exist")
+        if_none_exist = encode_query(criteria)
     if it.kind == "patch" and rtype in policy.resources:
         raise FhirError(
             501,
@@ -149,16 +185,16 @@ def check_request(
             [rtype],
         )
     if it.kind == "search" or it.conditional:
-        check_search(rtype, params, policy, "query")
-        return
+        return Forwarding(check_search(rtype, params, policy, indexer, "query"), if_none_exist)
     if it.kind == "operation":
         _check_operation(it, params, policy)
-        return
+        return Forwarding(None, if_none_exist)
     allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
     for raw, _ in params:
         name = _param_name(raw)[0]
         if name not in allowed and not (name in ("_summary", "_elements") and rtype not in policy.resources):
             raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
+    return Forwarding(None, if_none_exist)
 
 
 def _check_operation(it: Interaction, params: list[tuple[str, str]], policy: CompiledPolicy) -> None:

@@ -119,8 +119,8 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
             form = body.decode("utf-8")
         except UnicodeDecodeError:
             raise FhirError(400, "invalid", "the form body is not UTF-8") from None
-        guard.check_search(it.resource_type, guard.parse_query(form), rt.policy, "body")
-        return body
+        params = guard.check_search(it.resource_type, guard.parse_query(form), rt.policy, rt.keyring.indexer, "body")
+        return guard.encode_query(params).encode()
     if it.kind == "operation":
         guard.check_operation_body(it)
     if it.kind == "patch":
@@ -182,11 +182,20 @@ def _rewrite_urls(rt: Runtime):
 
 
 async def _forward(
-    rt: Runtime, request: web.Request, it: Interaction, segments: list[str], body: bytes | None, request_id: str
+    rt: Runtime,
+    request: web.Request,
+    it: Interaction,
+    segments: list[str],
+    body: bytes | None,
+    request_id: str,
+    forwarding: guard.Forwarding,
 ) -> web.Response:
     assert rt.session is not None
     url = rt.upstream_base + "/" + "/".join(segments)
-    if request.query_string:
+    if forwarding.query is not None:
+        if forwarding.query:
+            url += "?" + guard.encode_query(forwarding.query)
+    elif request.query_string:
         url += "?" + request.raw_path.split("?", 1)[1]
     headers = hdr.upstream_request_headers(
         request.headers, request_id, request.remote, request.scheme, request.host, body is not None
@@ -195,6 +204,8 @@ async def _forward(
         headers["Content-Type"] = "application/x-www-form-urlencoded"
     if it.kind == "patch":
         headers["Content-Type"] = "application/json-patch+json"
+    if forwarding.if_none_exist is not None:
+        headers["If-None-Exist"] = forwarding.if_none_exist
     try:
         async with rt.session.request(
             request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False
@@ -255,7 +266,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
-        guard.check_request(it, params, request.headers, rt.policy)
+        forwarding = guard.check_request(it, params, request.headers, rt.policy, rt.keyring.indexer)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
             raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
         body = None
@@ -263,7 +274,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             body = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
-        response = await _forward(rt, request, it, segments, body, request_id)
+        response = await _forward(rt, request, it, segments, body, request_id, forwarding)
         status = response.status
         return response
     except FhirError as err:

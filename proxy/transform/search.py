@@ -1,0 +1,141 @@
+"""Rewrite one search parameter on encrypted elements into a blind-index search.
+
+``Patient?identifier=https://fhir.kemkes.go.id/id/nik|3201...`` becomes
+``Patient?identifier=<index system>|<token>``: the upstream's own ``identifier`` token
+search finds the index identifiers the proxy stored on write, and never sees the NIK.
+Every value of a parameter (comma = OR) becomes tokens in one ``identifier`` parameter;
+repeated parameters stay separate (AND). What a blind index cannot answer exactly -
+modifiers, date ranges, prefixes shorter than indexed - is refused, never forwarded
+and never answered with a silently different result.
+"""
+
+from __future__ import annotations
+
+import re
+
+from proxy.crypto.blindindex import BlindIndexer
+from proxy.outcome import FhirError
+from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
+from proxy.policy.searchparams import ParamPath, SearchParam, element_paths
+from proxy.transform import markers as mk
+from proxy.transform.normalize import NORMALISERS, fold
+
+_DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
+_COMMA = re.compile(r"(?<!\\),")
+
+
+def _refuse(where: str, raw: str, why: str) -> FhirError:
+    return FhirError(400, "not-supported", f"{where}: search parameter '{raw}' {why}", [raw])
+
+
+def _key_matches(param_key: str, el_key: str, el: CompiledElement, last: bool) -> bool:
+    if param_key == el_key:
+        return True
+    # the element is a choice (value[x]) and the parameter names one of its types
+    return last and bool(el.choices) and param_key in {n for n, _ in el.choices}
+
+
+def touches(path: ParamPath, el: CompiledElement) -> bool:
+    """Whether the parameter reads the element or something inside or around it."""
+    hops = (*el.nav, el.terminal)
+    param_keys = path.json_path if path.choice_type else path.path
+    for i, (pk, hop) in enumerate(zip(param_keys, hops, strict=False)):
+        if not _key_matches(pk, hop.key, el, i == len(hops) - 1) and not (
+            path.choice_type and i == path.choice_step and pk == hop.key
+        ):
+            return False
+        prefix = ".".join(path.path[: i + 1]) + "."
+        wanted = {k[len(prefix) :]: v for k, v in path.criteria if k.startswith(prefix) and "." not in k[len(prefix) :]}
+        if any(wanted.get(k, v) != v for k, v in hop.criteria):
+            return False
+    return True
+
+
+def touched_elements(rp: ResourcePolicy, sp: SearchParam) -> list[CompiledElement] | None:
+    """Encrypted elements the parameter reads; None when its expression is unknown."""
+    paths = element_paths(sp)
+    if paths is None:
+        return None
+    # Reference.display copies are read by no search parameter (only by :text and _text, refused)
+    elements = [e for e in rp.content_elements if not e.display_copy]
+    return [e for e in elements if any(touches(p, e) for p in paths)]
+
+
+def _token_texts(spec: IndexSpec, value: str, where: str, raw: str) -> list[str] | None:
+    """Index texts for one search value; None when this spec cannot match the value at all."""
+    if spec.param_type == "string":
+        folded = fold(value)
+        if not folded or (spec.prefix_min and len(folded) < spec.prefix_min):
+            raise _refuse(
+                where,
+                raw,
+                f"needs at least {spec.prefix_min} characters on an encrypted element "
+                "(shorter prefixes are not indexed)",
+            )
+        return [folded]
+    if spec.param_type == "date":
+        m = _DATE.match(value)
+        if not m:
+            raise _refuse(
+                where,
+                raw,
+                "supports only an exact day (YYYY-MM-DD) or year on an encrypted date; "
+                "ranges and other prefixes are not indexed",
+            )
+        if m.group(3):
+            return [f"day:{m.group(2)}{m.group(3)}"]
+        if not spec.year:
+            raise _refuse(where, raw, "supports only an exact day on this encrypted date (no year index)")
+        return [f"year:{m.group(2)}"]
+    norm = NORMALISERS[spec.normalize]
+    system, bar, code = value.rpartition("|") if "|" in value else ("", "", value)
+    if bar and not system:
+        raise _refuse(where, raw, "cannot search '|code' (no system) on an encrypted element")
+    if spec.token_system is not None:
+        if bar and system != spec.token_system:
+            return None  # another system: this encrypted identifier cannot match
+        return [f"{spec.token_system}|{norm(code)}"]
+    if not code:
+        return [f"{system}|*"]
+    return [f"{system}|{norm(code)}" if bar else f"*|{norm(code)}"]
+
+
+def rewrite(
+    rp: ResourcePolicy, sp: SearchParam, raw: str, modifier: str | None, value: str, indexer: BlindIndexer, where: str
+) -> tuple[str, str] | None:
+    """The blind-index parameter replacing ``raw=value``, or None to forward it unchanged."""
+    touched = touched_elements(rp, sp)
+    if touched is None:
+        raise _refuse(where, raw, f"cannot be checked against the encrypted elements of {rp.type}")
+    if not touched:
+        return None
+    specs: list[IndexSpec] = []
+    for el in touched:
+        spec = next((s for s in el.indexes if s.param == sp.code), None)
+        if spec is None:
+            raise _refuse(
+                where,
+                raw,
+                f"reads {rp.type}.{el.source}, which is encrypted without a blind index "
+                "for it; forwarding it would send plaintext to the server",
+            )
+        specs.append(spec)
+    if modifier is not None:
+        raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
+    out: list[str] = []
+    for item in _COMMA.split(value):
+        texts = [(spec, _token_texts(spec, item.replace("\\,", ","), where, raw)) for spec in specs]
+        matching = [(spec, t) for spec, t in texts if t is not None]
+        if not matching:  # e.g. identifier=<system that is not encrypted>|value
+            if sp.code != "identifier":
+                raise _refuse(where, raw, "mixes encrypted and clear values, which cannot be searched together")
+            out.append(item)
+            continue
+        for spec, tokens in matching:
+            out.extend(f"{mk.BLIND_INDEX_BASE}{spec.label}|{indexer.token(spec.label, t)}" for t in tokens)
+    return "identifier", ",".join(out)
+
+
+def is_rewritten(name: str, value: str) -> bool:
+    """A parameter this proxy produced (paging links carry them back)."""
+    return name == "identifier" and all(v.startswith(mk.BLIND_INDEX_BASE) for v in _COMMA.split(value))

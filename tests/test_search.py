@@ -1,0 +1,276 @@
+"""Search on encrypted elements through blind indexes, compared with the same server holding plaintext.
+
+The same patients are stored twice: once in plaintext straight at the upstream, once
+through the proxy. Every supported query must return the same resources both ways, and
+in the encrypted run the upstream must never receive a searched value.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
+
+import orjson
+import pytest
+
+from tests.conftest import FHIR_JSON, PUBLIC_BASE
+
+NIK = "https://fhir.kemkes.go.id/id/nik"
+BPJS = "https://fhir.example-hospital.id/id/bpjs"
+IHS = "https://fhir.kemkes.go.id/id/ihs-number"
+
+
+def _patient(pid, nik, bpjs, family, given, birth, phone, email, gender="female"):
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "gender": gender,
+        "birthDate": birth,
+        "identifier": [
+            {"system": NIK, "value": nik},
+            {"system": BPJS, "value": bpjs},
+            {"system": IHS, "value": f"P{nik[-8:]}"},
+        ],
+        "name": [{"use": "official", "family": family, "given": given}],
+        "telecom": [{"system": "phone", "value": phone}, {"system": "email", "value": email}],
+    }
+
+
+PATIENTS = [
+    _patient(
+        "p-sri",
+        "3174015507880001",
+        "0001122334401",
+        "Wulandari",
+        ["Sri", "Rahayu"],
+        "1988-07-15",
+        "081311112222",
+        "sri.w@contoh.id",
+    ),
+    _patient(
+        "p-budi",
+        "3273012903870002",
+        "0001122334402",
+        "Santoso",
+        ["Budiarto"],
+        "1987-03-29",
+        "081233334444",
+        "budi@contoh.id",
+        "male",
+    ),
+    _patient(
+        "p-budiman",
+        "3273011204870003",
+        "0001122334403",
+        "Harjono",
+        ["Budiman"],
+        "1987-04-12",
+        "081255556666",
+        "budiman@contoh.id",
+        "male",
+    ),
+    _patient(
+        "p-siti",
+        "3578016001900004",
+        "0001122334404",
+        "Santoso",
+        ["Siti", "Aminah"],
+        "1990-01-20",
+        "081277778888",
+        "siti.a@contoh.id",
+    ),
+    _patient(
+        "p-agus",
+        "6171010505650005",
+        "0001122334405",
+        "Pratama",
+        ["Agus"],
+        "1965-05-05",
+        "085699990000",
+        "agus.p@contoh.id",
+        "male",
+    ),
+]
+SECRETS = [
+    v
+    for p in PATIENTS
+    for v in (
+        p["identifier"][0]["value"],
+        p["identifier"][1]["value"],
+        p["name"][0]["family"],
+        p["birthDate"],
+        p["telecom"][0]["value"],
+        p["telecom"][1]["value"],
+        *p["name"][0]["given"],
+    )
+]
+
+QUERIES = [
+    f"identifier={NIK}|3273012903870002",
+    "identifier=3273012903870002",
+    f"identifier={NIK}|3273012903870002,{NIK}|3578016001900004",
+    f"identifier={NIK}|3273012903870002&identifier={BPJS}|0001122334402",
+    f"identifier={NIK}|3273012903870002&identifier={BPJS}|0001122334403",
+    f"identifier={BPJS}|0001122334405",
+    f"identifier={IHS}|P01900004",
+    "name=budi",
+    "name=BUDI",
+    "name=santoso",
+    "name=wulan",
+    "name=budi,siti",
+    "name=santoso&name=siti",
+    "family=santoso",
+    "family=budi",
+    "given=budi",
+    "given=rahayu",
+    "birthdate=1987-03-29",
+    "birthdate=eq1990-01-20",
+    "birthdate=1987",
+    "phone=081233334444",
+    "email=siti.a@contoh.id",
+    "telecom=phone|085699990000",
+    "telecom=085699990000",
+    "name=budi&birthdate=1987",
+    "name=budi&gender=male",
+    "gender=female",
+    "name=budi&_count=1",
+    "identifier=0000000000000000",
+]
+
+
+def _direct(upstream, method: str, path: str, body: dict | None = None) -> dict:
+    req = urllib.request.Request(
+        f"{upstream.base_url}/{path}",
+        method=method,
+        data=orjson.dumps(body) if body is not None else None,
+        headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+    )
+    with urllib.request.urlopen(req) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def _ids(bundle: dict) -> list[str]:
+    return sorted(e["resource"]["id"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") != "include")
+
+
+@pytest.fixture
+async def client(proxy_for, clean_upstream, satusehat):
+    return await proxy_for(clean_upstream.base_url, satusehat)
+
+
+async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(client, clean_upstream):
+    for patient in PATIENTS:
+        _direct(clean_upstream, "PUT", f"Patient/{patient['id']}", patient)
+    expected = {q: (_ids(b := _direct(clean_upstream, "GET", f"Patient?{q}")), b.get("total")) for q in QUERIES}
+    assert expected["name=budi"][0] == ["p-budi", "p-budiman"]  # the plaintext server works as assumed
+    assert sum(1 for ids, _ in expected.values() if ids) >= len(QUERIES) - 3  # the suite is not vacuous
+
+    clean_upstream.reset()
+    for patient in PATIENTS:
+        resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    for query in QUERIES:
+        resp = await client.get(f"/fhir/R4/Patient?{query}")
+        assert resp.status == 200, (query, await resp.text())
+        bundle = await resp.json()
+        assert (_ids(bundle), bundle.get("total")) == expected[query], query
+        for entry in bundle.get("entry", []):
+            original = next(p for p in PATIENTS if p["id"] == entry["resource"]["id"])
+            assert entry["resource"]["identifier"] == original["identifier"]  # decrypted, indexes stripped
+    log = orjson.dumps(clean_upstream.requests()).decode()
+    assert not [s for s in SECRETS if s in log]
+    assert not [s for s in SECRETS if s in orjson.dumps(clean_upstream.dump()).decode()]
+
+
+async def test_paging_links_come_back_through_the_proxy(client, clean_upstream):
+    for patient in PATIENTS:
+        await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+    first = await (await client.get("/fhir/R4/Patient?name=budi&_count=1")).json()
+    nxt = next(link["url"] for link in first["link"] if link["relation"] == "next")
+    assert nxt.startswith(PUBLIC_BASE)
+    second = await (await client.get(nxt[len("http://proxy.test") :])).json()
+    assert sorted(_ids(first) + _ids(second)) == ["p-budi", "p-budiman"]
+
+
+async def test_if_none_exist_by_nik_prevents_duplicate_registration(client, clean_upstream):
+    patient = {k: v for k, v in PATIENTS[1].items() if k != "id"}
+    header = {"If-None-Exist": f"identifier={NIK}|3273012903870002"}
+    first = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
+    second = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
+    assert first.status == 201 and second.status == 200
+    assert (await first.json())["id"] == (await second.json())["id"]
+    assert len([r for r in clean_upstream.dump() if r["resourceType"] == "Patient"]) == 1
+    assert "3273012903870002" not in orjson.dumps(clean_upstream.requests()).decode()
+
+
+async def test_conditional_update_and_delete_by_nik(client, clean_upstream):
+    patient = {k: v for k, v in PATIENTS[0].items() if k != "id"}
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    query = urllib.parse.quote(f"{NIK}|3174015507880001", safe="")
+    moved = {**patient, "birthDate": "1988-07-16"}
+    resp = await client.put(f"/fhir/R4/Patient?identifier={query}", data=orjson.dumps(moved), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["id"] == created["id"]
+    found = await (await client.get("/fhir/R4/Patient?birthdate=1988-07-16")).json()
+    assert _ids(found) == [created["id"]]
+    assert (await client.get("/fhir/R4/Patient?birthdate=1988-07-15")).status == 200
+    assert (await client.delete(f"/fhir/R4/Patient?identifier={query}")).status in (200, 204)
+    assert (await client.get(f"/fhir/R4/Patient/{created['id']}")).status == 410
+    assert "3174015507880001" not in orjson.dumps(clean_upstream.requests()).decode()
+
+
+async def test_accent_and_case_insensitive_names(client, clean_upstream):
+    patient = {"resourceType": "Patient", "name": [{"family": "Nurmalasari", "given": ["Réné"]}]}
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    for query in ("given=rene", "given=RÉNÉ", "name=NURMAL"):
+        assert _ids(await (await client.get(f"/fhir/R4/Patient?{query}")).json()) == [created["id"]], query
+
+
+REFUSED = [
+    ("name=bu", "at least 3 characters"),
+    ("birthdate=ge1980-01-01", "exact day"),
+    ("birthdate=1987-03", "exact day"),
+    ("name:contains=udi", ":contains"),
+    ("name:exact=Budiarto", ":exact"),
+    ("family:missing=true", ":missing"),
+    ("address-city=Bandung", "without a blind index"),
+    ("identifier=|3273012903870002", "no system"),
+    ("_sort=family", "_sort"),
+    ("_text=Santoso", "_text"),
+    ("general-practitioner.name=Siti", "general-practitioner.name"),
+]
+
+
+@pytest.mark.parametrize(("query", "phrase"), REFUSED)
+async def test_searches_a_blind_index_cannot_answer_are_refused(client, clean_upstream, query, phrase):
+    resp = await client.get(f"/fhir/R4/Patient?{query}")
+    assert resp.status == 400, await resp.text()
+    assert phrase in (await resp.json())["issue"][0]["diagnostics"]
+    assert clean_upstream.requests() == []
+
+
+async def test_post_search_form_is_rewritten_too(client, clean_upstream):
+    for patient in PATIENTS:
+        await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+    resp = await client.post(
+        "/fhir/R4/Patient/_search",
+        data=f"identifier={NIK}|3578016001900004",
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert resp.status == 200
+    assert _ids(await resp.json()) == ["p-siti"]
+    assert "3578016001900004" not in orjson.dumps(clean_upstream.requests()).decode()
+
+
+async def test_condition_code_search(client, clean_upstream):
+    condition = {
+        "resourceType": "Condition",
+        "subject": {"reference": "Patient/p-budi"},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "D50.9"}]},
+    }
+    created = await (await client.post("/fhir/R4/Condition", data=orjson.dumps(condition), headers=FHIR_JSON)).json()
+    for query in ("code=http://hl7.org/fhir/sid/icd-10|D50.9", "code=D50.9", "code=http://hl7.org/fhir/sid/icd-10|"):
+        assert _ids(await (await client.get(f"/fhir/R4/Condition?{query}")).json()) == [created["id"]], query
+    assert _ids(await (await client.get("/fhir/R4/Condition?code=E11")).json()) == []
+    assert "D50.9" not in orjson.dumps(clean_upstream.requests()).decode()
