@@ -238,7 +238,10 @@ REFUSED = [
     ("identifier=|3273012903870002", "no system"),
     ("_sort=family", "_sort"),
     ("_text=Santoso", "_text"),
-    ("general-practitioner.name=Siti", "general-practitioner.name"),
+    (f"general-practitioner.identifier={NIK}|3273012903870002", "without a blind index"),
+    ("organization.partof.name=RS", "more than one level"),
+    ("_has:Condition:subject:_has:Observation:patient:code=x", "single-level"),
+    ("_has:Observation:specimen:code=x", "no reference from Observation to Patient"),
 ]
 
 
@@ -274,3 +277,29 @@ async def test_condition_code_search(client, clean_upstream):
         assert _ids(await (await client.get(f"/fhir/R4/Condition?{query}")).json()) == [created["id"]], query
     assert _ids(await (await client.get("/fhir/R4/Condition?code=E11")).json()) == []
     assert "D50.9" not in orjson.dumps(clean_upstream.requests()).decode()
+
+
+async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_target_type(client, clean_upstream):
+    """Medplum's in-memory repository answers chains and _has with empty results, so this test checks
+    what reaches the upstream: the inner parameter rewritten to tokens that the target resource holds."""
+    for patient in PATIENTS:
+        await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+    budi = next(r for r in clean_upstream.dump() if r["id"] == "p-budi")
+    budi_tokens = {f"{i['system']}|{i['value']}" for i in budi["identifier"] if "blind-index" in i["system"]}
+    cases = {
+        f"Condition?subject:Patient.identifier={NIK}|3273012903870002": "subject:Patient.identifier",
+        "Condition?patient.name=budiarto": "patient:Patient.identifier",
+        "Patient?_has:Condition:subject:code=D50.9": "_has:Condition:subject:identifier",
+    }
+    for query, forwarded_name in cases.items():
+        clean_upstream.reset()
+        resp = await client.get(f"/fhir/R4/{query}")
+        assert resp.status == 200, (query, await resp.text())
+        (request,) = clean_upstream.requests()
+        params = urllib.parse.parse_qsl(urllib.parse.urlsplit(request["url"]).query)
+        assert [name for name, _ in params] == [forwarded_name], query
+        if forwarded_name.endswith("Patient.identifier"):
+            assert set(params[0][1].split(",")) <= budi_tokens, query
+        assert not [s for s in ("3273012903870002", "budiarto", "D50.9") if s in request["url"]]
+    resp = await client.get("/fhir/R4/Encounter?subject.name=budi")  # subject: Group or Patient
+    assert resp.status == 400 and "name the target type" in (await resp.json())["issue"][0]["diagnostics"]

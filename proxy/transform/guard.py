@@ -122,12 +122,15 @@ def check_search(
             continue
         if name in _CONTROL_PARAMS:
             continue
+        if raw.startswith("_has:") or ("." in raw and not name.startswith("_")):
+            out[-1] = search.rewrite_chain(rtype, raw, value, policy.resources, indexer, where)
+            continue
         if name in _TEXT_PARAMS or "." in raw or modifier in ("identifier", "text", "contains"):
             raise FhirError(
                 400,
                 "not-supported",
                 f"{where}: search parameter '{raw}' can reach encrypted data "
-                "(chains, reverse chains, text and identifier searches are not supported yet)",
+                "(text, filter and logical-identifier searches are not supported yet)",
                 [raw],
             )
         sp = search_param(rtype, name) if rtype else None

@@ -16,7 +16,7 @@ import re
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
-from proxy.policy.searchparams import ParamPath, SearchParam, element_paths
+from proxy.policy.searchparams import ParamPath, SearchParam, element_paths, search_param
 from proxy.transform import markers as mk
 from proxy.transform.normalize import NORMALISERS, fold
 
@@ -139,3 +139,64 @@ def rewrite(
 def is_rewritten(name: str, value: str) -> bool:
     """A parameter this proxy produced (paging links carry them back)."""
     return name == "identifier" and all(v.startswith(mk.BLIND_INDEX_BASE) for v in _COMMA.split(value))
+
+
+def rewrite_chain(
+    rtype: str | None, raw: str, value: str, policies: dict[str, ResourcePolicy], indexer: BlindIndexer, where: str
+) -> tuple[str, str]:
+    """Chained (``subject:Patient.identifier``) and reverse-chained (``_has:Observation:patient:code``)
+    parameters: the inner parameter is rewritten on its own resource type's policy."""
+    if rtype is None:
+        raise _refuse(where, raw, "chains need a resource type")
+    if raw.startswith("_has:"):
+        parts = raw.split(":")
+        if len(parts) != 4 or "." in raw:
+            raise _refuse(where, raw, "is not a single-level _has:<type>:<reference>:<parameter>")
+        _, source, ref, inner = parts
+        ref_param = search_param(source, ref)
+        if ref_param is None or ref_param.type != "reference" or (ref_param.targets and rtype not in ref_param.targets):
+            raise _refuse(where, raw, f"names no reference from {source} to {rtype}")
+        rewritten = _inner(source, inner, None, value, policies, indexer, where, raw)
+        return (f"_has:{source}:{ref}:{rewritten[0]}", rewritten[1]) if rewritten else (raw, value)
+    head, _, tail = raw.partition(".")
+    if "." in tail:
+        raise _refuse(where, raw, "chains more than one level, which is not supported on encrypted data")
+    ref, _, type_modifier = head.partition(":")
+    inner, _, inner_modifier = tail.partition(":")
+    ref_param = search_param(rtype, ref)
+    if ref_param is None or ref_param.type != "reference":
+        raise _refuse(where, raw, f"does not start with a reference parameter of {rtype}")
+    targets = [type_modifier] if type_modifier else list(ref_param.targets)
+    results = [(t, _inner(t, inner, inner_modifier or None, value, policies, indexer, where, raw)) for t in targets]
+    touched = [(t, r) for t, r in results if r is not None]
+    if not touched:
+        return raw, value
+    if len(targets) > 1:
+        names = ", ".join(t for t, _ in touched)
+        raise _refuse(
+            where,
+            raw,
+            f"reads encrypted data of {names}; name the target type "
+            f"({ref}:{touched[0][0]}.{inner}) so that it can be rewritten",
+        )
+    target, (name, token_value) = touched[0]
+    return f"{ref}:{target}.{name}", token_value
+
+
+def _inner(
+    rtype: str,
+    code: str,
+    modifier: str | None,
+    value: str,
+    policies: dict[str, ResourcePolicy],
+    indexer: BlindIndexer,
+    where: str,
+    raw: str,
+) -> tuple[str, str] | None:
+    rp = policies.get(rtype)
+    sp = search_param(rtype, code)
+    if rp is None or not rp.search_sensitive:
+        return None
+    if sp is None:
+        raise _refuse(where, raw, f"names '{code}', which is not a search parameter of {rtype}")
+    return rewrite(rp, sp, raw, modifier, value, indexer, where)
