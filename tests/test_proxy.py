@@ -179,7 +179,7 @@ REFUSALS = [
     ("GET", "/fhir/R4/Encounter?subject:Patient.name=Wibisono", None, {}, 400, "subject:Patient.name"),
     ("GET", "/fhir/R4/Observation?_has:Observation:patient:code=x", None, {}, 400, "_has"),
     ("GET", "/fhir/R4/Patient?_sort=birthdate", None, {}, 400, "_sort"),
-    ("GET", "/fhir/R4/Patient/abc?_elements=name", None, {}, 400, "_elements"),
+    ("GET", "/fhir/R4/Patient/abc?_summary=maybe", None, {}, 400, "_summary must be one of"),
     (
         "POST",
         "/fhir/R4/Patient/_search",
@@ -502,3 +502,21 @@ async def test_logs_carry_no_phi_even_on_refusals_and_integrity_failures(client,
     assert any('"event":"refused"' in line for line in lines)
     leaked = [n for n in NEEDLES if any(n in line for line in lines)]
     assert not leaked, [line for line in lines if any(n in line for n in NEEDLES)]
+
+
+async def test_summary_and_elements_are_applied_after_decryption(client, clean_upstream):
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    subsetted = {"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"}
+    only_name = await (await client.get(f"/fhir/R4/Patient/{created['id']}?_elements=name,birthDate")).json()
+    assert set(only_name) == {"resourceType", "id", "meta", "name", "birthDate", "_birthDate"}
+    assert only_name["name"] == PATIENT["name"] and subsetted in only_name["meta"]["tag"]
+    summary = await (await client.get(f"/fhir/R4/Patient?_id={created['id']}&_summary=true")).json()
+    resource = summary["entry"][0]["resource"]
+    assert "text" not in resource and "extension" not in resource  # not summary elements
+    assert resource["identifier"] == PATIENT["identifier"] and resource["birthDate"] == PATIENT["birthDate"]
+    data = await (await client.get(f"/fhir/R4/Patient/{created['id']}?_summary=data")).json()
+    assert "text" not in data and data["telecom"] == PATIENT["telecom"]
+    count = await (await client.get("/fhir/R4/Patient?_summary=count")).json()
+    assert count["total"] == 1 and "entry" not in count
+    forwarded = [r["url"] for r in clean_upstream.requests()]
+    assert not any("_elements" in u or "_summary=true" in u or "_summary=data" in u for u in forwarded)

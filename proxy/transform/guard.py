@@ -20,6 +20,8 @@ from proxy.policy.searchparams import search_param
 from proxy.transform import search
 from proxy.transform.bodies import nested_resources
 from proxy.transform.interactions import Interaction
+from proxy.transform.subset import Subset
+from proxy.transform.subset import parse as parse_subset
 
 JSON_FORMATS = frozenset({"json", "application/json", "application/fhir+json", "application/json+fhir"})
 # Parameters that carry no element values; safe on every interaction.
@@ -56,7 +58,6 @@ _TEXT_PARAMS = frozenset({"_text", "_content", "_filter", "_query", "_has", "_li
 _REFUSED_OPERATIONS = frozenset(
     {"export", "graphql", "process-message", "validate", "match", "apply", "populate", "transform", "convert"}
 )
-_SUMMARY_SAFE = frozenset({"count"})
 
 
 def parse_query(query_string: str) -> list[tuple[str, str]]:
@@ -98,17 +99,8 @@ def check_search(
         name, modifier = _param_name(raw)
         if name in _FORMAT_PARAMS or (rp is not None and search.is_rewritten(raw, value)):
             continue
-        if name == "_summary" and value in _SUMMARY_SAFE:
-            continue
         if name in ("_summary", "_elements"):
-            if rp is not None:
-                raise FhirError(
-                    400,
-                    "not-supported",
-                    f"{where}: {name} is not supported yet on {rtype}, whose stored form holds encrypted elements",
-                    [name],
-                )
-            continue
+            continue  # taken out by check_request where the proxy must apply them itself
         if name == "_sort":
             fields = {f.lstrip("-") for f in value.split(",")}
             if rp is not None and not fields <= {"_id", "_lastUpdated"}:
@@ -158,6 +150,7 @@ class Forwarding:
 
     query: list[tuple[str, str]] | None = None
     if_none_exist: str | None = None
+    subset: Subset | None = None  # _summary/_elements the proxy applies after decryption
 
 
 def encode_query(params: list[tuple[str, str]]) -> str:
@@ -175,6 +168,12 @@ def check_request(
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
     check_format(params, it.is_write)
     rtype = it.resource_type
+    subset = None
+    if rtype is None or rtype in policy.resources:  # the server's subsetting would drop our envelope
+        values = {name: value for name, value in params if name in ("_summary", "_elements")}
+        if values and values.get("_summary") != "count":
+            subset = parse_subset(values.get("_summary"), values.get("_elements"))
+            params = [(name, value) for name, value in params if name not in ("_summary", "_elements")]
     if_none_exist = None
     if "If-None-Exist" in headers:
         criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), policy, indexer, "If-None-Exist")
@@ -188,16 +187,16 @@ def check_request(
             [rtype],
         )
     if it.kind == "search" or it.conditional:
-        return Forwarding(check_search(rtype, params, policy, indexer, "query"), if_none_exist)
+        return Forwarding(check_search(rtype, params, policy, indexer, "query"), if_none_exist, subset)
     if it.kind == "operation":
         _check_operation(it, params, policy)
         return Forwarding(None, if_none_exist)
-    allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
+    allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS) | {"_summary", "_elements"}
     for raw, _ in params:
         name = _param_name(raw)[0]
-        if name not in allowed and not (name in ("_summary", "_elements") and rtype not in policy.resources):
+        if name not in allowed:
             raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
-    return Forwarding(None, if_none_exist)
+    return Forwarding(params if subset else None, if_none_exist, subset)
 
 
 def _check_operation(it: Interaction, params: list[tuple[str, str]], policy: CompiledPolicy) -> None:

@@ -22,7 +22,7 @@ from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
-from proxy.transform import guard
+from proxy.transform import guard, subset
 from proxy.transform.bodies import decrypt_body, encrypt_for_write
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
@@ -234,6 +234,8 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = ReadReport()
     decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
+    if forwarding.subset is not None:
+        subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
     if _CIPHERTEXT_BYTES in out or _ENVELOPE_BYTES in out:
         report.fail(it.label(), f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
