@@ -61,7 +61,7 @@ def touched_elements(rp: ResourcePolicy, sp: SearchParam) -> list[CompiledElemen
     return [e for e in elements if any(touches(p, e) for p in paths)]
 
 
-def _token_texts(spec: IndexSpec, value: str, where: str, raw: str) -> list[str] | None:
+def query_tokens(spec: IndexSpec, value: str, where: str, raw: str) -> list[str] | None:
     """Index texts for one search value; None when this spec cannot match the value at all."""
     if spec.param_type == "string":
         folded = fold(value)
@@ -124,7 +124,7 @@ def rewrite(
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
     out: list[str] = []
     for item in _COMMA.split(value):
-        texts = [(spec, _token_texts(spec, item.replace("\\,", ","), where, raw)) for spec in specs]
+        texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw)) for spec in specs]
         matching = [(spec, t) for spec, t in texts if t is not None]
         if not matching:  # e.g. identifier=<system that is not encrypted>|value
             if sp.code != "identifier":

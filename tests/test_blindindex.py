@@ -1,0 +1,104 @@
+"""Properties of normalisation and blind indexing: what a search computes is what a write stored."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.crypto.blindindex import BlindIndexer
+from proxy.policy.indexing import IndexSpec
+from proxy.transform.indexes import value_tokens
+from proxy.transform.normalize import digits, fold
+from proxy.transform.search import query_tokens
+
+NAME = IndexSpec(param="family", param_type="string", label="Patient/name/family", value_type="string", prefix_min=3)
+NIK = IndexSpec(
+    param="identifier",
+    param_type="token",
+    label="Patient/nik/identifier",
+    value_type="string",
+    token_system="https://fhir.kemkes.go.id/id/nik",
+    normalize="digits",
+)
+CODE = IndexSpec(param="code", param_type="token", label="Condition/code/code", value_type="CodeableConcept")
+BIRTH = IndexSpec(
+    param="birthdate", param_type="date", label="Patient/birthdate/birthdate", value_type="date", year=True
+)
+
+names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), min_size=1, max_size=30)
+
+
+@settings(max_examples=300)
+@given(names)
+def test_folding_is_the_same_for_nfc_and_nfd(text):
+    assert fold(unicodedata.normalize("NFC", text)) == fold(unicodedata.normalize("NFD", text))
+
+
+@settings(max_examples=300)
+@given(names, st.data())
+def test_every_long_enough_prefix_of_a_stored_name_is_found(part, data):
+    stored = set(value_tokens(NAME, part))
+    folded = fold(part)
+    if len(folded) < NAME.prefix_min:
+        return
+    k = data.draw(st.integers(NAME.prefix_min, len(folded)))
+    query = data.draw(st.sampled_from([folded[:k], folded[:k].upper(), unicodedata.normalize("NFD", folded[:k])]))
+    if fold(query) != folded[:k]:
+        return  # upper-casing changes some characters' length (e.g. 'ß' -> 'SS'); not a prefix any more
+    assert set(query_tokens(NAME, query, "q", "family")) <= stored
+
+
+@settings(max_examples=300)
+@given(st.text("0123456789", min_size=16, max_size=16), st.sampled_from(["", " ", "-", "."]))
+def test_nik_written_with_separators_is_found_by_its_digits(nik, sep):
+    written = sep.join([nik[:6], nik[6:12], nik[12:]])
+    stored = value_tokens(NIK, written)
+    assert query_tokens(NIK, f"{NIK.token_system}|{nik}", "q", "identifier") == stored
+    assert query_tokens(NIK, nik, "q", "identifier") == stored
+    assert query_tokens(NIK, f"https://other|{nik}", "q", "identifier") is None
+    assert digits(written) == nik
+
+
+@settings(max_examples=200)
+@given(st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.", min_size=1, max_size=8))
+def test_code_token_forms_match_what_was_stored(code):
+    system = "http://hl7.org/fhir/sid/icd-10"
+    stored = set(value_tokens(CODE, {"coding": [{"system": system, "code": code}]}))
+    for query in (f"{system}|{code}", code, f"{system}|"):
+        assert set(query_tokens(CODE, query, "q", "code")) <= stored
+
+
+@settings(max_examples=200)
+@given(st.dates())
+def test_dates_are_found_by_day_and_year(day):
+    stored = set(value_tokens(BIRTH, day.isoformat()))
+    assert set(query_tokens(BIRTH, day.isoformat(), "q", "birthdate")) <= stored
+    assert set(query_tokens(BIRTH, f"{day.year:04d}", "q", "birthdate")) <= stored
+
+
+def test_tokens_are_keyed_deterministic_and_separated_by_label():
+    a, b = BlindIndexer(b"\x01" * 32), BlindIndexer(b"\x02" * 32)
+    token = a.token("Patient/nik/identifier", "x|3201")
+    assert token == a.token("Patient/nik/identifier", "x|3201") and len(token) == 32 and token == token.lower()
+    assert token != b.token("Patient/nik/identifier", "x|3201")
+    assert token != a.token("RelatedPerson/nik/identifier", "x|3201")
+
+
+def test_published_blind_index_vectors():
+    """tests/vectors/blind-index-v1.json: another implementation computes the same tokens."""
+    import hashlib
+    import hmac
+    import json
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    doc = json.loads((Path(__file__).parent / "vectors" / "blind-index-v1.json").read_text())
+    root = bytes.fromhex(doc["index_root"])
+    for v in doc["vectors"]:
+        key = HKDF(hashes.SHA256(), 32, None, b"fhircrypt/v1 blind-index\x1f" + v["label"].encode()).derive(root)
+        assert hmac.new(key, v["text"].encode(), hashlib.sha256).hexdigest()[:32] == v["token"]
+        assert BlindIndexer(root).token(v["label"], v["text"]) == v["token"]
