@@ -135,6 +135,9 @@ QUERIES = [
     "name=budi&gender=male",
     "gender=female",
     "name=budi&_count=1",
+    "name:exact=Budiarto",
+    "given:exact=Sri,Siti",
+    "family:exact=Santos",
     "identifier=0000000000000000",
 ]
 
@@ -232,7 +235,6 @@ REFUSED = [
     ("birthdate=ge1980-01-01", "exact day"),
     ("birthdate=1987-03", "exact day"),
     ("name:contains=udi", ":contains"),
-    ("name:exact=Budiarto", ":exact"),
     ("family:missing=true", ":missing"),
     ("address-city=Bandung", "without a blind index"),
     ("identifier=|3273012903870002", "no system"),
@@ -303,3 +305,13 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
         assert not [s for s in ("3273012903870002", "budiarto", "D50.9") if s in request["url"]]
     resp = await client.get("/fhir/R4/Encounter?subject.name=budi")  # subject: Group or Patient
     assert resp.status == 400 and "name the target type" in (await resp.json())["issue"][0]["diagnostics"]
+
+
+async def test_exact_follows_the_fhir_specification_case_and_accents_matter(client, clean_upstream):
+    """R4 :exact is case- and accent-sensitive (Medplum's in-memory search ignores case here; the proxy
+    follows the specification)."""
+    patient = {"resourceType": "Patient", "name": [{"family": "Nurmalasari", "given": ["Réné"]}]}
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    assert _ids(await (await client.get("/fhir/R4/Patient?given:exact=Réné")).json()) == [created["id"]]
+    for query in ("given:exact=rene", "given:exact=Rene", "given:exact=réné", "family:exact=Nurmala"):
+        assert _ids(await (await client.get(f"/fhir/R4/Patient?{query}")).json()) == [], query

@@ -17,6 +17,7 @@ import re
 import unicodedata
 
 _SPACE = re.compile(r"\s+")
+EXACT = "exact:"
 _DIGITS = re.compile(r"\D+")
 
 
@@ -44,9 +45,10 @@ def string_tokens(text: str, prefix_min: int | None) -> list[str]:
     part = fold(text)
     if not part:
         return []
+    exact = EXACT + unicodedata.normalize("NFC", text)  # for :exact (case and accents matter)
     if prefix_min is None or len(part) <= prefix_min:
-        return [part]
-    return [part[:n] for n in range(prefix_min, len(part) + 1)]
+        return [part, exact]
+    return [*(part[:n] for n in range(prefix_min, len(part) + 1)), exact]
 
 
 def date_tokens(value: str, year: bool) -> list[str]:

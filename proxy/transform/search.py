@@ -12,13 +12,14 @@ and never answered with a silently different result.
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
 from proxy.policy.searchparams import ParamPath, SearchParam, element_paths, search_param
 from proxy.transform import markers as mk
-from proxy.transform.normalize import NORMALISERS, fold
+from proxy.transform.normalize import EXACT, NORMALISERS, fold
 
 _DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
 _COMMA = re.compile(r"(?<!\\),")
@@ -61,8 +62,10 @@ def touched_elements(rp: ResourcePolicy, sp: SearchParam) -> list[CompiledElemen
     return [e for e in elements if any(touches(p, e) for p in paths)]
 
 
-def query_tokens(spec: IndexSpec, value: str, where: str, raw: str) -> list[str] | None:
+def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: str | None = None) -> list[str] | None:
     """Index texts for one search value; None when this spec cannot match the value at all."""
+    if modifier == "exact":
+        return [EXACT + unicodedata.normalize("NFC", value)]
     if spec.param_type == "string":
         folded = fold(value)
         if not folded or (spec.prefix_min and len(folded) < spec.prefix_min):
@@ -120,11 +123,11 @@ def rewrite(
                 "for it; forwarding it would send plaintext to the server",
             )
         specs.append(spec)
-    if modifier is not None:
+    if modifier is not None and not (modifier == "exact" and all(s.param_type == "string" for s in specs)):
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
     out: list[str] = []
     for item in _COMMA.split(value):
-        texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw)) for spec in specs]
+        texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw, modifier)) for spec in specs]
         matching = [(spec, t) for spec, t in texts if t is not None]
         if not matching:  # e.g. identifier=<system that is not encrypted>|value
             if sp.code != "identifier":
