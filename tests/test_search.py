@@ -137,7 +137,6 @@ QUERIES = [
     "name=budi&_count=1",
     "name:exact=Budiarto",
     "given:exact=Sri,Siti",
-    "family:exact=Santos",
     "identifier=0000000000000000",
 ]
 
@@ -308,8 +307,9 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
 
 
 async def test_exact_follows_the_fhir_specification_case_and_accents_matter(client, clean_upstream):
-    """R4 :exact is case- and accent-sensitive (Medplum's in-memory search ignores case here; the proxy
-    follows the specification)."""
+    """R4 :exact matches whole values, case- and accent-sensitive. Medplum's in-memory :exact ignores
+    case and matches prefixes, so these queries are not in the comparison suite; the proxy follows
+    the specification."""
     patient = {"resourceType": "Patient", "name": [{"family": "Nurmalasari", "given": ["Réné"]}]}
     created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
     assert _ids(await (await client.get("/fhir/R4/Patient?given:exact=Réné")).json()) == [created["id"]]
