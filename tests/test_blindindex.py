@@ -55,8 +55,9 @@ def test_every_long_enough_prefix_of_a_stored_name_is_found(part, data):
 def test_nik_written_with_separators_is_found_by_its_digits(nik, sep):
     written = sep.join([nik[:6], nik[6:12], nik[12:]])
     stored = value_tokens(NIK, written)
-    assert query_tokens(NIK, f"{NIK.token_system}|{nik}", "q", "identifier") == stored
-    assert query_tokens(NIK, nik, "q", "identifier") == stored
+    assert set(query_tokens(NIK, f"{NIK.token_system}|{nik}", "q", "identifier")) <= set(stored)
+    assert set(query_tokens(NIK, nik, "q", "identifier")) <= set(stored)
+    assert set(query_tokens(NIK, f"{NIK.token_system}|", "q", "identifier")) <= set(stored)
     assert query_tokens(NIK, f"https://other|{nik}", "q", "identifier") is None
     assert digits(written) == nik
 

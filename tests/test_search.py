@@ -138,6 +138,7 @@ QUERIES = [
     "name:exact=Budiarto",
     "given:exact=Sri,Siti",
     "identifier=0000000000000000",
+    f"identifier={BPJS}|",
 ]
 
 
@@ -237,6 +238,7 @@ REFUSED = [
     ("family:missing=true", ":missing"),
     ("address-city=Bandung", "without a blind index"),
     ("identifier=|3273012903870002", "no system"),
+    ("identifier=https://fhircrypt.dev/fhir/blind-index/Patient/nik/identifier|3273012903870002", "reserved"),
     ("_sort=family", "_sort"),
     ("_text=Santoso", "_text"),
     (f"general-practitioner.identifier={NIK}|3273012903870002", "without a blind index"),

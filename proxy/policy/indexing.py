@@ -132,6 +132,10 @@ def _spec(
             value_type = type_at(rtype, p.path)
             if value_type is None:
                 continue
+            if sp.type == "date" and value_type not in ("date", "dateTime", "instant"):
+                raise IndexError_(
+                    f"'{code}' reads a {value_type}; date blind indexes serve date, dateTime and instant elements only"
+                )
             return IndexSpec(
                 value_type=value_type,
                 sub_path=p.path[len(keys) :],

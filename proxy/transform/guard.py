@@ -2,9 +2,9 @@
 reaches the upstream.
 
 Query strings and some headers carry search values, and a search value on an
-encrypted element is plaintext PHI. Until blind-index search rewriting lands, only
-parameters that cannot hold element values are forwarded for types with encrypted
-elements; everything else is refused with an OperationOutcome naming the parameter.
+encrypted element is plaintext PHI. Such parameters are rewritten to blind-index
+searches (``proxy.transform.search``) or refused with an OperationOutcome naming the
+parameter; parameters that cannot touch encrypted elements are forwarded as they are.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def check_request(
     check_format(params, it.is_write)
     rtype = it.resource_type
     subset = None
-    if rtype is None or rtype in policy.resources:  # the server's subsetting would drop our envelope
+    subsettable = it.kind in ("search", "read", "vread", "history") and not it.conditional
+    if subsettable and (rtype is None or rtype in policy.resources):  # the server would drop our envelope
         values = {name: value for name, value in params if name in ("_summary", "_elements")}
         if values and values.get("_summary") != "count":
             subset = parse_subset(values.get("_summary"), values.get("_elements"))

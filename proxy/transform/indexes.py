@@ -55,20 +55,22 @@ def value_tokens(spec: IndexSpec, value: object) -> list[str]:
         return date_tokens(value, spec.year) if type(value) is str else []
     norm = NORMALISERS[spec.normalize]
     if spec.token_system is not None:  # the element is an identifier's or contact point's value
-        return [f"{spec.token_system}|{norm(value)}"] if type(value) is str else []
+        system = spec.token_system
+        return [f"{system}|{norm(value)}", f"{system}|*"] if type(value) is str else []
     if type(value) is str:
         return [f"*|{norm(value)}"]
     if type(value) is not dict:
         return []
     if t in ("Identifier", "ContactPoint"):
-        code, system = value.get("value"), value.get("system")
-        return [f"{system}|{norm(code)}", f"*|{norm(code)}"] if type(code) is str else []
-    codings = _as_list(value.get("coding")) if t == "CodeableConcept" else [value]
+        pairs = [(value.get("system"), value.get("value"))]
+    else:
+        codings = _as_list(value.get("coding")) if t == "CodeableConcept" else [value]
+        pairs = [(c.get("system"), c.get("code")) for c in codings if type(c) is dict]
     out = []
-    for coding in codings:
-        if type(coding) is dict and type(coding.get("code")) is str:
-            system, code = coding.get("system"), norm(coding["code"])
-            out += [f"{system}|{code}", f"*|{code}", f"{system}|*"]
+    for system, code in pairs:
+        if type(code) is str:
+            system = system if type(system) is str else ""  # "|code" is how FHIR searches a system-less code
+            out += [f"{system}|{norm(code)}", f"*|{norm(code)}"] + ([f"{system}|*"] if system else [])
     return out
 
 
@@ -101,5 +103,6 @@ def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer)
         for spec in el.indexes:
             texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
             system = mk.BLIND_INDEX_BASE + spec.label
-            out.extend({"system": system, "value": indexer.token(spec.label, text)} for text in sorted(texts))
+            # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
+            out.extend({"system": system, "value": t} for t in sorted(indexer.token(spec.label, x) for x in texts))
     return out

@@ -23,6 +23,7 @@ from proxy.transform.normalize import EXACT, NORMALISERS, fold
 
 _DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
 _COMMA = re.compile(r"(?<!\\),")
+_TOKEN = re.compile("^" + re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-z0-9-]+\|[0-9a-f]{32}$")
 
 
 def _refuse(where: str, raw: str, why: str) -> FhirError:
@@ -92,13 +93,15 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
         return [f"year:{m.group(2)}"]
     norm = NORMALISERS[spec.normalize]
     system, bar, code = value.rpartition("|") if "|" in value else ("", "", value)
-    if bar and not system:
-        raise _refuse(where, raw, "cannot search '|code' (no system) on an encrypted element")
     if spec.token_system is not None:
         if bar and system != spec.token_system:
-            return None  # another system: this encrypted identifier cannot match
-        return [f"{spec.token_system}|{norm(code)}"]
-    if not code:
+            return None  # another system (or none): this encrypted identifier cannot match
+        return [f"{spec.token_system}|{norm(code)}" if code else f"{spec.token_system}|*"]
+    if bar and spec.value_type in ("code", "string", "uri"):
+        raise _refuse(where, raw, "searches a plain code element: give the code without a system")
+    if bar and not code:
+        if not system:
+            raise _refuse(where, raw, "needs a system or a code")
         return [f"{system}|*"]
     return [f"{system}|{norm(code)}" if bar else f"*|{norm(code)}"]
 
@@ -127,9 +130,23 @@ def rewrite(
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
     out: list[str] = []
     for item in _COMMA.split(value):
+        if item.startswith(mk.BLIND_INDEX_BASE):  # a token from a paging link, or an attempt to smuggle a value
+            if not _TOKEN.match(item):
+                raise _refuse(
+                    where, raw, "uses fhircrypt's reserved blind-index system with a value that is not a token"
+                )
+            out.append(item)
+            continue
         texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw, modifier)) for spec in specs]
         matching = [(spec, t) for spec, t in texts if t is not None]
         if not matching:  # e.g. identifier=<system that is not encrypted>|value
+            if item.startswith("|"):
+                raise _refuse(
+                    where,
+                    raw,
+                    "cannot search '|value' (no system) where identifiers are encrypted: "
+                    "the value would reach the server in plaintext",
+                )
             if sp.code != "identifier":
                 raise _refuse(where, raw, "mixes encrypted and clear values, which cannot be searched together")
             out.append(item)
@@ -140,8 +157,8 @@ def rewrite(
 
 
 def is_rewritten(name: str, value: str) -> bool:
-    """A parameter this proxy produced (paging links carry them back)."""
-    return name == "identifier" and all(v.startswith(mk.BLIND_INDEX_BASE) for v in _COMMA.split(value))
+    """A parameter this proxy produced (paging links carry them back): only index tokens."""
+    return name == "identifier" and all(_TOKEN.match(v) for v in _COMMA.split(value))
 
 
 def rewrite_chain(
@@ -153,6 +170,8 @@ def rewrite_chain(
         raise _refuse(where, raw, "chains need a resource type")
     if raw.startswith("_has:"):
         parts = raw.split(":")
+        if len(parts) == 5 and "." not in raw:
+            raise _refuse(where, raw, "has a modifier inside _has, which is not supported on encrypted data")
         if len(parts) != 4 or "." in raw:
             raise _refuse(where, raw, "is not a single-level _has:<type>:<reference>:<parameter>")
         _, source, ref, inner = parts

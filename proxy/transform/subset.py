@@ -69,7 +69,7 @@ def _keep(rtype: str, key: str, subset: Subset) -> bool:
 
 def apply(resource: dict, subset: Subset) -> None:
     rtype = resource.get("resourceType")
-    if type(rtype) is not str or rtype not in defs.resource_types():
+    if type(rtype) is not str or rtype not in defs.resource_types() or rtype == "OperationOutcome":
         return
     removed = [k for k in resource if not _keep(rtype, k, subset)]
     for key in removed:

@@ -234,7 +234,7 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = ReadReport()
     decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
-    if forwarding.subset is not None:
+    if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
     if _CIPHERTEXT_BYTES in out or _ENVELOPE_BYTES in out:
