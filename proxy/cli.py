@@ -63,10 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--auth",
-        choices=("required", "none"),
-        default=_env("auth", "required"),
-        help="'none' is a development mode that decrypts everything for everyone",
+        choices=("jwt", "none"),
+        default=_env("auth", "jwt"),
+        help="jwt: bearer tokens verified against the OpenID provider; "
+        "'none' is a development mode that decrypts everything for everyone",
     )
+    serve.add_argument("--oidc-issuer", default=_env("oidc_issuer"), help="OpenID provider (discovery)")
+    serve.add_argument("--jwks-url", default=_env("jwks_url"), help="JWKS URL (instead of discovery)")
+    serve.add_argument("--audience", default=_env("audience"), help="the aud claim tokens must carry")
+    serve.add_argument("--token-issuer", default=_env("token_issuer"), help="the iss claim (default: discovered)")
+    serve.add_argument("--clock-skew", type=float, default=float(_env("clock_skew", "60")))
+
     serve.add_argument(
         "--no-validate",
         action="store_true",
@@ -157,10 +164,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not getattr(args, name):
             print(f"error: --{name} (or FHIRCRYPT_{name.upper()}) is required", file=sys.stderr)
             return 2
-    if args.auth != "none":
+    if args.auth == "jwt" and (not args.audience or not (args.oidc_issuer or args.jwks_url)):
         print(
-            "error: token authentication is not available in this version; start with --auth none for "
-            "development only (it decrypts everything for every caller)",
+            "error: --auth jwt needs --audience and --oidc-issuer or --jwks-url (--auth none is a development "
+            "mode that decrypts everything for every caller)",
             file=sys.stderr,
         )
         return 2
@@ -180,16 +187,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         upstream_ca=args.upstream_ca,
         auth=args.auth,
+        oidc_issuer=args.oidc_issuer,
+        jwks_url=args.jwks_url,
+        audience=args.audience,
+        token_issuer=args.token_issuer,
+        clock_skew=args.clock_skew,
         validate=not args.no_validate,
         max_body=args.max_body,
         upstream_timeout=args.upstream_timeout,
     )
     policy = compile_file(settings.policy)
     keyring = load_keyring(settings.keyring, load_local_kek(settings.kek_file))
-    log.warning(
-        "DEVELOPMENT MODE: --auth none decrypts every element for every caller; never expose this proxy",
-        extra={"event": "auth-disabled"},
-    )
+    if settings.auth == "none":
+        log.warning(
+            "DEVELOPMENT MODE: --auth none decrypts every element for every caller; never expose this proxy",
+            extra={"event": "auth-disabled"},
+        )
+    elif policy.access is None:
+        log.warning(
+            "the policy has no access rules: authenticated callers get every element masked",
+            extra={"event": "no-access-rules"},
+        )
     app = create_app(settings, policy, keyring)
     log.info(
         "starting",

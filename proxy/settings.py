@@ -17,7 +17,12 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     upstream_ca: str | None = None  # CA bundle for an https upstream (system CAs otherwise)
-    auth: str = "required"  # "none" is the development mode that grants every group
+    auth: str = "jwt"  # "none" is the development mode that decrypts every group for every caller
+    oidc_issuer: str | None = None  # OpenID provider (discovery) for --auth jwt
+    jwks_url: str | None = None  # or a JWKS URL directly
+    audience: str | None = None  # the aud claim tokens must carry (the proxy's client id or URL)
+    token_issuer: str | None = None  # the iss claim (default: the discovered issuer)
+    clock_skew: float = 60.0
     validate: bool = True
     max_body: int = 16 * 1024 * 1024
     max_response: int = 64 * 1024 * 1024

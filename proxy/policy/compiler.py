@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.policy import definitions as defs
+from proxy.policy.access import AccessPolicy, compile_access
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
@@ -108,6 +109,7 @@ class CompiledPolicy:
     resources: dict[str, ResourcePolicy]
     unenveloped: str
     warnings: tuple[str, ...] = field(default=())
+    access: AccessPolicy | None = None  # who may decrypt which groups (None: no rules; nothing decrypts)
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -151,7 +153,16 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         doc,
         "policy",
         required={"fhircrypt-policy", "name"},
-        allowed={"fhircrypt-policy", "name", "description", "groups", "defaults", "resources", "reference_display"},
+        allowed={
+            "fhircrypt-policy",
+            "name",
+            "description",
+            "groups",
+            "defaults",
+            "resources",
+            "reference_display",
+            "access",
+        },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
         raise ctx.fail(doc, "fhircrypt-policy", f"unsupported policy format (this build reads {FORMAT_VERSION})")
@@ -198,6 +209,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         resources=resources,
         unenveloped=unenveloped,
         warnings=tuple(warnings),
+        access=compile_access(doc.get("access"), source, groups),
     )
 
 

@@ -8,12 +8,13 @@ keeps reads fast and still reaches every resource.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform.indexes import index_identifiers
+from proxy.transform.markers import MASKED_SECURITY_SYSTEM
 from proxy.transform.records import Grants, ReadReport, ShapeError, decrypt_resource, encrypt_resource
 from proxy.transform.validation import validate_resource
 
@@ -55,12 +56,23 @@ def _list(value: object) -> list:
     return value if type(value) is list else []
 
 
-def decrypt_body(body: dict, policy: CompiledPolicy, keyring: Keyring, grants: Grants, report: ReadReport) -> None:
-    """Decrypt (or mask) every covered resource anywhere in a response body, in place."""
+GrantsFor = Callable[[dict], Grants]  # the groups the caller may decrypt in one (still encrypted) resource
+
+
+def decrypt_body(
+    body: dict, policy: CompiledPolicy, keyring: Keyring, grants_for: GrantsFor | None, report: ReadReport
+) -> None:
+    """Decrypt (or mask) every covered resource anywhere in a response body, in place.
+
+    ``grants_for`` None decrypts everything (development mode). It is asked before the
+    resource is decrypted, so it may only look at what stays in the clear (type, ids,
+    references - enough for patient compartments).
+    """
     for resource in (body, *(r for r, _ in nested_resources(body, ""))):
         rtype = resource.get("resourceType")
         rp = policy.resources.get(rtype) if type(rtype) is str else None
         if rp is not None:
+            grants = grants_for(resource) if grants_for is not None else None
             decrypt_resource(resource, rp, keyring, grants, policy.unenveloped, report)
 
 
@@ -82,6 +94,23 @@ def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, 
                 "unencrypted; nested resources of encrypted types are not supported yet",
                 [where],
             )
+    meta = resource.get("meta")
+    if (
+        type(meta) is dict
+        and type(meta.get("security")) is list
+        and any(
+            type(s) is dict and s.get("code") == "MASKED" and s.get("system") == MASKED_SECURITY_SYSTEM
+            for s in meta["security"]
+        )
+    ):
+        raise FhirError(
+            409,
+            "conflict",
+            f"{rtype} carries the MASKED security label: it was read with elements "
+            "masked, and writing it back would overwrite the stored values (merging masked writes is "
+            "not supported yet)",
+            [f"{rtype}.meta.security"],
+        )
     if validate:
         validate_resource(resource)
     rp = policy.resources.get(rtype)  # type: ignore[arg-type]

@@ -18,12 +18,14 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.auth.caller import caller_from_claims
+from proxy.auth.tokens import JwtSettings, JwtVerifier, TokenError
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, subset
-from proxy.transform.bodies import decrypt_body, encrypt_for_write
+from proxy.transform.bodies import GrantsFor, decrypt_body, encrypt_for_write
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import ReadReport, scrub_markers
@@ -33,7 +35,6 @@ log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
 _CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
 _ENVELOPE_BYTES = ENVELOPE_URL.encode()
-_ALL_GROUPS = None  # development mode: --auth none
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Runtime:
     upstream: URL
     public_base: str
     session: aiohttp.ClientSession | None = None
+    verifier: JwtVerifier | None = None  # None: --auth none (development mode)
 
     @property
     def upstream_base(self) -> str:
@@ -51,6 +53,48 @@ class Runtime:
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+
+
+def _unauthorized(description: str, invalid: bool) -> FhirError:
+    challenge = 'Bearer realm="fhircrypt"'
+    if invalid:
+        challenge += f', error="invalid_token", error_description="{description}"'
+    return FhirError(401, "login", description, headers={"WWW-Authenticate": challenge})
+
+
+async def _authorize(rt: Runtime, request: web.Request, it: Interaction, request_id: str) -> GrantsFor | None:
+    """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
+    if rt.verifier is None:
+        return None  # --auth none: development mode, everything decrypts
+    if it.kind == "capabilities":
+        return _NOTHING
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("a bearer token is required", invalid=False)
+    try:
+        claims = await rt.verifier.verify(token.strip())
+    except TokenError as exc:
+        raise _unauthorized(str(exc), invalid=True) from None
+    access = rt.policy.access
+    if access is None:
+        return _NOTHING
+    caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
+    grants = access.grants(caller)
+    if grants.break_glass:
+        log.warning(
+            "break-glass",
+            extra={
+                "event": "break-glass",
+                "request_id": request_id,
+                "subject": caller.subject,
+                "client_id": caller.client_id,
+            },
+        )
+    return grants.for_resource
+
+
+def _NOTHING(resource: dict) -> frozenset[str]:
+    return frozenset()
 
 
 def _respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -189,6 +233,7 @@ async def _forward(
     body: bytes | None,
     request_id: str,
     forwarding: guard.Forwarding,
+    grants_for: GrantsFor | None,
 ) -> web.Response:
     assert rt.session is not None
     url = rt.upstream_base + "/" + "/".join(segments)
@@ -233,7 +278,7 @@ async def _forward(
     if type(payload) is not dict:
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = ReadReport()
-    decrypt_body(payload, rt.policy, rt.keyring, _ALL_GROUPS, report)
+    decrypt_body(payload, rt.policy, rt.keyring, grants_for, report)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
@@ -267,6 +312,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
+        grants_for = await _authorize(rt, request, it, request_id)
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
         forwarding = guard.check_request(it, params, request.headers, rt.policy, rt.keyring.indexer)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
@@ -276,7 +322,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             body = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
-        response = await _forward(rt, request, it, segments, body, request_id, forwarding)
+        response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for)
         status = response.status
         return response
     except FhirError as err:
@@ -356,6 +402,18 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
     )
     app = web.Application(client_max_size=settings.max_body)
     app[RUNTIME] = rt
+    if settings.auth == "jwt":
+        if not settings.audience:
+            raise ValueError("--auth jwt needs --audience")
+        rt.verifier = JwtVerifier(
+            JwtSettings(
+                audience=settings.audience,
+                issuer=settings.token_issuer,
+                oidc_issuer=settings.oidc_issuer,
+                jwks_url=settings.jwks_url,
+                leeway=settings.clock_skew,
+            )
+        )
 
     async def session_ctx(app: web.Application):
         timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
@@ -363,8 +421,15 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
         rt.session = aiohttp.ClientSession(
             timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
         )
-        yield
-        await rt.session.close()
+        idp = aiohttp.ClientSession() if rt.verifier else None  # system CAs: the IdP is not the upstream
+        try:
+            if rt.verifier and idp:
+                await rt.verifier.start(idp)  # no keys, no start: the proxy fails closed
+            yield
+        finally:
+            await rt.session.close()
+            if idp:
+                await idp.close()
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/healthz", health)

@@ -1,0 +1,1 @@
+"""Who is calling: bearer tokens, SMART scopes and the caller they describe."""

@@ -1,0 +1,42 @@
+"""SMART App Launch scopes (v2 ``patient/Observation.rs`` and v1 ``user/*.read``).
+
+Only what decryption needs is kept: which resource types a scope lets the caller read,
+and in which context (patient, user, system). A scope that does not parse grants
+nothing - it is dropped, never guessed at.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_V2 = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.(c?r?u?d?s?)(\?.*)?$")
+_V1 = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)$")
+
+
+@dataclass(frozen=True)
+class Scope:
+    context: str  # patient | user | system
+    resource_type: str  # a type or "*"
+    read: bool  # v2 r or s, v1 read or *
+
+    def covers(self, resource_type: str) -> bool:
+        return self.resource_type in ("*", resource_type)
+
+
+def parse_scope(text: str) -> Scope | None:
+    m = _V2.match(text)
+    if m and m.group(3):
+        if m.group(4):  # v2 query-restricted scopes (?category=...) cannot be checked here: grant nothing
+            return None
+        return Scope(m.group(1), m.group(2), "r" in m.group(3) or "s" in m.group(3))
+    m = _V1.match(text)
+    if m:
+        return Scope(m.group(1), m.group(2), m.group(3) in ("read", "*"))
+    return None
+
+
+def parse_scopes(value: object) -> tuple[Scope, ...]:
+    """The ``scope`` claim: a space-separated string (RFC 8693) or a list (some providers)."""
+    items = value.split() if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(s for s in (parse_scope(i) for i in items if isinstance(i, str)) if s is not None)

@@ -1,0 +1,325 @@
+"""Authorized decryption: real signed tokens, a JWKS served over HTTP, and the role matrix."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import jwt
+import orjson
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.conftest import FHIR_JSON
+
+AUDIENCE = "fhircrypt-test"
+NIK = "https://fhir.kemkes.go.id/id/nik"
+BPJS = "https://fhir.example-hospital.id/id/bpjs"
+
+
+class Issuer:
+    """An OpenID provider for the test run: keys generated per run, discovery and JWKS over HTTP."""
+
+    def __init__(self) -> None:
+        self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.ec = ec.generate_private_key(ec.SECP256R1())
+        self.kids = {"rsa-1": self.rsa, "ec-1": self.ec}
+        self.url = ""
+        self.jwks_requests = 0
+
+    def jwks(self) -> dict:
+        keys = []
+        for kid, key in self.kids.items():
+            jwk = orjson.loads(
+                jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key())
+                if isinstance(key, rsa.RSAPrivateKey)
+                else jwt.algorithms.ECAlgorithm.to_jwk(key.public_key())
+            )
+            keys.append(
+                {**jwk, "kid": kid, "use": "sig", "alg": "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"}
+            )
+        return {"keys": keys}
+
+    def token(self, kid: str = "rsa-1", alg: str | None = None, key=None, **claims) -> str:
+        now = int(time.time())
+        body = {
+            "iss": self.url,
+            "aud": AUDIENCE,
+            "sub": f"user-{uuid.uuid4().hex[:6]}",
+            "iat": now,
+            "exp": now + 300,
+            "azp": "emr",
+            **claims,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        alg = alg or ("RS256" if kid.startswith("rsa") else "ES256")
+        return jwt.encode(body, key or self.kids.get(kid, self.rsa), algorithm=alg, headers={"kid": kid})
+
+    def app(self) -> web.Application:
+        async def discovery(request):
+            return web.json_response({"issuer": self.url, "jwks_uri": f"{self.url}/jwks"})
+
+        async def jwks(request):
+            self.jwks_requests += 1
+            return web.json_response(self.jwks())
+
+        app = web.Application()
+        app.router.add_get("/.well-known/openid-configuration", discovery)
+        app.router.add_get("/jwks", jwks)
+        return app
+
+
+@pytest.fixture
+async def issuer(aiohttp_server):
+    it = Issuer()
+    server = await aiohttp_server(it.app())
+    it.url = str(server.make_url("")).rstrip("/")
+    return it
+
+
+@pytest.fixture
+async def proxy(proxy_for, clean_upstream, satusehat, issuer):
+    return await proxy_for(clean_upstream.base_url, satusehat, auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE)
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_missing_and_invalid_tokens_get_401_with_a_challenge(proxy, issuer, clean_upstream):
+    resp = await proxy.get("/fhir/R4/Patient/x")
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Bearer realm="fhircrypt"'
+    assert (await resp.json())["resourceType"] == "OperationOutcome"
+    public = await proxy.get("/fhir/R4/metadata")
+    assert public.status == 200
+
+    now = int(time.time())
+    public_pem = issuer.rsa.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    good = issuer.token(scope="user/*.rs")
+    header, payload, signature = good.split(".")
+    cases = {
+        "expired": issuer.token(exp=now - 3600, iat=now - 7200),
+        "not yet valid": issuer.token(nbf=now + 3600),
+        "another audience": issuer.token(aud="someone-else"),
+        "another issuer": issuer.token(iss="https://evil.example"),
+        "unknown key": issuer.token(kid="rsa-2", key=rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        "algorithm is not allowed": jwt.encode(
+            {"iss": issuer.url, "aud": AUDIENCE, "sub": "x", "exp": now + 60},
+            None,
+            algorithm="none",
+            headers={"kid": "rsa-1"},
+        ),
+        "HS256 with the public key": _hs256(public_pem, issuer.url),
+        "tampered signature": f"{header}.{payload}.{signature[:-4]}AAAA",
+        "tampered claims": f"{header}.{payload[:-2]}Zz.{signature}",
+        "garbage": "not-a-jwt",
+        "ES256 token claiming an RSA key": issuer.token(kid="rsa-1", alg="ES256", key=issuer.ec),
+    }
+    for what, token in cases.items():
+        resp = await proxy.get("/fhir/R4/Patient/x", headers=bearer(token))
+        assert resp.status == 401, what
+        assert 'error="invalid_token"' in resp.headers["WWW-Authenticate"], what
+    assert clean_upstream.requests()[-1]["url"].endswith("/metadata")  # nothing else got through
+
+
+def _hs256(secret: bytes, iss: str) -> str:
+    """An HMAC token keyed with the RSA public key: the classic algorithm-confusion attack."""
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = b64(orjson.dumps({"alg": "HS256", "typ": "JWT", "kid": "rsa-1"}))
+    body = b64(orjson.dumps({"iss": iss, "aud": AUDIENCE, "sub": "x", "exp": int(time.time()) + 60}))
+    sig = b64(hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest())
+    return f"{head}.{body}.{sig}"
+
+
+async def test_keys_added_at_the_provider_are_picked_up(proxy_for, clean_upstream, satusehat, issuer):
+    proxy = await proxy_for(
+        clean_upstream.base_url,
+        satusehat,
+        auth="jwt",
+        jwks_url=f"{issuer.url}/jwks",
+        token_issuer=issuer.url,
+        audience=AUDIENCE,
+    )
+    from proxy.web.app import RUNTIME
+
+    proxy.server.app[RUNTIME].verifier.settings.__dict__["min_refresh"] = 0.0  # a fresh test key is minutes old
+    issuer.kids["rsa-2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    before = issuer.jwks_requests
+    resp = await proxy.get("/fhir/R4/metadata", headers=bearer(issuer.token(kid="rsa-2", scope="user/*.rs")))
+    assert resp.status == 200
+    resp = await proxy.get("/fhir/R4/Patient?_count=1", headers=bearer(issuer.token(kid="rsa-2", scope="user/*.rs")))
+    assert resp.status == 200 and issuer.jwks_requests == before + 1
+    resp = await proxy.get("/fhir/R4/Patient?_count=1", headers=bearer(issuer.token(kid="ec-1", scope="user/*.rs")))
+    assert resp.status == 200
+
+
+# --------------------------------------------------------------------------- the role matrix
+
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "pat-a",
+    "identifier": [{"system": NIK, "value": "3174015507880001"}, {"system": BPJS, "value": "0001122334401"}],
+    "name": [{"family": "Wulandari", "given": ["Sri"]}],
+    "birthDate": "1988-07-15",
+    "gender": "female",
+}
+OTHER = {
+    **PATIENT,
+    "id": "pat-b",
+    "identifier": [{"system": NIK, "value": "3578016001900004"}],
+    "name": [{"family": "Aminah", "given": ["Siti"]}],
+}
+CONDITION = {
+    "resourceType": "Condition",
+    "id": "cond-a",
+    "subject": {"reference": "Patient/pat-a"},
+    "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "D50.9"}]},
+}
+OBSERVATION = {
+    "resourceType": "Observation",
+    "id": "obs-a",
+    "status": "final",
+    "code": {"text": "Hb"},
+    "subject": {"reference": "Patient/pat-a"},
+    "valueQuantity": {"value": 9.87, "unit": "g/dL"},
+}
+MEDREQ = {
+    "resourceType": "MedicationRequest",
+    "id": "mr-a",
+    "status": "active",
+    "intent": "order",
+    "subject": {"reference": "Patient/pat-a"},
+    "medicationCodeableConcept": {"text": "Ferrous sulfate 300 mg"},
+}
+OTHER_CONDITION = {**CONDITION, "id": "cond-b", "subject": {"reference": "Patient/pat-b"}}
+
+
+def _plain(resource: dict) -> dict[str, bool]:
+    """Which checked element of each resource came back as plaintext."""
+    rtype = resource["resourceType"]
+    if rtype == "Patient":
+        ids = {i["system"]: "value" in i for i in resource.get("identifier", [])}
+        return {
+            "nik": ids.get(NIK, False),
+            "bpjs": ids.get(BPJS, False),
+            "name": "family" in resource["name"][0],
+            "birthDate": "birthDate" in resource,
+        }
+    if rtype == "Condition":
+        return {"code": "coding" in resource["code"]}
+    if rtype == "Observation":
+        return {"value": "valueQuantity" in resource}
+    return {"medication": "text" in resource["medicationCodeableConcept"]}
+
+
+EVERYTHING = {
+    "nik": True,
+    "bpjs": True,
+    "name": True,
+    "birthDate": True,
+    "code": True,
+    "value": True,
+    "medication": True,
+}
+NOTHING = dict.fromkeys(EVERYTHING, False)
+ROLES = {
+    # who: (claims, headers, expected for pat-a's resources)
+    "clerk": (
+        {"realm_access": {"roles": ["registration"]}, "scope": "user/*.rs"},
+        {},
+        {**NOTHING, "nik": True, "name": True, "birthDate": True},
+    ),
+    "billing": ({"realm_access": {"roles": ["billing"]}, "scope": "user/*.rs"}, {}, {**NOTHING, "bpjs": True}),
+    "physician": ({"realm_access": {"roles": ["physician"]}, "scope": "user/*.rs"}, {}, EVERYTHING),
+    "pharmacist": (
+        {"realm_access": {"roles": ["pharmacist"]}, "scope": "user/*.rs"},
+        {},
+        {**NOTHING, "name": True, "birthDate": True, "medication": True},
+    ),
+    "physician without a Condition scope": (
+        {"realm_access": {"roles": ["physician"]}, "scope": "user/Patient.rs user/Observation.rs"},
+        {},
+        {**EVERYTHING, "code": False, "medication": False},
+    ),
+    "patient app, own record": (
+        {"scope": "patient/*.rs launch/patient", "patient": "pat-a", "fhirUser": "Patient/pat-a"},
+        {},
+        EVERYTHING,
+    ),
+    "patient app, another patient": ({"scope": "patient/*.rs", "patient": "pat-b"}, {}, NOTHING),
+    "satusehat bridge": ({"scope": "system/*.rs", "azp": "satusehat-bridge"}, {}, EVERYTHING),
+    "other system client": ({"scope": "system/*.rs", "azp": "analytics"}, {}, NOTHING),
+    "break-glass without a reason": ({"realm_access": {"roles": ["emergency"]}, "scope": "user/*.rs"}, {}, NOTHING),
+    "break-glass": (
+        {"realm_access": {"roles": ["emergency"]}, "scope": "user/*.rs"},
+        {"X-Break-Glass-Reason": "unconscious patient in ER"},
+        EVERYTHING,
+    ),
+    "unparseable scopes": (
+        {"realm_access": {"roles": ["physician"]}, "scope": "patient/*.rsx user/Patient"},
+        {},
+        NOTHING,
+    ),
+}
+
+
+@pytest.fixture
+async def stored(proxy_for, clean_upstream, satusehat):
+    writer = await proxy_for(clean_upstream.base_url, satusehat)  # development mode writes the fixtures
+    for resource in (PATIENT, OTHER, CONDITION, OTHER_CONDITION, OBSERVATION, MEDREQ):
+        resp = await writer.put(
+            f"/fhir/R4/{resource['resourceType']}/{resource['id']}", data=orjson.dumps(resource), headers=FHIR_JSON
+        )
+        assert resp.status == 201, await resp.text()
+    return clean_upstream
+
+
+@pytest.mark.parametrize("who", list(ROLES))
+async def test_role_matrix_single_reads_and_searchsets(proxy, issuer, stored, who):
+    claims, headers, expected = ROLES[who]
+    auth = bearer(issuer.token(**claims)) | headers
+    seen: dict[str, bool] = {}
+    for resource in (PATIENT, CONDITION, OBSERVATION, MEDREQ):
+        resp = await proxy.get(f"/fhir/R4/{resource['resourceType']}/{resource['id']}", headers=auth)
+        assert resp.status == 200, await resp.text()
+        body = await resp.json()
+        seen.update(_plain(body))
+        masked = any(s.get("code") == "MASKED" for s in body.get("meta", {}).get("security", []))
+        assert masked == (not all(_plain(body).values())), who
+    assert seen == expected, who
+    # the same decisions inside searchsets (Medplum's in-memory repository ignores _include)
+    in_bundles: dict[str, bool] = {}
+    for resource in (PATIENT, CONDITION, OBSERVATION, MEDREQ):
+        resp = await proxy.get(f"/fhir/R4/{resource['resourceType']}?_id={resource['id']}", headers=auth)
+        bundle = await resp.json()
+        (entry,) = bundle["entry"]
+        in_bundles.update(_plain(entry["resource"]))
+        text = orjson.dumps(bundle).decode()
+        assert "ciphertext" not in text and "fhircrypt.dev" not in text
+    assert in_bundles == expected, who
+
+
+async def test_patient_sees_nothing_of_other_patients_in_a_search(proxy, issuer, stored):
+    auth = bearer(issuer.token(scope="patient/*.rs", patient="pat-a"))
+    bundle = await (await proxy.get("/fhir/R4/Condition?code=D50.9", headers=auth)).json()
+    by_subject = {e["resource"]["subject"]["reference"]: _plain(e["resource"])["code"] for e in bundle["entry"]}
+    assert by_subject == {"Patient/pat-a": True, "Patient/pat-b": False}
+
+
+async def test_a_masked_resource_written_back_is_refused_instead_of_erasing_data(proxy, issuer, stored):
+    auth = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
+    masked = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=auth)).json()
+    resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(masked), headers=FHIR_JSON | auth)
+    assert resp.status == 409 and "MASKED" in (await resp.json())["issue"][0]["diagnostics"]
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    assert (await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json())["name"] == PATIENT["name"]
