@@ -182,6 +182,14 @@ REFUSALS = [
     ("GET", "/fhir/R4/Patient/abc?_summary=maybe", None, {}, 400, "_summary must be one of"),
     (
         "POST",
+        "/fhir/R4/Patient?_elements=name",
+        orjson.dumps({"resourceType": "Patient"}),
+        FHIR_JSON,
+        400,
+        "'_elements'",
+    ),
+    (
+        "POST",
         "/fhir/R4/Patient/_search",
         b"name=Wibisono",
         {"Content-Type": "application/x-www-form-urlencoded"},

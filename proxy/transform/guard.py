@@ -192,7 +192,9 @@ def check_request(
     if it.kind == "operation":
         _check_operation(it, params, policy)
         return Forwarding(None, if_none_exist)
-    allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS) | {"_summary", "_elements"}
+    allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
+    if subsettable or rtype not in policy.resources:  # applied by the proxy, or harmless at the server
+        allowed = allowed | {"_summary", "_elements"}
     for raw, _ in params:
         name = _param_name(raw)[0]
         if name not in allowed:
