@@ -56,32 +56,12 @@ import json
 import sys
 from pathlib import Path
 
+from proxy.policy.searchparams import split_union  # the same splitting the proxy relies on
+
 CORE = "http://hl7.org/fhir/SearchParameter/"
 ABSTRACT_BASES = ("Resource", "DomainResource")
 # Defined by the R4 search page in prose, not as SearchParameter resources.
 PROSE_PARAMS = {"_has": ["special", []], "_list": ["special", []], "_type": ["special", []]}
-
-
-def split_union(expression: str) -> list[str]:
-    """Split a FHIRPath expression on its top-level ``|`` (outside parentheses and strings)."""
-    parts: list[str] = []
-    depth = 0
-    quoted = False
-    start = 0
-    for i, ch in enumerate(expression):
-        if quoted:
-            quoted = ch != "'"
-        elif ch == "'":
-            quoted = True
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            parts.append(expression[start:i].strip())
-            start = i + 1
-    parts.append(expression[start:].strip())
-    return [p for p in parts if p]
 
 
 def root_of(part: str) -> str:
