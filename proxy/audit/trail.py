@@ -34,8 +34,7 @@ interleave records (each replica needs its own trail and ``K_0``).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -51,6 +50,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import orjson
+
+from proxy.crypto.encoding import b64d as b64u_decode
+from proxy.crypto.encoding import b64e as b64u
 
 KEY_BYTES = 32
 RATCHET_LABEL = b"fhircrypt audit ratchet"
@@ -85,21 +87,6 @@ class AuditWriteError(AuditTrailError):
 
 
 # --- encoding -------------------------------------------------------------------------------------
-
-
-def b64u(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def b64u_decode(text: str) -> bytes:
-    """Strict: only canonical unpadded base64url is accepted (a key file with stray bytes is an error)."""
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError, TypeError) as exc:
-        raise ValueError("not base64url") from exc
-    if b64u(raw) != text:
-        raise ValueError("not canonical base64url")
-    return raw
 
 
 def canonical(obj: object) -> bytes:
@@ -753,10 +740,8 @@ class AsyncAuditSink:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout)
             except TimeoutError:
                 self._task.cancel()
-                try:
+                with contextlib.suppress(asyncio.CancelledError):
                     await self._task
-                except asyncio.CancelledError:
-                    pass
         left = len(self._queue)
         if left:
             log.error("audit sink closed with records unwritten", extra={"sink": self.name, "records": left})
@@ -794,7 +779,13 @@ class AsyncAuditSink:
             if not self._failing:
                 log.error(
                     "audit sink write failed; records kept and retried",
-                    extra={"sink": self.name, "error": type(error).__name__, "backlog": len(self._queue)},
+                    extra={
+                        "sink": self.name,
+                        "error": type(error).__name__,
+                        # our own messages name files, offsets and HTTP statuses only
+                        "detail": str(error) if isinstance(error, AuditTrailError) else "",
+                        "backlog": len(self._queue),
+                    },
                 )
                 self._failing = True
             await asyncio.sleep(delay)
