@@ -73,6 +73,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--audience", default=_env("audience"), help="the aud claim tokens must carry")
     serve.add_argument("--token-issuer", default=_env("token_issuer"), help="the iss claim (default: discovered)")
     serve.add_argument("--clock-skew", type=float, default=float(_env("clock_skew", "60")))
+    serve.add_argument("--audit-trail", default=_env("audit_trail"), help="audit trail (from fhircrypt audit init)")
+    serve.add_argument(
+        "--audit-mode",
+        choices=("fail-closed", "continue"),
+        default=_env("audit_mode", "fail-closed"),
+        help="when the trail cannot keep up: refuse requests (default) or carry on, counting losses",
+    )
 
     serve.add_argument(
         "--no-validate",
@@ -86,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-timeout", type=float, default=float(_env("upstream_timeout", "30")))
     serve.add_argument("--log-level", default=_env("log_level", "info"))
     _kek_args(serve)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_init = audit_sub.add_parser("init", help="create a trail and its initial key (give the key to the auditor)")
+    audit_init.add_argument("--trail", required=True, help="the JSON-lines trail to create")
+    audit_init.add_argument("--key-file", required=True, help="where to write the initial key (mode 0600)")
+    audit_verify = audit_sub.add_parser("verify", help="check a trail; names the first broken record")
+    audit_verify.add_argument("trail")
+    audit_verify.add_argument("--key-file", required=True, help="the initial key written by audit init")
 
     keys = sub.add_parser("keys", help="manage the local keyring")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -192,6 +208,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audience=args.audience,
         token_issuer=args.token_issuer,
         clock_skew=args.clock_skew,
+        audit_trail=args.audit_trail,
+        audit_mode=args.audit_mode,
         validate=not args.no_validate,
         max_body=args.max_body,
         upstream_timeout=args.upstream_timeout,
@@ -208,6 +226,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "the policy has no access rules: authenticated callers get every element masked",
             extra={"event": "no-access-rules"},
         )
+    if not settings.audit_trail:
+        log.warning("no audit trail (--audit-trail): decryptions are not recorded", extra={"event": "no-audit"})
     app = create_app(settings, policy, keyring)
     log.info(
         "starting",
@@ -229,7 +249,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "keys":
+        if args.command == "audit":
+            from proxy.audit.cli import init_trail, verify_trail
+
+            if args.audit_command == "init":
+                init_trail(args.trail, args.key_file)
+                print(
+                    f"created {args.trail}; its initial key is in {args.key_file}: give it to the auditor and "
+                    "keep it off this host"
+                )
+                code = 0
+            else:
+                code = verify_trail(args.trail, args.key_file)
+        elif args.command == "keys":
             code = cmd_keys(args)
         elif args.command == "policy":
             code = cmd_policy(args)

@@ -23,6 +23,9 @@ class Settings:
     audience: str | None = None  # the aud claim tokens must carry (the proxy's client id or URL)
     token_issuer: str | None = None  # the iss claim (default: the discovered issuer)
     clock_skew: float = 60.0
+    audit_trail: str | None = None  # JSON-lines audit trail (created with fhircrypt audit init)
+    audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up
+    audit_max_backlog: int = 10_000
     validate: bool = True
     max_body: int = 16 * 1024 * 1024
     max_response: int = 64 * 1024 * 1024

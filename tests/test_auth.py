@@ -323,3 +323,68 @@ async def test_a_masked_resource_written_back_is_refused_instead_of_erasing_data
     assert resp.status == 409 and "MASKED" in (await resp.json())["issue"][0]["diagnostics"]
     physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     assert (await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json())["name"] == PATIENT["name"]
+
+
+async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
+    proxy_for, clean_upstream, satusehat, issuer, stored, tmp_path
+):
+    from proxy.audit.cli import init_trail
+    from proxy.audit.trail import verify
+    from proxy.crypto.encoding import b64d
+
+    trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
+    init_trail(trail, key_file)
+    proxy = await proxy_for(
+        clean_upstream.base_url,
+        satusehat,
+        auth="jwt",
+        oidc_issuer=issuer.url,
+        audience=AUDIENCE,
+        audit_trail=str(trail),
+    )
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    glass = bearer(issuer.token(realm_access={"roles": ["emergency"]}, scope="user/*.rs")) | {
+        "X-Break-Glass-Reason": "unconscious patient"
+    }
+    await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)
+    await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=billing)
+    await proxy.get("/fhir/R4/Patient/pat-a", headers=glass)
+    await proxy.get("/fhir/R4/Patient/pat-a")  # 401
+    await proxy.get("/fhir/R4/Patient?name=Wu", headers=physician)  # 400: too short
+    await proxy.server.close()  # flushes the sink
+    lines = [orjson.loads(line) for line in trail.read_text().splitlines()]
+    assert len(lines) == 5
+    events = [line["event"] for line in lines]
+    assert [e["outcome"] for e in events] == ["0", "0", "0", "4", "4"]
+    details = {d["type"]: d["valueString"] for d in events[1]["entity"][-1].get("detail", [])}
+    assert "insurance" in details.get("decrypted-groups", "") and "identity" in details.get("masked-groups", "")
+    assert any(c.get("code") == "BTG" for p in events[2].get("purposeOfEvent", []) for c in p.get("coding", []))
+    text = trail.read_text()
+    for secret in ("3174015507880001", "Wulandari", "Sri", "1988-07-15", "0001122334401", "unconscious", "Wu&"):
+        assert secret not in text, secret
+    assert verify(trail, b64d(key_file.read_text().strip())).ok
+
+
+async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
+    proxy_for, clean_upstream, satusehat, issuer, tmp_path
+):
+    from proxy.audit.cli import init_trail
+    from proxy.web.app import RUNTIME
+
+    trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
+    init_trail(trail, key_file)
+    proxy = await proxy_for(
+        clean_upstream.base_url,
+        satusehat,
+        auth="jwt",
+        oidc_issuer=issuer.url,
+        audience=AUDIENCE,
+        audit_trail=str(trail),
+        audit_max_backlog=1,
+    )
+    sink = proxy.server.app[RUNTIME].audit
+    await sink.close()  # a sink that no longer accepts records
+    resp = await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(issuer.token(scope="user/*.rs")))
+    assert resp.status == 503 and "audit trail" in (await resp.json())["issue"][0]["diagnostics"]
+    assert clean_upstream.requests() == []

@@ -154,3 +154,21 @@ def test_the_readme_demo_runs_and_finds_no_plaintext_at_the_server():
     assert "scan of everything the FHIR server stores: 0 of" in out.stdout
     for kind in ("Patient/", "Observation/", "Condition/", "MedicationRequest/"):
         assert f"═══ {kind}" in out.stdout
+
+
+def test_audit_init_and_verify_commands(tmp_path):
+    trail, key = tmp_path / "audit.jsonl", tmp_path / "audit.key"
+    out = run_cli("audit", "init", "--trail", str(trail), "--key-file", str(key))
+    assert out.returncode == 0, out.stderr
+    assert key.read_text().strip() not in out.stdout + out.stderr
+    from proxy.audit.trail import AuditTrail
+
+    with AuditTrail(trail).open() as writer:
+        for i in range(3):
+            writer.append({"resourceType": "AuditEvent", "id": f"e{i}"})
+    ok = run_cli("audit", "verify", str(trail), "--key-file", str(key))
+    assert ok.returncode == 0 and "OK: 3 records" in ok.stdout
+    lines = trail.read_text().splitlines()
+    trail.write_text("\n".join([lines[0], lines[2]]) + "\n")
+    broken = run_cli("audit", "verify", str(trail), "--key-file", str(key))
+    assert broken.returncode == 1 and "BROKEN at record 1" in broken.stdout

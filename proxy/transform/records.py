@@ -35,6 +35,8 @@ class ReadReport:
     decrypted: int = 0
     masked: int = 0
     failures: list[str] = field(default_factory=list)
+    decrypted_groups: set[str] = field(default_factory=set)  # for the audit trail
+    masked_groups: set[str] = field(default_factory=set)  # withheld from this caller by the access rules
 
     def fail(self, where: str, why: str) -> None:
         self.failures.append(f"{where}: {why}")
@@ -546,10 +548,12 @@ def decrypt_resource(
         if grants is not None and not slot.el.groups <= grants:
             slot.mask()
             masked += 1
+            report.masked_groups |= slot.el.groups - grants
             continue
         try:
             slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
             report.decrypted += 1
+            report.decrypted_groups |= slot.el.groups
         except (IntegrityError, ValueError, TypeError):
             report.fail(f"{where} {slot.path}", "ciphertext does not verify")
             slot.mask()

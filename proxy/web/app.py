@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.caller import caller_from_claims
 from proxy.auth.tokens import JwtSettings, JwtVerifier, TokenError
 from proxy.crypto.keyring import Keyring
@@ -28,8 +29,9 @@ from proxy.transform import guard, subset
 from proxy.transform.bodies import GrantsFor, decrypt_body, encrypt_for_write
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
-from proxy.transform.records import ReadReport, scrub_markers
+from proxy.transform.records import scrub_markers
 from proxy.web import headers as hdr
+from proxy.web.auditing import Exchange, record, references_in
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -46,6 +48,7 @@ class Runtime:
     public_base: str
     session: aiohttp.ClientSession | None = None
     verifier: JwtVerifier | None = None  # None: --auth none (development mode)
+    audit: AsyncAuditSink | None = None  # None: no audit trail configured
 
     @property
     def upstream_base(self) -> str:
@@ -62,7 +65,9 @@ def _unauthorized(description: str, invalid: bool) -> FhirError:
     return FhirError(401, "login", description, headers={"WWW-Authenticate": challenge})
 
 
-async def _authorize(rt: Runtime, request: web.Request, it: Interaction, request_id: str) -> GrantsFor | None:
+async def _authorize(
+    rt: Runtime, request: web.Request, it: Interaction, request_id: str, exchange: Exchange
+) -> GrantsFor | None:
     """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
     if rt.verifier is None:
         return None  # --auth none: development mode, everything decrypts
@@ -77,9 +82,12 @@ async def _authorize(rt: Runtime, request: web.Request, it: Interaction, request
         raise _unauthorized(str(exc), invalid=True) from None
     access = rt.policy.access
     if access is None:
+        exchange.caller = caller_from_claims(claims)
         return _NOTHING
     caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
+    exchange.caller = caller
     grants = access.grants(caller)
+    exchange.caller, exchange.break_glass = caller, grants.break_glass
     if grants.break_glass:
         log.warning(
             "break-glass",
@@ -234,14 +242,17 @@ async def _forward(
     request_id: str,
     forwarding: guard.Forwarding,
     grants_for: GrantsFor | None,
+    exchange: Exchange,
 ) -> web.Response:
     assert rt.session is not None
     url = rt.upstream_base + "/" + "/".join(segments)
     if forwarding.query is not None:
         if forwarding.query:
-            url += "?" + guard.encode_query(forwarding.query)
+            exchange.forwarded_query = guard.encode_query(forwarding.query)
+            url += "?" + exchange.forwarded_query
     elif request.query_string:
-        url += "?" + request.raw_path.split("?", 1)[1]
+        exchange.forwarded_query = request.raw_path.split("?", 1)[1]
+        url += "?" + exchange.forwarded_query
     headers = hdr.upstream_request_headers(
         request.headers, request_id, request.remote, request.scheme, request.host, body is not None
     )
@@ -277,8 +288,9 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
     if type(payload) is not dict:
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
-    report = ReadReport()
+    report = exchange.report
     decrypt_body(payload, rt.policy, rt.keyring, grants_for, report)
+    exchange.references = references_in(payload)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
@@ -309,10 +321,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     it: Interaction | None = None
     status = 500
+    exchange = Exchange()
     try:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
-        grants_for = await _authorize(rt, request, it, request_id)
+        grants_for = await _authorize(rt, request, it, request_id, exchange)
+        if rt.audit is not None and not rt.audit.available:
+            raise FhirError(
+                503,
+                "transient",
+                "the audit trail is unavailable: requests are refused until it recovers",
+                headers={"Retry-After": "5"},
+            )
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
         forwarding = guard.check_request(it, params, request.headers, rt.policy, rt.keyring.indexer)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
@@ -322,7 +342,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             body = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
-        response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for)
+        response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)
         status = response.status
         return response
     except FhirError as err:
@@ -351,6 +371,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         return _respond_error(FhirError(500, "exception", "internal error in the proxy"), request_id)
     finally:
+        if rt.audit is not None:
+            record(
+                rt.audit, f"{rt.policy.name}@{rt.policy.digest[:12]}", request_id, it, status, exchange, request.remote
+            )
         log.info(
             "request",
             extra={
@@ -422,11 +446,19 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
             timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
         )
         idp = aiohttp.ClientSession() if rt.verifier else None  # system CAs: the IdP is not the upstream
+        trail = AuditTrail(settings.audit_trail).open() if settings.audit_trail else None
         try:
             if rt.verifier and idp:
                 await rt.verifier.start(idp)  # no keys, no start: the proxy fails closed
+            if trail is not None:
+                rt.audit = AsyncAuditSink(trail, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
+                await rt.audit.start()
             yield
         finally:
+            if rt.audit is not None:
+                await rt.audit.close()
+            if trail is not None:
+                trail.close()
             await rt.session.close()
             if idp:
                 await idp.close()

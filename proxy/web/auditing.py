@@ -1,0 +1,98 @@
+"""One audit record per interaction: what the trail needs from a request, and the glue to emit it.
+
+Only ids, references, group names, counts and the *rewritten* query are recorded -
+never bodies, never plaintext search values (the forwarded query carries blind-index
+tokens where the client sent values).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+from dataclasses import dataclass, field
+
+from proxy.audit.events import Agent, audit_event
+from proxy.audit.trail import AsyncAuditSink, AuditUnavailable
+from proxy.auth.caller import Caller
+from proxy.transform.bodies import nested_resources
+from proxy.transform.interactions import Interaction
+from proxy.transform.records import ReadReport
+
+log = logging.getLogger("fhircrypt")
+_ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "search": "E", "operation": "E", "batch": "E"}
+_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+MAX_REFERENCES = 200
+OBSERVER = f"fhircrypt@{socket.gethostname()}"
+
+
+@dataclass
+class Exchange:
+    """Filled in while a request is handled; read when it is audited."""
+
+    caller: Caller | None = None
+    break_glass: bool = False
+    forwarded_query: str | None = None
+    report: ReadReport = field(default_factory=ReadReport)
+    references: list[str] = field(default_factory=list)
+
+
+def references_in(payload: dict) -> list[str]:
+    """``Type/id`` of the resources a response carried (the body, Bundle entries, contained)."""
+    out = []
+    for resource in (payload, *(r for r, _ in nested_resources(payload, ""))):
+        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if _REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
+            out.append(ref)
+            if len(out) >= MAX_REFERENCES:
+                break
+    return out
+
+
+def _interaction(it: Interaction | None) -> str:
+    if it is None:
+        return "operation"
+    label = it.label()
+    return "operation" if label.startswith("operation") else label
+
+
+def record(
+    sink: AsyncAuditSink,
+    policy: str,
+    request_id: str,
+    it: Interaction | None,
+    status: int,
+    exchange: Exchange,
+    remote: str | None,
+) -> None:
+    caller = exchange.caller
+    agent = Agent(
+        subject=caller.subject if caller else None,
+        client_id=caller.client_id if caller else None,
+        fhir_user=caller.fhir_user if caller else None,
+        roles=tuple(sorted(caller.roles)) if caller else (),
+        network_address=remote,
+    )
+    action = _ACTIONS.get(it.kind, "R") if it else "E"
+    try:
+        event = audit_event(
+            action=action,
+            interaction=_interaction(it),
+            status=status,
+            request_id=request_id,
+            agent=agent,
+            resources=exchange.references,
+            query=exchange.forwarded_query,
+            decrypted_groups=sorted(exchange.report.decrypted_groups),
+            masked_groups=sorted(exchange.report.masked_groups),
+            purpose_of_use=list(caller.purpose_of_use) if caller else [],
+            break_glass=exchange.break_glass,
+            integrity_failures=len(exchange.report.failures),
+            policy=policy,
+            source_observer=OBSERVER,
+        )
+        sink.emit(event)
+    except (ValueError, AuditUnavailable) as exc:
+        log.error(
+            "audit record lost", extra={"event": "audit-error", "request_id": request_id, "error": type(exc).__name__}
+        )
