@@ -316,13 +316,59 @@ async def test_patient_sees_nothing_of_other_patients_in_a_search(proxy, issuer,
     assert by_subject == {"Patient/pat-a": True, "Patient/pat-b": False}
 
 
-async def test_a_masked_resource_written_back_is_refused_instead_of_erasing_data(proxy, issuer, stored):
-    auth = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
-    masked = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=auth)).json()
-    resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(masked), headers=FHIR_JSON | auth)
-    assert resp.status == 409 and "MASKED" in (await resp.json())["issue"][0]["diagnostics"]
+async def test_a_masked_resource_written_back_keeps_the_stored_values(proxy, issuer, stored):
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
     physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
-    assert (await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json())["name"] == PATIENT["name"]
+    masked = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=billing)).json()
+    assert "family" not in masked["name"][0] and masked["identifier"][1]["value"] == "0001122334401"
+    changed = {
+        **masked,
+        "gender": "other",
+        "identifier": [masked["identifier"][0], {"system": BPJS, "value": "0009999999999"}],
+    }
+    resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(changed), headers=FHIR_JSON | billing)
+    assert resp.status == 200, await resp.text()
+    full = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
+    assert full["name"] == PATIENT["name"] and full["birthDate"] == PATIENT["birthDate"]
+    assert full["identifier"] == [PATIENT["identifier"][0], {"system": BPJS, "value": "0009999999999"}]
+    assert full["gender"] == "other" and "security" not in full.get("meta", {})
+    request = [r for r in stored.requests() if r["method"] == "PUT"][-1]
+    assert {k.lower(): v for k, v in request["headers"].items()}["if-match"] == 'W/"1"'
+
+
+async def test_writes_of_groups_the_caller_may_not_set_are_forbidden(proxy, issuer, stored):
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
+    masked = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=billing)).json()
+    renamed = {**masked, "name": [{"family": "Forged"}]}
+    resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(renamed), headers=FHIR_JSON | billing)
+    assert resp.status == 403
+    assert "Patient.name" in (await resp.json())["issue"][0]["diagnostics"]
+    new = {k: v for k, v in masked.items() if k not in ("id", "meta")}
+    resp = await proxy.post("/fhir/R4/Patient", data=orjson.dumps(new), headers=FHIR_JSON | billing)
+    assert resp.status == 409  # masked elements in a create: nothing to restore them from
+
+
+async def test_a_masked_write_back_against_a_stale_version_is_a_conflict(proxy, issuer, stored):
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs user/*.cu"))
+    read = await proxy.get("/fhir/R4/Patient/pat-a", headers=billing)
+    masked, etag = await read.json(), read.headers["ETag"]
+    full = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
+    assert (
+        await proxy.put(
+            "/fhir/R4/Patient/pat-a",
+            data=orjson.dumps({**full, "birthDate": "1988-07-16"}),
+            headers=FHIR_JSON | physician,
+        )
+    ).status == 200
+    resp = await proxy.put(
+        "/fhir/R4/Patient/pat-a",
+        data=orjson.dumps({**masked, "gender": "other"}),
+        headers=FHIR_JSON | billing | {"If-Match": etag},
+    )
+    assert resp.status in (409, 412)
+    latest = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
+    assert latest["birthDate"] == "1988-07-16" and latest["gender"] == "female"
 
 
 async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(

@@ -9,6 +9,7 @@ The ``access`` section of a policy maps token claims to groups::
         - name: physician
           when: {role: physician}            # conditions are ANDed; a list means any of
           groups: [identity, demographics, clinical]
+          write: [clinical]                  # what it may set (default: what it may read)
         - name: patient-app
           when: {context: patient}           # a SMART patient/ read scope
           groups: [demographics, clinical]
@@ -39,7 +40,8 @@ CONTEXTS = ("patient", "user", "system")
 class Rule:
     name: str
     when: tuple[tuple[str, frozenset[str]], ...]
-    groups: frozenset[str]
+    groups: frozenset[str]  # decrypted for the caller
+    write: frozenset[str]  # the caller may set (default: the groups it can read)
 
     def matches(self, caller: Caller) -> bool:
         for kind, wanted in self.when:
@@ -67,12 +69,15 @@ class AccessPolicy:
     reason_header: str
 
     def grants(self, caller: Caller) -> CallerGrants:
-        groups = frozenset().union(*(r.groups for r in self.rules if r.matches(caller)))
-        matched = [r.name for r in self.rules if r.matches(caller)]
+        matched = [r for r in self.rules if r.matches(caller)]
+        groups = frozenset().union(*(r.groups for r in matched))
+        write = frozenset().union(*(r.write for r in matched))
         glass = bool(self.break_glass and caller.break_glass_reason and self.break_glass.matches(caller))
         if glass:
             groups |= self.break_glass.groups  # type: ignore[union-attr]
-        return CallerGrants(caller, groups, tuple(matched), glass, self.smart_scopes == "required")
+        return CallerGrants(
+            caller, groups, tuple(r.name for r in matched), glass, self.smart_scopes == "required", write
+        )
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class CallerGrants:
     rules: tuple[str, ...]
     break_glass: bool
     scopes_required: bool
+    write_groups: frozenset[str] = frozenset()
 
     def for_resource(self, resource: dict) -> frozenset[str]:
         from proxy.policy.compartment import in_compartment
@@ -113,7 +119,7 @@ def _names(value: object, source: str, node: Node, key: str) -> frozenset[str]:
 def _rule(raw: object, source: str, where: str, groups: dict[str, str], name_required: bool) -> Rule:
     if not isinstance(raw, Node):
         raise PolicyError(source, None, where, "must be a mapping with when and groups")
-    allowed = {"name", "when", "groups", "reason_header"}
+    allowed = {"name", "when", "groups", "write", "reason_header"}
     for key in raw:
         if key not in allowed:
             raise PolicyError(source, raw.key_lines.get(key), f"{where}.{key}", "unknown field")
@@ -148,7 +154,10 @@ def _rule(raw: object, source: str, where: str, groups: dict[str, str], name_req
     for g in group_names:
         if g not in groups:
             raise PolicyError(source, group_names.line, f"{where}.groups", f"unknown group '{g}'")
-    return Rule(str(raw.get("name", "break-glass")), tuple(conditions), frozenset(group_names))
+    write_names = raw.get("write", group_names)
+    if not isinstance(write_names, list) or any(g not in groups for g in write_names):
+        raise PolicyError(source, raw.key_lines.get("write", raw.line), f"{where}.write", "must list known groups")
+    return Rule(str(raw.get("name", "break-glass")), tuple(conditions), frozenset(group_names), frozenset(write_names))
 
 
 def compile_access(raw: object, source: str, groups: dict[str, str]) -> AccessPolicy | None:

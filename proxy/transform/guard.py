@@ -151,6 +151,7 @@ class Forwarding:
     query: list[tuple[str, str]] | None = None
     if_none_exist: str | None = None
     subset: Subset | None = None  # _summary/_elements the proxy applies after decryption
+    if_match: str | None = None  # set by a masked write-back: the version the merge read
 
 
 def encode_query(params: list[tuple[str, str]]) -> str:

@@ -6,6 +6,7 @@ by the pure core in ``proxy.transform``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import ssl
 import time
@@ -26,12 +27,13 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, subset
-from proxy.transform.bodies import GrantsFor, decrypt_body, encrypt_for_write
+from proxy.transform.bodies import GrantsFor, decrypt_body
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import scrub_markers
 from proxy.web import headers as hdr
 from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.writes import prepare_write
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -87,7 +89,7 @@ async def _authorize(
     caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
     exchange.caller = caller
     grants = access.grants(caller)
-    exchange.caller, exchange.break_glass = caller, grants.break_glass
+    exchange.caller, exchange.grants, exchange.break_glass = caller, grants, grants.break_glass
     if grants.break_glass:
         log.warning(
             "break-glass",
@@ -161,8 +163,8 @@ def _parse_json(body: bytes, what: str, shape: type = dict):
     return value
 
 
-def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes) -> bytes:
-    """Check and encrypt a request body; returns what may be sent upstream."""
+def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes) -> bytes | dict:
+    """Check a request body; returns what may be sent upstream, or the resource of a create or update."""
     ctype = hdr.media_type(request.headers.get("Content-Type"))
     if it.kind == "search":
         if ctype != "application/x-www-form-urlencoded":
@@ -198,8 +200,7 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
         )
     if it.kind == "update" and not it.conditional and resource.get("id") != it.id:
         raise FhirError(400, "invalid", "the id in the body must match the id in the URL", [f"{rtype}.id"])
-    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
-    return orjson.dumps(resource)
+    return resource
 
 
 def _refuse_reserved(parsed: object) -> None:
@@ -262,6 +263,8 @@ async def _forward(
         headers["Content-Type"] = "application/json-patch+json"
     if forwarding.if_none_exist is not None:
         headers["If-None-Exist"] = forwarding.if_none_exist
+    if forwarding.if_match is not None:
+        headers["If-Match"] = forwarding.if_match
     try:
         async with rt.session.request(
             request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False
@@ -339,7 +342,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
             raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
         body = None
         if request.method in ("POST", "PUT", "PATCH"):
-            body = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
+            prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
+            if isinstance(prepared, dict):
+                body, extra = await prepare_write(
+                    rt,
+                    it,
+                    prepared,
+                    exchange.grants,
+                    rt.verifier is not None,
+                    "If-Match" in request.headers,
+                    request_id,
+                )
+                forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
+            else:
+                body = prepared
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
         response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)

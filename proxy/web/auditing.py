@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from proxy.audit.events import Agent, audit_event
 from proxy.audit.trail import AsyncAuditSink, AuditUnavailable
 from proxy.auth.caller import Caller
+from proxy.policy.access import CallerGrants
 from proxy.transform.bodies import nested_resources
 from proxy.transform.interactions import Interaction
 from proxy.transform.records import ReadReport
@@ -31,6 +32,7 @@ class Exchange:
     """Filled in while a request is handled; read when it is audited."""
 
     caller: Caller | None = None
+    grants: CallerGrants | None = None
     break_glass: bool = False
     forwarded_query: str | None = None
     report: ReadReport = field(default_factory=ReadReport)

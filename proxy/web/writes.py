@@ -1,0 +1,90 @@
+"""Creates and updates of resources with encrypted elements: write rules, masked write-back, encryption."""
+
+from __future__ import annotations
+
+import aiohttp
+import orjson
+
+from proxy.outcome import FhirError
+from proxy.policy.access import CallerGrants
+from proxy.transform.bodies import encrypt_for_write
+from proxy.transform.interactions import Interaction
+from proxy.transform.masked import has_masked, merge_masked, written_groups
+from proxy.transform.records import ReadReport, decrypt_resource
+from proxy.web import headers as hdr
+
+
+async def _stored_plaintext(rt, it: Interaction, request_id: str) -> tuple[dict, str | None]:
+    """The current version at the upstream, decrypted in full for the merge (never sent anywhere)."""
+    url = f"{rt.upstream_base}/{it.resource_type}/{it.id}"
+    try:
+        async with rt.session.get(url, headers={"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}) as resp:
+            status, raw = resp.status, await resp.read()
+    except (aiohttp.ClientError, TimeoutError):
+        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+    if status in (404, 410):
+        raise FhirError(
+            409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
+        )
+    try:
+        stored = orjson.loads(raw) if status == 200 else None
+    except orjson.JSONDecodeError:
+        stored = None
+    if type(stored) is not dict or stored.get("resourceType") != it.resource_type:
+        raise FhirError(502, "structure", "the upstream did not return the stored version")
+    report = ReadReport()
+    decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.keyring, None, rt.policy.unenveloped, report)
+    if report.failures:
+        raise FhirError(
+            409,
+            "conflict",
+            f"{it.resource_type}/{it.id}: the stored version fails verification, so its "
+            "masked elements cannot be restored from it",
+        )
+    version = (stored.get("meta") or {}).get("versionId")
+    return stored, version if isinstance(version, str) else None
+
+
+async def prepare_write(
+    rt,
+    it: Interaction,
+    resource: dict,
+    grants: CallerGrants | None,
+    restricted: bool,
+    client_if_match: bool,
+    request_id: str,
+) -> tuple[bytes, dict[str, str]]:
+    """Check write rules, restore masked elements, validate and encrypt; returns the body and headers to add."""
+    rp = rt.policy.resources.get(it.resource_type)
+    extra: dict[str, str] = {}
+    if rp is not None:
+        if restricted:
+            allowed = grants.write_groups if grants is not None else frozenset()
+            denied = [(path, groups) for path, groups in written_groups(resource, rp).items() if not groups <= allowed]
+            if denied:
+                path, groups = denied[0]
+                where = f"{it.resource_type}.{path}"
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    f"{where}: this caller may not write the group(s) {', '.join(sorted(groups - allowed))}",
+                    [where],
+                )
+        if has_masked(resource, rp):
+            if it.kind != "update" or it.conditional:
+                raise FhirError(
+                    409,
+                    "conflict",
+                    "masked elements can only be written back by an update of the resource they were read from",
+                )
+            stored, version = await _stored_plaintext(rt, it, request_id)
+            missing = merge_masked(resource, stored, rp)
+            if missing:
+                where = [f"{it.resource_type}.{p}" for p in missing[:5]]
+                raise FhirError(
+                    409, "conflict", f"{where[0]}: masked in the request but absent from the stored version", where
+                )
+            if not client_if_match and version:
+                extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
+    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
+    return orjson.dumps(resource), extra
