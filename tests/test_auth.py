@@ -434,3 +434,26 @@ async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
     resp = await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(issuer.token(scope="user/*.rs")))
     assert resp.status == 503 and "audit trail" in (await resp.json())["issue"][0]["diagnostics"]
     assert clean_upstream.requests() == []
+
+
+async def test_decrypting_a_canary_resource_alerts_and_blocks_the_caller(
+    proxy_for, clean_upstream, issuer, stored, caplog
+):
+    import logging
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "policies/satusehat.yaml").read_text() + "\ncanaries: {resources: [Patient/pat-b], action: block}\n"
+    from proxy.policy.compiler import compile_text
+
+    policy = compile_text(text, "satusehat+canary.yaml")
+    proxy = await proxy_for(clean_upstream.base_url, policy, auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE)
+    thief = bearer(issuer.token(sub="stolen-token-user", realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    caplog.set_level(logging.INFO)
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=thief)).status == 200
+    bulk = await proxy.get("/fhir/R4/Patient?gender=female", headers=thief)  # the sweep includes the canary
+    assert bulk.status == 403 and "Siti" not in await bulk.text()
+    assert any(getattr(r, "event", None) == "canary" for r in caplog.records)
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=thief)).status == 403  # blocked from now on
+    other = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=other)).status == 200

@@ -110,6 +110,8 @@ class CompiledPolicy:
     unenveloped: str
     warnings: tuple[str, ...] = field(default=())
     access: AccessPolicy | None = None  # who may decrypt which groups (None: no rules; nothing decrypts)
+    canaries: frozenset[str] = frozenset()  # honeytoken references ("Patient/x") whose decryption alerts
+    canary_action: str = "alert"  # or "block": also refuse the caller from then on
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -158,6 +160,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "name",
             "description",
             "groups",
+            "canaries",
             "defaults",
             "resources",
             "reference_display",
@@ -210,6 +213,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         unenveloped=unenveloped,
         warnings=tuple(warnings),
         access=compile_access(doc.get("access"), source, groups),
+        **_compile_canaries(ctx, doc),
     )
 
 
@@ -562,3 +566,18 @@ def _resource_policy(rtype: str, elements: list[CompiledElement], mode: str) -> 
         replace=mode == "replace",
     )
     return ResourcePolicy(rtype, (*elements, narrative), mode)
+
+
+_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
+
+
+def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
+    """Honeytokens: resources nobody has a reason to read, whose decryption reveals a stolen token."""
+    spec = doc.get("canaries")
+    if spec is None:
+        return {}
+    _check_keys(ctx, spec, "canaries", required={"resources"}, allowed={"resources", "action"})
+    refs = spec["resources"]
+    if not isinstance(refs, list) or not all(isinstance(r, str) and _REFERENCE.match(r) for r in refs):
+        raise ctx.fail(spec, "resources", "must list references like Patient/canary-1")
+    return {"canaries": frozenset(refs), "canary_action": _choice(ctx, spec, "action", ("alert", "block"), "alert")}

@@ -51,6 +51,7 @@ class Runtime:
     session: aiohttp.ClientSession | None = None
     verifier: JwtVerifier | None = None  # None: --auth none (development mode)
     audit: AsyncAuditSink | None = None  # None: no audit trail configured
+    blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
 
     @property
     def upstream_base(self) -> str:
@@ -88,6 +89,8 @@ async def _authorize(
         return _NOTHING
     caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
     exchange.caller = caller
+    if caller.subject in rt.blocked_subjects:
+        raise FhirError(403, "forbidden", "access refused")
     grants = access.grants(caller)
     exchange.caller, exchange.grants, exchange.break_glass = caller, grants, grants.break_glass
     if grants.break_glass:
@@ -101,6 +104,23 @@ async def _authorize(
             },
         )
     return grants.for_resource
+
+
+def _check_canaries(rt: Runtime, exchange: Exchange, request_id: str) -> None:
+    """A honeytoken decrypted for a caller: alert (and with action block, refuse this caller from now on)."""
+    if not rt.policy.canaries or not exchange.report.decrypted:
+        return
+    hit = sorted(rt.policy.canaries.intersection(exchange.references))
+    if not hit:
+        return
+    subject = exchange.caller.subject if exchange.caller else None
+    log.critical(
+        "canary resource decrypted",
+        extra={"event": "canary", "request_id": request_id, "subject": subject, "resources": hit},
+    )
+    if rt.policy.canary_action == "block" and subject:
+        rt.blocked_subjects.add(subject)
+        raise FhirError(403, "forbidden", "access refused")
 
 
 def _NOTHING(resource: dict) -> frozenset[str]:
@@ -294,6 +314,7 @@ async def _forward(
     report = exchange.report
     decrypt_body(payload, rt.policy, rt.keyring, grants_for, report)
     exchange.references = references_in(payload)
+    _check_canaries(rt, exchange, request_id)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
