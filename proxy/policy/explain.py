@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.policy.affects import affected_params
 from proxy.policy.compiler import CompiledPolicy, Kind
 
 _FORMS = {
@@ -28,10 +29,15 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
             display_only.append(rtype)
             continue
         lines.append(f"{rtype}  (narrative: {rp.narrative_mode})")
+        affected = affected_params(rp)
         for el in explicit:
             lines.append(f"  {el.source:<70} {','.join(sorted(el.groups)):<14} {_FORMS[el.kind]}")
-            if el.indexes:
-                lines.append(f"  {'':<70} {'':<14} blind index for: {', '.join(i.param for i in el.indexes)}")
+            indexed = [i.param for i in el.indexes]
+            refused = [c for c in affected.get(el.field_id, []) if c not in indexed]
+            if indexed:
+                lines.append(f"  {'':<70} {'':<14} searchable (blind index): {', '.join(indexed)}")
+            if refused:
+                lines.append(f"  {'':<70} {'':<14} refused searches: {', '.join(refused)}")
         if displays:
             names = ", ".join(e.field_id.removeprefix("display:") for e in displays) if show_display else len(displays)
             lines.append(f"  + Reference.display of: {names}")

@@ -16,8 +16,9 @@ import unicodedata
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
-from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
-from proxy.policy.searchparams import ParamPath, SearchParam, element_paths, search_param
+from proxy.policy.affects import touched_elements
+from proxy.policy.compiler import IndexSpec, ResourcePolicy
+from proxy.policy.searchparams import SearchParam, search_param
 from proxy.transform import markers as mk
 from proxy.transform.normalize import EXACT, NORMALISERS, fold
 
@@ -28,39 +29,6 @@ _TOKEN = re.compile("^" + re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-
 
 def _refuse(where: str, raw: str, why: str) -> FhirError:
     return FhirError(400, "not-supported", f"{where}: search parameter '{raw}' {why}", [raw])
-
-
-def _key_matches(param_key: str, el_key: str, el: CompiledElement, last: bool) -> bool:
-    if param_key == el_key:
-        return True
-    # the element is a choice (value[x]) and the parameter names one of its types
-    return last and bool(el.choices) and param_key in {n for n, _ in el.choices}
-
-
-def touches(path: ParamPath, el: CompiledElement) -> bool:
-    """Whether the parameter reads the element or something inside or around it."""
-    hops = (*el.nav, el.terminal)
-    param_keys = path.json_path if path.choice_type else path.path
-    for i, (pk, hop) in enumerate(zip(param_keys, hops, strict=False)):
-        if not _key_matches(pk, hop.key, el, i == len(hops) - 1) and not (
-            path.choice_type and i == path.choice_step and pk == hop.key
-        ):
-            return False
-        prefix = ".".join(path.path[: i + 1]) + "."
-        wanted = {k[len(prefix) :]: v for k, v in path.criteria if k.startswith(prefix) and "." not in k[len(prefix) :]}
-        if any(wanted.get(k, v) != v for k, v in hop.criteria):
-            return False
-    return True
-
-
-def touched_elements(rp: ResourcePolicy, sp: SearchParam) -> list[CompiledElement] | None:
-    """Encrypted elements the parameter reads; None when its expression is unknown."""
-    paths = element_paths(sp)
-    if paths is None:
-        return None
-    # Reference.display copies are read by no search parameter (only by :text and _text, refused)
-    elements = [e for e in rp.content_elements if not e.display_copy]
-    return [e for e in elements if any(touches(p, e) for p in paths)]
 
 
 def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: str | None = None) -> list[str] | None:
