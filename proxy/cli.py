@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--clock-skew", type=float, default=float(_env("clock_skew", "60")))
     serve.add_argument("--audit-trail", default=_env("audit_trail"), help="audit trail (from fhircrypt audit init)")
     serve.add_argument(
+        "--audit-fhir",
+        default=_env("audit_fhir"),
+        help="also POST every AuditEvent to this FHIR base (an audit repository off this host)",
+    )
+    serve.add_argument(
         "--audit-mode",
         choices=("fail-closed", "continue"),
         default=_env("audit_mode", "fail-closed"),
@@ -209,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token_issuer=args.token_issuer,
         clock_skew=args.clock_skew,
         audit_trail=args.audit_trail,
+        audit_fhir=args.audit_fhir,
         audit_mode=args.audit_mode,
         validate=not args.no_validate,
         max_body=args.max_body,
@@ -226,7 +232,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "the policy has no access rules: authenticated callers get every element masked",
             extra={"event": "no-access-rules"},
         )
-    if not settings.audit_trail:
+    if not settings.audit_trail and not settings.audit_fhir:
         log.warning("no audit trail (--audit-trail): decryptions are not recorded", extra={"event": "no-audit"})
     app = create_app(settings, policy, keyring)
     log.info(

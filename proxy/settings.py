@@ -24,6 +24,7 @@ class Settings:
     token_issuer: str | None = None  # the iss claim (default: the discovered issuer)
     clock_skew: float = 60.0
     audit_trail: str | None = None  # JSON-lines audit trail (created with fhircrypt audit init)
+    audit_fhir: str | None = None  # FHIR base that also receives every AuditEvent (POST /AuditEvent)
     audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up
     audit_max_backlog: int = 10_000
     validate: bool = True

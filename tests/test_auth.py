@@ -372,7 +372,7 @@ async def test_a_masked_write_back_against_a_stale_version_is_a_conflict(proxy, 
 
 
 async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
-    proxy_for, clean_upstream, satusehat, issuer, stored, tmp_path
+    proxy_for, clean_upstream, satusehat, issuer, stored, tmp_path, aiohttp_server
 ):
     from proxy.audit.cli import init_trail
     from proxy.audit.trail import verify
@@ -380,6 +380,15 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
 
     trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
     init_trail(trail, key_file)
+    posted = []
+
+    async def receive(request):
+        posted.append(await request.json())
+        return web.json_response({}, status=201)
+
+    repository = web.Application()
+    repository.router.add_post("/fhir/AuditEvent", receive)
+    audit_server = await aiohttp_server(repository)
     proxy = await proxy_for(
         clean_upstream.base_url,
         satusehat,
@@ -387,6 +396,7 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
         oidc_issuer=issuer.url,
         audience=AUDIENCE,
         audit_trail=str(trail),
+        audit_fhir=str(audit_server.make_url("/fhir")),
     )
     physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
@@ -398,9 +408,10 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
     await proxy.get("/fhir/R4/Patient/pat-a", headers=glass)
     await proxy.get("/fhir/R4/Patient/pat-a")  # 401
     await proxy.get("/fhir/R4/Patient?name=Wu", headers=physician)  # 400: too short
-    await proxy.server.close()  # flushes the sink
+    await proxy.server.close()  # flushes the sinks
     lines = [orjson.loads(line) for line in trail.read_text().splitlines()]
     assert len(lines) == 5
+    assert posted == [line["event"] for line in lines]  # the audit repository received the same events
     events = [line["event"] for line in lines]
     assert [e["outcome"] for e in events] == ["0", "0", "0", "4", "4"]
     details = {d["type"]: d["valueString"] for d in events[1]["entity"][-1].get("detail", [])}
@@ -429,7 +440,7 @@ async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
         audit_trail=str(trail),
         audit_max_backlog=1,
     )
-    sink = proxy.server.app[RUNTIME].audit
+    (sink,) = proxy.server.app[RUNTIME].audit
     await sink.close()  # a sink that no longer accepts records
     resp = await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(issuer.token(scope="user/*.rs")))
     assert resp.status == 503 and "audit trail" in (await resp.json())["issue"][0]["diagnostics"]

@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.caller import caller_from_claims
 from proxy.auth.tokens import JwtSettings, JwtVerifier, TokenError
@@ -50,7 +51,7 @@ class Runtime:
     public_base: str
     session: aiohttp.ClientSession | None = None
     verifier: JwtVerifier | None = None  # None: --auth none (development mode)
-    audit: AsyncAuditSink | None = None  # None: no audit trail configured
+    audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
 
     @property
@@ -350,7 +351,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
         grants_for = await _authorize(rt, request, it, request_id, exchange)
-        if rt.audit is not None and not rt.audit.available:
+        if not all(sink.available for sink in rt.audit):
             raise FhirError(
                 503,
                 "transient",
@@ -408,7 +409,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
         return _respond_error(FhirError(500, "exception", "internal error in the proxy"), request_id)
     finally:
-        if rt.audit is not None:
+        if rt.audit:
             record(
                 rt.audit, f"{rt.policy.name}@{rt.policy.digest[:12]}", request_id, it, status, exchange, request.remote
             )
@@ -482,23 +483,26 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
         rt.session = aiohttp.ClientSession(
             timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
         )
-        idp = aiohttp.ClientSession() if rt.verifier else None  # system CAs: the IdP is not the upstream
+        # system CAs for the identity provider and the audit server: neither is the upstream
+        outside = aiohttp.ClientSession() if rt.verifier or settings.audit_fhir else None
         trail = AuditTrail(settings.audit_trail).open() if settings.audit_trail else None
         try:
-            if rt.verifier and idp:
-                await rt.verifier.start(idp)  # no keys, no start: the proxy fails closed
-            if trail is not None:
-                rt.audit = AsyncAuditSink(trail, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
-                await rt.audit.start()
+            if rt.verifier and outside:
+                await rt.verifier.start(outside)  # no keys, no start: the proxy fails closed
+            targets = [t for t in (trail, settings.audit_fhir and FhirAuditPoster(outside, settings.audit_fhir)) if t]
+            for target in targets:
+                sink = AsyncAuditSink(target, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
+                await sink.start()
+                rt.audit.append(sink)
             yield
         finally:
-            if rt.audit is not None:
-                await rt.audit.close()
+            for sink in rt.audit:
+                await sink.close()
             if trail is not None:
                 trail.close()
             await rt.session.close()
-            if idp:
-                await idp.close()
+            if outside:
+                await outside.close()
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/healthz", health)

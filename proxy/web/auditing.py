@@ -59,7 +59,7 @@ def _interaction(it: Interaction | None) -> str:
 
 
 def record(
-    sink: AsyncAuditSink,
+    sinks: list[AsyncAuditSink],
     policy: str,
     request_id: str,
     it: Interaction | None,
@@ -93,7 +93,8 @@ def record(
             policy=policy,
             source_observer=OBSERVER,
         )
-        sink.emit(event)
+        for sink in sinks:
+            sink.emit(event)
     except (ValueError, AuditUnavailable) as exc:
         log.error(
             "audit record lost", extra={"event": "audit-error", "request_id": request_id, "error": type(exc).__name__}
