@@ -28,6 +28,14 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get("FHIRCRYPT_" + name.upper().replace("-", "_"), default)
 
 
+def _secret(name: str) -> str | None:
+    """A secret from FHIRCRYPT_<NAME>_FILE or FHIRCRYPT_<NAME>; secrets never come from flags."""
+    path = _env(f"{name}_file")
+    if path:
+        return Path(path).read_text().strip()
+    return _env(name)
+
+
 def _listen(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
@@ -73,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--audience", default=_env("audience"), help="the aud claim tokens must carry")
     serve.add_argument("--token-issuer", default=_env("token_issuer"), help="the iss claim (default: discovered)")
     serve.add_argument("--clock-skew", type=float, default=float(_env("clock_skew", "60")))
+    serve.add_argument(
+        "--introspection-url",
+        default=_env("introspection_url"),
+        help="RFC 7662 endpoint for opaque tokens (secret: FHIRCRYPT_INTROSPECTION_SECRET[_FILE])",
+    )
+    serve.add_argument("--introspection-client-id", default=_env("introspection_client_id", "fhircrypt"))
     serve.add_argument("--audit-trail", default=_env("audit_trail"), help="audit trail (from fhircrypt audit init)")
     serve.add_argument(
         "--audit-fhir",
@@ -213,6 +227,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         audience=args.audience,
         token_issuer=args.token_issuer,
         clock_skew=args.clock_skew,
+        introspection_url=args.introspection_url,
+        introspection_client_id=args.introspection_client_id,
+        introspection_secret=_secret("introspection_secret"),
         audit_trail=args.audit_trail,
         audit_fhir=args.audit_fhir,
         audit_mode=args.audit_mode,

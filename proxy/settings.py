@@ -23,6 +23,9 @@ class Settings:
     audience: str | None = None  # the aud claim tokens must carry (the proxy's client id or URL)
     token_issuer: str | None = None  # the iss claim (default: the discovered issuer)
     clock_skew: float = 60.0
+    introspection_url: str | None = None  # RFC 7662 endpoint for opaque tokens
+    introspection_client_id: str | None = None
+    introspection_secret: str | None = None  # from FHIRCRYPT_INTROSPECTION_SECRET(_FILE), never a flag
     audit_trail: str | None = None  # JSON-lines audit trail (created with fhircrypt audit init)
     audit_fhir: str | None = None  # FHIR base that also receives every AuditEvent (POST /AuditEvent)
     audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up

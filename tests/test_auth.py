@@ -468,3 +468,54 @@ async def test_decrypting_a_canary_resource_alerts_and_blocks_the_caller(
     assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=thief)).status == 403  # blocked from now on
     other = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=other)).status == 200
+
+
+async def test_opaque_tokens_are_checked_by_introspection(
+    proxy_for, clean_upstream, satusehat, issuer, stored, aiohttp_server
+):
+    import base64
+
+    active = {
+        "opaque-physician": {
+            "active": True,
+            "sub": "dr-a",
+            "aud": AUDIENCE,
+            "exp": int(time.time()) + 60,
+            "scope": "user/*.rs",
+            "realm_access": {"roles": ["physician"]},
+        },
+        "opaque-expired": {"active": True, "sub": "dr-b", "aud": AUDIENCE, "exp": int(time.time()) - 60},
+        "opaque-elsewhere": {"active": True, "sub": "dr-c", "aud": "other", "exp": int(time.time()) + 60},
+    }
+    calls = []
+
+    async def introspect(request):
+        form = await request.post()
+        calls.append(form["token"])
+        expected = "Basic " + base64.b64encode(b"fhircrypt:s3cret").decode()
+        if request.headers.get("Authorization") != expected:
+            return web.json_response({}, status=401)
+        return web.json_response(active.get(form["token"], {"active": False}))
+
+    app = web.Application()
+    app.router.add_post("/introspect", introspect)
+    endpoint = await aiohttp_server(app)
+    proxy = await proxy_for(
+        clean_upstream.base_url,
+        satusehat,
+        auth="jwt",
+        oidc_issuer=issuer.url,
+        audience=AUDIENCE,
+        introspection_url=str(endpoint.make_url("/introspect")),
+        introspection_client_id="fhircrypt",
+        introspection_secret="s3cret",
+    )
+    ok = await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer("opaque-physician"))
+    assert ok.status == 200 and (await ok.json())["name"] == PATIENT["name"]
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer("opaque-physician"))).status == 200
+    assert calls.count("opaque-physician") == 1  # cached
+    for token in ("opaque-expired", "opaque-elsewhere", "opaque-unknown"):
+        assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(token))).status == 401, token
+    jwt_token = issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs")
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(jwt_token))).status == 200
+    assert jwt_token not in calls  # JWTs are verified locally

@@ -10,6 +10,7 @@ can never be used as an HMAC secret.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -133,3 +134,64 @@ class JwtVerifier:
             raise TokenError(f"the token lacks the '{exc.claim}' claim") from None
         except jwt.PyJWTError:
             raise TokenError("the token's signature does not verify") from None
+
+
+class Introspector:
+    """RFC 7662 token introspection for opaque (non-JWT) tokens, with a short positive cache.
+
+    The proxy authenticates to the endpoint as a confidential client (HTTP Basic); the
+    secret comes from a file or the environment, never a flag.
+    """
+
+    def __init__(
+        self, url: str, client_id: str, client_secret: str, audience: str, ttl: float = 60.0, max_entries: int = 10_000
+    ) -> None:
+        self.url, self.audience, self.ttl, self.max_entries = url, audience, ttl, max_entries
+        self._auth = {"Authorization": aiohttp.encode_basic_auth(client_id, client_secret)}
+        self._cache: dict[str, tuple[float, dict]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"Introspector({self.url})"
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def verify(self, token: str) -> dict:
+        key = hashlib.sha256(token.encode()).hexdigest()
+        now = time.time()
+        cached = self._cache.get(key)
+        if cached and cached[0] > time.monotonic():
+            claims = cached[1]
+        else:
+            claims = await self._ask(token)
+            if len(self._cache) >= self.max_entries:
+                self._cache.clear()
+            expires = min(self.ttl, max(0.0, float(claims.get("exp", now)) - now))
+            self._cache[key] = (time.monotonic() + expires, claims)
+        if not isinstance(claims.get("exp"), int | float) or claims["exp"] < now:
+            raise TokenError("the token has expired")
+        audience = claims.get("aud")
+        if audience is not None and self.audience not in (audience if isinstance(audience, list) else [audience]):
+            raise TokenError("the token is for another audience")
+        if "sub" not in claims:
+            raise TokenError("the token lacks the 'sub' claim")
+        return claims
+
+    async def _ask(self, token: str) -> dict:
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self.url,
+                data={"token": token, "token_type_hint": "access_token"},
+                auth=self._auth,
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:
+                if resp.status != 200:
+                    raise TokenError(f"the introspection endpoint answered {resp.status}")
+                claims = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            raise TokenError("the introspection endpoint cannot be reached") from None
+        if not isinstance(claims, dict) or claims.get("active") is not True:
+            raise TokenError("the token is not active")
+        return claims

@@ -22,7 +22,7 @@ from yarl import URL
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.caller import caller_from_claims
-from proxy.auth.tokens import JwtSettings, JwtVerifier, TokenError
+from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier, TokenError
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
@@ -51,6 +51,7 @@ class Runtime:
     public_base: str
     session: aiohttp.ClientSession | None = None
     verifier: JwtVerifier | None = None  # None: --auth none (development mode)
+    introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
 
@@ -80,8 +81,12 @@ async def _authorize(
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized("a bearer token is required", invalid=False)
+    token = token.strip()
     try:
-        claims = await rt.verifier.verify(token.strip())
+        if rt.introspector is not None and token.count(".") != 2:  # opaque: not a JWS compact serialisation
+            claims = await rt.introspector.verify(token)
+        else:
+            claims = await rt.verifier.verify(token)
     except TokenError as exc:
         raise _unauthorized(str(exc), invalid=True) from None
     access = rt.policy.access
@@ -467,6 +472,13 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
     if settings.auth == "jwt":
         if not settings.audience:
             raise ValueError("--auth jwt needs --audience")
+        if settings.introspection_url:
+            rt.introspector = Introspector(
+                settings.introspection_url,
+                settings.introspection_client_id or "",
+                settings.introspection_secret or "",
+                settings.audience,
+            )
         rt.verifier = JwtVerifier(
             JwtSettings(
                 audience=settings.audience,
@@ -489,6 +501,8 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
         try:
             if rt.verifier and outside:
                 await rt.verifier.start(outside)  # no keys, no start: the proxy fails closed
+                if rt.introspector:
+                    rt.introspector.start(outside)
             targets = [t for t in (trail, settings.audit_fhir and FhirAuditPoster(outside, settings.audit_fhir)) if t]
             for target in targets:
                 sink = AsyncAuditSink(target, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
