@@ -184,7 +184,7 @@ class Introspector:
             async with self._session.post(
                 self.url,
                 data={"token": token, "token_type_hint": "access_token"},
-                auth=self._auth,
+                headers=self._auth,
                 timeout=aiohttp.ClientTimeout(total=10),
             ) as resp:
                 if resp.status != 200:
