@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     audit_verify = audit_sub.add_parser("verify", help="check a trail; names the first broken record")
     audit_verify.add_argument("trail")
     audit_verify.add_argument("--key-file", required=True, help="the initial key written by audit init")
+    audit_verify.add_argument("--state", help="the writer's state file: also detects records cut from the end")
 
     keys = sub.add_parser("keys", help="manage the local keyring")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -232,6 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         introspection_secret=_secret("introspection_secret"),
         audit_trail=args.audit_trail,
         audit_fhir=args.audit_fhir,
+        audit_fhir_token=_secret("audit_fhir_token"),
         audit_mode=args.audit_mode,
         validate=not args.no_validate,
         max_body=args.max_body,
@@ -277,13 +279,9 @@ def main(argv: list[str] | None = None) -> None:
 
             if args.audit_command == "init":
                 init_trail(args.trail, args.key_file)
-                print(
-                    f"created {args.trail}; its initial key is in {args.key_file}: give it to the auditor and "
-                    "keep it off this host"
-                )
                 code = 0
             else:
-                code = verify_trail(args.trail, args.key_file)
+                code = verify_trail(args.trail, args.key_file, args.state)
         elif args.command == "keys":
             code = cmd_keys(args)
         elif args.command == "policy":

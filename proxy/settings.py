@@ -28,6 +28,7 @@ class Settings:
     introspection_secret: str | None = None  # from FHIRCRYPT_INTROSPECTION_SECRET(_FILE), never a flag
     audit_trail: str | None = None  # JSON-lines audit trail (created with fhircrypt audit init)
     audit_fhir: str | None = None  # FHIR base that also receives every AuditEvent (POST /AuditEvent)
+    audit_fhir_token: str | None = None  # its bearer token (FHIRCRYPT_AUDIT_FHIR_TOKEN[_FILE]; never a flag)
     audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up
     audit_max_backlog: int = 10_000
     validate: bool = True

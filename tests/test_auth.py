@@ -383,6 +383,8 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
     posted = []
 
     async def receive(request):
+        if request.headers.get("Authorization") != "Bearer audit-repo-token":
+            return web.json_response({}, status=401)
         posted.append(await request.json())
         return web.json_response({}, status=201)
 
@@ -397,6 +399,7 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
         audience=AUDIENCE,
         audit_trail=str(trail),
         audit_fhir=str(audit_server.make_url("/fhir")),
+        audit_fhir_token="audit-repo-token",
     )
     physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
@@ -404,7 +407,7 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
         "X-Break-Glass-Reason": "unconscious patient"
     }
     await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)
-    await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=billing)
+    await proxy.get(f"/fhir/R4/Patient?identifier={BPJS}|0001122334401", headers=billing)
     await proxy.get("/fhir/R4/Patient/pat-a", headers=glass)
     await proxy.get("/fhir/R4/Patient/pat-a")  # 401
     await proxy.get("/fhir/R4/Patient?name=Wu", headers=physician)  # 400: too short
@@ -519,3 +522,26 @@ async def test_opaque_tokens_are_checked_by_introspection(
     jwt_token = issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs")
     assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(jwt_token))).status == 200
     assert jwt_token not in calls  # JWTs are verified locally
+
+
+async def test_callers_cannot_search_by_what_they_may_not_read(proxy, issuer, stored, clean_upstream):
+    """A billing officer searching by NIK would learn which patient has it: refused."""
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    resp = await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=billing)
+    assert resp.status == 403 and "identifier" in (await resp.json())["issue"][0]["diagnostics"]
+    assert (await proxy.get(f"/fhir/R4/Patient?identifier={BPJS}|0001122334401", headers=billing)).status == 200
+    assert "3174015507880001" not in orjson.dumps(clean_upstream.requests()).decode()
+
+
+async def test_patient_apps_cannot_write_other_patients_records(proxy, issuer, stored):
+    app_b = bearer(issuer.token(scope="patient/*.cruds", patient="pat-b"))
+    mine = {**OTHER_CONDITION, "note": [{"text": "mine"}]}
+    theirs = {**CONDITION, "note": [{"text": "not mine"}]}
+    assert (
+        await proxy.put("/fhir/R4/Condition/cond-b", data=orjson.dumps(mine), headers=FHIR_JSON | app_b)
+    ).status == 200
+    resp = await proxy.put("/fhir/R4/Condition/cond-a", data=orjson.dumps(theirs), headers=FHIR_JSON | app_b)
+    assert resp.status == 403
+    read_only = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    resp = await proxy.put("/fhir/R4/Condition/cond-a", data=orjson.dumps(theirs), headers=FHIR_JSON | read_only)
+    assert resp.status == 403

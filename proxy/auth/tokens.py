@@ -41,6 +41,8 @@ class JwtVerifier:
     def __init__(self, settings: JwtSettings) -> None:
         if not settings.oidc_issuer and not settings.jwks_url:
             raise ValueError("JWT authentication needs --oidc-issuer or --jwks-url")
+        if settings.jwks_url and not settings.oidc_issuer and not settings.issuer:
+            raise ValueError("--jwks-url needs --token-issuer (the iss claim tokens must carry)")
         if not set(settings.algorithms) <= set(ALLOWED_ALGORITHMS):
             raise ValueError(f"algorithms must be among {', '.join(ALLOWED_ALGORITHMS)}")
         self.settings = settings
@@ -48,6 +50,7 @@ class JwtVerifier:
         self._jwks_url = settings.jwks_url
         self._keys: dict[str, dict] = {}
         self._fetched = 0.0
+        self._attempted = 0.0  # last fetch attempt, successful or not: failures back off too
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
 
@@ -77,6 +80,7 @@ class JwtVerifier:
         return data
 
     async def _refresh(self) -> None:
+        self._attempted = time.monotonic()
         data = await self._get_json(self._jwks_url)  # type: ignore[arg-type]
         keys = {}
         for jwk in data.get("keys", []):
@@ -88,9 +92,8 @@ class JwtVerifier:
         now = time.monotonic()
         if kid not in self._keys or now - self._fetched > self.settings.jwks_ttl:
             async with self._lock:
-                if (kid not in self._keys and now - self._fetched > self.settings.min_refresh) or (
-                    now - self._fetched > self.settings.jwks_ttl
-                ):
+                wanted = kid not in self._keys or now - self._fetched > self.settings.jwks_ttl
+                if wanted and now - self._attempted > self.settings.min_refresh:
                     try:
                         await self._refresh()
                     except TokenError:
@@ -101,7 +104,10 @@ class JwtVerifier:
             raise TokenError("the token is signed with an unknown key")
         if jwk.get("kty") != _KEY_TYPES[alg] or jwk.get("alg", alg) != alg:
             raise TokenError("the token's algorithm does not match its key")
-        return jwt.PyJWK(jwk, algorithm=alg)
+        try:
+            return jwt.PyJWK(jwk, algorithm=alg)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise TokenError("the provider's key for this token is malformed") from None
 
     async def verify(self, token: str) -> dict:
         try:
@@ -144,9 +150,18 @@ class Introspector:
     """
 
     def __init__(
-        self, url: str, client_id: str, client_secret: str, audience: str, ttl: float = 60.0, max_entries: int = 10_000
+        self,
+        url: str,
+        client_id: str,
+        client_secret: str,
+        audience: str,
+        ttl: float = 60.0,
+        max_entries: int = 10_000,
+        leeway: float = 60.0,
     ) -> None:
-        self.url, self.audience, self.ttl, self.max_entries = url, audience, ttl, max_entries
+        if not client_secret:
+            raise ValueError("token introspection needs a client secret (FHIRCRYPT_INTROSPECTION_SECRET[_FILE])")
+        self.url, self.audience, self.ttl, self.max_entries, self.leeway = url, audience, ttl, max_entries, leeway
         self._auth = {"Authorization": aiohttp.encode_basic_auth(client_id, client_secret)}
         self._cache: dict[str, tuple[float, dict]] = {}
         self._session: aiohttp.ClientSession | None = None
@@ -167,13 +182,15 @@ class Introspector:
             claims = await self._ask(token)
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
-            expires = min(self.ttl, max(0.0, float(claims.get("exp", now)) - now))
-            self._cache[key] = (time.monotonic() + expires, claims)
-        if not isinstance(claims.get("exp"), int | float) or claims["exp"] < now:
+            expires = min(self.ttl, max(0.0, float(claims.get("exp", now)) - now)) if claims["active"] else 10.0
+            self._cache[key] = (time.monotonic() + expires, claims)  # inactive answers too: no endpoint flood
+        if claims.get("active") is not True:
+            raise TokenError("the token is not active")
+        if not isinstance(claims.get("exp"), int | float) or claims["exp"] + self.leeway < now:
             raise TokenError("the token has expired")
         audience = claims.get("aud")
-        if audience is not None and self.audience not in (audience if isinstance(audience, list) else [audience]):
-            raise TokenError("the token is for another audience")
+        if self.audience not in (audience if isinstance(audience, list) else [audience]):
+            raise TokenError("the token is not for this audience")
         if "sub" not in claims:
             raise TokenError("the token lacks the 'sub' claim")
         return claims
@@ -193,5 +210,5 @@ class Introspector:
         except (aiohttp.ClientError, TimeoutError, ValueError):
             raise TokenError("the introspection endpoint cannot be reached") from None
         if not isinstance(claims, dict) or claims.get("active") is not True:
-            raise TokenError("the token is not active")
+            return {"active": False}
         return claims

@@ -75,6 +75,7 @@ class AccessPolicy:
         glass = bool(self.break_glass and caller.break_glass_reason and self.break_glass.matches(caller))
         if glass:
             groups |= self.break_glass.groups  # type: ignore[union-attr]
+            write |= self.break_glass.write  # type: ignore[union-attr]
         return CallerGrants(
             caller, groups, tuple(r.name for r in matched), glass, self.smart_scopes == "required", write
         )
@@ -92,21 +93,27 @@ class CallerGrants:
     write_groups: frozenset[str] = frozenset()
 
     def for_resource(self, resource: dict) -> frozenset[str]:
-        from proxy.policy.compartment import in_compartment
-
         if not self.groups:
             return self.groups
-        if not self.scopes_required or self.break_glass:
-            return self.groups
+        return self.groups if self._scoped(resource, "read") else frozenset()
+
+    def may_write(self, resource: dict) -> bool:
+        """A write scope covering the type (and, for patient/ scopes only, the caller's own compartment)."""
+        return self._scoped(resource, "write")
+
+    def _scoped(self, resource: dict, access: str) -> bool:
+        from proxy.policy.compartment import in_compartment
+
+        if not self.scopes_required:
+            return True
         rtype = resource.get("resourceType")
-        contexts = {s.context for s in self.caller.scopes if s.read and s.covers(rtype)}  # type: ignore[arg-type]
+        contexts = {s.context for s in self.caller.scopes if getattr(s, access) and s.covers(rtype)}  # type: ignore[arg-type]
         if not contexts:
-            return frozenset()
+            return False
         if contexts == {"patient"}:
             patient = self.caller.patient
-            if not patient or not in_compartment(resource, patient):
-                return frozenset()
-        return self.groups
+            return bool(patient) and in_compartment(resource, patient)
+        return True
 
 
 def _names(value: object, source: str, node: Node, key: str) -> frozenset[str]:
@@ -119,7 +126,7 @@ def _names(value: object, source: str, node: Node, key: str) -> frozenset[str]:
 def _rule(raw: object, source: str, where: str, groups: dict[str, str], name_required: bool) -> Rule:
     if not isinstance(raw, Node):
         raise PolicyError(source, None, where, "must be a mapping with when and groups")
-    allowed = {"name", "when", "groups", "write", "reason_header"}
+    allowed = {"name", "when", "groups", "write"} if name_required else {"when", "groups", "write", "reason_header"}
     for key in raw:
         if key not in allowed:
             raise PolicyError(source, raw.key_lines.get(key), f"{where}.{key}", "unknown field")

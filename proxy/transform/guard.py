@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
-from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.policy.searchparams import search_param
@@ -87,11 +86,11 @@ def _param_name(raw: str) -> tuple[str, str | None]:
 
 
 def check_search(
-    rtype: str | None, params: list[tuple[str, str]], policy: CompiledPolicy, indexer: BlindIndexer, where: str
+    rtype: str | None, params: list[tuple[str, str]], ctx: search.Searcher, where: str
 ) -> list[tuple[str, str]]:
     """The parameters to forward: blind-index rewrites for encrypted elements, refusals for
     anything that could carry or match plaintext of encrypted elements, the rest as is."""
-    rp = policy.resources.get(rtype) if rtype else None
+    rp = ctx.policies.get(rtype) if rtype else None
     sensitive = rtype is None or (rp is not None and rp.search_sensitive)
     out: list[tuple[str, str]] = []
     for raw, value in params:
@@ -115,7 +114,7 @@ def check_search(
         if name in _CONTROL_PARAMS:
             continue
         if raw.startswith("_has:") or ("." in raw and not name.startswith("_")):
-            out[-1] = search.rewrite_chain(rtype, raw, value, policy.resources, indexer, where)
+            out[-1] = search.rewrite_chain(rtype, raw, value, ctx, where)
             continue
         if name in _TEXT_PARAMS or "." in raw or modifier in ("identifier", "text", "contains"):
             raise FhirError(
@@ -127,7 +126,7 @@ def check_search(
             )
         sp = search_param(rtype, name) if rtype else None
         if rp is not None and sp is not None:
-            rewritten = search.rewrite(rp, sp, raw, modifier, value, indexer, where)
+            rewritten = search.rewrite(rp, sp, raw, modifier, value, ctx, where)
             if rewritten is not None:
                 out[-1] = rewritten
             continue
@@ -159,11 +158,7 @@ def encode_query(params: list[tuple[str, str]]) -> str:
 
 
 def check_request(
-    it: Interaction,
-    params: list[tuple[str, str]],
-    headers: Mapping[str, str],
-    policy: CompiledPolicy,
-    indexer: BlindIndexer,
+    it: Interaction, params: list[tuple[str, str]], headers: Mapping[str, str], ctx: search.Searcher
 ) -> Forwarding:
     """Raise FhirError for anything that could send plaintext of a covered element upstream;
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
@@ -171,16 +166,16 @@ def check_request(
     rtype = it.resource_type
     subset = None
     subsettable = it.kind in ("search", "read", "vread", "history") and not it.conditional
-    if subsettable and (rtype is None or rtype in policy.resources):  # the server would drop our envelope
+    if subsettable and (rtype is None or rtype in ctx.policies):  # the server would drop our envelope
         values = {name: value for name, value in params if name in ("_summary", "_elements")}
         if values and values.get("_summary") != "count":
             subset = parse_subset(values.get("_summary"), values.get("_elements"))
             params = [(name, value) for name, value in params if name not in ("_summary", "_elements")]
     if_none_exist = None
     if "If-None-Exist" in headers:
-        criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), policy, indexer, "If-None-Exist")
+        criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), ctx, "If-None-Exist")
         if_none_exist = encode_query(criteria)
-    if it.kind == "patch" and rtype in policy.resources:
+    if it.kind == "patch" and rtype in ctx.policies:
         raise FhirError(
             501,
             "not-supported",
@@ -189,12 +184,12 @@ def check_request(
             [rtype],
         )
     if it.kind == "search" or it.conditional:
-        return Forwarding(check_search(rtype, params, policy, indexer, "query"), if_none_exist, subset)
+        return Forwarding(check_search(rtype, params, ctx, "query"), if_none_exist, subset)
     if it.kind == "operation":
-        _check_operation(it, params, policy)
+        _check_operation(it, params)
         return Forwarding(None, if_none_exist)
     allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
-    if subsettable or rtype not in policy.resources:  # applied by the proxy, or harmless at the server
+    if subsettable or rtype not in ctx.policies:  # applied by the proxy, or harmless at the server
         allowed = allowed | {"_summary", "_elements"}
     for raw, _ in params:
         name = _param_name(raw)[0]
@@ -203,7 +198,7 @@ def check_request(
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
-def _check_operation(it: Interaction, params: list[tuple[str, str]], policy: CompiledPolicy) -> None:
+def _check_operation(it: Interaction, params: list[tuple[str, str]]) -> None:
     op = it.operation or ""
     if op in _REFUSED_OPERATIONS:
         raise FhirError(501, "not-supported", f"${op} is not supported by this fhircrypt version", [f"${op}"])

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from dataclasses import dataclass
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.affects import touched_elements
-from proxy.policy.compiler import IndexSpec, ResourcePolicy
+from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
 from proxy.policy.searchparams import SearchParam, search_param
 from proxy.transform import markers as mk
 from proxy.transform.normalize import EXACT, NORMALISERS, fold
@@ -74,8 +75,17 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
     return [f"{system}|{norm(code)}" if bar else f"*|{norm(code)}"]
 
 
+@dataclass(frozen=True)
+class Searcher:
+    """What rewriting needs: the policy, the index keys, and the groups the caller may search by."""
+
+    policies: dict[str, ResourcePolicy]
+    indexer: BlindIndexer
+    searchable: frozenset[str] | None = None  # None: every group (development mode)
+
+
 def rewrite(
-    rp: ResourcePolicy, sp: SearchParam, raw: str, modifier: str | None, value: str, indexer: BlindIndexer, where: str
+    rp: ResourcePolicy, sp: SearchParam, raw: str, modifier: str | None, value: str, ctx: Searcher, where: str
 ) -> tuple[str, str] | None:
     """The blind-index parameter replacing ``raw=value``, or None to forward it unchanged."""
     touched = touched_elements(rp, sp)
@@ -84,6 +94,7 @@ def rewrite(
     if not touched:
         return None
     specs: list[IndexSpec] = []
+    owners: dict[str, CompiledElement] = {}
     for el in touched:
         spec = next((s for s in el.indexes if s.param == sp.code), None)
         if spec is None:
@@ -94,6 +105,7 @@ def rewrite(
                 "for it; forwarding it would send plaintext to the server",
             )
         specs.append(spec)
+        owners[spec.label] = el
     if modifier is not None and not (modifier == "exact" and all(s.param_type == "string" for s in specs)):
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
     out: list[str] = []
@@ -120,7 +132,16 @@ def rewrite(
             out.append(item)
             continue
         for spec, tokens in matching:
-            out.extend(f"{mk.BLIND_INDEX_BASE}{spec.label}|{indexer.token(spec.label, t)}" for t in tokens)
+            el = owners[spec.label]
+            if ctx.searchable is not None and not el.groups <= ctx.searchable:
+                # searching by a value the caller may not read would reveal who has it (an existence oracle)
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    f"{where}: search parameter '{raw}' reads {rp.type}.{el.source}, which this caller may not decrypt",
+                    [raw],
+                )
+            out.extend(f"{mk.BLIND_INDEX_BASE}{spec.label}|{ctx.indexer.token(spec.label, t)}" for t in tokens)
     return "identifier", ",".join(out)
 
 
@@ -129,9 +150,7 @@ def is_rewritten(name: str, value: str) -> bool:
     return name == "identifier" and all(_TOKEN.match(v) for v in _COMMA.split(value))
 
 
-def rewrite_chain(
-    rtype: str | None, raw: str, value: str, policies: dict[str, ResourcePolicy], indexer: BlindIndexer, where: str
-) -> tuple[str, str]:
+def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where: str) -> tuple[str, str]:
     """Chained (``subject:Patient.identifier``) and reverse-chained (``_has:Observation:patient:code``)
     parameters: the inner parameter is rewritten on its own resource type's policy."""
     if rtype is None:
@@ -146,7 +165,7 @@ def rewrite_chain(
         ref_param = search_param(source, ref)
         if ref_param is None or ref_param.type != "reference" or (ref_param.targets and rtype not in ref_param.targets):
             raise _refuse(where, raw, f"names no reference from {source} to {rtype}")
-        rewritten = _inner(source, inner, None, value, policies, indexer, where, raw)
+        rewritten = _inner(source, inner, None, value, ctx, where, raw)
         return (f"_has:{source}:{ref}:{rewritten[0]}", rewritten[1]) if rewritten else (raw, value)
     head, _, tail = raw.partition(".")
     if "." in tail:
@@ -157,7 +176,7 @@ def rewrite_chain(
     if ref_param is None or ref_param.type != "reference":
         raise _refuse(where, raw, f"does not start with a reference parameter of {rtype}")
     targets = [type_modifier] if type_modifier else list(ref_param.targets)
-    results = [(t, _inner(t, inner, inner_modifier or None, value, policies, indexer, where, raw)) for t in targets]
+    results = [(t, _inner(t, inner, inner_modifier or None, value, ctx, where, raw)) for t in targets]
     touched = [(t, r) for t, r in results if r is not None]
     if not touched:
         return raw, value
@@ -174,19 +193,12 @@ def rewrite_chain(
 
 
 def _inner(
-    rtype: str,
-    code: str,
-    modifier: str | None,
-    value: str,
-    policies: dict[str, ResourcePolicy],
-    indexer: BlindIndexer,
-    where: str,
-    raw: str,
+    rtype: str, code: str, modifier: str | None, value: str, ctx: Searcher, where: str, raw: str
 ) -> tuple[str, str] | None:
-    rp = policies.get(rtype)
+    rp = ctx.policies.get(rtype)
     sp = search_param(rtype, code)
     if rp is None or not rp.search_sensitive:
         return None
     if sp is None:
         raise _refuse(where, raw, f"names '{code}', which is not a search parameter of {rtype}")
-    return rewrite(rp, sp, raw, modifier, value, indexer, where)
+    return rewrite(rp, sp, raw, modifier, value, ctx, where)

@@ -32,6 +32,7 @@ from proxy.transform.bodies import GrantsFor, decrypt_body
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import scrub_markers
+from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web.auditing import Exchange, record, references_in
 from proxy.web.writes import prepare_write
@@ -112,17 +113,28 @@ async def _authorize(
     return grants.for_resource
 
 
-def _check_canaries(rt: Runtime, exchange: Exchange, request_id: str) -> None:
+def _watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:
+    """Wrap the caller's grants: note each honeytoken resource that is about to be decrypted for it."""
+    canaries = rt.policy.canaries
+    if not canaries:
+        return grants_for
+
+    def watched(resource: dict):
+        groups = grants_for(resource) if grants_for is not None else None
+        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if ref in canaries and (groups is None or groups):
+            hits.append(ref)
+        return groups
+
+    return watched
+
+
+def _alarm(rt: Runtime, exchange: Exchange, hits: list[str], request_id: str) -> None:
     """A honeytoken decrypted for a caller: alert (and with action block, refuse this caller from now on)."""
-    if not rt.policy.canaries or not exchange.report.decrypted:
-        return
-    hit = sorted(rt.policy.canaries.intersection(exchange.references))
-    if not hit:
-        return
     subject = exchange.caller.subject if exchange.caller else None
     log.critical(
         "canary resource decrypted",
-        extra={"event": "canary", "request_id": request_id, "subject": subject, "resources": hit},
+        extra={"event": "canary", "request_id": request_id, "subject": subject, "resources": sorted(hits)},
     )
     if rt.policy.canary_action == "block" and subject:
         rt.blocked_subjects.add(subject)
@@ -189,7 +201,7 @@ def _parse_json(body: bytes, what: str, shape: type = dict):
     return value
 
 
-def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes) -> bytes | dict:
+def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes, searcher: Searcher) -> bytes | dict:
     """Check a request body; returns what may be sent upstream, or the resource of a create or update."""
     ctype = hdr.media_type(request.headers.get("Content-Type"))
     if it.kind == "search":
@@ -199,7 +211,7 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
             form = body.decode("utf-8")
         except UnicodeDecodeError:
             raise FhirError(400, "invalid", "the form body is not UTF-8") from None
-        params = guard.check_search(it.resource_type, guard.parse_query(form), rt.policy, rt.keyring.indexer, "body")
+        params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
         return guard.encode_query(params).encode()
     if it.kind == "operation":
         guard.check_operation_body(it)
@@ -318,9 +330,11 @@ async def _forward(
     if type(payload) is not dict:
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = exchange.report
-    decrypt_body(payload, rt.policy, rt.keyring, grants_for, report)
+    hits: list[str] = []
+    decrypt_body(payload, rt.policy, rt.keyring, _watch_canaries(rt, grants_for, hits), report)
     exchange.references = references_in(payload)
-    _check_canaries(rt, exchange, request_id)
+    if hits:
+        _alarm(rt, exchange, hits, request_id)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
@@ -356,7 +370,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
         grants_for = await _authorize(rt, request, it, request_id, exchange)
-        if not all(sink.available for sink in rt.audit):
+        if rt.settings.audit_mode == "fail-closed" and not all(sink.available for sink in rt.audit):
             raise FhirError(
                 503,
                 "transient",
@@ -364,12 +378,14 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 headers={"Retry-After": "5"},
             )
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
-        forwarding = guard.check_request(it, params, request.headers, rt.policy, rt.keyring.indexer)
+        searchable = None if rt.verifier is None else exchange.grants.groups if exchange.grants else frozenset()
+        searcher = Searcher(rt.policy.resources, rt.keyring.indexer, searchable)
+        forwarding = guard.check_request(it, params, request.headers, searcher)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
             raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
         body = None
         if request.method in ("POST", "PUT", "PATCH"):
-            prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body))
+            prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
             if isinstance(prepared, dict):
                 body, extra = await prepare_write(
                     rt,
@@ -377,7 +393,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     prepared,
                     exchange.grants,
                     rt.verifier is not None,
-                    "If-Match" in request.headers,
+                    request.headers,
                     request_id,
                 )
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
@@ -503,7 +519,9 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
                 await rt.verifier.start(outside)  # no keys, no start: the proxy fails closed
                 if rt.introspector:
                     rt.introspector.start(outside)
-            targets = [t for t in (trail, settings.audit_fhir and FhirAuditPoster(outside, settings.audit_fhir)) if t]
+            auth = {"Authorization": f"Bearer {settings.audit_fhir_token}"} if settings.audit_fhir_token else None
+            poster = FhirAuditPoster(outside, settings.audit_fhir, headers=auth) if settings.audit_fhir else None
+            targets = [t for t in (trail, poster) if t]
             for target in targets:
                 sink = AsyncAuditSink(target, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
                 await sink.start()

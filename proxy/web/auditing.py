@@ -7,6 +7,7 @@ tokens where the client sent values).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import socket
@@ -23,6 +24,8 @@ from proxy.transform.records import ReadReport
 log = logging.getLogger("fhircrypt")
 _ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "search": "E", "operation": "E", "batch": "E"}
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+_FHIR_USER = re.compile(r"^(?:.*/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_REFERENCES = 200
 OBSERVER = f"fhircrypt@{socket.gethostname()}"
 
@@ -43,12 +46,35 @@ def references_in(payload: dict) -> list[str]:
     """``Type/id`` of the resources a response carried (the body, Bundle entries, contained)."""
     out = []
     for resource in (payload, *(r for r, _ in nested_resources(payload, ""))):
+        if type(resource.get("id")) is not str:
+            continue
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
         if _REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
             out.append(ref)
             if len(out) >= MAX_REFERENCES:
                 break
     return out
+
+
+def _agent(caller: Caller | None, remote: str | None) -> Agent:
+    """The audit agent; values that are not plain names are recorded as a hash, so no record is lost."""
+    if caller is None:
+        return Agent(network_address=remote)
+
+    def name(value: str | None) -> str | None:
+        if value is None or (len(value) <= 256 and value.isprintable()):
+            return value
+        return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
+
+    jti = caller.claims.get("jti")
+    return Agent(
+        subject=name(caller.subject),
+        client_id=name(caller.client_id),
+        fhir_user=caller.fhir_user if caller.fhir_user and _FHIR_USER.match(caller.fhir_user) else None,
+        roles=tuple(sorted(r for r in caller.roles if _NAME.match(r))),
+        network_address=remote,
+        token_id=name(jti) if isinstance(jti, str) else None,
+    )
 
 
 def _interaction(it: Interaction | None) -> str:
@@ -68,13 +94,9 @@ def record(
     remote: str | None,
 ) -> None:
     caller = exchange.caller
-    agent = Agent(
-        subject=caller.subject if caller else None,
-        client_id=caller.client_id if caller else None,
-        fhir_user=caller.fhir_user if caller else None,
-        roles=tuple(sorted(caller.roles)) if caller else (),
-        network_address=remote,
-    )
+    agent = _agent(caller, remote)
+    if not exchange.references and it is not None and it.id and it.resource_type:
+        exchange.references = [f"{it.resource_type}/{it.id}"]  # a delete, or a refusal about that resource
     action = _ACTIONS.get(it.kind, "R") if it else "E"
     try:
         event = audit_event(
@@ -87,7 +109,7 @@ def record(
             query=exchange.forwarded_query,
             decrypted_groups=sorted(exchange.report.decrypted_groups),
             masked_groups=sorted(exchange.report.masked_groups),
-            purpose_of_use=list(caller.purpose_of_use) if caller else [],
+            purpose_of_use=[p for p in (caller.purpose_of_use if caller else ()) if _NAME.match(p)],
             break_glass=exchange.break_glass,
             integrity_failures=len(exchange.report.failures),
             policy=policy,

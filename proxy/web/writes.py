@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import aiohttp
 import orjson
 
@@ -14,11 +16,16 @@ from proxy.transform.records import ReadReport, decrypt_resource
 from proxy.web import headers as hdr
 
 
-async def _stored_plaintext(rt, it: Interaction, request_id: str) -> tuple[dict, str | None]:
-    """The current version at the upstream, decrypted in full for the merge (never sent anywhere)."""
+async def _stored_plaintext(rt, it: Interaction, request_id: str, authorization: str | None) -> tuple[dict, str | None]:
+    """The current version at the upstream, decrypted in full for the merge (never sent anywhere).
+
+    It is read with the client's own Authorization, so the upstream's access control applies."""
     url = f"{rt.upstream_base}/{it.resource_type}/{it.id}"
+    headers = {"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}
+    if authorization:
+        headers["Authorization"] = authorization
     try:
-        async with rt.session.get(url, headers={"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}) as resp:
+        async with rt.session.get(url, headers=headers) as resp:
             status, raw = resp.status, await resp.read()
     except (aiohttp.ClientError, TimeoutError):
         raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
@@ -51,7 +58,7 @@ async def prepare_write(
     resource: dict,
     grants: CallerGrants | None,
     restricted: bool,
-    client_if_match: bool,
+    request_headers: Mapping[str, str],
     request_id: str,
 ) -> tuple[bytes, dict[str, str]]:
     """Check write rules, restore masked elements, validate and encrypt; returns the body and headers to add."""
@@ -59,7 +66,15 @@ async def prepare_write(
     extra: dict[str, str] = {}
     if rp is not None:
         if restricted:
-            allowed = grants.write_groups if grants is not None else frozenset()
+            if grants is None or not grants.may_write(resource):
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    f"this caller has no write scope for this {it.resource_type} "
+                    "(patient/ scopes: only in the caller's own compartment)",
+                    [it.resource_type or ""],
+                )
+            allowed = grants.write_groups
             denied = [(path, groups) for path, groups in written_groups(resource, rp).items() if not groups <= allowed]
             if denied:
                 path, groups = denied[0]
@@ -77,14 +92,14 @@ async def prepare_write(
                     "conflict",
                     "masked elements can only be written back by an update of the resource they were read from",
                 )
-            stored, version = await _stored_plaintext(rt, it, request_id)
+            stored, version = await _stored_plaintext(rt, it, request_id, request_headers.get("Authorization"))
             missing = merge_masked(resource, stored, rp)
             if missing:
                 where = [f"{it.resource_type}.{p}" for p in missing[:5]]
                 raise FhirError(
                     409, "conflict", f"{where[0]}: masked in the request but absent from the stored version", where
                 )
-            if not client_if_match and version:
+            if "If-Match" not in request_headers and version:
                 extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
     encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
     return orjson.dumps(resource), extra
