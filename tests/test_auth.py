@@ -80,8 +80,20 @@ async def issuer(aiohttp_server):
 
 
 @pytest.fixture
-async def proxy(proxy_for, clean_upstream, satusehat, issuer):
-    return await proxy_for(clean_upstream.base_url, satusehat, auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE)
+def jwt_proxy(proxy_for, clean_upstream, satusehat, issuer):
+    """Factory: the proxy with JWT authentication against the test issuer, plus extra settings."""
+
+    async def make(policy=None, **extra):
+        return await proxy_for(
+            clean_upstream.base_url, policy or satusehat, auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE, **extra
+        )
+
+    return make
+
+
+@pytest.fixture
+async def proxy(jwt_proxy):
+    return await jwt_proxy()
 
 
 def bearer(token: str) -> dict:
@@ -372,7 +384,7 @@ async def test_a_masked_write_back_against_a_stale_version_is_a_conflict(proxy, 
 
 
 async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
-    proxy_for, clean_upstream, satusehat, issuer, stored, tmp_path, aiohttp_server
+    jwt_proxy, clean_upstream, satusehat, issuer, stored, tmp_path, aiohttp_server
 ):
     from proxy.audit.cli import init_trail
     from proxy.audit.trail import verify
@@ -391,12 +403,7 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
     repository = web.Application()
     repository.router.add_post("/fhir/AuditEvent", receive)
     audit_server = await aiohttp_server(repository)
-    proxy = await proxy_for(
-        clean_upstream.base_url,
-        satusehat,
-        auth="jwt",
-        oidc_issuer=issuer.url,
-        audience=AUDIENCE,
+    proxy = await jwt_proxy(
         audit_trail=str(trail),
         audit_fhir=str(audit_server.make_url("/fhir")),
         audit_fhir_token="audit-repo-token",
@@ -427,19 +434,14 @@ async def test_every_interaction_is_audited_without_phi_and_the_trail_verifies(
 
 
 async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
-    proxy_for, clean_upstream, satusehat, issuer, tmp_path
+    jwt_proxy, clean_upstream, satusehat, issuer, tmp_path
 ):
     from proxy.audit.cli import init_trail
     from proxy.web.app import RUNTIME
 
     trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
     init_trail(trail, key_file)
-    proxy = await proxy_for(
-        clean_upstream.base_url,
-        satusehat,
-        auth="jwt",
-        oidc_issuer=issuer.url,
-        audience=AUDIENCE,
+    proxy = await jwt_proxy(
         audit_trail=str(trail),
         audit_max_backlog=1,
     )
@@ -451,7 +453,7 @@ async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
 
 
 async def test_decrypting_a_canary_resource_alerts_and_blocks_the_caller(
-    proxy_for, clean_upstream, issuer, stored, caplog
+    jwt_proxy, clean_upstream, issuer, stored, caplog
 ):
     import logging
 
@@ -461,7 +463,7 @@ async def test_decrypting_a_canary_resource_alerts_and_blocks_the_caller(
     from proxy.policy.compiler import compile_text
 
     policy = compile_text(text, "satusehat+canary.yaml")
-    proxy = await proxy_for(clean_upstream.base_url, policy, auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE)
+    proxy = await jwt_proxy(policy)
     thief = bearer(issuer.token(sub="stolen-token-user", realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     caplog.set_level(logging.INFO)
     assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=thief)).status == 200
@@ -474,7 +476,7 @@ async def test_decrypting_a_canary_resource_alerts_and_blocks_the_caller(
 
 
 async def test_opaque_tokens_are_checked_by_introspection(
-    proxy_for, clean_upstream, satusehat, issuer, stored, aiohttp_server
+    jwt_proxy, clean_upstream, satusehat, issuer, stored, aiohttp_server
 ):
     import base64
 
@@ -503,12 +505,7 @@ async def test_opaque_tokens_are_checked_by_introspection(
     app = web.Application()
     app.router.add_post("/introspect", introspect)
     endpoint = await aiohttp_server(app)
-    proxy = await proxy_for(
-        clean_upstream.base_url,
-        satusehat,
-        auth="jwt",
-        oidc_issuer=issuer.url,
-        audience=AUDIENCE,
+    proxy = await jwt_proxy(
         introspection_url=str(endpoint.make_url("/introspect")),
         introspection_client_id="fhircrypt",
         introspection_secret="s3cret",
