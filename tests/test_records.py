@@ -268,3 +268,41 @@ def test_generated_displays_below_a_whole_element_still_cover_the_other_items(ke
     report = ReadReport()
     decrypt_resource(stored, rp, keyring, None, "mask", report)
     assert stored == patient and not report.failures
+
+
+def test_every_resource_in_a_searchset_is_decrypted_or_masked(keyring):
+    """Matches, _include/_revinclude entries, contained resources and Parameters parts: every place R4
+    allows a resource (Medplum's in-memory server returns no includes, so this is checked here)."""
+    from proxy.transform.bodies import decrypt_body
+
+    patient, obs = encrypted(PATIENT, keyring), encrypted(OBSERVATION, keyring)
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [
+            {"resource": obs, "search": {"mode": "match"}},
+            {"resource": copy.deepcopy(patient), "search": {"mode": "include"}},
+            {
+                "resource": {
+                    "resourceType": "Parameters",
+                    "parameter": [{"name": "p", "part": [{"name": "r", "resource": copy.deepcopy(patient)}]}],
+                }
+            },
+            {"resource": {"resourceType": "Organization", "contained": [copy.deepcopy(patient)]}},
+        ],
+    }
+    report = ReadReport()
+    decrypt_body(bundle, POLICY, keyring, None, report)
+    assert bundle["entry"][0]["resource"] == OBSERVATION
+    assert bundle["entry"][1]["resource"] == PATIENT
+    assert bundle["entry"][2]["resource"]["parameter"][0]["part"][0]["resource"] == PATIENT
+    assert bundle["entry"][3]["resource"]["contained"][0] == PATIENT
+    assert not report.failures
+    masked = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": copy.deepcopy(patient), "search": {"mode": "include"}}],
+    }
+    decrypt_body(masked, POLICY, keyring, lambda resource: frozenset({"identity"}), ReadReport())
+    text = orjson.dumps(masked).decode()
+    assert NIK in text and "Wibisono" not in text and mk.CIPHERTEXT_URL not in text
