@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             from proxy.demo import run_demo
 
             code = run_demo(keep_running=args.keep_running)
-    except (PolicyError, KeyringError, FileExistsError) as exc:
+    except (PolicyError, KeyringError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

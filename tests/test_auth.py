@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.parse
 import uuid
 
 import jwt
@@ -542,3 +543,22 @@ async def test_patient_apps_cannot_write_other_patients_records(proxy, issuer, s
     read_only = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
     resp = await proxy.put("/fhir/R4/Condition/cond-a", data=orjson.dumps(theirs), headers=FHIR_JSON | read_only)
     assert resp.status == 403
+
+
+async def test_scope_checks_use_the_stored_resource_deletes_and_replayed_tokens(proxy, issuer, stored, clean_upstream):
+    app_b = bearer(issuer.token(scope="patient/*.cruds", patient="pat-b"))
+    hijack = {**CONDITION, "subject": {"reference": "Patient/pat-b"}}  # pat-a's condition, re-pointed
+    assert (
+        await proxy.put("/fhir/R4/Condition/cond-a", data=orjson.dumps(hijack), headers=FHIR_JSON | app_b)
+    ).status == 403
+    reader = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    assert (await proxy.delete("/fhir/R4/Condition/cond-a", headers=reader)).status == 403
+    assert (await proxy.delete("/fhir/R4/Condition/cond-a", headers=app_b)).status == 403
+    assert (await proxy.delete("/fhir/R4/Condition/cond-b", headers=app_b)).status in (200, 204)
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    clean_upstream.reset()
+    await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=physician)
+    forwarded = urllib.parse.urlsplit(clean_upstream.requests()[0]["url"]).query
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    replay = await proxy.get(f"/fhir/R4/Patient?{forwarded}", headers=billing)
+    assert replay.status == 403

@@ -182,7 +182,9 @@ class Introspector:
             claims = await self._ask(token)
             if len(self._cache) >= self.max_entries:
                 self._cache.clear()
-            expires = min(self.ttl, max(0.0, float(claims.get("exp", now)) - now)) if claims["active"] else 10.0
+            exp = claims.get("exp")
+            exp = exp if isinstance(exp, int | float) and not isinstance(exp, bool) else now
+            expires = min(self.ttl, max(0.0, exp - now)) if claims["active"] else 10.0
             self._cache[key] = (time.monotonic() + expires, claims)  # inactive answers too: no endpoint flood
         if claims.get("active") is not True:
             raise TokenError("the token is not active")

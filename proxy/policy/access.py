@@ -97,23 +97,27 @@ class CallerGrants:
             return self.groups
         return self.groups if self._scoped(resource, "read") else frozenset()
 
-    def may_write(self, resource: dict) -> bool:
-        """A write scope covering the type (and, for patient/ scopes only, the caller's own compartment)."""
-        return self._scoped(resource, "write")
+    def has_scope(self, resource_type: str, access: str) -> bool:
+        """A SMART scope allowing ``access`` (read, write, delete) on the type, in any context."""
+        return not self.scopes_required or any(
+            getattr(s, access) and s.covers(resource_type) for s in self.caller.scopes
+        )
 
-    def _scoped(self, resource: dict, access: str) -> bool:
+    def patient_only(self, resource_type: str, access: str) -> bool:
+        """Every scope allowing ``access`` on the type is a patient/ scope: the compartment limits it."""
+        contexts = {s.context for s in self.caller.scopes if getattr(s, access) and s.covers(resource_type)}
+        return self.scopes_required and contexts == {"patient"}
+
+    def in_own_compartment(self, resource: dict) -> bool:
         from proxy.policy.compartment import in_compartment
 
-        if not self.scopes_required:
-            return True
+        return bool(self.caller.patient) and in_compartment(resource, self.caller.patient)  # type: ignore[arg-type]
+
+    def _scoped(self, resource: dict, access: str) -> bool:
         rtype = resource.get("resourceType")
-        contexts = {s.context for s in self.caller.scopes if getattr(s, access) and s.covers(rtype)}  # type: ignore[arg-type]
-        if not contexts:
+        if not isinstance(rtype, str) or not self.has_scope(rtype, access):
             return False
-        if contexts == {"patient"}:
-            patient = self.caller.patient
-            return bool(patient) and in_compartment(resource, patient)
-        return True
+        return not self.patient_only(rtype, access) or self.in_own_compartment(resource)
 
 
 def _names(value: object, source: str, node: Node, key: str) -> frozenset[str]:

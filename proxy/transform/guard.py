@@ -96,7 +96,7 @@ def check_search(
     for raw, value in params:
         out.append((raw, value))
         name, modifier = _param_name(raw)
-        if name in _FORMAT_PARAMS or (rp is not None and search.is_rewritten(raw, value)):
+        if name in _FORMAT_PARAMS or (rp is not None and search.is_rewritten(raw, value, rp, ctx, where)):
             continue
         if name in ("_summary", "_elements"):
             continue  # taken out by check_request where the proxy must apply them itself

@@ -131,8 +131,10 @@ class _Merge:
 
 def has_masked(resource: dict, rp: ResourcePolicy) -> bool:
     """Whether the resource holds masked covered elements (or carries the MASKED label)."""
-    if has_masked_label(resource) or resource.get("text") == mk.neutral_narrative():
-        return True  # a neutral narrative is what a reader without every group got back
+    if has_masked_label(resource):
+        return True
+    if rp.narrative_mode == "encrypt" and resource.get("text") == mk.neutral_narrative():
+        return True  # what a reader without every group got back (in replace mode it is the stored form)
     probe = _Merge()
     for el in rp.content_elements:
         probe.element(resource, {}, el)  # nothing to restore from: every masked place is reported

@@ -145,9 +145,23 @@ def rewrite(
     return "identifier", ",".join(out)
 
 
-def is_rewritten(name: str, value: str) -> bool:
-    """A parameter this proxy produced (paging links carry them back): only index tokens."""
-    return name == "identifier" and all(_TOKEN.match(v) for v in _COMMA.split(value))
+def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where: str) -> bool:
+    """A parameter this proxy produced (paging links carry them back): only index tokens, each of a field
+    the caller may search by (a token copied from someone else's query is no way around the rule)."""
+    if name != "identifier" or not all(_TOKEN.match(v) for v in _COMMA.split(value)):
+        return False
+    if ctx.searchable is not None:
+        fields = {v[len(mk.BLIND_INDEX_BASE) :].split("/")[1] for v in _COMMA.split(value)}
+        for el in rp.content_elements:
+            if el.field_id in fields and not el.groups <= ctx.searchable:
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    f"{where}: search parameter 'identifier' searches "
+                    f"{rp.type}.{el.source}, which this caller may not decrypt",
+                    ["identifier"],
+                )
+    return True
 
 
 def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where: str) -> tuple[str, str]:

@@ -35,7 +35,7 @@ from proxy.transform.records import scrub_markers
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web.auditing import Exchange, record, references_in
-from proxy.web.writes import prepare_write
+from proxy.web.writes import check_scope, prepare_write
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -384,6 +384,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
             raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
         body = None
+        if it.kind == "delete" and rt.verifier is not None and it.resource_type in rt.policy.resources:
+            await check_scope(rt, it, exchange.grants, "delete", None, request_id, request.headers.get("Authorization"))
         if request.method in ("POST", "PUT", "PATCH"):
             prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
             if isinstance(prepared, dict):
@@ -494,6 +496,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
                 settings.introspection_client_id or "",
                 settings.introspection_secret or "",
                 settings.audience,
+                leeway=settings.clock_skew,
             )
         rt.verifier = JwtVerifier(
             JwtSettings(

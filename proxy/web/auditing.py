@@ -62,7 +62,9 @@ def _agent(caller: Caller | None, remote: str | None) -> Agent:
         return Agent(network_address=remote)
 
     def name(value: str | None) -> str | None:
-        if value is None or (len(value) <= 256 and value.isprintable()):
+        if not value:
+            return None
+        if len(value) <= 256 and value.isprintable():
             return value
         return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
@@ -70,7 +72,9 @@ def _agent(caller: Caller | None, remote: str | None) -> Agent:
     return Agent(
         subject=name(caller.subject),
         client_id=name(caller.client_id),
-        fhir_user=caller.fhir_user if caller.fhir_user and _FHIR_USER.match(caller.fhir_user) else None,
+        fhir_user=caller.fhir_user
+        if caller.fhir_user and len(caller.fhir_user) <= 256 and _FHIR_USER.match(caller.fhir_user)
+        else None,
         roles=tuple(sorted(r for r in caller.roles if _NAME.match(r))),
         network_address=remote,
         token_id=name(jti) if isinstance(jti, str) else None,

@@ -16,8 +16,8 @@ from proxy.transform.records import ReadReport, decrypt_resource
 from proxy.web import headers as hdr
 
 
-async def _stored_plaintext(rt, it: Interaction, request_id: str, authorization: str | None) -> tuple[dict, str | None]:
-    """The current version at the upstream, decrypted in full for the merge (never sent anywhere).
+async def stored_version(rt, it: Interaction, request_id: str, authorization: str | None) -> dict | None:
+    """The current version at the upstream as stored (encrypted), or None when there is none.
 
     It is read with the client's own Authorization, so the upstream's access control applies."""
     url = f"{rt.upstream_base}/{it.resource_type}/{it.id}"
@@ -30,15 +30,22 @@ async def _stored_plaintext(rt, it: Interaction, request_id: str, authorization:
     except (aiohttp.ClientError, TimeoutError):
         raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
     if status in (404, 410):
-        raise FhirError(
-            409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
-        )
+        return None
     try:
         stored = orjson.loads(raw) if status == 200 else None
     except orjson.JSONDecodeError:
         stored = None
     if type(stored) is not dict or stored.get("resourceType") != it.resource_type:
         raise FhirError(502, "structure", "the upstream did not return the stored version")
+    return stored
+
+
+def _decrypted(rt, it: Interaction, stored: dict | None) -> tuple[dict, str | None]:
+    """The stored version decrypted in full for the merge (never sent anywhere), and its version id."""
+    if stored is None:
+        raise FhirError(
+            409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
+        )
     report = ReadReport()
     decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.keyring, None, rt.policy.unenveloped, report)
     if report.failures:
@@ -50,6 +57,34 @@ async def _stored_plaintext(rt, it: Interaction, request_id: str, authorization:
         )
     version = (stored.get("meta") or {}).get("versionId")
     return stored, version if isinstance(version, str) else None
+
+
+async def check_scope(
+    rt,
+    it: Interaction,
+    grants: CallerGrants | None,
+    access: str,
+    resource: dict | None,
+    request_id: str,
+    authorization: str | None,
+) -> dict | None:
+    """A write or delete needs a scope for the type; patient/-only scopes also need the *stored* resource
+    (not just the new body) in the caller's compartment. Returns the stored version when it was read."""
+    where = it.resource_type or ""
+    if grants is None:
+        raise FhirError(403, "forbidden", "the policy has no access rules, so it grants no writes", [where])
+    probe = resource or {"resourceType": it.resource_type}
+    if not grants.has_scope(it.resource_type or "", access):
+        raise FhirError(403, "forbidden", f"this caller has no {access} scope for {where}", [where])
+    if not grants.patient_only(it.resource_type or "", access):
+        return None
+    stored = await stored_version(rt, it, request_id, authorization) if it.id and not it.conditional else None
+    for candidate in (probe if resource is not None else None, stored):
+        if candidate is not None and not grants.in_own_compartment(candidate):
+            raise FhirError(403, "forbidden", f"this {where} is outside the caller's patient compartment", [where])
+    if it.conditional:
+        raise FhirError(403, "forbidden", "patient-scoped callers cannot write by search (conditional)", [where])
+    return stored
 
 
 async def prepare_write(
@@ -65,16 +100,12 @@ async def prepare_write(
     rp = rt.policy.resources.get(it.resource_type)
     extra: dict[str, str] = {}
     if rp is not None:
+        stored: dict | None = None
         if restricted:
-            if grants is None or not grants.may_write(resource):
-                raise FhirError(
-                    403,
-                    "forbidden",
-                    f"this caller has no write scope for this {it.resource_type} "
-                    "(patient/ scopes: only in the caller's own compartment)",
-                    [it.resource_type or ""],
-                )
-            allowed = grants.write_groups
+            stored = await check_scope(
+                rt, it, grants, "write", resource, request_id, request_headers.get("Authorization")
+            )
+            allowed = grants.write_groups  # type: ignore[union-attr]
             denied = [(path, groups) for path, groups in written_groups(resource, rp).items() if not groups <= allowed]
             if denied:
                 path, groups = denied[0]
@@ -92,7 +123,9 @@ async def prepare_write(
                     "conflict",
                     "masked elements can only be written back by an update of the resource they were read from",
                 )
-            stored, version = await _stored_plaintext(rt, it, request_id, request_headers.get("Authorization"))
+            if stored is None:
+                stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+            stored, version = _decrypted(rt, it, stored)
             missing = merge_masked(resource, stored, rp)
             if missing:
                 where = [f"{it.resource_type}.{p}" for p in missing[:5]]
