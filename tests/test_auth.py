@@ -562,3 +562,8 @@ async def test_scope_checks_use_the_stored_resource_deletes_and_replayed_tokens(
     billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
     replay = await proxy.get(f"/fhir/R4/Patient?{forwarded}", headers=billing)
     assert replay.status == 403
+    token = urllib.parse.parse_qsl(forwarded)[0][1]
+    mixed = urllib.parse.quote(f"{token},{BPJS}|0001122334401", safe="")
+    assert (await proxy.get(f"/fhir/R4/Patient?identifier={mixed}", headers=billing)).status == 403
+    chained = urllib.parse.quote(token, safe="")
+    assert (await proxy.get(f"/fhir/R4/Condition?subject:Patient.identifier={chained}", headers=billing)).status == 403

@@ -115,6 +115,7 @@ def rewrite(
                 raise _refuse(
                     where, raw, "uses fhircrypt's reserved blind-index system with a value that is not a token"
                 )
+            check_token_groups([item], rp, ctx, where, raw)
             out.append(item)
             continue
         texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw, modifier)) for spec in specs]
@@ -150,18 +151,23 @@ def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where
     the caller may search by (a token copied from someone else's query is no way around the rule)."""
     if name != "identifier" or not all(_TOKEN.match(v) for v in _COMMA.split(value)):
         return False
-    if ctx.searchable is not None:
-        fields = {v[len(mk.BLIND_INDEX_BASE) :].split("/")[1] for v in _COMMA.split(value)}
-        for el in rp.content_elements:
-            if el.field_id in fields and not el.groups <= ctx.searchable:
-                raise FhirError(
-                    403,
-                    "forbidden",
-                    f"{where}: search parameter 'identifier' searches "
-                    f"{rp.type}.{el.source}, which this caller may not decrypt",
-                    ["identifier"],
-                )
+    check_token_groups(_COMMA.split(value), rp, ctx, where, name)
     return True
+
+
+def check_token_groups(tokens: list[str], rp: ResourcePolicy, ctx: Searcher, where: str, raw: str) -> None:
+    """Tokens name their field in their system: the caller must be allowed to search by that field."""
+    if ctx.searchable is None:
+        return
+    fields = {t[len(mk.BLIND_INDEX_BASE) :].split("/")[1] for t in tokens}
+    for el in rp.content_elements:
+        if el.field_id in fields and not el.groups <= ctx.searchable:
+            raise FhirError(
+                403,
+                "forbidden",
+                f"{where}: search parameter '{raw}' searches {rp.type}.{el.source}, which this caller may not decrypt",
+                [raw],
+            )
 
 
 def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where: str) -> tuple[str, str]:

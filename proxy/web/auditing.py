@@ -73,7 +73,10 @@ def _agent(caller: Caller | None, remote: str | None) -> Agent:
         subject=name(caller.subject),
         client_id=name(caller.client_id),
         fhir_user=caller.fhir_user
-        if caller.fhir_user and len(caller.fhir_user) <= 256 and _FHIR_USER.match(caller.fhir_user)
+        if caller.fhir_user
+        and len(caller.fhir_user) <= 256
+        and caller.fhir_user.isprintable()
+        and _FHIR_USER.match(caller.fhir_user)
         else None,
         roles=tuple(sorted(r for r in caller.roles if _NAME.match(r))),
         network_address=remote,

@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark (bench/): it runs and reports every target and workload.
+
+Never checks how fast anything is: the benchmark is not a timed test. The quick mode uses
+the Python load generator (no wrk) and needs no matplotlib, so it needs nothing beyond the
+test dependencies and the test upstream.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
+PROXIES = ("passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
+WORKLOADS = ("read", "search", "create")
+
+
+def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--loadgen", "python", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.md").read_text().startswith("Run ")
+    assert data["quick"] is True
+    assert data["method"]["closed_loop_tool"] == "python"
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+
+    for workload in WORKLOADS:
+        for c in ("1", "8"):
+            cells = data["results"][workload][c]
+            assert set(cells) == set(TARGETS)
+            for target in TARGETS:
+                cell = cells[target]
+                where = f"{workload} c={c} {target}"
+                assert cell["errors"] == 0, where  # every answer 2xx: the proxy served, not refused
+                assert cell["throughput"] > 0, where
+                assert cell["open_achieved_rate"] > 0, where
+                assert cell["latency_ms"]["p50"] is not None, where
+                assert cell["latency_ms"]["p99"] is not None, where
+                assert "throughput_x_direct" in cell["ratios"], where
+                if target in PROXIES:
+                    assert cell["proxy_cpu_us_per_req"] is not None, where
+                else:
+                    assert cell["proxy_cpu_us_per_req"] is None, where
+
+    # the search workload really returns 100 Patients through every target
+    for cells in data["raw_rounds"]:
+        for cell in cells:
+            if cell["workload"] == "search":
+                assert cell["closed"]["check"]["entries"] == 100
+
+    core = data["core"]["cases"]
+    for case in ("orjson", "decrypt", "decrypt_path", "encrypt", "encrypt_path"):
+        assert core[case]["per_core_per_s"] > 0
+    assert data["core"]["encrypted_elements"] >= 8
+    assert data["core"]["profile"]["decrypt_path"]["functions"]
+    assert {t["target"] for t in data["targets"]} and all(t["measured"] is not None for t in data["targets"])
