@@ -1,0 +1,380 @@
+"""python -m bench [--quick] [--rounds N] [--duration S] [--out bench/results]
+
+Starts the test upstream, the bare passthrough and two fhircrypt proxies, and in every
+round alternates each workload across the four targets:
+
+  direct               straight to the upstream (Medplum's FHIR router, node)
+  passthrough          bare aiohttp passthrough (forwards bytes, parses nothing)
+  fhircrypt-empty      fhircrypt with a policy that covers nothing (pure proxy cost)
+  fhircrypt-satusehat  fhircrypt with policies/satusehat.yaml (proxy + encryption)
+
+Workloads: ``read`` one Patient (22 encrypted elements under the SATUSEHAT policy),
+``search`` returning 100 Patients, ``create`` a Patient (the proxy validates writes).
+For every target, workload and concurrency (1 and 8 connections): the upstream is
+reset and seeded through that target, a closed-loop phase measures throughput and CPU
+per request; then, for every target again (reset and seeded again), an open-loop phase
+at a fixed arrival rate (half the slowest target's throughput) measures latency without
+coordinated omission. Medians over the rounds go to
+``<out>/latest.json``, ``latest.png`` and ``latest.md``; see docs/benchmarks.md.
+
+``--quick`` is the smoke mode that CI runs: one round, short phases, the Python load
+generator only, and the chart only when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import os
+import pstats
+import resource
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench import load, report
+from bench.core import patient_bytes, profile_areas, run_core, summarise_profile
+from bench.targets import ROOT, TargetProcess, cpu_seconds, rss_bytes
+from tests.upstream_server import UpstreamServer
+
+TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
+PROXIES = ("fhircrypt-empty", "fhircrypt-satusehat")
+WORKLOADS = ("read", "search", "create")
+CONCURRENCY = (1, 8)
+HOST = "127.0.0.1"
+BASE = "/fhir/R4"
+SEARCH_SIZE = 100
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke mode: one short round, Python load generator")
+    p.add_argument("--rounds", type=int, help="rounds; the median is reported (default 3, quick 1)")
+    p.add_argument("--duration", type=float, help="seconds per measured phase (default 2, quick 0.25)")
+    p.add_argument("--out", default="bench/results", help="directory for latest.json/.png/.md")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                   help="closed-loop generator: wrk when installed (auto), or the Python client")  # fmt: skip
+    p.add_argument("--load-fraction", type=float, default=0.5,
+                   help="open-loop rate as a fraction of the slowest target's closed-loop throughput")  # fmt: skip
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass of the proxy under load")
+    p.add_argument("--no-core", action="store_true", help="skip the core micro-benchmark")
+    return p
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick = args.quick
+        self.rounds = args.rounds or (1 if self.quick else 3)
+        self.duration = args.duration or (0.25 if self.quick else 2.0)
+        self.warmup = 0.1 if self.quick else 0.3
+        self.min_samples = 5 if self.quick else 40
+        if args.loadgen == "wrk" or (args.loadgen == "auto" and not self.quick and load.wrk_path()):
+            if not load.wrk_path():
+                raise SystemExit("wrk is not installed: apt-get install wrk (or --loadgen python)")
+            self.closed_tool = "wrk"
+        else:
+            self.closed_tool = "python"
+            if args.loadgen == "auto" and not self.quick:
+                print("bench: wrk not found, the closed-loop phases use the Python client", file=sys.stderr)
+        self.upstream = UpstreamServer()
+        self.procs: dict[str, TargetProcess] = {}
+        self.ports: dict[str, int] = {}
+        self.patient = patient_bytes()
+        self.log_lines: list[str] = []
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.upstream.start()
+        up = self.upstream.base_url
+        self.ports["direct"] = self.upstream.port
+        specs = {
+            "passthrough": ["passthrough", "--upstream", up],
+            "fhircrypt-empty": ["proxy", "--upstream", up, "--policy", "empty"],
+            "fhircrypt-satusehat": ["proxy", "--upstream", up, "--policy", str(ROOT / "policies" / "satusehat.yaml")],
+        }
+        for name, argv in specs.items():
+            self.procs[name] = TargetProcess(name, argv).start()
+            self.ports[name] = self.procs[name].port
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.stop()
+        self.upstream.stop()
+
+    def upstream_pid(self) -> int:
+        proc = self.upstream._proc  # the node process (UpstreamServer keeps its Popen private)
+        assert proc is not None
+        return proc.pid
+
+    def say(self, text: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {text}"
+        self.log_lines.append(line)
+        print(line, flush=True)
+
+    # ------------------------------------------------------------ workloads
+    async def seed(self, workload: str, target: str) -> tuple[load.Request, dict]:
+        """Reset the upstream, store what the workload needs through ``target``; the request to repeat."""
+        self.upstream.reset()
+        port = self.ports[target]
+        post = load.Request("POST", f"{BASE}/Patient", self.patient)
+        if workload == "create":
+            return post, {}
+        n = 1 if workload == "read" else SEARCH_SIZE
+        seeds = [load.Request("POST", f"{BASE}/Patient", patient_bytes(i)) for i in range(n)]
+        answers = await load.send_all(HOST, port, seeds, concurrency=8)
+        bad = [s for s, _ in answers if s != 201]
+        if bad:
+            raise RuntimeError(f"seeding {workload} through {target}: statuses {sorted(set(bad))}")
+        if workload == "read":
+            request = load.Request("GET", f"{BASE}/Patient/{orjson.loads(answers[0][1])['id']}")
+        else:
+            request = load.Request("GET", f"{BASE}/Patient?_count={SEARCH_SIZE}")
+        status, body = (await load.send_all(HOST, port, [request]))[0]
+        doc = orjson.loads(body)
+        check = {"status": status, "bytes": len(body)}
+        if workload == "search":
+            check["entries"] = len(doc.get("entry", ()))
+            if check["entries"] != SEARCH_SIZE:
+                raise RuntimeError(f"search through {target} returned {check['entries']} Patients")
+        # the plaintext NIK must come back: the satusehat target decrypted what it stored encrypted
+        if status != 200 or b"3175042903870007" not in body:
+            raise RuntimeError(f"{workload} through {target}: status {status}, plaintext not returned")
+        return request, check
+
+    def _cpu(self, target: str) -> tuple[float | None, float]:
+        proxy = cpu_seconds(self.procs[target].pid) if target in self.procs else None
+        return proxy, cpu_seconds(self.upstream_pid())
+
+    async def phase(
+        self,
+        target: str,
+        workload: str,
+        c: int,
+        mode: str,
+        seeded: tuple[load.Request, dict],
+        rate: float | None = None,
+        seconds: float | None = None,
+    ) -> dict:
+        """One measured phase; ``seeded`` is what ``seed`` returned for this target and workload."""
+        request, check = seeded
+        port = self.ports[target]
+        await load.closed_loop(HOST, port, request, c, self.warmup)  # warm connections, pools and caches
+        proxy0, up0 = self._cpu(target)
+        gen0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own0 = time.process_time()
+        if mode == "open":
+            assert rate is not None
+            result = await load.open_loop(HOST, port, request, c, rate, seconds or self.duration)
+        elif self.closed_tool == "wrk":
+            result = await asyncio.to_thread(load.run_wrk, HOST, port, request, c, self.duration)
+        else:
+            result = await load.closed_loop(HOST, port, request, c, self.duration)
+        proxy1, up1 = self._cpu(target)
+        gen1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        gen_cpu = (
+            (gen1.ru_utime + gen1.ru_stime) - (gen0.ru_utime + gen0.ru_stime)
+            if result.tool == "wrk"
+            else time.process_time() - own0
+        )
+        out = result.to_dict()
+        n = max(1, result.requests)
+        out.update(
+            target=target,
+            workload=workload,
+            check=check,
+            proxy_cpu_us_per_req=None if proxy0 is None else (proxy1 - proxy0) / n * 1e6,
+            proxy_cores=None if proxy0 is None else (proxy1 - proxy0) / result.duration_s,
+            upstream_cpu_us_per_req=(up1 - up0) / n * 1e6,
+            upstream_cores=(up1 - up0) / result.duration_s,
+            loadgen_cores=gen_cpu / result.duration_s,
+        )
+        if result.errors:
+            self.say(f"  !! {target} {workload} c={c} {mode}: {result.errors} errors of {result.requests}")
+        return out
+
+    async def run_rounds(self) -> list[list[dict]]:
+        """Each round: per workload and concurrency, every target closed loop, then every target open loop.
+
+        The open-loop arrival rate is ``--load-fraction`` of the slowest target's closed-loop
+        throughput in the same round, so every target gets the same offered load."""
+        rounds = []
+        for i in range(self.rounds):
+            order = TARGETS[i % len(TARGETS) :] + TARGETS[: i % len(TARGETS)]  # rotate: no target always first
+            cells = []
+            for workload in WORKLOADS:
+                for c in CONCURRENCY:
+                    closed = {}
+                    for target in order:
+                        closed[target] = await self.phase(
+                            target, workload, c, "closed", await self.seed(workload, target)
+                        )
+                    rate = max(2.0, self.args.load_fraction * min(r["throughput"] for r in closed.values()))
+                    # enough samples for a p99 that is not just the maximum, within twice the phase time
+                    seconds = min(2 * self.duration, max(self.duration, self.min_samples / rate))
+                    for target in order:
+                        seeded = await self.seed(workload, target)
+                        opened = await self.phase(target, workload, c, "open", seeded, rate, seconds)
+                        cells.append(
+                            {"target": target, "workload": workload, "c": c, "closed": closed[target], "open": opened}
+                        )
+                        r = closed[target]
+                        cpu = r["proxy_cpu_us_per_req"]
+                        self.say(
+                            f"round {i + 1} {workload:6} c={c} {target:20} {r['throughput']:7.0f} req/s  "
+                            f"open @{rate:.0f}/s p50 {opened['latency_ms']['p50']:6.2f} "
+                            f"p99 {opened['latency_ms']['p99']:6.2f} ms" + (f"  proxy {cpu:5.0f} µs/req" if cpu else "")
+                        )
+            rounds.append(cells)
+        return rounds
+
+    async def profile_proxy(self) -> dict:
+        """A fhircrypt-satusehat proxy under cProfile while each workload runs at c=1 (idle time left out)."""
+        out = {}
+        with tempfile.TemporaryDirectory(prefix="fhircrypt-prof-") as tmp:
+            for workload in WORKLOADS:
+                prof = Path(tmp) / f"{workload}.prof"
+                policy = str(ROOT / "policies" / "satusehat.yaml")
+                argv = ["proxy", "--upstream", self.upstream.base_url, "--policy", policy, "--profile", str(prof)]
+                proc = TargetProcess("profiled", argv).start()
+                self.ports["profiled"] = proc.port
+                try:
+                    request, _ = await self.seed(workload, "profiled")
+                    await load.closed_loop(HOST, proc.port, request, 1, self.warmup)
+                    proc.signal(signal.SIGUSR1)
+                    await asyncio.sleep(0.05)
+                    r = await load.closed_loop(HOST, proc.port, request, 1, self.duration)
+                    proc.signal(signal.SIGUSR2)
+                    for _ in range(100):
+                        if prof.exists():
+                            break
+                        await asyncio.sleep(0.05)
+                finally:
+                    proc.stop()
+                    del self.ports["profiled"]
+                stats = pstats.Stats(str(prof))
+                summary = summarise_profile(stats, max(1, r.requests), top=12)
+                summary["areas"] = profile_areas(stats, max(1, r.requests))
+                out[workload] = summary
+                self.say(f"profiled {workload}: {r.requests} requests, {summary['total_us_per_op']:.0f} µs CPU each")
+        return {
+            "tool": "cProfile, enabled only while the Python client drives one workload at c=1 against a "
+            "fresh fhircrypt-satusehat proxy; idle time in epoll left out; cProfile inflates Python call costs",
+            "workloads": out,
+        }
+
+
+def machine_facts() -> dict:
+    model, mhz = "unknown", None
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name") and model == "unknown":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":", 1)[1])
+    mem = None
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
+    import platform
+
+    import aiohttp
+
+    node = None
+    with contextlib.suppress(OSError):
+        import subprocess
+
+        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "cpu_mhz": mhz,
+        "memory_bytes": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "orjson": orjson.__version__,
+        "node": node,
+        "wrk": load.wrk_version(),
+        "shared_cores": "load generator, upstream (node) and proxy processes all run on these cores, unpinned",
+    }
+
+
+async def amain(args: argparse.Namespace) -> dict:
+    bench = Bench(args)
+    started = time.time()
+    result: dict = {
+        "format": "fhircrypt-bench/1",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "quick": bench.quick,
+        "machine": machine_facts(),
+    }
+    if not args.no_core:
+        bench.say("core micro-benchmark")
+        result["core"] = run_core(
+            rounds=bench.rounds, min_time=0.05 if bench.quick else 0.5, profile_ops=50 if bench.quick else 2000
+        )
+    bench.say("starting upstream, passthrough and proxies")
+    bench.start()
+    try:
+        rss_start = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
+        rounds = await bench.run_rounds()
+        rss_end = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
+        profile = None if (bench.quick or args.no_profile) else await bench.profile_proxy()
+    finally:
+        bench.stop()
+    result.update(
+        method={
+            "targets": list(TARGETS),
+            "workloads": {
+                "read": "GET /Patient/<id>: the SATUSEHAT fixture Patient (22 encrypted elements under satusehat)",
+                "search": f"GET /Patient?_count={SEARCH_SIZE}: a searchset of {SEARCH_SIZE} such Patients",
+                "create": "POST /Patient of the fixture Patient (validation on, Prefer default: representation)",
+            },
+            "not_measured": [
+                "50-entry transaction Bundle: the proxy refuses Bundles with encrypted types (not supported yet)",
+                "NDJSON export decryption: not supported by the proxy yet",
+                "scaling with 1 and 2 proxy worker processes: a later increment",
+                "garbage-collector tuning comparison and the 10-minute RSS soak: a later increment",
+            ],
+            "concurrency": list(CONCURRENCY),
+            "rounds": bench.rounds,
+            "phase_seconds": bench.duration,
+            "closed_loop_tool": bench.closed_tool,
+            "open_loop_tool": "python (bench/load.py open_loop: paced arrivals, latency from the scheduled time)",
+            "load_fraction": args.load_fraction,
+            "open_loop_rate": "load_fraction x the slowest target's closed-loop throughput in the same round; "
+            f"each open-loop phase lasts until {bench.min_samples} requests, between 1x and 2x phase_seconds",
+            "auth": "none (development mode: every element decrypts, no token checks)",
+            "proxy_logging": "JSON request log at level info, like fhircrypt serve, written to /dev/null",
+            "reset": "POST /$admin/reset, then the workload's data seeded through the target, before every phase",
+            "median": "per metric over rounds; ratios and deltas are medians of per-round paired values",
+        },
+        rss_bytes={"start": rss_start, "end": rss_end},
+        raw_rounds=rounds,
+        proxy_profile=profile,
+        log=bench.log_lines,
+    )
+    result["elapsed_s"] = time.time() - started
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    result = asyncio.run(amain(args))
+    summary = report.summarise(result)
+    out = Path(args.out)
+    paths = report.write_all(summary, out, chart=not args.quick or report.have_matplotlib())
+    print(report.markdown(summary))
+    print("wrote " + ", ".join(str(p) for p in paths), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
