@@ -10,7 +10,6 @@ unrelated tokens, and nobody without the index root can compute or brute-force t
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from cryptography.hazmat.primitives import hashes
@@ -39,4 +38,4 @@ class BlindIndexer:
         key = self._keys.get(label)
         if key is None:
             key = self._keys[label] = index_key(self._root, label)
-        return hmac.new(key, normalised.encode(), hashlib.sha256).hexdigest()[:TOKEN_HEX_CHARS]
+        return hmac.digest(key, normalised.encode(), "sha256")[: TOKEN_HEX_CHARS // 2].hex()  # one-shot: faster
