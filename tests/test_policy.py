@@ -106,6 +106,8 @@ def test_unsafe_or_impossible_targets_are_load_errors_naming_file_line_and_field
 
 
 def test_unknown_resource_type_group_and_field_are_named():
+    with pytest.raises(PolicyError, match=r"p.yaml:6: Bundle: has no extension element"):
+        compile_text(HEADER.format(rtype="Bundle", path="identifier"), "p.yaml")
     with pytest.raises(PolicyError, match=r"p.yaml:6: Patent: not an R4 resource type"):
         compile_text(HEADER.format(rtype="Patent", path="name"), "p.yaml")
     with pytest.raises(PolicyError, match=r"p.yaml:9: group: unknown group 'h'"):

@@ -240,19 +240,6 @@ REFUSALS = [
         501,
         "Bundle.entry[0].resource",
     ),
-    (
-        "POST",
-        "/fhir/R4/Organization",
-        orjson.dumps(
-            {
-                "resourceType": "Organization",
-                "contained": [{"resourceType": "Patient", "id": "c1", "birthDate": "1971-02-03"}],
-            }
-        ),
-        FHIR_JSON,
-        501,
-        "contained",
-    ),
     ("GET", "/fhir/R4/$export", None, {}, 501, "$export"),
     ("POST", "/fhir/R4/Patient/$match", orjson.dumps({"resourceType": "Parameters"}), FHIR_JSON, 501, "$match"),
     ("POST", "/fhir/R4/$graphql", b"{}", FHIR_JSON, 501, "$graphql"),
@@ -528,3 +515,26 @@ async def test_summary_and_elements_are_applied_after_decryption(client, clean_u
     assert count["total"] == 1 and "entry" not in count
     forwarded = [r["url"] for r in clean_upstream.requests()]
     assert not any("_elements" in u or "_summary=true" in u or "_summary=data" in u for u in forwarded)
+
+
+async def test_contained_and_bundled_resources_are_encrypted_by_their_own_policy(client, clean_upstream):
+    """Issue 4 (contained resources): each nested resource of a covered type gets its own envelope."""
+    patient = _new(PATIENT) | {"id": "c1"}
+    observation = {**OBSERVATION, "subject": {"reference": "#c1", "display": "Wibisono K"}, "contained": [patient]}
+    resp = await client.post("/fhir/R4/Observation", data=orjson.dumps(observation), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert _strip_server_meta(created) == observation
+    document = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:8f1b7a4e-2c1d-4e0b-9a57-6c2f0e3d1a11", "resource": _new(PATIENT)},
+            {"fullUrl": "urn:uuid:0d0e5c9e-1f7a-4f55-8c3b-2a9e4b7c6d22", "resource": OBSERVATION},
+        ],
+    }
+    resp = await client.post("/fhir/R4/Bundle", data=orjson.dumps(document), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    read = await (await client.get(f"/fhir/R4/Bundle/{(await resp.json())['id']}")).json()
+    assert [e["resource"] for e in read["entry"]] == [e["resource"] for e in document["entry"]]
+    assert_no_plaintext(clean_upstream.dump(), [*NEEDLES, "9.87", "reaktif-xyz", "anemia ringan qqq"])

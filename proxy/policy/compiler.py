@@ -183,6 +183,13 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
     for rtype, settings in res_doc.items():
         if rtype not in defs.resource_types():
             raise ctx.fail(res_doc, rtype, "not an R4 resource type")
+        if defs.element(rtype, "extension") is None:
+            raise ctx.fail(
+                res_doc,
+                rtype,
+                "has no extension element to hold fhircrypt's envelope (the resources "
+                "it carries are encrypted by their own types' policies)",
+            )
         if not isinstance(settings, Node):
             raise ctx.fail(res_doc, rtype, "must be a mapping with 'elements'")
         _check_keys(ctx, settings, rtype, required={"elements"}, allowed={"elements", "narrative"})
@@ -536,6 +543,8 @@ def _add_reference_display(
     if group not in groups:
         raise ctx.fail(spec, "group", f"unknown group '{group}' (declare it under groups)")
     for rtype in sorted(defs.resource_types()):
+        if defs.element(rtype, "extension") is None:
+            continue  # Bundle, Binary, Parameters: no room for an envelope; their entries have their own
         existing = resources.get(rtype)
         explicit = [e for e in existing.elements if e.field_id != NARRATIVE_ID] if existing else []
         generated = []

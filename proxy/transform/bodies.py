@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
-from proxy.policy.compiler import CompiledPolicy
+from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform.indexes import index_identifiers
-from proxy.transform.markers import MASKED_SECURITY_SYSTEM
+from proxy.transform.masked import has_masked_label
 from proxy.transform.records import Grants, ReadReport, ShapeError, decrypt_resource, encrypt_resource
 from proxy.transform.validation import validate_resource
 
@@ -79,55 +79,44 @@ def decrypt_body(
 def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
 
-    Resources of covered types nested inside it (contained, Bundle entries,
-    Parameters) are refused until they can be encrypted by their own type's policy:
-    forwarding them would store plaintext.
+    Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
+    are encrypted by their own type's policy, each with its own envelope, deepest first.
     """
     rtype = resource.get("resourceType")
-    for inner, where in nested_resources(resource, rtype if type(rtype) is str else "?"):
-        inner_type = inner.get("resourceType")
-        if type(inner_type) is str and inner_type in policy.resources:
-            raise FhirError(
-                501,
-                "not-supported",
-                f"{where}: a nested {inner_type} resource would be stored "
-                "unencrypted; nested resources of encrypted types are not supported yet",
-                [where],
-            )
-    meta = resource.get("meta")
-    if (
-        type(meta) is dict
-        and type(meta.get("security")) is list
-        and any(
-            type(s) is dict and s.get("code") == "MASKED" and s.get("system") == MASKED_SECURITY_SYSTEM
-            for s in meta["security"]
-        )
-    ):
+    if has_masked_label(resource):
         raise FhirError(
             409,
             "conflict",
             f"{rtype} carries the MASKED security label: it was read with elements "
-            "masked, and writing it back would overwrite the stored values (merging masked writes is "
-            "not supported yet)",
+            "masked, and only an update of that resource can write it back",
             [f"{rtype}.meta.security"],
         )
     if validate:
         validate_resource(resource)
+    nested = list(nested_resources(resource, rtype if type(rtype) is str else "?"))
+    for inner, where in reversed(nested):  # deepest first: an outer contained resource is sealed last
+        inner_rp = policy.resources.get(inner.get("resourceType"))  # type: ignore[arg-type]
+        if inner_rp is not None:
+            _seal(inner, inner_rp, keyring, where, with_indexes=False)
     rp = policy.resources.get(rtype)  # type: ignore[arg-type]
-    if rp is None:
-        return
+    if rp is not None:
+        _seal(resource, rp, keyring, rtype, with_indexes=True)  # type: ignore[arg-type]
+
+
+def _seal(resource: dict, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool) -> None:
+    """Encrypt one resource; blind indexes only for the resource stored at the top (searches find those)."""
     try:
-        index_ids = index_identifiers(resource, rp, keyring.indexer)
+        index_ids = index_identifiers(resource, rp, keyring.indexer) if with_indexes else []
         encrypt_resource(resource, rp, keyring)
     except ShapeError as exc:
         raise FhirError(
             400,
             "structure",
-            f"{rtype}.{exc.path}: unexpected JSON type for an encrypted element",
-            [f"{rtype}.{exc.path}"],
+            f"{where}.{exc.path}: unexpected JSON type for an encrypted element",
+            [f"{where}.{exc.path}"],
         ) from None
     if index_ids:
         existing = resource.get("identifier") or []
         if type(existing) is not list:
-            raise FhirError(400, "structure", f"{rtype}.identifier must be a list", [f"{rtype}.identifier"])
+            raise FhirError(400, "structure", f"{where}.identifier must be a list", [f"{where}.identifier"])
         resource["identifier"] = [*existing, *index_ids]
