@@ -214,14 +214,6 @@ REFUSALS = [
     ),
     ("DELETE", "/fhir/R4/Patient?name=Wibisono", None, {}, 400, "'name'"),
     (
-        "PATCH",
-        "/fhir/R4/Patient/abc",
-        b'[{"op":"add","path":"/birthDate","value":"1971-02-03"}]',
-        {"Content-Type": "application/json-patch+json"},
-        501,
-        "PATCH",
-    ),
-    (
         "POST",
         "/fhir/R4",
         orjson.dumps(
@@ -538,3 +530,39 @@ async def test_contained_and_bundled_resources_are_encrypted_by_their_own_policy
     read = await (await client.get(f"/fhir/R4/Bundle/{(await resp.json())['id']}")).json()
     assert [e["resource"] for e in read["entry"]] == [e["resource"] for e in document["entry"]]
     assert_no_plaintext(clean_upstream.dump(), [*NEEDLES, "9.87", "reaktif-xyz", "anemia ringan qqq"])
+
+
+async def test_json_patch_on_encrypted_elements_is_executed_by_the_proxy(client, clean_upstream):
+    """Issue 4 (PATCH): read, decrypt, apply, encrypt, update with If-Match on the version read."""
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    pid = created["id"]
+    json_patch = {"Content-Type": "application/json-patch+json"}
+    ops = [
+        {"op": "test", "path": "/birthDate", "value": "1971-02-03"},
+        {"op": "replace", "path": "/birthDate", "value": "1972-12-24"},
+        {"op": "add", "path": "/name/0/given/-", "value": "Pranoto"},
+    ]
+    resp = await client.patch(f"/fhir/R4/Patient/{pid}", data=orjson.dumps(ops), headers=json_patch)
+    assert resp.status == 200, await resp.text()
+    patched = await resp.json()
+    assert patched["birthDate"] == "1972-12-24" and patched["name"][0]["given"] == ["Wibisono", "Pranoto"]
+    assert patched["identifier"] == PATIENT["identifier"]
+    writes = [r for r in clean_upstream.requests() if r["method"] in ("PUT", "PATCH")]
+    assert [r["method"] for r in writes] == ["PUT"]
+    assert {k.lower(): v for k, v in writes[0]["headers"].items()}["if-match"] == 'W/"1"'
+    assert_no_plaintext(clean_upstream.dump(), [*NEEDLES, "1972-12-24", "Pranoto"])
+    failed = await client.patch(
+        f"/fhir/R4/Patient/{pid}",
+        headers=json_patch,
+        data=orjson.dumps([{"op": "test", "path": "/birthDate", "value": "1971-02-03"}]),
+    )
+    assert failed.status == 422
+    stale = await client.patch(
+        f"/fhir/R4/Patient/{pid}",
+        headers=json_patch | {"If-Match": 'W/"1"'},
+        data=orjson.dumps([{"op": "replace", "path": "/gender", "value": "other"}]),
+    )
+    assert stale.status in (409, 412)
+    conditional = await client.patch("/fhir/R4/Patient?_id=x", headers=json_patch, data=orjson.dumps(ops))
+    assert conditional.status == 501
+    assert (await client.patch("/fhir/R4/Patient/nope", headers=json_patch, data=orjson.dumps(ops))).status == 404

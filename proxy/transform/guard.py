@@ -150,7 +150,8 @@ class Forwarding:
     query: list[tuple[str, str]] | None = None
     if_none_exist: str | None = None
     subset: Subset | None = None  # _summary/_elements the proxy applies after decryption
-    if_match: str | None = None  # set by a masked write-back: the version the merge read
+    if_match: str | None = None  # set by a masked write-back or a patch: the version the proxy read
+    method: str | None = None  # a PATCH executed by the proxy goes upstream as PUT
 
 
 def encode_query(params: list[tuple[str, str]]) -> str:
@@ -175,13 +176,9 @@ def check_request(
     if "If-None-Exist" in headers:
         criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), ctx, "If-None-Exist")
         if_none_exist = encode_query(criteria)
-    if it.kind == "patch" and rtype in ctx.policies:
+    if it.kind == "patch" and it.conditional and rtype in ctx.policies:
         raise FhirError(
-            501,
-            "not-supported",
-            f"PATCH on {rtype} is not supported yet: the patch could write "
-            "plaintext into encrypted elements; use update (PUT) instead",
-            [rtype],
+            501, "not-supported", f"conditional PATCH on {rtype} is not supported: patch the resource by id", [rtype]
         )
     if it.kind == "search" or it.conditional:
         return Forwarding(check_search(rtype, params, ctx, "query"), if_none_exist, subset)

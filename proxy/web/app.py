@@ -35,7 +35,7 @@ from proxy.transform.records import scrub_markers
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web.auditing import Exchange, record, references_in
-from proxy.web.writes import check_scope, prepare_write
+from proxy.web.writes import apply_patch, check_scope, prepare_write
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -201,7 +201,16 @@ def _parse_json(body: bytes, what: str, shape: type = dict):
     return value
 
 
-def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: bytes, searcher: Searcher) -> bytes | dict:
+@dataclass(frozen=True)
+class PatchOps:
+    """A JSON Patch on an encrypted type, to be executed by the proxy."""
+
+    ops: list
+
+
+def _prepare_body(
+    rt: Runtime, it: Interaction, request: web.Request, body: bytes, searcher: Searcher
+) -> bytes | dict | PatchOps:
     """Check a request body; returns what may be sent upstream, or the resource of a create or update."""
     ctype = hdr.media_type(request.headers.get("Content-Type"))
     if it.kind == "search":
@@ -217,9 +226,15 @@ def _prepare_body(rt: Runtime, it: Interaction, request: web.Request, body: byte
         guard.check_operation_body(it)
     if it.kind == "patch":
         if ctype not in ("application/json-patch+json",):
-            raise FhirError(415, "not-supported", "PATCH needs application/json-patch+json")
+            raise FhirError(
+                415,
+                "not-supported",
+                "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
+            )
         patch = _parse_json(body, "the patch document", list)
         _refuse_reserved(patch)
+        if it.resource_type in rt.policy.resources:
+            return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
         _refuse_covered_mentions(patch, rt.policy)
         return body
     if ctype not in hdr.JSON_TYPES:
@@ -297,7 +312,7 @@ async def _forward(
     )
     if it.kind == "search" and request.method == "POST":
         headers["Content-Type"] = "application/x-www-form-urlencoded"
-    if it.kind == "patch":
+    if it.kind == "patch" and forwarding.method is None:
         headers["Content-Type"] = "application/json-patch+json"
     if forwarding.if_none_exist is not None:
         headers["If-None-Exist"] = forwarding.if_none_exist
@@ -305,7 +320,11 @@ async def _forward(
         headers["If-Match"] = forwarding.if_match
     try:
         async with rt.session.request(
-            request.method, URL(url, encoded=True), data=body, headers=headers, allow_redirects=False
+            forwarding.method or request.method,
+            URL(url, encoded=True),
+            data=body,
+            headers=headers,
+            allow_redirects=False,
         ) as resp:
             raw = await read_limited(resp.content, rt.settings.max_response)
             status, up_headers = resp.status, resp.headers
@@ -388,7 +407,19 @@ async def handle(request: web.Request) -> web.StreamResponse:
             await check_scope(rt, it, exchange.grants, "delete", None, request_id, request.headers.get("Authorization"))
         if request.method in ("POST", "PUT", "PATCH"):
             prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
-            if isinstance(prepared, dict):
+            if isinstance(prepared, PatchOps):
+                body, extra = await apply_patch(
+                    rt,
+                    it,
+                    prepared.ops,
+                    grants_for,
+                    exchange.grants,
+                    rt.verifier is not None,
+                    request.headers,
+                    request_id,
+                )
+                forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"), method="PUT")
+            elif isinstance(prepared, dict):
                 body, extra = await prepare_write(
                     rt,
                     it,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping
 
 import aiohttp
+import jsonpatch
+import jsonpointer
 import orjson
 
 from proxy.outcome import FhirError
@@ -95,14 +99,14 @@ async def prepare_write(
     restricted: bool,
     request_headers: Mapping[str, str],
     request_id: str,
+    stored: dict | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """Check write rules, restore masked elements, validate and encrypt; returns the body and headers to add."""
     rp = rt.policy.resources.get(it.resource_type)
     extra: dict[str, str] = {}
     if rp is not None:
-        stored: dict | None = None
         if restricted:
-            stored = await check_scope(
+            stored = stored or await check_scope(
                 rt, it, grants, "write", resource, request_id, request_headers.get("Authorization")
             )
             allowed = grants.write_groups  # type: ignore[union-attr]
@@ -136,3 +140,44 @@ async def prepare_write(
                 extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
     encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
     return orjson.dumps(resource), extra
+
+
+async def apply_patch(
+    rt,
+    it: Interaction,
+    ops: list,
+    grants_for,
+    grants: CallerGrants | None,
+    restricted: bool,
+    request_headers: Mapping[str, str],
+    request_id: str,
+) -> tuple[bytes, dict[str, str]]:
+    """JSON Patch on a resource with encrypted elements: read, decrypt what the caller may see, apply the
+    patch in the proxy, then write the result back as an update on the version read (If-Match), so a
+    concurrent writer gets a conflict. Elements the caller sees masked stay masked for the patch (a
+    ``test`` on them fails) and keep their stored values."""
+    if restricted and grants is not None:
+        await check_scope(rt, it, grants, "write", None, request_id, request_headers.get("Authorization"))
+    stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+    if stored is None:
+        raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} does not exist")
+    view = copy.deepcopy(stored)
+    report = ReadReport()
+    rp = rt.policy.resources[it.resource_type]
+    decrypt_resource(view, rp, rt.keyring, grants_for(view) if grants_for else None, rt.policy.unenveloped, report)
+    if report.failures:
+        raise FhirError(409, "conflict", f"{it.resource_type}/{it.id}: the stored version fails verification")
+    try:
+        patched = jsonpatch.apply_patch(view, ops)
+    except jsonpatch.JsonPatchTestFailed:
+        raise FhirError(422, "processing", "a test operation of the patch failed") from None
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException, TypeError, ValueError):
+        raise FhirError(422, "processing", "the patch cannot be applied to this resource") from None
+    if type(patched) is not dict or patched.get("resourceType") != it.resource_type or patched.get("id") != it.id:
+        raise FhirError(422, "processing", "a patch may not change the resource type or id")
+    version = (stored.get("meta") or {}).get("versionId")
+    update = dataclasses.replace(it, kind="update")
+    body, extra = await prepare_write(rt, update, patched, grants, restricted, request_headers, request_id, stored)
+    if "If-Match" not in request_headers and isinstance(version, str):
+        extra["If-Match"] = f'W/"{version}"'
+    return body, extra
