@@ -22,7 +22,8 @@ from proxy.crypto.kek import generate_kek, load_local_kek
 from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
 from proxy.policy.compiler import compile_file
 from proxy.settings import Settings
-from proxy.web.app import RUNTIME, create_app
+from proxy.web.app import create_app
+from proxy.web.runtime import RUNTIME
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ("patient.json", "observation-hemoglobin.json", "condition.json", "medication-request.json")

@@ -163,7 +163,7 @@ async def test_keys_added_at_the_provider_are_picked_up(proxy_for, clean_upstrea
         token_issuer=issuer.url,
         audience=AUDIENCE,
     )
-    from proxy.web.app import RUNTIME
+    from proxy.web.runtime import RUNTIME
 
     proxy.server.app[RUNTIME].verifier.settings.__dict__["min_refresh"] = 0.0  # a fresh test key is minutes old
     issuer.kids["rsa-2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -438,7 +438,7 @@ async def test_requests_are_refused_while_the_audit_trail_is_unavailable(
     jwt_proxy, clean_upstream, satusehat, issuer, tmp_path
 ):
     from proxy.audit.cli import init_trail
-    from proxy.web.app import RUNTIME
+    from proxy.web.runtime import RUNTIME
 
     trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
     init_trail(trail, key_file)

@@ -12,7 +12,6 @@ import ssl
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -21,8 +20,7 @@ from yarl import URL
 
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
-from proxy.auth.caller import caller_from_claims
-from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier, TokenError
+from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
@@ -34,115 +32,16 @@ from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import scrub_markers
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
+from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.requests import PatchOps, prepare_body
+from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.writes import apply_patch, check_scope, prepare_write
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
 _CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
 _ENVELOPE_BYTES = ENVELOPE_URL.encode()
-
-
-@dataclass
-class Runtime:
-    settings: Settings
-    policy: CompiledPolicy
-    keyring: Keyring
-    upstream: URL
-    public_base: str
-    session: aiohttp.ClientSession | None = None
-    verifier: JwtVerifier | None = None  # None: --auth none (development mode)
-    introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
-    audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
-    blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
-
-    @property
-    def upstream_base(self) -> str:
-        return str(self.upstream).rstrip("/")
-
-
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
-
-
-def _unauthorized(description: str, invalid: bool) -> FhirError:
-    challenge = 'Bearer realm="fhircrypt"'
-    if invalid:
-        challenge += f', error="invalid_token", error_description="{description}"'
-    return FhirError(401, "login", description, headers={"WWW-Authenticate": challenge})
-
-
-async def _authorize(
-    rt: Runtime, request: web.Request, it: Interaction, request_id: str, exchange: Exchange
-) -> GrantsFor | None:
-    """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
-    if rt.verifier is None:
-        return None  # --auth none: development mode, everything decrypts
-    if it.kind == "capabilities":
-        return _NOTHING
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise _unauthorized("a bearer token is required", invalid=False)
-    token = token.strip()
-    try:
-        if rt.introspector is not None and token.count(".") != 2:  # opaque: not a JWS compact serialisation
-            claims = await rt.introspector.verify(token)
-        else:
-            claims = await rt.verifier.verify(token)
-    except TokenError as exc:
-        raise _unauthorized(str(exc), invalid=True) from None
-    access = rt.policy.access
-    if access is None:
-        exchange.caller = caller_from_claims(claims)
-        return _NOTHING
-    caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
-    exchange.caller = caller
-    if caller.subject in rt.blocked_subjects:
-        raise FhirError(403, "forbidden", "access refused")
-    grants = access.grants(caller)
-    exchange.caller, exchange.grants, exchange.break_glass = caller, grants, grants.break_glass
-    if grants.break_glass:
-        log.warning(
-            "break-glass",
-            extra={
-                "event": "break-glass",
-                "request_id": request_id,
-                "subject": caller.subject,
-                "client_id": caller.client_id,
-            },
-        )
-    return grants.for_resource
-
-
-def _watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:
-    """Wrap the caller's grants: note each honeytoken resource that is about to be decrypted for it."""
-    canaries = rt.policy.canaries
-    if not canaries:
-        return grants_for
-
-    def watched(resource: dict):
-        groups = grants_for(resource) if grants_for is not None else None
-        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if ref in canaries and (groups is None or groups):
-            hits.append(ref)
-        return groups
-
-    return watched
-
-
-def _alarm(rt: Runtime, exchange: Exchange, hits: list[str], request_id: str) -> None:
-    """A honeytoken decrypted for a caller: alert (and with action block, refuse this caller from now on)."""
-    subject = exchange.caller.subject if exchange.caller else None
-    log.critical(
-        "canary resource decrypted",
-        extra={"event": "canary", "request_id": request_id, "subject": subject, "resources": sorted(hits)},
-    )
-    if rt.policy.canary_action == "block" and subject:
-        rt.blocked_subjects.add(subject)
-        raise FhirError(403, "forbidden", "access refused")
-
-
-def _NOTHING(resource: dict) -> frozenset[str]:
-    return frozenset()
 
 
 def _respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -189,93 +88,6 @@ def _segments(rt: Runtime, request: web.Request) -> list[str]:
     if any(s in (".", "..") for s in segments):
         raise FhirError(400, "invalid", "the URL path contains relative segments")
     return segments
-
-
-def _parse_json(body: bytes, what: str, shape: type = dict):
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise FhirError(400, "structure", f"{what} is not valid JSON") from None
-    if type(value) is not shape:
-        raise FhirError(400, "structure", f"{what} must be a JSON {'object' if shape is dict else 'array'}")
-    return value
-
-
-@dataclass(frozen=True)
-class PatchOps:
-    """A JSON Patch on an encrypted type, to be executed by the proxy."""
-
-    ops: list
-
-
-def _prepare_body(
-    rt: Runtime, it: Interaction, request: web.Request, body: bytes, searcher: Searcher
-) -> bytes | dict | PatchOps:
-    """Check a request body; returns what may be sent upstream, or the resource of a create or update."""
-    ctype = hdr.media_type(request.headers.get("Content-Type"))
-    if it.kind == "search":
-        if ctype != "application/x-www-form-urlencoded":
-            raise FhirError(415, "not-supported", "POST _search needs application/x-www-form-urlencoded")
-        try:
-            form = body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FhirError(400, "invalid", "the form body is not UTF-8") from None
-        params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
-        return guard.encode_query(params).encode()
-    if it.kind == "operation":
-        guard.check_operation_body(it)
-    if it.kind == "patch":
-        if ctype not in ("application/json-patch+json",):
-            raise FhirError(
-                415,
-                "not-supported",
-                "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
-            )
-        patch = _parse_json(body, "the patch document", list)
-        _refuse_reserved(patch)
-        if it.resource_type in rt.policy.resources:
-            return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
-        _refuse_covered_mentions(patch, rt.policy)
-        return body
-    if ctype not in hdr.JSON_TYPES:
-        if "xml" in ctype:
-            raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
-        raise FhirError(415, "not-supported", "send application/fhir+json")
-    resource = _parse_json(body, "the request body")
-    _refuse_reserved(resource)
-    if it.kind == "batch":
-        guard.check_bundle(resource, rt.policy)
-        return body
-    rtype = resource.get("resourceType")
-    if rtype != it.resource_type:
-        raise FhirError(
-            400, "invalid", f"resourceType in the body does not match the URL ({it.resource_type})", ["resourceType"]
-        )
-    if it.kind == "update" and not it.conditional and resource.get("id") != it.id:
-        raise FhirError(400, "invalid", "the id in the body must match the id in the URL", [f"{rtype}.id"])
-    return resource
-
-
-def _refuse_reserved(parsed: object) -> None:
-    """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL."""
-    if _CANONICAL_BYTES in orjson.dumps(parsed):
-        raise FhirError(
-            400,
-            "invalid",
-            "the body contains fhircrypt's reserved extensions or tags; they are written by the proxy only",
-        )
-
-
-def _refuse_covered_mentions(value: object, policy: CompiledPolicy) -> None:
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if type(item) is dict:
-            if item.get("resourceType") in policy.resources:
-                raise FhirError(501, "not-supported", "the patch carries a resource of an encrypted type")
-            stack.extend(item.values())
-        elif type(item) is list:
-            stack.extend(item)
 
 
 def _rewrite_urls(rt: Runtime):
@@ -350,10 +162,10 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = exchange.report
     hits: list[str] = []
-    decrypt_body(payload, rt.policy, rt.keyring, _watch_canaries(rt, grants_for, hits), report)
+    decrypt_body(payload, rt.policy, rt.keyring, watch_canaries(rt, grants_for, hits), report)
     exchange.references = references_in(payload)
     if hits:
-        _alarm(rt, exchange, hits, request_id)
+        alarm(rt, exchange, hits, request_id)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     out = orjson.dumps(payload)
@@ -388,7 +200,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     try:
         segments = _segments(rt, request)
         it = classify(request.method, segments, bool(request.query_string))
-        grants_for = await _authorize(rt, request, it, request_id, exchange)
+        grants_for = await authorize(rt, request, it, request_id, exchange)
         if rt.settings.audit_mode == "fail-closed" and not all(sink.available for sink in rt.audit):
             raise FhirError(
                 503,
@@ -406,7 +218,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if it.kind == "delete" and rt.verifier is not None and it.resource_type in rt.policy.resources:
             await check_scope(rt, it, exchange.grants, "delete", None, request_id, request.headers.get("Authorization"))
         if request.method in ("POST", "PUT", "PATCH"):
-            prepared = _prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
+            prepared = prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
             if isinstance(prepared, PatchOps):
                 body, extra = await apply_patch(
                     rt,

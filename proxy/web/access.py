@@ -1,0 +1,98 @@
+"""Who is calling and what may be decrypted for them: bearer tokens, grants, canary alarms."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from proxy.auth.caller import caller_from_claims
+from proxy.auth.tokens import TokenError
+from proxy.outcome import FhirError
+from proxy.transform.bodies import GrantsFor
+from proxy.transform.interactions import Interaction
+from proxy.web.auditing import Exchange
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("fhircrypt")
+
+
+def _unauthorized(description: str, invalid: bool) -> FhirError:
+    challenge = 'Bearer realm="fhircrypt"'
+    if invalid:
+        challenge += f', error="invalid_token", error_description="{description}"'
+    return FhirError(401, "login", description, headers={"WWW-Authenticate": challenge})
+
+
+async def authorize(
+    rt: Runtime, request: web.Request, it: Interaction, request_id: str, exchange: Exchange
+) -> GrantsFor | None:
+    """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
+    if rt.verifier is None:
+        return None  # --auth none: development mode, everything decrypts
+    if it.kind == "capabilities":
+        return _NOTHING
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized("a bearer token is required", invalid=False)
+    token = token.strip()
+    try:
+        if rt.introspector is not None and token.count(".") != 2:  # opaque: not a JWS compact serialisation
+            claims = await rt.introspector.verify(token)
+        else:
+            claims = await rt.verifier.verify(token)
+    except TokenError as exc:
+        raise _unauthorized(str(exc), invalid=True) from None
+    access = rt.policy.access
+    if access is None:
+        exchange.caller = caller_from_claims(claims)
+        return _NOTHING
+    caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
+    exchange.caller = caller
+    if caller.subject in rt.blocked_subjects:
+        raise FhirError(403, "forbidden", "access refused")
+    grants = access.grants(caller)
+    exchange.caller, exchange.grants, exchange.break_glass = caller, grants, grants.break_glass
+    if grants.break_glass:
+        log.warning(
+            "break-glass",
+            extra={
+                "event": "break-glass",
+                "request_id": request_id,
+                "subject": caller.subject,
+                "client_id": caller.client_id,
+            },
+        )
+    return grants.for_resource
+
+
+def watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:
+    """Wrap the caller's grants: note each honeytoken resource that is about to be decrypted for it."""
+    canaries = rt.policy.canaries
+    if not canaries:
+        return grants_for
+
+    def watched(resource: dict):
+        groups = grants_for(resource) if grants_for is not None else None
+        ref = f"{resource.get('resourceType')}/{resource.get('id')}"
+        if ref in canaries and (groups is None or groups):
+            hits.append(ref)
+        return groups
+
+    return watched
+
+
+def alarm(rt: Runtime, exchange: Exchange, hits: list[str], request_id: str) -> None:
+    """A honeytoken decrypted for a caller: alert (and with action block, refuse this caller from now on)."""
+    subject = exchange.caller.subject if exchange.caller else None
+    log.critical(
+        "canary resource decrypted",
+        extra={"event": "canary", "request_id": request_id, "subject": subject, "resources": sorted(hits)},
+    )
+    if rt.policy.canary_action == "block" and subject:
+        rt.blocked_subjects.add(subject)
+        raise FhirError(403, "forbidden", "access refused")
+
+
+def _NOTHING(resource: dict) -> frozenset[str]:
+    return frozenset()

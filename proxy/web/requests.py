@@ -1,0 +1,106 @@
+"""Request bodies: check what a client sends before anything reaches the upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from proxy.outcome import FhirError
+from proxy.policy.compiler import CompiledPolicy
+from proxy.transform import guard
+from proxy.transform.interactions import Interaction
+from proxy.transform.markers import CANONICAL
+from proxy.transform.search import Searcher
+from proxy.web import headers as hdr
+from proxy.web.runtime import Runtime
+
+_CANONICAL_BYTES = CANONICAL.encode()
+
+
+def parse_json(body: bytes, what: str, shape: type = dict):
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise FhirError(400, "structure", f"{what} is not valid JSON") from None
+    if type(value) is not shape:
+        raise FhirError(400, "structure", f"{what} must be a JSON {'object' if shape is dict else 'array'}")
+    return value
+
+
+@dataclass(frozen=True)
+class PatchOps:
+    """A JSON Patch on an encrypted type, to be executed by the proxy."""
+
+    ops: list
+
+
+def prepare_body(
+    rt: Runtime, it: Interaction, request: web.Request, body: bytes, searcher: Searcher
+) -> bytes | dict | PatchOps:
+    """Check a request body; returns what may be sent upstream, or the resource of a create or update."""
+    ctype = hdr.media_type(request.headers.get("Content-Type"))
+    if it.kind == "search":
+        if ctype != "application/x-www-form-urlencoded":
+            raise FhirError(415, "not-supported", "POST _search needs application/x-www-form-urlencoded")
+        try:
+            form = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise FhirError(400, "invalid", "the form body is not UTF-8") from None
+        params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
+        return guard.encode_query(params).encode()
+    if it.kind == "operation":
+        guard.check_operation_body(it)
+    if it.kind == "patch":
+        if ctype not in ("application/json-patch+json",):
+            raise FhirError(
+                415,
+                "not-supported",
+                "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
+            )
+        patch = parse_json(body, "the patch document", list)
+        _refuse_reserved(patch)
+        if it.resource_type in rt.policy.resources:
+            return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
+        _refuse_covered_mentions(patch, rt.policy)
+        return body
+    if ctype not in hdr.JSON_TYPES:
+        if "xml" in ctype:
+            raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
+        raise FhirError(415, "not-supported", "send application/fhir+json")
+    resource = parse_json(body, "the request body")
+    _refuse_reserved(resource)
+    if it.kind == "batch":
+        guard.check_bundle(resource, rt.policy)
+        return body
+    rtype = resource.get("resourceType")
+    if rtype != it.resource_type:
+        raise FhirError(
+            400, "invalid", f"resourceType in the body does not match the URL ({it.resource_type})", ["resourceType"]
+        )
+    if it.kind == "update" and not it.conditional and resource.get("id") != it.id:
+        raise FhirError(400, "invalid", "the id in the body must match the id in the URL", [f"{rtype}.id"])
+    return resource
+
+
+def _refuse_reserved(parsed: object) -> None:
+    """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL."""
+    if _CANONICAL_BYTES in orjson.dumps(parsed):
+        raise FhirError(
+            400,
+            "invalid",
+            "the body contains fhircrypt's reserved extensions or tags; they are written by the proxy only",
+        )
+
+
+def _refuse_covered_mentions(value: object, policy: CompiledPolicy) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if item.get("resourceType") in policy.resources:
+                raise FhirError(501, "not-supported", "the patch carries a resource of an encrypted type")
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)

@@ -1,0 +1,40 @@
+"""What every request handler shares: settings, policy, keys, the upstream session, verifiers, audit sinks."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from proxy.audit.trail import AsyncAuditSink
+from proxy.auth.tokens import Introspector, JwtVerifier
+from proxy.crypto.keyring import Keyring
+from proxy.policy.compiler import CompiledPolicy
+from proxy.settings import Settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    policy: CompiledPolicy
+    keyring: Keyring
+    upstream: URL
+    public_base: str
+    session: aiohttp.ClientSession | None = None
+    verifier: JwtVerifier | None = None  # None: --auth none (development mode)
+    introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
+    audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
+    blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
+
+    @property
+    def upstream_base(self) -> str:
+        return str(self.upstream).rstrip("/")
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
