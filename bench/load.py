@@ -163,41 +163,57 @@ async def send_all(host: str, port: int, requests: list[Request], concurrency: i
     return [r for r in results if r is not None]
 
 
-async def closed_loop(host: str, port: int, request: Request, connections: int, duration: float) -> Phase:
-    """Python closed loop: each connection sends the next request when the previous answer is in."""
-    raw = request.raw(host, port)
-    latencies: list[float] = []
-    errors = 0
-    conns = [Connection(host, port) for _ in range(connections)]
+class _Tally:
+    """Latencies and errors of one phase; each request is timed from ``start``."""
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors = 0
+
+    async def send(self, conn: Connection, raw: bytes, start: float) -> None:
+        try:
+            status, _ = await conn.send(raw)
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            self.errors += 1
+            await conn.close()
+            return
+        self.latencies.append(time.perf_counter() - start)
+        if status >= 400:
+            self.errors += 1
+
+
+async def _connections(host: str, port: int, count: int) -> list[Connection]:
+    conns = [Connection(host, port) for _ in range(count)]
     for conn in conns:
         await conn.connect()
-    started = time.perf_counter()
-    deadline = started + duration
+    return conns
 
-    async def worker(conn: Connection) -> None:
-        nonlocal errors
-        clock = time.perf_counter
-        while clock() < deadline:
-            t0 = clock()
-            try:
-                status, _ = await conn.send(raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                errors += 1
-                await conn.close()
-                continue
-            latencies.append(clock() - t0)
-            if status >= 400:
-                errors += 1
 
+async def _drive(conns: list[Connection], worker) -> None:
     try:
         await asyncio.gather(*(worker(c) for c in conns))
     finally:
         for conn in conns:
             await conn.close()
+
+
+async def closed_loop(host: str, port: int, request: Request, connections: int, duration: float) -> Phase:
+    """Python closed loop: each connection sends the next request when the previous answer is in."""
+    raw = request.raw(host, port)
+    tally = _Tally()
+    conns = await _connections(host, port, connections)
+    started = time.perf_counter()
+    deadline = started + duration
+
+    async def worker(conn: Connection) -> None:
+        while time.perf_counter() < deadline:
+            await tally.send(conn, raw, time.perf_counter())
+
+    await _drive(conns, worker)
     elapsed = time.perf_counter() - started
     return Phase(
-        "closed", "python", connections, elapsed, len(latencies), errors, len(latencies) / elapsed,
-        percentiles_ms(latencies),
+        "closed", "python", connections, elapsed, len(tally.latencies), tally.errors,
+        len(tally.latencies) / elapsed, percentiles_ms(tally.latencies),
     )  # fmt: skip
 
 
@@ -208,19 +224,16 @@ async def open_loop(host: str, port: int, request: Request, connections: int, ra
     connection (coordinated-omission free); answer time - write time when a connection
     was idle at t_i (the generator's timer lateness is not the target's)."""
     raw = request.raw(host, port)
-    latencies: list[float] = []
-    errors = 0
+    tally = _Tally()
     late = 0  # requests that waited for a busy connection
-    conns = [Connection(host, port) for _ in range(connections)]
-    for conn in conns:
-        await conn.connect()
+    conns = await _connections(host, port, connections)
     interval = 1.0 / rate
     total = max(1, int(duration * rate))
     ticket = 0
     t0 = time.perf_counter() + 0.005
 
     async def worker(conn: Connection) -> None:
-        nonlocal ticket, errors, late
+        nonlocal ticket, late
         clock = time.perf_counter
         while ticket < total:
             scheduled = t0 + ticket * interval
@@ -232,25 +245,13 @@ async def open_loop(host: str, port: int, request: Request, connections: int, ra
             else:
                 start = scheduled
                 late += 1
-            try:
-                status, _ = await conn.send(raw)
-            except (OSError, asyncio.IncompleteReadError, ValueError):
-                errors += 1
-                await conn.close()
-                continue
-            latencies.append(clock() - start)
-            if status >= 400:
-                errors += 1
+            await tally.send(conn, raw, start)
 
-    try:
-        await asyncio.gather(*(worker(c) for c in conns))
-    finally:
-        for conn in conns:
-            await conn.close()
+    await _drive(conns, worker)
     elapsed = time.perf_counter() - t0
     return Phase(
-        "open", "python", connections, elapsed, len(latencies), errors, len(latencies) / elapsed,
-        percentiles_ms(latencies), offered_rate=rate, extra={"waited_for_connection": late},
+        "open", "python", connections, elapsed, len(tally.latencies), tally.errors, len(tally.latencies) / elapsed,
+        percentiles_ms(tally.latencies), offered_rate=rate, extra={"waited_for_connection": late},
     )  # fmt: skip
 
 

@@ -19,7 +19,6 @@ and body bytes to the upstream and the response bytes back, and parses nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import os
 import queue
@@ -31,6 +30,8 @@ import threading
 import time
 import traceback
 from pathlib import Path
+
+from tests.upstream_server import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -254,18 +255,8 @@ class TargetProcess:
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        if proc.stdout:
-            with contextlib.suppress(OSError):
-                proc.stdout.close()
+        if proc is not None:
+            stop_process(proc, grace=10)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ FHIR_BASE_PATH = "/fhir/R4"
 ADMIN_PATH = "/$admin"
 
 
+def stop_process(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, SIGKILL after ``grace`` seconds, then close its stdout (shared with the benchmark)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+    if proc.stdout:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+
+
 class UpstreamServerError(RuntimeError):
     """The upstream server could not be installed or started."""
 
@@ -193,15 +207,7 @@ class UpstreamServer:
                     proc.stdin.close()
             except OSError:
                 pass
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-            if proc.stdout:
-                proc.stdout.close()
+            stop_process(proc, grace=5)
         self._close_stderr()
         self.port = None
 
