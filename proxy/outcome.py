@@ -51,6 +51,13 @@ class FhirError(Exception):
     def outcome(self) -> dict:
         return operation_outcome(self.issues)
 
+    def located(self, where: str) -> FhirError:
+        """The same refusal, its message prefixed with where it arose (a Bundle entry, a reference)."""
+        first = self.issues[0]
+        return FhirError(
+            self.status, first.code, f"{where}: {first.diagnostics}", first.expression or [where], headers=self.headers
+        )
+
 
 def operation_outcome(issues: list[Issue]) -> dict:
     return {"resourceType": "OperationOutcome", "issue": [i.as_fhir() for i in issues]}

@@ -567,3 +567,50 @@ async def test_scope_checks_use_the_stored_resource_deletes_and_replayed_tokens(
     assert (await proxy.get(f"/fhir/R4/Patient?identifier={mixed}", headers=billing)).status == 403
     chained = urllib.parse.quote(token, safe="")
     assert (await proxy.get(f"/fhir/R4/Condition?subject:Patient.identifier={chained}", headers=billing)).status == 403
+
+
+def _transaction(*entries: tuple[str, str, dict | None]) -> bytes:
+    return orjson.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"request": {"method": method, "url": url}, **({"resource": body} if body else {})}
+                for method, url, body in entries
+            ],
+        }
+    )
+
+
+async def test_bundle_entries_get_the_same_access_decisions_as_single_requests(proxy, issuer, stored, clean_upstream):
+    app_b = bearer(issuer.token(scope="patient/*.cruds", patient="pat-b"))
+    theirs = {**CONDITION, "note": [{"text": "not mine"}]}
+    resp = await proxy.post(
+        "/fhir/R4", data=_transaction(("PUT", "Condition/cond-a", theirs)), headers=FHIR_JSON | app_b
+    )
+    assert resp.status == 403, await resp.text()
+    assert "Condition" in (await resp.json())["issue"][0]["diagnostics"]
+    resp = await proxy.post(
+        "/fhir/R4", data=_transaction(("DELETE", "Condition/cond-a", None)), headers=FHIR_JSON | app_b
+    )
+    assert resp.status == 403
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs user/*.cu"))
+    masked = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=billing)).json()
+    renamed = {**masked, "name": [{"family": "Forged"}]}
+    resp = await proxy.post(
+        "/fhir/R4", data=_transaction(("PUT", "Patient/pat-a", renamed)), headers=FHIR_JSON | billing
+    )
+    assert resp.status == 403 and "Patient.name" in (await resp.json())["issue"][0]["diagnostics"]
+    search = _transaction(("GET", f"Patient?identifier={NIK}|3174015507880001", None))
+    assert (await proxy.post("/fhir/R4", data=search, headers=FHIR_JSON | billing)).status == 403
+    # a masked write-back inside a transaction keeps the stored values and is pinned to the version read
+    changed = {**masked, "gender": "other"}
+    resp = await proxy.post(
+        "/fhir/R4", data=_transaction(("PUT", "Patient/pat-a", changed)), headers=FHIR_JSON | billing
+    )
+    assert resp.status == 200, await resp.text()
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    full = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
+    assert full["name"] == PATIENT["name"] and full["gender"] == "other"
+    forwarded = orjson.loads([r for r in clean_upstream.requests() if r["method"] == "POST"][-1]["body"])
+    assert forwarded["entry"][0]["request"]["ifMatch"] == 'W/"1"'

@@ -223,14 +223,14 @@ REFUSALS = [
                 "entry": [
                     {
                         "resource": {"resourceType": "Patient", "birthDate": "1971-02-03"},
-                        "request": {"method": "POST", "url": "Patient"},
+                        "request": {"method": "POST", "url": "Patient", "ifNoneExist": "_text=Wibisono"},
                     }
                 ],
             }
         ),
         FHIR_JSON,
-        501,
-        "Bundle.entry[0].resource",
+        400,
+        "Bundle.entry[0].request: If-None-Exist: search parameter '_text'",
     ),
     ("GET", "/fhir/R4/$export", None, {}, 501, "$export"),
     ("POST", "/fhir/R4/Patient/$match", orjson.dumps({"resourceType": "Parameters"}), FHIR_JSON, 501, "$match"),
@@ -426,14 +426,14 @@ CONDITIONAL_AND_BATCH_LEAKS = [
             }
         ),
         FHIR_JSON,
-        501,
+        400,
     ),
     (
         "POST",
         "/fhir/R4",
-        _batch({"request": {"method": "DELETE", "url": "/Patient?name=Wibisono"}}),
+        _batch({"request": {"method": "DELETE", "url": "Patient?name:contains=Wibisono"}}),
         FHIR_JSON,
-        501,
+        400,
     ),
     (
         "POST",

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.outcome import FhirError
-from proxy.policy.compiler import CompiledPolicy
 from proxy.policy.searchparams import search_param
 from proxy.transform import search
-from proxy.transform.bodies import nested_resources
 from proxy.transform.interactions import Interaction
 from proxy.transform.subset import Subset
 from proxy.transform.subset import parse as parse_subset
@@ -218,44 +216,3 @@ def check_operation_body(it: Interaction) -> None:
         "could carry plaintext of encrypted elements",
         [f"${it.operation}"],
     )
-
-
-def check_bundle(bundle: dict, policy: CompiledPolicy) -> None:
-    """Batch/transaction: refuse any entry that involves a type with encrypted elements."""
-    if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
-        raise FhirError(400, "invalid", "POST to the base needs a batch or transaction Bundle", ["Bundle.type"])
-    entries = bundle.get("entry") or []
-    if type(entries) is not list:
-        raise FhirError(400, "structure", "Bundle.entry must be a list", ["Bundle.entry"])
-    for resource, where in nested_resources(bundle, "Bundle"):
-        if resource.get("resourceType") in policy.resources:
-            raise FhirError(
-                501,
-                "not-supported",
-                f"{where}: {resource.get('resourceType')} in a batch/transaction "
-                "is not supported yet (it would be stored unencrypted)",
-                [where],
-            )
-    for i, entry in enumerate(entries):
-        request = entry.get("request") if type(entry) is dict else None
-        url = request.get("url") if type(request) is dict else None
-        if type(url) is not str:
-            raise FhirError(400, "structure", f"Bundle.entry[{i}].request.url is missing", [f"Bundle.entry[{i}]"])
-        if "://" in url or url.startswith("/") or request.get("method") == "PATCH":
-            raise FhirError(
-                501,
-                "not-supported",
-                f"Bundle.entry[{i}].request: absolute URLs and PATCH entries are not supported yet in batches",
-                [f"Bundle.entry[{i}].request"],
-            )
-        path, _, query = url.partition("?")
-        target = path.split("/")[0]
-        if target in policy.resources or query or "ifNoneExist" in request:
-            what = target or "the system level"
-            raise FhirError(
-                501,
-                "not-supported",
-                f"Bundle.entry[{i}].request: this entry touches {what} or is "
-                "conditional, which is not supported yet in batches",
-                [f"Bundle.entry[{i}].request"],
-            )

@@ -34,6 +34,7 @@ from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.bundles import prepare_bundle
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.writes import apply_patch, check_scope, prepare_write
@@ -220,7 +221,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         if request.method in ("POST", "PUT", "PATCH"):
             prepared = prepare_body(rt, it, request, await _read_body(request, rt.settings.max_body), searcher)
             if isinstance(prepared, PatchOps):
-                body, extra = await apply_patch(
+                patched, extra = await apply_patch(
                     rt,
                     it,
                     prepared.ops,
@@ -230,9 +231,22 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
+                body = orjson.dumps(patched)
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"), method="PUT")
+            elif isinstance(prepared, dict) and it.kind == "batch":
+                await prepare_bundle(
+                    rt,
+                    prepared,
+                    searcher,
+                    grants_for,
+                    exchange.grants,
+                    rt.verifier is not None,
+                    request.headers,
+                    request_id,
+                )
+                body = orjson.dumps(prepared)
             elif isinstance(prepared, dict):
-                body, extra = await prepare_write(
+                extra = await prepare_write(
                     rt,
                     it,
                     prepared,
@@ -241,6 +255,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
+                body = orjson.dumps(prepared)
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
             else:
                 body = prepared

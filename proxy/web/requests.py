@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import guard
+from proxy.transform.bundles import rewrite_conditional_references
 from proxy.transform.interactions import Interaction
 from proxy.transform.markers import CANONICAL
 from proxy.transform.search import Searcher
@@ -59,29 +60,39 @@ def prepare_body(
                 "not-supported",
                 "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
             )
-        patch = parse_json(body, "the patch document", list)
-        _refuse_reserved(patch)
-        if it.resource_type in rt.policy.resources:
-            return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
-        _refuse_covered_mentions(patch, rt.policy)
-        return body
+        return patch_document(body, it, rt.policy)
     if ctype not in hdr.JSON_TYPES:
         if "xml" in ctype:
             raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
         raise FhirError(415, "not-supported", "send application/fhir+json")
     resource = parse_json(body, "the request body")
     _refuse_reserved(resource)
-    if it.kind == "batch":
-        guard.check_bundle(resource, rt.policy)
-        return body
+    if it.kind != "batch":
+        check_target(it, resource, "the body")
+        rewrite_conditional_references(resource, searcher, it.resource_type or "")
+    return resource
+
+
+def check_target(it: Interaction, resource: dict, where: str) -> None:
+    """A created or updated resource must be of the type (and for an update, have the id) its URL names."""
     rtype = resource.get("resourceType")
     if rtype != it.resource_type:
         raise FhirError(
-            400, "invalid", f"resourceType in the body does not match the URL ({it.resource_type})", ["resourceType"]
+            400, "invalid", f"{where}: resourceType does not match the URL ({it.resource_type})", ["resourceType"]
         )
     if it.kind == "update" and not it.conditional and resource.get("id") != it.id:
-        raise FhirError(400, "invalid", "the id in the body must match the id in the URL", [f"{rtype}.id"])
-    return resource
+        raise FhirError(400, "invalid", f"{where}: the id must match the id in the URL", [f"{rtype}.id"])
+
+
+def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy) -> bytes | PatchOps:
+    """A JSON Patch: executed by the proxy on encrypted types, otherwise forwarded once it is known not to
+    carry a resource of an encrypted type."""
+    patch = parse_json(body, "the patch document", list)
+    _refuse_reserved(patch)
+    if it.resource_type in policy.resources:
+        return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
+    _refuse_covered_mentions(patch, policy)
+    return body
 
 
 def _refuse_reserved(parsed: object) -> None:

@@ -100,8 +100,9 @@ async def prepare_write(
     request_headers: Mapping[str, str],
     request_id: str,
     stored: dict | None = None,
-) -> tuple[bytes, dict[str, str]]:
-    """Check write rules, restore masked elements, validate and encrypt; returns the body and headers to add."""
+) -> dict[str, str]:
+    """Check write rules, restore masked elements, validate and encrypt ``resource`` in place; returns the
+    headers to add upstream (an If-Match when the proxy merged masked elements from the stored version)."""
     rp = rt.policy.resources.get(it.resource_type)
     extra: dict[str, str] = {}
     if rp is not None:
@@ -139,7 +140,7 @@ async def prepare_write(
             if "If-Match" not in request_headers and version:
                 extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
     encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
-    return orjson.dumps(resource), extra
+    return extra
 
 
 async def apply_patch(
@@ -151,7 +152,7 @@ async def apply_patch(
     restricted: bool,
     request_headers: Mapping[str, str],
     request_id: str,
-) -> tuple[bytes, dict[str, str]]:
+) -> tuple[dict, dict[str, str]]:
     """JSON Patch on a resource with encrypted elements: read, decrypt what the caller may see, apply the
     patch in the proxy, then write the result back as an update on the version read (If-Match), so a
     concurrent writer gets a conflict. Elements the caller sees masked stay masked for the patch (a
@@ -177,7 +178,7 @@ async def apply_patch(
         raise FhirError(422, "processing", "a patch may not change the resource type or id")
     version = (stored.get("meta") or {}).get("versionId")
     update = dataclasses.replace(it, kind="update")
-    body, extra = await prepare_write(rt, update, patched, grants, restricted, request_headers, request_id, stored)
+    extra = await prepare_write(rt, update, patched, grants, restricted, request_headers, request_id, stored)
     if "If-Match" not in request_headers and isinstance(version, str):
         extra["If-Match"] = f'W/"{version}"'
-    return body, extra
+    return patched, extra
