@@ -168,3 +168,22 @@ def test_different_types_of_one_choice_are_separate_elements():
     clash = HEADER.format(rtype="Observation", path="value") + "      - {path: value.ofType(Quantity), group: g}\n"
     with pytest.raises(PolicyError, match="overlaps"):
         compile_text(clash, "p.yaml")
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ("  graphql: {body: encrypt}\n", "operations.graphql: not a configurable operation name"),
+        ("  validate: {body: maybe}\n", "operations.validate.body: must be one of uncovered, encrypt"),
+        ("  validate: {parameters: [1]}\n", "operations.validate.parameters: must be a list of parameter names"),
+        ("  validate: {forward: true}\n", "operations.validate: must be a mapping with parameters, body and/or refuse"),
+    ],
+)
+def test_the_operations_block_is_checked(block, message):
+    with pytest.raises(PolicyError, match=message):
+        compile_text(HEADER.format(rtype="Patient", path="name") + "operations:\n" + block, "p.yaml")
+    rules = compile_text(
+        HEADER.format(rtype="Patient", path="name") + "operations:\n  $validate: {body: encrypt, parameters: [mode]}\n",
+        "p.yaml",
+    ).operations
+    assert rules["validate"].body == "encrypt" and rules["validate"].parameters == {"mode"}

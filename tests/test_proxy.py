@@ -233,7 +233,27 @@ REFUSALS = [
         "Bundle.entry[0].request: If-None-Exist: search parameter '_text'",
     ),
     ("GET", "/fhir/R4/$export", None, {}, 501, "$export"),
-    ("POST", "/fhir/R4/Patient/$match", orjson.dumps({"resourceType": "Parameters"}), FHIR_JSON, 501, "$match"),
+    (
+        "POST",
+        "/fhir/R4/Patient/$match",
+        orjson.dumps(
+            {
+                "resourceType": "Parameters",
+                "parameter": [{"name": "resource", "resource": {"resourceType": "Patient", "birthDate": "1971-02-03"}}],
+            }
+        ),
+        FHIR_JSON,
+        501,
+        "$match: Parameters.parameter[0].resource is a resource of an encrypted type",
+    ),
+    (
+        "POST",
+        "/fhir/R4/Patient/$match",
+        orjson.dumps({"resourceType": "Parameters", "parameter": [{"name": "family", "valueString": "Wibisono"}]}),
+        FHIR_JSON,
+        501,
+        "parameter 'family' is not allowed",
+    ),
     ("POST", "/fhir/R4/$graphql", b"{}", FHIR_JSON, 501, "$graphql"),
     ("GET", "/fhir/R4/Patient/abc?_format=xml", None, {}, 406, "_format"),
     ("GET", "/fhir/R4/Patient/abc", None, {"Accept": "application/fhir+xml"}, 406, "Accept"),

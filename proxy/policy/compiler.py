@@ -19,6 +19,7 @@ from proxy.policy import definitions as defs
 from proxy.policy.access import AccessPolicy, compile_access
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
+from proxy.policy.operations import OperationRule, compile_operations
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
 
 FORMAT_VERSION = 1
@@ -112,6 +113,7 @@ class CompiledPolicy:
     access: AccessPolicy | None = None  # who may decrypt which groups (None: no rules; nothing decrypts)
     canaries: frozenset[str] = frozenset()  # honeytoken references ("Patient/x") whose decryption alerts
     canary_action: str = "alert"  # or "block": also refuse the caller from then on
+    operations: dict[str, OperationRule] = field(default_factory=dict)  # what operations may carry
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -165,6 +167,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "resources",
             "reference_display",
             "access",
+            "operations",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -220,6 +223,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         unenveloped=unenveloped,
         warnings=tuple(warnings),
         access=compile_access(doc.get("access"), source, groups),
+        operations=compile_operations(doc.get("operations"), source),
         **_compile_canaries(ctx, doc),
     )
 

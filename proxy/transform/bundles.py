@@ -14,10 +14,12 @@ patient-scoped writes) are completed by ``proxy.web.bundles``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
+from proxy.policy.operations import OperationRule
 from proxy.transform import guard
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.search import Searcher
@@ -85,7 +87,9 @@ def _parse_entry(i: int, entry: object) -> Entry:
     return Entry(i, entry, method, it, resource)  # type: ignore[arg-type]
 
 
-def rewrite_request(entry: Entry, searcher: Searcher) -> guard.Forwarding:
+def rewrite_request(
+    entry: Entry, searcher: Searcher, operations: Mapping[str, OperationRule] | None = None
+) -> guard.Forwarding:
     """Check the entry's URL and ``ifNoneExist`` like a request of its own and rewrite them in place."""
     request = entry.entry["request"]
     path, _, query = request["url"].partition("?")
@@ -95,7 +99,7 @@ def rewrite_request(entry: Entry, searcher: Searcher) -> guard.Forwarding:
             raise FhirError(400, "structure", f"{entry.where}.request.ifNoneExist must be a string")
         headers["If-None-Exist"] = request["ifNoneExist"]
     try:
-        forwarding = guard.check_request(entry.interaction, guard.parse_query(query), headers, searcher)
+        forwarding = guard.check_request(entry.interaction, guard.parse_query(query), headers, searcher, operations)
     except FhirError as exc:
         raise exc.located(f"{entry.where}.request") from None
     if forwarding.subset is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy.outcome import FhirError
+from proxy.policy.operations import OperationRule
 from proxy.policy.searchparams import search_param
 from proxy.transform import search
 from proxy.transform.interactions import Interaction
@@ -51,10 +52,10 @@ _READ_PARAMS = {
 }
 # Parameters that search narrative or free text, or express arbitrary queries.
 _TEXT_PARAMS = frozenset({"_text", "_content", "_filter", "_query", "_has", "_list", "_type"})
-# Operations that must not run through the proxy until they are handled (issue: whole REST surface).
-_REFUSED_OPERATIONS = frozenset(
-    {"export", "graphql", "process-message", "validate", "match", "apply", "populate", "transform", "convert"}
-)
+# GraphQL can reach any element; Bulk export is handled on its own routes.
+_REFUSED_OPERATIONS = frozenset({"graphql", "export"})
+# What any operation may carry without the policy saying so: paging, control and a period.
+_OPERATION_PARAMS = _CONTROL_PARAMS | {"start", "end"}
 
 
 def parse_query(query_string: str) -> list[tuple[str, str]]:
@@ -157,7 +158,11 @@ def encode_query(params: list[tuple[str, str]]) -> str:
 
 
 def check_request(
-    it: Interaction, params: list[tuple[str, str]], headers: Mapping[str, str], ctx: search.Searcher
+    it: Interaction,
+    params: list[tuple[str, str]],
+    headers: Mapping[str, str],
+    ctx: search.Searcher,
+    operations: Mapping[str, OperationRule] | None = None,
 ) -> Forwarding:
     """Raise FhirError for anything that could send plaintext of a covered element upstream;
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
@@ -181,7 +186,7 @@ def check_request(
     if it.kind == "search" or it.conditional:
         return Forwarding(check_search(rtype, params, ctx, "query"), if_none_exist, subset)
     if it.kind == "operation":
-        _check_operation(it, params)
+        _check_operation(it, params, operations or {})
         return Forwarding(None, if_none_exist)
     allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
     if subsettable or rtype not in ctx.policies:  # applied by the proxy, or harmless at the server
@@ -193,26 +198,27 @@ def check_request(
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
-def _check_operation(it: Interaction, params: list[tuple[str, str]]) -> None:
+def operation_rule(it: Interaction, operations: Mapping[str, OperationRule]) -> OperationRule:
+    """The policy's rule for this operation (defaults when it lists none); refuses what is never allowed."""
     op = it.operation or ""
-    if op in _REFUSED_OPERATIONS:
-        raise FhirError(501, "not-supported", f"${op} is not supported by this fhircrypt version", [f"${op}"])
+    rule = operations.get(op) or OperationRule(op)
+    if op in _REFUSED_OPERATIONS or rule.refuse:
+        raise FhirError(501, "not-supported", f"${op} is not supported through this proxy", [f"${op}"])
+    return rule
+
+
+def operation_parameter_allowed(rule: OperationRule, name: str) -> bool:
+    return name in _OPERATION_PARAMS or name in rule.parameters
+
+
+def _check_operation(it: Interaction, params: list[tuple[str, str]], operations: Mapping[str, OperationRule]) -> None:
+    rule = operation_rule(it, operations)
     for raw, _ in params:
-        if _param_name(raw)[0] not in _CONTROL_PARAMS | {"start", "end"}:
+        if not operation_parameter_allowed(rule, _param_name(raw)[0]):
             raise FhirError(
                 501,
                 "not-supported",
-                f"${op}: parameter '{raw}' is not supported yet (it could carry plaintext of encrypted elements)",
+                f"${rule.name}: parameter '{raw}' is not allowed by the policy's operations block "
+                "(it could carry plaintext of encrypted elements)",
                 [raw],
             )
-
-
-def check_operation_body(it: Interaction) -> None:
-    """Operation requests with bodies may carry covered data anywhere; refused until handled."""
-    raise FhirError(
-        501,
-        "not-supported",
-        f"POST ${it.operation} with a body is not supported yet: its parameters "
-        "could carry plaintext of encrypted elements",
-        [f"${it.operation}"],
-    )

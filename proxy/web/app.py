@@ -37,7 +37,7 @@ from proxy.web.auditing import Exchange, record, references_in
 from proxy.web.bundles import prepare_bundle
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
-from proxy.web.writes import apply_patch, check_scope, prepare_write
+from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -212,7 +212,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
         searchable = None if rt.verifier is None else exchange.grants.groups if exchange.grants else frozenset()
         searcher = Searcher(rt.policy.resources, rt.keyring.indexer, searchable)
-        forwarding = guard.check_request(it, params, request.headers, searcher)
+        forwarding = guard.check_request(it, params, request.headers, searcher, rt.policy.operations)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
             raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
         body = None
@@ -243,6 +243,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     rt.verifier is not None,
                     request.headers,
                     request_id,
+                )
+                body = orjson.dumps(prepared)
+            elif isinstance(prepared, dict) and it.kind == "operation":
+                await prepare_operation(
+                    rt, it, prepared, exchange.grants, rt.verifier is not None, request.headers, request_id
                 )
                 body = orjson.dumps(prepared)
             elif isinstance(prepared, dict):

@@ -39,7 +39,7 @@ async def prepare_bundle(
     """Rewrite a batch or transaction Bundle in place so that it carries no plaintext of covered elements."""
     authorization = request_headers.get("Authorization")
     for entry in parse_bundle(bundle):
-        rewrite_request(entry, searcher)
+        rewrite_request(entry, searcher, rt.policy.operations)
         it = entry.interaction
         headers = {"Authorization": authorization} if authorization else {}
         if_match = entry.entry["request"].get("ifMatch")

@@ -51,8 +51,6 @@ def prepare_body(
             raise FhirError(400, "invalid", "the form body is not UTF-8") from None
         params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
         return guard.encode_query(params).encode()
-    if it.kind == "operation":
-        guard.check_operation_body(it)
     if it.kind == "patch":
         if ctype not in ("application/json-patch+json",):
             raise FhirError(
@@ -67,7 +65,7 @@ def prepare_body(
         raise FhirError(415, "not-supported", "send application/fhir+json")
     resource = parse_json(body, "the request body")
     _refuse_reserved(resource)
-    if it.kind != "batch":
+    if it.kind in ("create", "update"):
         check_target(it, resource, "the body")
         rewrite_conditional_references(resource, searcher, it.resource_type or "")
     return resource

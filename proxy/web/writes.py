@@ -16,6 +16,7 @@ from proxy.policy.access import CallerGrants
 from proxy.transform.bodies import encrypt_for_write
 from proxy.transform.interactions import Interaction
 from proxy.transform.masked import has_masked, merge_masked, written_groups
+from proxy.transform.operations import resources_to_encrypt
 from proxy.transform.records import ReadReport, decrypt_resource
 from proxy.web import headers as hdr
 
@@ -182,3 +183,22 @@ async def apply_patch(
     if "If-Match" not in request_headers and isinstance(version, str):
         extra["If-Match"] = f'W/"{version}"'
     return patched, extra
+
+
+async def prepare_operation(
+    rt,
+    it: Interaction,
+    body: dict,
+    grants: CallerGrants | None,
+    restricted: bool,
+    request_headers: Mapping[str, str],
+    request_id: str,
+) -> None:
+    """An operation's body: resources of encrypted types are encrypted like creates (with the same write
+    rules) where the policy allows the operation to carry them, and refused otherwise."""
+    for resource, where in resources_to_encrypt(it, body, rt.policy):
+        create = Interaction("create", "type", str(resource.get("resourceType")))
+        try:
+            await prepare_write(rt, create, resource, grants, restricted, request_headers, request_id)
+        except FhirError as exc:
+            raise exc.located(where) from None

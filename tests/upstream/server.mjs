@@ -792,8 +792,59 @@ function createRouter() {
     allOk,
     await repo.readHistory(req.params.resourceType, req.params.id, historyOptions(req.query)),
   ];
+  // Operations the Medplum server has but its router package does not: $validate (what a
+  // hospital runs before submitting to SATUSEHAT) and Patient $everything.
+  router.add(
+    'POST',
+    ':resourceType/$validate',
+    async (req) => {
+      const body = req.body;
+      const resource =
+        body?.resourceType === 'Parameters' ? body.parameter?.find((p) => p.name === 'resource')?.resource : body;
+      if (!resource) {
+        return [badRequest('$validate needs a resource')];
+      }
+      try {
+        validateForWrite(resource);
+      } catch (err) {
+        if (err instanceof OperationOutcomeError) {
+          return [allOk, err.outcome];
+        }
+        throw err;
+      }
+      const passed = { severity: 'information', code: 'informational', details: { text: 'validation passed' } };
+      return [allOk, { resourceType: 'OperationOutcome', issue: [passed] }];
+    },
+    'operation'
+  );
+  router.add(
+    'GET',
+    'Patient/:id/$everything',
+    async (req, repo) => {
+      const patient = await repo.readResource('Patient', req.params.id);
+      const reference = `Patient/${patient.id}`;
+      const entry = [{ fullUrl: reference, resource: patient }];
+      for (const [type, param] of EVERYTHING_LINKS) {
+        const bundle = await repo.search({ resourceType: type, filters: [{ code: param, operator: 'eq', value: reference }] });
+        for (const e of bundle.entry ?? []) {
+          entry.push({ fullUrl: `${type}/${e.resource.id}`, resource: e.resource });
+        }
+      }
+      return [allOk, { resourceType: 'Bundle', type: 'searchset', total: entry.length, entry }];
+    },
+    'operation'
+  );
   return router;
 }
+
+const EVERYTHING_LINKS = [
+  ['Encounter', 'subject'],
+  ['Condition', 'subject'],
+  ['Observation', 'subject'],
+  ['MedicationRequest', 'subject'],
+  ['AllergyIntolerance', 'patient'],
+  ['Coverage', 'beneficiary'],
+];
 
 // ---------------------------------------------------------------------------
 // HTTP layer
