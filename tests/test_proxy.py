@@ -232,7 +232,8 @@ REFUSALS = [
         400,
         "Bundle.entry[0].request: If-None-Exist: search parameter '_text'",
     ),
-    ("GET", "/fhir/R4/$export", None, {}, 501, "$export"),
+    ("GET", "/fhir/R4/$export", None, {}, 400, "Prefer: respond-async"),
+    ("GET", "/fhir/R4/$export?_typeFilter=Patient%3Fname%3DWibisono", None, {}, 501, "_typeFilter"),
     (
         "POST",
         "/fhir/R4/Patient/$match",

@@ -27,9 +27,13 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.kek import KeyProvider, KeyringError
+from proxy.crypto.urlsign import UrlSigner
 
 FORMAT = "fhircrypt-keyring/1"
 KEY_ID = re.compile(r"^k[1-9][0-9]{0,5}$")
@@ -49,6 +53,7 @@ class Keyring:
         self._integrity = integrity
         self._created = created
         self._indexer: BlindIndexer | None = None
+        self._link_signer: UrlSigner | None = None
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary_id}, keys={sorted(self._keys)})"
@@ -69,6 +74,14 @@ class Keyring:
         if self._indexer is None:
             self._indexer = BlindIndexer(self._index_root)
         return self._indexer
+
+    @property
+    def link_signer(self) -> UrlSigner:
+        """Signs the proxy's links to upstream URLs (Bulk export); its key is derived here, never stored."""
+        if self._link_signer is None:
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fhircrypt/v1 link-signing")
+            self._link_signer = UrlSigner(hkdf.derive(self._integrity))
+        return self._link_signer
 
     @classmethod
     def generate(cls) -> Keyring:

@@ -114,6 +114,7 @@ class CompiledPolicy:
     canaries: frozenset[str] = frozenset()  # honeytoken references ("Patient/x") whose decryption alerts
     canary_action: str = "alert"  # or "block": also refuse the caller from then on
     operations: dict[str, OperationRule] = field(default_factory=dict)  # what operations may carry
+    bulk_presigned: str = "refuse"  # Bulk export files the upstream serves without a token: or "proxy"
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -168,6 +169,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "reference_display",
             "access",
             "operations",
+            "bulk",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -224,6 +226,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         warnings=tuple(warnings),
         access=compile_access(doc.get("access"), source, groups),
         operations=compile_operations(doc.get("operations"), source),
+        bulk_presigned=_compile_bulk(ctx, doc),
         **_compile_canaries(ctx, doc),
     )
 
@@ -579,6 +582,15 @@ def _resource_policy(rtype: str, elements: list[CompiledElement], mode: str) -> 
         replace=mode == "replace",
     )
     return ResourcePolicy(rtype, (*elements, narrative), mode)
+
+
+def _compile_bulk(ctx: _Ctx, doc: Node) -> str:
+    """Bulk export: what to do with a manifest whose files bypass the proxy (pre-signed links)."""
+    spec = doc.get("bulk")
+    if spec is None:
+        return "refuse"
+    _check_keys(ctx, spec, "bulk", allowed={"presigned"})
+    return _choice(ctx, spec, "presigned", ("refuse", "proxy"), "refuse")
 
 
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")

@@ -26,23 +26,20 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, subset
-from proxy.transform.bodies import GrantsFor, decrypt_body
+from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
-from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
-from proxy.transform.records import scrub_markers
 from proxy.transform.search import Searcher
+from proxy.web import bulk
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
 from proxy.web.bundles import prepare_bundle
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
+from proxy.web.upstream import read_limited, upstream_call
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
-_CANONICAL_BYTES = CANONICAL.encode()
-_CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
-_ENVELOPE_BYTES = ENVELOPE_URL.encode()
 
 
 def _respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -54,17 +51,6 @@ def _respond_error(err: FhirError, request_id: str) -> web.Response:
         content_type=hdr.FHIR_JSON,
         charset="utf-8",
     )
-
-
-async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole stream, or None as soon as it exceeds ``limit`` bytes."""
-    chunks, total = [], 0
-    async for chunk in stream.iter_chunked(1 << 16):
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -131,21 +117,11 @@ async def _forward(
         headers["If-None-Exist"] = forwarding.if_none_exist
     if forwarding.if_match is not None:
         headers["If-Match"] = forwarding.if_match
-    try:
-        async with rt.session.request(
-            forwarding.method or request.method,
-            URL(url, encoded=True),
-            data=body,
-            headers=headers,
-            allow_redirects=False,
-        ) as resp:
-            raw = await read_limited(resp.content, rt.settings.max_response)
-            status, up_headers = resp.status, resp.headers
-            ctype = hdr.media_type(resp.headers.get("Content-Type"))
-    except TimeoutError:
-        raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
-    except aiohttp.ClientError:
-        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+    method = forwarding.method or request.method
+    async with upstream_call(rt.session, method, URL(url, encoded=True), data=body, headers=headers) as resp:
+        raw = await read_limited(resp.content, rt.settings.max_response)
+        status, up_headers = resp.status, resp.headers
+        ctype = hdr.media_type(resp.headers.get("Content-Type"))
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
     rewrite = _rewrite_urls(rt)
@@ -169,10 +145,7 @@ async def _forward(
         alarm(rt, exchange, hits, request_id)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
-    out = orjson.dumps(payload)
-    if _CIPHERTEXT_BYTES in out or _ENVELOPE_BYTES in out:
-        report.fail(it.label(), f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
-        out = orjson.dumps(payload)
+    out = serialise_for_client(payload, report, it.label())
     out = out.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
     if report.failures:
         out_headers["X-Fhircrypt-Integrity"] = f"failed; issues={len(report.failures)}"
@@ -200,7 +173,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     exchange = Exchange()
     try:
         segments = _segments(rt, request)
-        it = classify(request.method, segments, bool(request.query_string))
+        link = segments[0] == bulk.LINKS and len(segments) == 3 if segments else False
+        it = bulk.EXPORT if link else classify(request.method, segments, bool(request.query_string))
         grants_for = await authorize(rt, request, it, request_id, exchange)
         if rt.settings.audit_mode == "fail-closed" and not all(sink.available for sink in rt.audit):
             raise FhirError(
@@ -209,7 +183,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 "the audit trail is unavailable: requests are refused until it recovers",
                 headers={"Retry-After": "5"},
             )
+        if link:
+            response = await bulk.follow(rt, request, segments[1], segments[2], grants_for, request_id, exchange)
+            status = response.status
+            return response
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
+        if it.kind == "operation" and it.operation == "export":
+            response = await bulk.kickoff(rt, request, segments, params, request_id, exchange)
+            status = response.status
+            return response
         searchable = None if rt.verifier is None else exchange.grants.groups if exchange.grants else frozenset()
         searcher = Searcher(rt.policy.resources, rt.keyring.indexer, searchable)
         forwarding = guard.check_request(it, params, request.headers, searcher, rt.policy.operations)
@@ -269,6 +251,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)
         status = response.status
         return response
+    except bulk.StreamAborted:
+        status = 502
+        raise  # the response has started: aiohttp cuts the connection, so the client never sees a clean end
     except FhirError as err:
         status = err.status
         if err.status >= 400:

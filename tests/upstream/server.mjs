@@ -8,6 +8,7 @@
 // Usage: node server.mjs [--host 127.0.0.1] [--port 0] [--exit-on-stdin-close]
 //   (env: UPSTREAM_HOST / UPSTREAM_PORT). Prints "LISTENING <port>" once ready.
 
+import { randomBytes } from 'node:crypto';
 import http from 'node:http';
 import {
   OperationOutcomeError,
@@ -847,12 +848,302 @@ const EVERYTHING_LINKS = [
 ];
 
 // ---------------------------------------------------------------------------
+// Bulk Data Access (IG v2) export. Stands in for the Medplum server's $export,
+// which the @medplum/fhir-router package does not have. Jobs finish at once:
+// the current version of every matching resource is snapshotted at kick-off.
+// ---------------------------------------------------------------------------
+
+const NDJSON_FORMATS = new Set(['application/fhir+ndjson', 'application/ndjson', 'ndjson']);
+/** Top-level elements through which a resource points at its Patient (Patient / Group export). */
+const PATIENT_LINK_ELEMENTS = ['subject', 'patient', 'beneficiary'];
+const STREAM_CHUNK_BYTES = 64 * 1024;
+
+function defaultBulkOptions() {
+  return { requiresAccessToken: true, copies: 0 };
+}
+
+/** Kick-off path (relative to the FHIR base, `$` decoded) -> export level, or undefined. */
+function matchBulkKickoff(rel) {
+  if (rel === '$export') {
+    return { level: 'system' };
+  }
+  if (rel === 'Patient/$export') {
+    return { level: 'patient' };
+  }
+  const m = /^Group\/([^/]+)\/\$export$/.exec(rel);
+  return m ? { level: 'group', groupId: m[1] } : undefined;
+}
+
+function decodePath(p) {
+  try {
+    return decodeURIComponent(p);
+  } catch {
+    return p;
+  }
+}
+
+/** "Patient/<id>" (relative, absolute or versioned) -> "<id>", else undefined. */
+function patientIdOf(reference) {
+  if (typeof reference !== 'string') {
+    return undefined;
+  }
+  const m = /(?:^|\/)Patient\/([A-Za-z0-9\-.]{1,64})(?:\/_history\/[^/]+)?$/.exec(reference);
+  return m ? m[1] : undefined;
+}
+
+function referencedPatientIds(resource) {
+  const ids = [];
+  for (const key of PATIENT_LINK_ELEMENTS) {
+    for (const ref of [].concat(resource[key] ?? [])) {
+      const id = patientIdOf(ref?.reference);
+      if (id !== undefined) {
+        ids.push(id);
+      }
+    }
+  }
+  return ids;
+}
+
+function allValues(query, key) {
+  const v = query[key];
+  return v === undefined ? [] : [].concat(v);
+}
+
+/** Handles GET [base]/$export, [base]/Patient/$export, [base]/Group/:id/$export (inside serialized()). */
+function bulkKickoff(req, match, query, baseUrl, rootUrl) {
+  if (req.method !== 'GET') {
+    return errorOutcome(405, 'not-supported', `Bulk export kick-off supports only GET, not ${req.method}`);
+  }
+  const prefer = (req.headers.prefer ?? '').split(',').map((p) => p.trim().toLowerCase());
+  if (!prefer.includes('respond-async')) {
+    return errorOutcome(400, 'invalid', 'Bulk export kick-off requires the header "Prefer: respond-async"');
+  }
+  // An unencoded "+" in the query decodes to a space.
+  const format = first(query._outputFormat)?.replace(/ /g, '+');
+  if (format !== undefined && !NDJSON_FORMATS.has(format.trim().toLowerCase())) {
+    return errorOutcome(400, 'not-supported', `Unsupported _outputFormat: ${format} (only application/fhir+ndjson)`);
+  }
+  let types;
+  const typeValues = allValues(query, '_type')
+    .flatMap((v) => v.split(','))
+    .map((t) => t.trim())
+    .filter(Boolean);
+  if (typeValues.length > 0) {
+    types = new Set();
+    for (const t of typeValues) {
+      if (!RESOURCE_TYPES.has(t)) {
+        return errorOutcome(400, 'not-supported', `Unknown resource type in _type: ${t}`);
+      }
+      types.add(t);
+    }
+  }
+  let since;
+  const sinceValue = first(query._since);
+  if (sinceValue !== undefined) {
+    const parsed = Date.parse(sinceValue.replace(/ /g, '+'));
+    if (!/^\d{4}-\d{2}-\d{2}T/.test(sinceValue) || Number.isNaN(parsed)) {
+      return errorOutcome(400, 'invalid', `Invalid _since (expected an instant): ${sinceValue}`);
+    }
+    since = new Date(parsed).toISOString();
+  }
+
+  const repo = state.repo;
+  const current = (type) => [...(repo.resources.get(type)?.values() ?? [])];
+  const wanted = (type) => !types || types.has(type);
+  const fresh = (r) => since === undefined || (r.meta?.lastUpdated ?? '') >= since;
+  /** Map<type, resource[]> */
+  const selected = new Map();
+  const add = (r) => {
+    if (!wanted(r.resourceType) || !fresh(r)) {
+      return;
+    }
+    if (!selected.has(r.resourceType)) {
+      selected.set(r.resourceType, []);
+    }
+    selected.get(r.resourceType).push(deepClone(r));
+  };
+
+  if (match.level === 'system') {
+    for (const type of [...repo.resources.keys()].sort()) {
+      current(type).forEach(add);
+    }
+  } else {
+    let members; // undefined = every patient
+    if (match.level === 'group') {
+      const group = repo.getCurrent('Group', match.groupId);
+      if (!group) {
+        return errorOutcome(404, 'not-found', `Unknown Group: ${match.groupId}`);
+      }
+      members = new Set();
+      for (const m of group.member ?? []) {
+        const id = patientIdOf(m?.entity?.reference);
+        if (id !== undefined) {
+          members.add(id);
+        }
+      }
+    }
+    for (const type of [...repo.resources.keys()].sort()) {
+      for (const r of current(type)) {
+        if (type === 'Patient') {
+          if (!members || members.has(r.id)) {
+            add(r);
+          }
+        } else {
+          const ids = referencedPatientIds(r);
+          if (ids.length > 0 && (!members || ids.some((id) => members.has(id)))) {
+            add(r);
+          }
+        }
+      }
+    }
+  }
+
+  const options = { ...state.bulk.options };
+  const jobId = generateId();
+  const files = new Map();
+  for (const type of [...selected.keys()].sort()) {
+    const resources = selected.get(type);
+    const count = options.copies > 0 ? options.copies : resources.length;
+    let fileUrl;
+    let signature;
+    if (options.requiresAccessToken) {
+      fileUrl = `${baseUrl}/$export-file/${jobId}/${type}.ndjson`;
+    } else {
+      signature = randomBytes(16).toString('hex');
+      fileUrl = `${rootUrl}/presigned/${jobId}/${type}.ndjson?signature=${signature}`;
+    }
+    files.set(type, { type, resources, count, url: fileUrl, signature });
+  }
+  state.bulk.jobs.set(jobId, {
+    id: jobId,
+    polls: 0,
+    transactionTime: new Date().toISOString(),
+    request: `${rootUrl}${req.url}`,
+    options,
+    files,
+  });
+  return { status: 202, headers: { 'Content-Location': `${baseUrl}/$export-status/${jobId}` }, body: undefined };
+}
+
+/** GET / DELETE [base]/$export-status/:jobId (inside serialized()). */
+function bulkStatus(req, jobId) {
+  const job = state.bulk.jobs.get(jobId);
+  if (!job) {
+    return errorOutcome(404, 'not-found', `Unknown bulk export job: ${jobId}`);
+  }
+  if (req.method === 'DELETE') {
+    state.bulk.jobs.delete(jobId);
+    return { status: 202, body: undefined };
+  }
+  if (req.method !== 'GET') {
+    return errorOutcome(405, 'not-supported', `Bulk export status supports GET and DELETE, not ${req.method}`);
+  }
+  job.polls++;
+  if (job.polls === 1) {
+    return { status: 202, headers: { 'X-Progress': 'in-progress', 'Retry-After': '1' }, body: undefined };
+  }
+  const manifest = {
+    transactionTime: job.transactionTime,
+    request: job.request,
+    requiresAccessToken: job.options.requiresAccessToken,
+    output: [...job.files.values()].map((f) => ({ type: f.type, url: f.url, count: f.count })),
+    error: [],
+  };
+  return { status: 200, body: manifest, contentType: 'application/json' };
+}
+
+/** An id that stays a valid FHIR id (<= 64 chars) with the suffix "-c<i>". */
+function copyId(id, i) {
+  const suffix = `-c${i}`;
+  return id.slice(0, 64 - suffix.length) + suffix;
+}
+
+/** Lazily yields the NDJSON lines of one export file. */
+function* ndjsonLines(file, copies) {
+  const { resources } = file;
+  if (copies > 0) {
+    for (let i = 0; i < copies; i++) {
+      const r = resources[i % resources.length];
+      yield JSON.stringify({ ...r, id: copyId(r.id, i) }) + '\n';
+    }
+  } else {
+    for (const r of resources) {
+      yield JSON.stringify(r) + '\n';
+    }
+  }
+}
+
+function waitForDrain(res) {
+  return new Promise((resolve) => {
+    const done = () => {
+      res.off('drain', done);
+      res.off('close', done);
+      resolve();
+    };
+    res.on('drain', done);
+    res.on('close', done);
+  });
+}
+
+/** Streams one export file (chunked, honouring backpressure). Runs outside serialized(). */
+async function streamBulkFile(req, res, job, file) {
+  res.writeHead(200, { 'Content-Type': 'application/fhir+ndjson' });
+  if (req.method === 'HEAD') {
+    res.end();
+    return;
+  }
+  try {
+    let buffer = '';
+    for (const line of ndjsonLines(file, job.options.copies)) {
+      if (res.destroyed) {
+        return;
+      }
+      buffer += line;
+      if (buffer.length >= STREAM_CHUNK_BYTES) {
+        const ok = res.write(buffer);
+        buffer = '';
+        if (!ok) {
+          await waitForDrain(res);
+        }
+      }
+    }
+    if (!res.destroyed) {
+      res.end(buffer);
+    }
+  } catch (err) {
+    process.stderr.write(`export stream error: ${err?.stack ?? err}\n`);
+    res.destroy(err);
+  }
+}
+
+/**
+ * Resolves an export file request: [base]/$export-file/:jobId/:Type.ndjson or
+ * /presigned/:jobId/:Type.ndjson?signature=... -> { job, file } or an error result.
+ */
+function findBulkFile(req, jobId, type, signature) {
+  if (req.method !== 'GET' && req.method !== 'HEAD') {
+    return { error: errorOutcome(405, 'not-supported', `Export files support only GET, not ${req.method}`) };
+  }
+  const job = state.bulk.jobs.get(jobId);
+  const file = job?.files.get(type);
+  if (!file) {
+    return { error: errorOutcome(404, 'not-found', `Unknown export file: ${jobId}/${type}.ndjson`) };
+  }
+  if (signature !== undefined && signature !== file.signature) {
+    return { error: errorOutcome(403, 'forbidden', 'Invalid or missing signature') };
+  }
+  return { job, file };
+}
+
+// ---------------------------------------------------------------------------
 // HTTP layer
 // ---------------------------------------------------------------------------
 
 const state = {
   repo: new TestRepository(),
   requestLog: [],
+  /** Bulk export: jobs by id, and the options (POST /$admin/bulk-options) for new jobs. */
+  bulk: { jobs: new Map(), options: defaultBulkOptions() },
 };
 let router;
 let queue = Promise.resolve();
@@ -1038,7 +1329,7 @@ function parseIfMatch(header) {
   return m[1];
 }
 
-async function handleFhir(req, rawBody, url, baseUrl) {
+async function handleFhir(req, rawBody, url, baseUrl, rootUrl) {
   let rel = url.pathname.slice(BASE_PATH.length).replace(/^\/+/, '');
   const query = Object.create(null);
   for (const key of new Set(url.searchParams.keys())) {
@@ -1049,6 +1340,17 @@ async function handleFhir(req, rawBody, url, baseUrl) {
 
   if (!wantsJson(req, query)) {
     return errorOutcome(406, 'not-supported', 'Only JSON (application/fhir+json) is supported by this server');
+  }
+
+  // Bulk Data export (kick-off and status; files are streamed by onRequest).
+  const decodedRel = decodePath(rel);
+  const kickoff = matchBulkKickoff(decodedRel);
+  if (kickoff) {
+    return bulkKickoff(req, kickoff, query, baseUrl, rootUrl);
+  }
+  const statusMatch = /^\$export-status\/([^/]+)$/.exec(decodedRel);
+  if (statusMatch) {
+    return bulkStatus(req, statusMatch[1]);
   }
 
   let method = req.method;
@@ -1201,7 +1503,30 @@ function adminDump() {
   };
 }
 
-async function handleAdmin(req, url) {
+function parseBulkOptions(rawBody) {
+  let body;
+  try {
+    body = rawBody.length ? JSON.parse(rawBody.toString('utf8')) : {};
+  } catch (err) {
+    return { error: errorOutcome(400, 'invalid', `Invalid JSON: ${err.message}`) };
+  }
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+    return { error: errorOutcome(400, 'invalid', 'bulk-options body must be a JSON object') };
+  }
+  const options = defaultBulkOptions();
+  for (const [key, value] of Object.entries(body)) {
+    if (key === 'requiresAccessToken' && typeof value === 'boolean') {
+      options.requiresAccessToken = value;
+    } else if (key === 'copies' && Number.isSafeInteger(value) && value >= 0) {
+      options.copies = value;
+    } else {
+      return { error: errorOutcome(400, 'invalid', `Invalid bulk option: ${key}=${JSON.stringify(value)}`) };
+    }
+  }
+  return { options };
+}
+
+async function handleAdmin(req, url, rawBody) {
   const action = url.pathname.slice(url.pathname.indexOf('admin') + 'admin'.length).replace(/^\/+/, '');
   if (action === 'dump' && req.method === 'GET') {
     return { status: 200, body: adminDump() };
@@ -1212,7 +1537,16 @@ async function handleAdmin(req, url) {
   if (action === 'reset' && req.method === 'POST') {
     state.repo = new TestRepository();
     state.requestLog = [];
+    state.bulk = { jobs: new Map(), options: defaultBulkOptions() };
     return { status: 200, body: { status: 'ok' } };
+  }
+  if (action === 'bulk-options' && req.method === 'POST') {
+    const { options, error } = parseBulkOptions(rawBody);
+    if (error) {
+      return error;
+    }
+    state.bulk.options = options;
+    return { status: 200, body: { status: 'ok', ...options } };
   }
   if (action === 'health' && req.method === 'GET') {
     return { status: 200, body: { status: 'ok' } };
@@ -1234,7 +1568,8 @@ function send(res, result, pretty) {
   let payload = '';
   if (result.body !== undefined && result.status !== 304 && result.status !== 204) {
     payload = pretty ? JSON.stringify(result.body, null, 2) : JSON.stringify(result.body);
-    headers['Content-Type'] = result.isAdmin ? 'application/json; charset=utf-8' : 'application/fhir+json; charset=utf-8';
+    headers['Content-Type'] =
+      result.contentType ?? (result.isAdmin ? 'application/json; charset=utf-8' : 'application/fhir+json; charset=utf-8');
   }
   headers['Content-Length'] = Buffer.byteLength(payload);
   res.writeHead(result.status, headers);
@@ -1255,7 +1590,7 @@ async function onRequest(req, res) {
   let result;
   try {
     if (pathname.startsWith(ADMIN_PATH + '/') || pathname.startsWith('/%24admin/')) {
-      result = await serialized(() => handleAdmin(req, url));
+      result = await serialized(() => handleAdmin(req, url, rawBody));
       result.isAdmin = result.status === 200;
     } else if (pathname === BASE_PATH || pathname.startsWith(BASE_PATH + '/')) {
       const logEntry = {
@@ -1265,9 +1600,35 @@ async function onRequest(req, res) {
         body: rawBody.toString('utf8'),
       };
       state.requestLog.push(logEntry);
-      const baseUrl = `http://${req.headers.host ?? `${server.address().address}:${server.address().port}`}${BASE_PATH}`;
-      result = await serialized(() => handleFhir(req, rawBody, url, baseUrl));
-      logEntry.status = result.status;
+      const rootUrl = `http://${req.headers.host ?? `${server.address().address}:${server.address().port}`}`;
+      const baseUrl = rootUrl + BASE_PATH;
+      // Export files are streamed outside serialized(): the job holds its own snapshot.
+      const fileMatch = /^\/\$export-file\/([^/]+)\/([A-Za-z]+)\.ndjson$/.exec(decodePath(pathname.slice(BASE_PATH.length)));
+      if (fileMatch) {
+        const found = findBulkFile(req, fileMatch[1], fileMatch[2], undefined);
+        logEntry.status = found.error ? found.error.status : 200;
+        if (!found.error) {
+          await streamBulkFile(req, res, found.job, found.file);
+          return;
+        }
+        result = found.error;
+      } else {
+        result = await serialized(() => handleFhir(req, rawBody, url, baseUrl, rootUrl));
+        logEntry.status = result.status;
+      }
+    } else if (pathname.startsWith('/presigned/')) {
+      // Pre-signed style links (bulk option requiresAccessToken=false): no auth; logged like FHIR requests
+      // so tests can check what a client sent (an object store would not see bearer tokens).
+      state.requestLog.push({ method: req.method, url: req.url, headers: { ...req.headers }, body: '' });
+      const m = /^\/presigned\/([^/]+)\/([A-Za-z]+)\.ndjson$/.exec(decodePath(pathname));
+      const found = m
+        ? findBulkFile(req, m[1], m[2], url.searchParams.get('signature') ?? '')
+        : { error: errorOutcome(404, 'not-found', `Not found: ${pathname}`) };
+      if (!found.error) {
+        await streamBulkFile(req, res, found.job, found.file);
+        return;
+      }
+      result = found.error;
     } else {
       result = errorOutcome(404, 'not-found', `Not found: ${pathname}`);
     }

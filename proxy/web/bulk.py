@@ -1,0 +1,217 @@
+"""Bulk Data export through the proxy: kick-off, status polling and NDJSON files streamed and decrypted.
+
+The upstream chooses the status and file URLs (its own paths, or an object store). The
+client gets signed proxy links instead (``[base]/$fhircrypt-link/<kind>/<token>``, see
+``proxy.crypto.urlsign``), so every poll and every file goes through the proxy, which
+follows only links it minted. Files are decrypted line by line while they stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import orjson
+from aiohttp import web
+from yarl import URL
+
+from proxy.outcome import FhirError
+from proxy.transform import bulk
+from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
+from proxy.transform.interactions import Interaction
+from proxy.web import headers as hdr
+from proxy.web.access import alarm, watch_canaries
+from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
+from proxy.web.runtime import Runtime
+from proxy.web.upstream import read_limited, upstream_call
+
+log = logging.getLogger("fhircrypt")
+LINKS = "$fhircrypt-link"
+EXPORT = Interaction("operation", "system", operation="export")
+_STATUS, _FILE, _OPEN = "status", "file", "open"  # open: a pre-signed file, fetched without the token
+NDJSON = "application/fhir+ndjson"
+
+
+class StreamAborted(Exception):
+    """A file failed after its first bytes were sent: the connection is cut, never finished cleanly."""
+
+
+def _link(rt: Runtime, kind: str, url: str) -> str:
+    return f"{rt.public_base}/{LINKS}/{kind}/{rt.keyring.link_signer.sign(f'{kind} {url}')}"
+
+
+def _target(rt: Runtime, kind: str, token: str) -> str:
+    signed = rt.keyring.link_signer.open(token)
+    if signed is None or not signed.startswith(kind + " "):
+        raise FhirError(404, "not-found", "unknown or expired export link")
+    return signed[len(kind) + 1 :]
+
+
+def _headers(rt: Runtime, request: web.Request, request_id: str, with_token: bool = True) -> dict[str, str]:
+    headers = hdr.upstream_request_headers(
+        request.headers, request_id, request.remote, request.scheme, request.host, False
+    )
+    if not with_token:
+        headers.popall("Authorization", None)
+    return dict(headers)
+
+
+def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange) -> web.Response:
+    """An upstream answer that is not a manifest or a file: an OperationOutcome, decrypted like any body."""
+    if not raw:
+        return web.Response(status=status, headers=out_headers)
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        payload = None
+    if type(payload) is not dict:
+        raise FhirError(502, "structure", f"the upstream answered the export request with {status} and no FHIR JSON")
+    decrypt_body(payload, rt.policy, rt.keyring, None, exchange.report)
+    body = serialise_for_client(payload, exchange.report, "export")
+    return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
+
+
+async def kickoff(
+    rt: Runtime, request: web.Request, segments: list[str], params, request_id: str, exchange: Exchange
+) -> web.Response:
+    """``$export`` at system, Patient or Group level; the status URL comes back as a proxy link."""
+    if request.method != "GET":
+        raise FhirError(501, "not-supported", "$export: only the GET kick-off is supported", ["$export"])
+    bulk.check_kickoff(params)
+    if "respond-async" not in request.headers.get("Prefer", ""):
+        raise FhirError(400, "invalid", "$export needs the header Prefer: respond-async", ["Prefer"])
+    url = rt.upstream_base + "/" + "/".join(segments)
+    if "?" in request.raw_path:
+        exchange.forwarded_query = request.raw_path.split("?", 1)[1]
+        url += "?" + exchange.forwarded_query
+    async with upstream_call(
+        rt.session, "GET", URL(url, encoded=True), headers=_headers(rt, request, request_id)
+    ) as resp:
+        raw = await read_limited(resp.content, rt.settings.max_response) or b""
+        status, location = resp.status, resp.headers.get("Content-Location")
+        out_headers = {"X-Request-ID": request_id}
+    if status != 202:
+        return _relay(rt, status, raw, out_headers, exchange)
+    if not location:
+        raise FhirError(502, "structure", "the upstream accepted the export without a status URL")
+    out_headers["Content-Location"] = _link(rt, _STATUS, location)
+    return web.Response(status=202, headers=out_headers)
+
+
+async def follow(
+    rt: Runtime,
+    request: web.Request,
+    kind: str,
+    token: str,
+    grants_for: GrantsFor | None,
+    request_id: str,
+    exchange: Exchange,
+) -> web.StreamResponse:
+    """A proxy link: poll or cancel an export, or download one of its files."""
+    if kind == _STATUS:
+        if request.method not in ("GET", "DELETE"):
+            raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export status link")
+        return await _status(rt, request, _target(rt, kind, token), request_id, exchange)
+    if kind in (_FILE, _OPEN):
+        if request.method != "GET":
+            raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export file link")
+        url = _target(rt, kind, token)
+        return await _file(rt, request, url, kind == _FILE, grants_for, request_id, exchange)
+    raise FhirError(404, "not-found", "unknown or expired export link")
+
+
+async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, exchange: Exchange):
+    headers = _headers(rt, request, request_id) | {"Accept": "application/json"}
+    async with upstream_call(rt.session, request.method, URL(url, encoded=True), headers=headers) as resp:
+        raw = await read_limited(resp.content, rt.settings.max_response)
+        status, up_headers = resp.status, resp.headers
+    if raw is None:
+        raise FhirError(502, "too-costly", "the upstream's export manifest exceeds the response size limit")
+    out_headers = hdr.client_response_headers(up_headers, lambda value: value)
+    out_headers.popall("Content-Location", None)
+    out_headers.popall("Location", None)
+    out_headers["X-Request-ID"] = request_id
+    if status != 200 or request.method != "GET":
+        return _relay(rt, status, raw, out_headers, exchange)
+    try:
+        manifest = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FhirError(502, "structure", "the upstream's export manifest is not JSON") from None
+
+    def link(file_url: str, with_token: bool) -> str:
+        return _link(rt, _FILE if with_token else _OPEN, file_url)
+
+    bulk.rewrite_manifest(manifest, link, rt.policy.bulk_presigned)
+    if type(manifest.get("request")) is str and manifest["request"].startswith(rt.upstream_base):
+        manifest["request"] = rt.public_base + manifest["request"][len(rt.upstream_base) :]
+    return web.Response(status=200, body=orjson.dumps(manifest), headers=out_headers, content_type="application/json")
+
+
+async def _file(
+    rt: Runtime,
+    request: web.Request,
+    url: str,
+    with_token: bool,
+    grants_for: GrantsFor | None,
+    request_id: str,
+    exchange: Exchange,
+) -> web.StreamResponse:
+    """Stream one NDJSON file, each line decrypted for the caller; memory holds one chunk and one line."""
+    headers = _headers(rt, request, request_id, with_token) | {"Accept": f"{NDJSON}, application/ndjson"}
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=rt.settings.connect_timeout, sock_read=rt.settings.upstream_timeout
+    )
+    hits: list[str] = []
+    grants = watch_canaries(rt, grants_for, hits)
+    async with upstream_call(rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout) as resp:
+        if resp.status != 200:
+            raw = await read_limited(resp.content, rt.settings.max_response) or b""
+            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, exchange)
+        if hdr.media_type(resp.headers.get("Content-Type")) not in bulk.NDJSON_TYPES:
+            raise FhirError(502, "not-supported", "the upstream's export file is not NDJSON")
+        out = web.StreamResponse(status=200, headers={"X-Request-ID": request_id, "Content-Type": NDJSON})
+        await out.prepare(request)
+        lines = bulk.LineSplitter(rt.settings.max_body)
+        try:
+            async for chunk in resp.content.iter_chunked(1 << 16):
+                batch = lines.feed(chunk)
+                if batch:
+                    await out.write(_decrypt_lines(rt, batch, grants, exchange))
+            tail = lines.close()
+            if tail:
+                await out.write(_decrypt_lines(rt, tail, grants, exchange))
+        except (FhirError, aiohttp.ClientError, TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, FhirError) else type(exc).__name__
+            log.error(
+                "export file aborted", extra={"event": "export-aborted", "request_id": request_id, "reason": reason}
+            )
+            raise StreamAborted(reason) from None
+    if exchange.report.failures:
+        log.warning(
+            "integrity",
+            extra={"event": "integrity-failure", "request_id": request_id, "failures": exchange.report.failures[:20]},
+        )
+    if hits:
+        try:
+            alarm(rt, exchange, hits, request_id)
+        except FhirError:
+            raise StreamAborted("canary") from None  # the caller is blocked: no clean end of file either
+    await out.write_eof()
+    return out
+
+
+def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
+    out = []
+    for line in lines:
+        try:
+            resource = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            raise FhirError(502, "structure", "an export file line is not JSON") from None
+        if type(resource) is not dict:
+            raise FhirError(502, "structure", "an export file line is not a FHIR resource")
+        decrypt_body(resource, rt.policy, rt.keyring, grants, exchange.report)
+        if len(exchange.references) < MAX_REFERENCES:
+            exchange.references.extend(references_in(resource))
+        out.append(serialise_for_client(resource, exchange.report, "export file"))
+    out.append(b"")
+    return b"\n".join(out)

@@ -1,0 +1,33 @@
+"""Calls to the upstream: transport failures become OperationOutcomes, bodies are read with a bound."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from proxy.outcome import FhirError
+
+
+async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole stream, or None as soon as it exceeds ``limit`` bytes."""
+    chunks, total = [], 0
+    async for chunk in stream.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@contextlib.asynccontextmanager
+async def upstream_call(session: aiohttp.ClientSession, method: str, url, **kwargs) -> AsyncIterator:
+    """``session.request`` whose timeouts and connection errors (also while reading) are 504/502."""
+    try:
+        async with session.request(method, url, allow_redirects=False, **kwargs) as resp:
+            yield resp
+    except TimeoutError:
+        raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
+    except aiohttp.ClientError:
+        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
