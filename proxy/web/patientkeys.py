@@ -133,5 +133,6 @@ class PatientKeyService:
                 f"this {where} belongs to a patient whose data was crypto-shredded: new data for that patient "
                 "is refused",
             ) from None
-        self.cache.put(stored.handle, key, tag)
+        if tag is not None:  # a pending key stays out of the cache: the create's response finds it and binds it
+            self.cache.put(stored.handle, key, tag)
         return stored.handle, key
