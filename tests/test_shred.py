@@ -350,9 +350,11 @@ async def test_patients_created_around_the_proxy_and_shared_resources(
 ):
     client = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=store_location)
     around = _patient(NIK_B, "Sri Rahayu") | {"id": "outside-1"}
-    async with aiohttp.ClientSession() as raw:  # written straight to the server, never seen by the proxy
-        async with raw.put(f"{clean_upstream.base_url}/Patient/outside-1", json=around) as resp:
-            assert resp.status in (200, 201)
+    async with (  # written straight to the server, never seen by the proxy
+        aiohttp.ClientSession() as raw,
+        raw.put(f"{clean_upstream.base_url}/Patient/outside-1", json=around) as resp,
+    ):
+        assert resp.status in (200, 201)
     obs = await _create(client, _observation("outside-1", 7.5, "dari luar"))
     shared = _observation("outside-1", 8.5, "bersama") | {"performer": [{"reference": "Patient/other-2"}]}
     both = await _create(client, shared)
