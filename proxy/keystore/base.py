@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS fhircrypt_patient_keys (
@@ -31,6 +31,9 @@ SCHEMA = (
         tag TEXT PRIMARY KEY, patient TEXT NOT NULL, until TEXT NOT NULL, reason TEXT NOT NULL,
         added_by TEXT NOT NULL, added_at TEXT NOT NULL)""",
 )
+
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -128,7 +131,7 @@ class SqlStore:
         names = sorted(handles)
         marks = ",".join(["%s"] * len(names))
         with self._transaction() as run:
-            rows = run(f"SELECT handle, tag, kid, sealed FROM fhircrypt_patient_keys WHERE handle IN ({marks})", names)
+            rows = run(_KEYS + f"WHERE handle IN ({marks})", names)
             gone = run(f"SELECT handle FROM fhircrypt_shredded_keys WHERE handle IN ({marks})", names)
         return [StoredKey(*row) for row in rows], {row[0] for row in gone}
 
@@ -138,12 +141,7 @@ class SqlStore:
             stone = self._tombstone(run, tag)
             if stone is not None:
                 raise PatientShredded(stone)
-            rows = run(
-                "SELECT handle, tag, kid, sealed FROM fhircrypt_patient_keys WHERE tag = %s ORDER BY created, handle "
-                "LIMIT 1",
-                (tag,),
-            )
-        return StoredKey(*rows[0]) if rows else None
+            return _first(run, StoredKey, _KEYS + "WHERE tag = %s ORDER BY created, handle LIMIT 1", tag)
 
     def add_key(self, key: StoredKey) -> None:
         """Store a new key; refused (PatientShredded) if the patient was shredded meanwhile."""
@@ -182,12 +180,9 @@ class SqlStore:
             stone = self._tombstone(run, tag)
             if stone is not None:
                 return stone
-            rows = run(
-                "SELECT tag, patient, until, reason, added_by, added_at FROM fhircrypt_legal_holds WHERE tag = %s",
-                (tag,),
-            )
-            if rows and date.fromisoformat(rows[0][2]) >= today:
-                raise LegalHoldActive(Hold(*rows[0]))
+            hold = _first(run, Hold, _HOLDS + "WHERE tag = %s", tag)
+            if hold is not None and date.fromisoformat(hold.until) >= today:
+                raise LegalHoldActive(hold)
             handles = [r[0] for r in run("DELETE FROM fhircrypt_patient_keys WHERE tag = %s RETURNING handle", (tag,))]
             for handle in handles:
                 run("INSERT INTO fhircrypt_shredded_keys (handle, tag) VALUES (%s, %s)", (handle, tag))
@@ -205,12 +200,7 @@ class SqlStore:
 
     @staticmethod
     def _tombstone(run: Any, tag: str) -> Tombstone | None:
-        rows = run(
-            "SELECT tag, shredded_at, shredded_by, reason, keys_destroyed FROM fhircrypt_shredded_patients "
-            "WHERE tag = %s",
-            (tag,),
-        )
-        return Tombstone(*rows[0]) if rows else None
+        return _first(run, Tombstone, _TOMBSTONES + "WHERE tag = %s", tag)
 
     def add_hold(self, hold: Hold) -> None:
         """Add or replace the patient's hold."""
@@ -228,11 +218,17 @@ class SqlStore:
 
     def holds(self) -> list[Hold]:
         with self._transaction() as run:
-            rows = run(
-                "SELECT tag, patient, until, reason, added_by, added_at FROM fhircrypt_legal_holds ORDER BY until, tag",
-                (),
-            )
-        return [Hold(*row) for row in rows]
+            return [Hold(*row) for row in run(_HOLDS + "ORDER BY until, tag", ())]
+
+
+_KEYS = "SELECT handle, tag, kid, sealed FROM fhircrypt_patient_keys "
+_HOLDS = "SELECT tag, patient, until, reason, added_by, added_at FROM fhircrypt_legal_holds "
+_TOMBSTONES = "SELECT tag, shredded_at, shredded_by, reason, keys_destroyed FROM fhircrypt_shredded_patients "
+
+
+def _first(run: Any, row_type: type[T], sql: str, tag: str) -> T | None:
+    rows = run(sql, (tag,))
+    return row_type(*rows[0]) if rows else None
 
 
 def rows_of(cursor: Any) -> list[tuple]:
