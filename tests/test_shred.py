@@ -28,6 +28,7 @@ from proxy.crypto.patientkeys import (
 )
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientShredded, StoredKey, now
+from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
 from proxy.transform import markers as mk
 from proxy.transform.keyselect import PENDING, key_subject, write_subjects
@@ -91,6 +92,7 @@ def cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_policy_option_compiles_and_is_checked():
     assert POLICY.per_patient_keys and not unit_policy().per_patient_keys
+    assert "the patient's own key" in explain(POLICY) and "the patient's own key" not in explain(unit_policy())
     with pytest.raises(PolicyError, match="per_patient: must be true or false"):
         unit_policy(TEST_POLICY + "keys: {per_patient: yes-please}\n")
     with pytest.raises(PolicyError, match="unknown field in keys"):
@@ -107,7 +109,8 @@ def test_key_subject_follows_the_patient_compartment():
     assert key_subject({"resourceType": "Observation", "subject": {"reference": "Group/g"}}) is None
     assert key_subject({"resourceType": "Medication"}) is None
     contained = obs | {"contained": [{"resourceType": "Observation", "subject": {"reference": "Patient/c3"}}]}
-    assert write_subjects(contained) == {"a1", "c3"}
+    assert write_subjects(contained, {"Observation"}) == {"a1", "c3"}
+    assert write_subjects(contained, {"Patient"}) == set()  # uncovered types are not encrypted: no key
 
 
 def test_patient_key_sealing_binds_handle_and_tag(keyring):
@@ -372,6 +375,25 @@ async def test_patients_created_around_the_proxy_and_shared_resources(
     kept = await (await replica.get(f"/fhir/R4/Observation/{both['id']}")).json()
     assert kept["note"][0]["text"] == "bersama"  # the shared record is not reached by shredding one patient
     assert (await (await replica.get("/fhir/R4/Patient/client-id-3")).json())["name"][0]["text"] == "Budi Santoso"
+
+
+async def test_an_unreachable_store_refuses_rather_than_guessing(proxy_for, clean_upstream, tmp_path):
+    location = tmp_path / "patient-keys.db"
+    client = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=str(location))
+    a = await _create(client, _patient(NIK_A, "Wibisono Kartasasmita"))
+    location.unlink()
+    location.mkdir()  # the store is gone: SQLite cannot open it
+    resp = await client.post(
+        "/fhir/R4/Observation", data=orjson.dumps(_observation(a["id"], 9.87, "x")), headers=FHIR_JSON
+    )
+    assert resp.status == 503 and "patient key store is unavailable" in await resp.text()
+    assert resp.headers["Retry-After"] == "5"
+    assert not any(r["resourceType"] == "Observation" for r in clean_upstream.dump())  # nothing under a master key
+    assert (await client.get(f"/fhir/R4/Patient/{a['id']}")).status == 200  # the cached key keeps serving
+    replica = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=str(tmp_path / "other.db"))
+    resp = await replica.get(f"/fhir/R4/Patient/{a['id']}")  # a store without the key: damaged, not shredded
+    assert resp.status == 200 and "X-Fhircrypt-Integrity" in resp.headers and "X-Fhircrypt-Shredded" not in resp.headers
+    assert_no_plaintext([await resp.json()], NEEDLES_A)
 
 
 async def test_per_patient_policy_needs_a_store(proxy_for, clean_upstream):

@@ -17,6 +17,8 @@ The rule, decided from the plaintext resource before it is encrypted:
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from proxy.crypto.patientkeys import is_handle
 from proxy.policy.compartment import patient_references
 from proxy.transform import markers as mk
@@ -37,10 +39,11 @@ def key_subject(resource: dict) -> str | None:
     return next(iter(refs)) if len(refs) == 1 else None
 
 
-def write_subjects(resource: dict) -> set[str]:
-    """Every subject (:func:`key_subject`) in a body to be written: the resource and those nested in it."""
-    out = {key_subject(resource)}
-    out.update(key_subject(inner) for inner, _ in nested_resources(resource, ""))
+def write_subjects(resource: dict, covered: Collection[str]) -> set[str]:
+    """Every subject (:func:`key_subject`) of a resource of a ``covered`` type in a body to be written:
+    the resource and those nested in it (uncovered types are not encrypted, so they need no key)."""
+    found = (resource, *(inner for inner, _ in nested_resources(resource, "")))
+    out = {key_subject(r) for r in found if r.get("resourceType") in covered}
     out.discard(None)
     return out  # type: ignore[return-value]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from proxy.crypto.keyring import Keyring
@@ -95,11 +95,12 @@ class PatientKeyService:
 
     # ------------------------------------------------------------------ writing
 
-    async def wraps_for_write(self, resource: dict) -> WrapFor:
-        """The key choice for a plaintext body about to be encrypted: finds or creates each
-        subject patient's key. Refuses (409) data for a patient that was shredded."""
+    async def wraps_for_write(self, resource: dict, covered: Collection[str]) -> WrapFor:
+        """The key choice for a plaintext body about to be encrypted: finds or creates the key of
+        each patient a ``covered`` resource in it belongs to. Refuses (409) data for a patient
+        that was shredded."""
         keys: dict[str, tuple[str, bytes]] = {}
-        for subject in write_subjects(resource):
+        for subject in write_subjects(resource, covered):
             keys[subject] = await self._key_for(subject, resource.get("resourceType"))
 
         def wrap_for(res: dict) -> tuple[str, bytes] | None:

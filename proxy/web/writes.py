@@ -149,7 +149,7 @@ async def prepare_write(
                 extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
     wrap_for = None
     if rt.policy.per_patient_keys and rt.patient_keys is not None:
-        wrap_for = await rt.patient_keys.wraps_for_write(resource)
+        wrap_for = await rt.patient_keys.wraps_for_write(resource, rt.policy.resources)
     encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate, wrap_for)
     return orjson.dumps(resource), extra
 
