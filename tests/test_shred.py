@@ -180,8 +180,9 @@ def test_store_binds_keys_of_patients_created_without_an_id(store, keyring):
     pending = _key(keyring, None)
     store.add_key(pending)
     tag = patient_tag(keyring, "new-1")
-    assert store.key_for_patient(tag) is None
+    assert store.key_for_patient(tag) is None and store.unbound() == 1
     assert store.bind(pending.handle, tag, "k1", "resealed")
+    assert store.unbound() == 0
     assert not store.bind(pending.handle, tag, "k1", "again")  # bound once
     assert store.key_for_patient(tag).handle == pending.handle
 
@@ -384,12 +385,14 @@ async def test_an_unreachable_store_refuses_rather_than_guessing(proxy_for, clea
     location.unlink()
     location.mkdir()  # the store is gone: SQLite cannot open it
     resp = await client.post(
-        "/fhir/R4/Observation", data=orjson.dumps(_observation(a["id"], 9.87, "x")), headers=FHIR_JSON
+        "/fhir/R4/Observation", data=orjson.dumps(_observation("unseen-9", 9.87, "x")), headers=FHIR_JSON
     )
     assert resp.status == 503 and "patient key store is unavailable" in await resp.text()
     assert resp.headers["Retry-After"] == "5"
     assert not any(r["resourceType"] == "Observation" for r in clean_upstream.dump())  # nothing under a master key
-    assert (await client.get(f"/fhir/R4/Patient/{a['id']}")).status == 200  # the cached key keeps serving
+    # the key cached when the Patient was created (and bound) keeps serving reads and writes
+    assert (await client.get(f"/fhir/R4/Patient/{a['id']}")).status == 200
+    await _create(client, _observation(a["id"], 9.87, "x"))
     replica = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=str(tmp_path / "other.db"))
     resp = await replica.get(f"/fhir/R4/Patient/{a['id']}")  # a store without the key: damaged, not shredded
     assert resp.status == 200 and "X-Fhircrypt-Integrity" in resp.headers and "X-Fhircrypt-Shredded" not in resp.headers

@@ -92,6 +92,14 @@ def run_shred(
             f"{stone.shredded_by} (reason {stone.reason}). Every replica stops decrypting its records within "
             f"{ttl:g} s (patient key cache age)."
         )
+        unbound = store.unbound()
+        if unbound:
+            print(
+                f"warning: {unbound} key(s) in the store belong to Patients created without an id whose create "
+                "response the proxy never saw; they are bound (and then shredded) only once the Patient is read "
+                "through the proxy. If this patient may be one of them, read it through the proxy and shred again.",
+                file=sys.stderr,
+            )
         return 0
     finally:
         store.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
@@ -38,6 +39,7 @@ class PatientKeyService:
     def __init__(self, store: PatientKeyStore, keyring: Keyring, cache: PatientKeyCache) -> None:
         self.store, self.keyring, self.cache = store, keyring, cache
         self.read_keys = ReadKeys(keyring, cache)
+        self._pending: OrderedDict[str, None] = OrderedDict()  # keys this replica created before the id was known
 
     def __repr__(self) -> str:
         return f"PatientKeyService({self.store!r}, {self.cache!r})"
@@ -69,6 +71,10 @@ class PatientKeyService:
         first time a response shows that Patient with its id (normally the create's own
         response)."""
         carriers = envelope_handles(body)
+        for handle in [h for h in carriers if h in self._pending]:  # this replica's creates: key in the cache
+            key = self.cache.get(handle)
+            if key is not None:
+                await self._bind(handle, key, carriers[handle])
         missing = self.cache.missing(set(carriers))
         if not missing:
             return
@@ -84,13 +90,23 @@ class PatientKeyService:
                 await self._bind(stored.handle, key, carriers[stored.handle])
 
     async def _bind(self, handle: str, key: bytes, carriers: list[dict]) -> None:
+        """Bind a pending key to the one Patient id its carriers show. Best effort: a store
+        failure is logged and retried on a later read, it never fails the response (the
+        create it answers has already happened)."""
         ids = {r.get("id") for r in carriers if r.get("resourceType") == "Patient"}
         ids = {i for i in ids if isinstance(i, str) and key_subject({"resourceType": "Patient", "id": i})}
         if len(ids) != 1:
             return
         tag = patient_tag(self.keyring, ids.pop())
         kid, sealed = seal_patient_key(self.keyring, handle, tag, key)
-        if await self._call(self.store.bind, handle, tag, kid, sealed):
+        try:
+            bound = await asyncio.to_thread(self.store.bind, handle, tag, kid, sealed)
+        except StoreError:
+            log.warning("patient key not bound yet", extra={"event": "patient-key-unbound"})
+            return
+        self._pending.pop(handle, None)
+        if bound:
+            self.cache.put(handle, key, tag)
             log.info("patient key bound", extra={"event": "patient-key-bound"})
 
     # ------------------------------------------------------------------ writing
@@ -134,6 +150,9 @@ class PatientKeyService:
                 f"this {where} belongs to a patient whose data was crypto-shredded: new data for that patient "
                 "is refused",
             ) from None
-        if tag is not None:  # a pending key stays out of the cache: the create's response finds it and binds it
-            self.cache.put(stored.handle, key, tag)
+        self.cache.put(stored.handle, key, tag)
+        if tag is None:  # bound when the create's response shows the id
+            self._pending[stored.handle] = None
+            while len(self._pending) > self.cache.max_entries:
+                self._pending.popitem(last=False)
         return stored.handle, key
