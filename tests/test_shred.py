@@ -378,6 +378,26 @@ async def test_patients_created_around_the_proxy_and_shared_resources(
     assert (await (await replica.get("/fhir/R4/Patient/client-id-3")).json())["name"][0]["text"] == "Budi Santoso"
 
 
+async def test_an_update_that_moves_a_record_to_another_patient(
+    proxy_for, clean_upstream, keyring_files, store_location, capsys
+):
+    client = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=store_location)
+    obs = await _create(client, _observation("first-1", 5.5, "salah pasien"))
+    moved = copy.deepcopy(obs) | {"subject": {"reference": "Patient/second-2"}, "note": [{"text": "pasien benar"}]}
+    resp = await client.put(f"/fhir/R4/Observation/{obs['id']}", data=orjson.dumps(moved), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    versions = {r["meta"]["versionId"]: _handle(r) for r in clean_upstream.dump()}
+    assert versions["1"] != versions["2"] and all(is_handle(h) for h in versions.values())
+
+    code, _, _ = cli(["shred", "Patient/first-1", "--patient-key-store", store_location, *keyring_files], capsys)
+    assert code == 0
+    replica = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=store_location)
+    old = await replica.get(f"/fhir/R4/Observation/{obs['id']}/_history/1")
+    assert old.headers["X-Fhircrypt-Shredded"] == "1"  # the version written for the first patient is erased
+    current = await (await replica.get(f"/fhir/R4/Observation/{obs['id']}")).json()
+    assert current["note"][0]["text"] == "pasien benar"  # the version under the second patient's key is not
+
+
 async def test_an_unreachable_store_refuses_rather_than_guessing(proxy_for, clean_upstream, tmp_path):
     location = tmp_path / "patient-keys.db"
     client = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=str(location))
