@@ -16,6 +16,7 @@ from pathlib import Path
 from proxy import __version__
 from proxy.crypto.kek import KeyringError, generate_kek, load_local_kek
 from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
+from proxy.keystore.base import StoreError
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
@@ -47,6 +48,20 @@ def _kek_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyring", default=_env("keyring", ".fhircrypt/keyring.json"), help="keyring file")
     p.add_argument(
         "--kek-file", default=_env("kek_file"), help="file holding the key-encryption key (else FHIRCRYPT_KEK)"
+    )
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patient-key-store",
+        default=_env("patient_key_store"),
+        help="per-patient keys (policy keys.per_patient): a SQLite file, or postgresql://… for several replicas",
+    )
+    p.add_argument(
+        "--patient-key-ttl",
+        type=float,
+        default=float(_env("patient_key_ttl", "60")),
+        help="seconds a replica may use a cached patient key: a shred reaches every replica within this",
     )
 
 
@@ -111,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--upstream-timeout", type=float, default=float(_env("upstream_timeout", "30")))
     serve.add_argument("--log-level", default=_env("log_level", "info"))
+    _store_args(serve)
     _kek_args(serve)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit trail")
@@ -136,6 +152,19 @@ def _parser() -> argparse.ArgumentParser:
     _kek_args(rotate)
     listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
     _kek_args(listing)
+
+    shred = sub.add_parser(
+        "shred",
+        help="crypto-shred a patient (destroy its keys) or manage the legal-hold list",
+        description="fhircrypt shred Patient/<id> [--reason CODE] | shred hold add Patient/<id> --until DATE "
+        "--reason CODE | shred hold remove Patient/<id> | shred hold list",
+    )
+    shred.add_argument("words", nargs="+", metavar="Patient/<id> | hold add|remove|list [Patient/<id>]")
+    shred.add_argument("--reason", help="a reason code, e.g. erasure-request, retention-expired, litigation")
+    shred.add_argument("--until", help="hold add: the last day of the hold (YYYY-MM-DD)")
+    shred.add_argument("--by", help="who runs it, for the tombstone (default FHIRCRYPT_OPERATOR or the OS user)")
+    _store_args(shred)
+    _kek_args(shred)
 
     policy = sub.add_parser("policy", help="work with policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -238,6 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         validate=not args.no_validate,
         max_body=args.max_body,
         upstream_timeout=args.upstream_timeout,
+        patient_key_store=args.patient_key_store,
+        patient_key_ttl=args.patient_key_ttl,
     )
     policy = compile_file(settings.policy)
     keyring = load_keyring(settings.keyring, load_local_kek(settings.kek_file))
@@ -286,13 +317,20 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_keys(args)
         elif args.command == "policy":
             code = cmd_policy(args)
+        elif args.command == "shred":
+            from proxy.keystore.cli import run_shred
+
+            keyring = load_keyring(args.keyring, load_local_kek(args.kek_file))
+            code = run_shred(
+                args.words, keyring, args.patient_key_store, args.reason, args.until, args.by, args.patient_key_ttl
+            )
         elif args.command == "serve":
             code = cmd_serve(args)
         else:
             from proxy.demo import run_demo
 
             code = run_demo(keep_running=args.keep_running)
-    except (PolicyError, KeyringError, FileExistsError, ValueError) as exc:
+    except (PolicyError, KeyringError, StoreError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     sys.exit(code)

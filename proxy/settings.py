@@ -37,3 +37,6 @@ class Settings:
     upstream_timeout: float = 30.0
     connect_timeout: float = 5.0
     upstream_connections: int = 100
+    patient_key_store: str | None = None  # SQLite file or postgresql:// URL (policy keys.per_patient)
+    patient_key_ttl: float = 60.0  # seconds a replica keeps an unsealed patient key: the shred bound
+    patient_key_cache: int = 10_000  # most patient keys kept in memory

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -37,6 +38,12 @@ _US, _RS = "\x1f", "\x1e"  # unit and record separators: never part of a path or
 
 class IntegrityError(Exception):
     """Ciphertext, envelope or MAC that does not verify. Carries no values."""
+
+
+class KeyLookup(Protocol):
+    """Where envelope key ids are looked up: a :class:`Keyring`, or one that also knows patient keys."""
+
+    def master_key(self, kid: str) -> bytes | None: ...
 
 
 def associated_data(resource_type: str, record_id: str, field_id: str, path: str) -> bytes:
@@ -57,13 +64,14 @@ class RecordCipher:
         return f"RecordCipher({self.resource_type}, key={self.key_id})"
 
     @classmethod
-    def new(cls, keyring: Keyring, resource_type: str) -> RecordCipher:
-        kid, master = keyring.primary()
+    def new(cls, keyring: Keyring, resource_type: str, wrap: tuple[str, bytes] | None = None) -> RecordCipher:
+        """A fresh data key, wrapped by ``wrap`` (key id, key) - a patient key - or else the primary."""
+        kid, master = wrap or keyring.primary()
         data_key = os.urandom(64)
         return cls(resource_type, kid, b64e(os.urandom(12)), data_key, aes_key_wrap(master, data_key))
 
     @classmethod
-    def open_envelope(cls, keyring: Keyring, resource_type: str, envelope: str) -> tuple[RecordCipher, bytes]:
+    def open_envelope(cls, keyring: KeyLookup, resource_type: str, envelope: str) -> tuple[RecordCipher, bytes]:
         """Parse an envelope string; returns the cipher and the stored record MAC."""
         parts = envelope.split(".") if isinstance(envelope, str) else []
         if len(parts) != 5 or parts[0] != VERSION:

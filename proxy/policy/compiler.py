@@ -115,6 +115,7 @@ class CompiledPolicy:
     canary_action: str = "alert"  # or "block": also refuse the caller from then on
     operations: dict[str, OperationRule] = field(default_factory=dict)  # what operations may carry
     bulk_presigned: str = "refuse"  # Bulk export files the upstream serves without a token: or "proxy"
+    per_patient_keys: bool = False  # keys.per_patient: one key per patient, for crypto-shredding
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -170,6 +171,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "access",
             "operations",
             "bulk",
+            "keys",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -227,6 +229,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         access=compile_access(doc.get("access"), source, groups),
         operations=compile_operations(doc.get("operations"), source),
         bulk_presigned=_compile_bulk(ctx, doc),
+        per_patient_keys=_compile_keys(ctx, doc),
         **_compile_canaries(ctx, doc),
     )
 
@@ -606,3 +609,15 @@ def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
     if not isinstance(refs, list) or not all(isinstance(r, str) and _REFERENCE.match(r) for r in refs):
         raise ctx.fail(spec, "resources", "must list references like Patient/canary-1")
     return {"canaries": frozenset(refs), "canary_action": _choice(ctx, spec, "action", ("alert", "block"), "alert")}
+
+
+def _compile_keys(ctx: _Ctx, doc: Node) -> bool:
+    """``keys.per_patient``: data keys of a patient's records wrapped by that patient's own key."""
+    spec = doc.get("keys")
+    if spec is None:
+        return False
+    _check_keys(ctx, spec, "keys", allowed={"per_patient"})
+    value = spec.get("per_patient", False)
+    if not isinstance(value, bool):
+        raise ctx.fail(spec, "per_patient", "must be true or false")
+    return value

@@ -19,6 +19,12 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
         f"policy '{policy.name}' ({policy.source}, sha256 {policy.digest[:16]})",
         f"groups: {', '.join(f'{g}' for g in policy.groups)}",
         f"resources without an envelope (written around the proxy): {policy.unenveloped}",
+        "data keys wrapped by: "
+        + (
+            "the patient's own key in a patient's compartment (crypto-shredding), else the master key"
+            if policy.per_patient_keys
+            else "the keyring's master key"
+        ),
         "",
     ]
     display_only = []

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 
 import orjson
 
+from proxy.crypto.envelope import KeyLookup
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
@@ -67,10 +68,12 @@ def _list(value: object) -> list:
 
 
 GrantsFor = Callable[[dict], Grants]  # the groups the caller may decrypt in one (still encrypted) resource
+Wrap = tuple[str, bytes] | None  # (key id, key) wrapping a record's data key; None: the keyring's primary
+WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
 
 
 def decrypt_body(
-    body: dict, policy: CompiledPolicy, keyring: Keyring, grants_for: GrantsFor | None, report: ReadReport
+    body: dict, policy: CompiledPolicy, keyring: KeyLookup, grants_for: GrantsFor | None, report: ReadReport
 ) -> None:
     """Decrypt (or mask) every covered resource anywhere in a response body, in place.
 
@@ -99,11 +102,15 @@ def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes
     return out
 
 
-def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool) -> None:
+def encrypt_for_write(
+    resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
+) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
 
     Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
     are encrypted by their own type's policy, each with its own envelope, deepest first.
+    ``wrap_for`` picks a patient key per resource; a nested resource without one of its
+    own uses its container's.
     """
     rtype = resource.get("resourceType")
     if has_masked_label(resource):
@@ -117,20 +124,22 @@ def encrypt_for_write(resource: dict, policy: CompiledPolicy, keyring: Keyring, 
     if validate:
         validate_resource(resource)
     nested = list(nested_resources(resource, rtype if type(rtype) is str else "?"))
+    top = wrap_for(resource) if wrap_for is not None else None
     for inner, where in reversed(nested):  # deepest first: an outer contained resource is sealed last
         inner_rp = policy.resources.get(inner.get("resourceType"))  # type: ignore[arg-type]
         if inner_rp is not None:
-            _seal(inner, inner_rp, keyring, where, with_indexes=False)
+            wrap = (wrap_for(inner) if wrap_for is not None else None) or top
+            _seal(inner, inner_rp, keyring, where, with_indexes=False, wrap=wrap)
     rp = policy.resources.get(rtype)  # type: ignore[arg-type]
     if rp is not None:
-        _seal(resource, rp, keyring, rtype, with_indexes=True)  # type: ignore[arg-type]
+        _seal(resource, rp, keyring, rtype, with_indexes=True, wrap=top)  # type: ignore[arg-type]
 
 
-def _seal(resource: dict, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool) -> None:
+def _seal(resource: dict, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool, wrap: Wrap) -> None:
     """Encrypt one resource; blind indexes only for the resource stored at the top (searches find those)."""
     try:
         index_ids = index_identifiers(resource, rp, keyring.indexer) if with_indexes else []
-        encrypt_resource(resource, rp, keyring)
+        encrypt_resource(resource, rp, keyring, wrap)
     except ShapeError as exc:
         raise FhirError(
             400,

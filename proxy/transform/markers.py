@@ -5,6 +5,7 @@ ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
 CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
 TAG_SYSTEM = CANONICAL + "/CodeSystem/fhircrypt"
 TAG_CODE = "encrypted"
+SHREDDED_CODE = "shredded"  # on reads only: the record's patient key was destroyed (crypto-shredding)
 
 DAR_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 DAR_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
@@ -38,3 +39,15 @@ def neutral_narrative() -> dict:
 
 
 BLIND_INDEX_BASE = CANONICAL + "/blind-index/"  # + <resource type>/<field id>/<search parameter>
+
+
+def shredded_tag() -> dict:
+    return {"system": TAG_SYSTEM, "code": SHREDDED_CODE, "display": "crypto-shredded: the patient key was destroyed"}
+
+
+def add_tag(resource: dict, tag: dict) -> None:
+    meta = resource.get("meta")
+    if type(meta) is not dict:
+        meta = resource["meta"] = {}
+    tags = meta.get("tag")
+    meta["tag"] = [*(tags if type(tags) is list else ()), tag]

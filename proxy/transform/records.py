@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from proxy.crypto.envelope import IntegrityError, RecordCipher
+from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
 from proxy.crypto.keyring import Keyring
+from proxy.crypto.patientkeys import KeyShredded
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import markers as mk
 
@@ -34,6 +35,7 @@ class ReadReport:
 
     decrypted: int = 0
     masked: int = 0
+    shredded: int = 0  # resources whose patient key was destroyed on purpose (masked, not a failure)
     failures: list[str] = field(default_factory=list)
     decrypted_groups: set[str] = field(default_factory=set)  # for the audit trail
     masked_groups: set[str] = field(default_factory=set)  # withheld from this caller by the access rules
@@ -242,12 +244,15 @@ class _Sealer:
         return self._complex_form(item, path, el)
 
 
-def encrypt_resource(resource: dict, rp: ResourcePolicy, keyring: Keyring) -> None:
+def encrypt_resource(
+    resource: dict, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
+) -> None:
     """Encrypt every covered element and attach the envelope and tag (in place).
 
+    ``wrap`` (key id, key) wraps the data key instead of the keyring's primary: a patient key.
     Raises ShapeError when a covered location has the wrong JSON type.
     """
-    sealer = _Sealer(RecordCipher.new(keyring, rp.type))
+    sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap))
     for el in rp.elements:
         sealer.element(resource, el)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
@@ -511,7 +516,7 @@ def _mark_masked(resource: dict) -> None:
 
 
 def decrypt_resource(
-    resource: dict, rp: ResourcePolicy, keyring: Keyring, grants: Grants, unenveloped: str, report: ReadReport
+    resource: dict, rp: ResourcePolicy, keyring: KeyLookup, grants: Grants, unenveloped: str, report: ReadReport
 ) -> None:
     """Restore what the caller may see, mask the rest, drop our markers (in place).
 
@@ -527,12 +532,14 @@ def decrypt_resource(
     slots: list[_Slot] = []
     for el in rp.elements:
         _find(resource, el, slots)
-    cipher = None
+    cipher, shredded = None, False
     try:
         if len(envelopes) != 1:
             raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
         cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
         cipher.verify(sorted((s.path, s.ct) for s in slots if s.ct is not None), mac)
+    except KeyShredded:
+        shredded = True  # destroyed on purpose: masked and labelled, not an integrity failure
     except IntegrityError as exc:
         if slots or envelopes or tagged:
             report.fail(where, str(exc))
@@ -540,7 +547,7 @@ def decrypt_resource(
     masked = 0
     for slot in slots:
         if cipher is None or slot.tampered or slot.ct is None:
-            if cipher is not None:
+            if cipher is not None or (shredded and slot.tampered):
                 report.fail(f"{where} {slot.path}", "plaintext where ciphertext was expected")
             slot.mask()
             masked += 1
@@ -561,6 +568,9 @@ def decrypt_resource(
     if masked:
         report.masked += masked
         _mark_masked(resource)
+    if shredded:
+        report.shredded += 1
+        mk.add_tag(resource, mk.shredded_tag())
 
 
 _MARKER_URLS = frozenset({mk.CIPHERTEXT_URL, mk.ENVELOPE_URL})

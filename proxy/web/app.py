@@ -22,6 +22,8 @@ from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
 from proxy.crypto.keyring import Keyring
+from proxy.crypto.patientkeys import PatientKeyCache
+from proxy.keystore import open_store
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
@@ -34,6 +36,7 @@ from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
 from proxy.web.bundles import prepare_bundle
+from proxy.web.patientkeys import PATIENT_KEY_MARK, PatientKeyService
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.upstream import read_limited, upstream_call
@@ -139,7 +142,9 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = exchange.report
     hits: list[str] = []
-    decrypt_body(payload, rt.policy, rt.keyring, watch_canaries(rt, grants_for, hits), report)
+    if PATIENT_KEY_MARK in raw:
+        await rt.prefetch_patient_keys(payload)
+    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, grants_for, hits), report)
     exchange.references = references_in(payload)
     if hits:
         alarm(rt, exchange, hits, request_id)
@@ -161,6 +166,8 @@ async def _forward(
         )
     if report.masked:
         out_headers["X-Fhircrypt-Masked"] = str(report.masked)
+    if report.shredded:
+        out_headers["X-Fhircrypt-Shredded"] = str(report.shredded)
     return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
@@ -333,6 +340,11 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
         URL(settings.upstream),
         (settings.public_base or default_public_base(settings)).rstrip("/"),
     )
+    if settings.patient_key_store:
+        cache = PatientKeyCache(settings.patient_key_cache, settings.patient_key_ttl)
+        rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), keyring, cache)
+    elif policy.per_patient_keys:
+        raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
     app = web.Application(client_max_size=settings.max_body)
     app[RUNTIME] = rt
     if settings.auth == "jwt":
@@ -386,6 +398,8 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
             await rt.session.close()
             if outside:
                 await outside.close()
+            if rt.patient_keys is not None:
+                rt.patient_keys.store.close()
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/healthz", health)

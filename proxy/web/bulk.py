@@ -22,6 +22,7 @@ from proxy.transform.interactions import Interaction
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
+from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import read_limited, upstream_call
 
@@ -66,7 +67,7 @@ def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange
         payload = None
     if type(payload) is not dict:
         raise FhirError(502, "structure", f"the upstream answered the export request with {status} and no FHIR JSON")
-    decrypt_body(payload, rt.policy, rt.keyring, None, exchange.report)
+    decrypt_body(payload, rt.policy, rt.read_keys, None, exchange.report)
     body = serialise_for_client(payload, exchange.report, "export")
     return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
@@ -176,10 +177,10 @@ async def _file(
             async for chunk in resp.content.iter_chunked(1 << 16):
                 batch = lines.feed(chunk)
                 if batch:
-                    await out.write(_decrypt_lines(rt, batch, grants, exchange))
+                    await out.write(await _decrypt_lines(rt, batch, grants, exchange))
             tail = lines.close()
             if tail:
-                await out.write(_decrypt_lines(rt, tail, grants, exchange))
+                await out.write(await _decrypt_lines(rt, tail, grants, exchange))
         except (FhirError, aiohttp.ClientError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, FhirError) else type(exc).__name__
             log.error(
@@ -200,7 +201,7 @@ async def _file(
     return out
 
 
-def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
+async def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
     out = []
     for line in lines:
         try:
@@ -209,7 +210,9 @@ def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, ex
             raise FhirError(502, "structure", "an export file line is not JSON") from None
         if type(resource) is not dict:
             raise FhirError(502, "structure", "an export file line is not a FHIR resource")
-        decrypt_body(resource, rt.policy, rt.keyring, grants, exchange.report)
+        if PATIENT_KEY_MARK in line:
+            await rt.prefetch_patient_keys(resource)
+        decrypt_body(resource, rt.policy, rt.read_keys, grants, exchange.report)
         if len(exchange.references) < MAX_REFERENCES:
             exchange.references.extend(references_in(resource))
         out.append(serialise_for_client(resource, exchange.report, "export file"))

@@ -11,9 +11,11 @@ from yarl import URL
 
 from proxy.audit.trail import AsyncAuditSink
 from proxy.auth.tokens import Introspector, JwtVerifier
+from proxy.crypto.envelope import KeyLookup
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
+from proxy.web.patientkeys import PatientKeyService
 
 
 @dataclass
@@ -28,13 +30,20 @@ class Runtime:
     introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
+    patient_keys: PatientKeyService | None = None  # per-patient keys (crypto-shredding), when configured
+
+    @property
+    def read_keys(self) -> KeyLookup:
+        """Where envelopes' key ids are looked up: the keyring, plus cached patient keys."""
+        return self.patient_keys.read_keys if self.patient_keys else self.keyring
+
+    async def prefetch_patient_keys(self, body: dict) -> None:
+        if self.patient_keys is not None:
+            await self.patient_keys.prefetch(body)
 
     @property
     def upstream_base(self) -> str:
         return str(self.upstream).rstrip("/")
-
-
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")

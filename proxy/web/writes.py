@@ -52,7 +52,8 @@ def _decrypted(rt, it: Interaction, stored: dict | None) -> tuple[dict, str | No
             409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
         )
     report = ReadReport()
-    decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.keyring, None, rt.policy.unenveloped, report)
+    decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.read_keys, None, rt.policy.unenveloped, report)
+    _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(
             409,
@@ -62,6 +63,12 @@ def _decrypted(rt, it: Interaction, stored: dict | None) -> tuple[dict, str | No
         )
     version = (stored.get("meta") or {}).get("versionId")
     return stored, version if isinstance(version, str) else None
+
+
+def _refuse_shredded(it: Interaction, report: ReadReport) -> None:
+    if report.shredded:
+        where = f"{it.resource_type}/{it.id}"
+        raise FhirError(409, "conflict", f"{where} was crypto-shredded: its elements cannot be restored or patched")
 
 
 async def check_scope(
@@ -131,6 +138,8 @@ async def prepare_write(
                 )
             if stored is None:
                 stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+            if stored is not None:
+                await rt.prefetch_patient_keys(stored)
             stored, version = _decrypted(rt, it, stored)
             missing = merge_masked(resource, stored, rp)
             if missing:
@@ -140,7 +149,10 @@ async def prepare_write(
                 )
             if "If-Match" not in request_headers and version:
                 extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
-    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate)
+    wrap_for = None
+    if rt.policy.per_patient_keys and rt.patient_keys is not None:
+        wrap_for = await rt.patient_keys.wraps_for_write(resource, rt.policy.resources)
+    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate, wrap_for)
     return extra
 
 
@@ -166,7 +178,9 @@ async def apply_patch(
     view = copy.deepcopy(stored)
     report = ReadReport()
     rp = rt.policy.resources[it.resource_type]
-    decrypt_resource(view, rp, rt.keyring, grants_for(view) if grants_for else None, rt.policy.unenveloped, report)
+    await rt.prefetch_patient_keys(view)
+    decrypt_resource(view, rp, rt.read_keys, grants_for(view) if grants_for else None, rt.policy.unenveloped, report)
+    _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(409, "conflict", f"{it.resource_type}/{it.id}: the stored version fails verification")
     try:

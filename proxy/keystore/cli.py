@@ -1,0 +1,140 @@
+"""``fhircrypt shred``: destroy a patient's keys, and manage the legal-hold list.
+
+    fhircrypt shred Patient/<id> [--reason CODE] [--by NAME]
+    fhircrypt shred hold add Patient/<id> --until YYYY-MM-DD --reason CODE
+    fhircrypt shred hold remove Patient/<id>
+    fhircrypt shred hold list
+
+Every form needs the keyring (and its KEK): the store names patients only by their keyed
+tag, so ``Patient/<id>`` is turned into a tag, and hold references are sealed. Reasons are
+codes (``erasure-request``, ``retention-expired``, ``litigation``…), never free text, so no
+PHI ends up in the store.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+import sys
+from datetime import UTC, date, datetime
+
+from proxy.crypto.keyring import Keyring
+from proxy.crypto.patientkeys import PatientKeyError, open_reference, patient_tag, seal_reference
+from proxy.keystore import open_store
+from proxy.keystore.base import Hold, LegalHoldActive, PatientKeyStore, now
+from proxy.policy.compartment import patient_id
+
+REASON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+OPERATOR_ENV = "FHIRCRYPT_OPERATOR"
+USAGE = (
+    "usage: fhircrypt shred Patient/<id> [--reason CODE] | "
+    "shred hold add Patient/<id> --until YYYY-MM-DD --reason CODE | shred hold remove Patient/<id> | shred hold list"
+)
+
+
+class UsageError(ValueError):
+    """A command line that cannot be carried out; the message says why."""
+
+
+def _patient(reference: str) -> str:
+    pid = patient_id(reference) if reference.startswith("Patient/") else None
+    if pid is None or reference != f"Patient/{pid}":
+        raise UsageError(f"expected Patient/<id>, got '{reference[:80]}'")
+    return pid
+
+
+def _reason(value: str | None, default: str | None = None) -> str:
+    value = value or default
+    if value is None or not REASON.match(value):
+        raise UsageError("--reason must be a code (letters, digits, '.', '_', '-'; at most 64), not free text")
+    return value
+
+
+def operator(explicit: str | None) -> str:
+    """Who runs the command, for the tombstone: --by, FHIRCRYPT_OPERATOR or the OS user."""
+    who = explicit or os.environ.get(OPERATOR_ENV) or getpass.getuser()
+    if not REASON.match(who):
+        raise UsageError("--by must be an account name (letters, digits, '.', '_', '-')")
+    return who
+
+
+def run_shred(
+    words: list[str],
+    keyring: Keyring,
+    store_location: str | None,
+    reason: str | None,
+    until: str | None,
+    by: str | None,
+    ttl: float,
+) -> int:
+    if not store_location:
+        raise UsageError("--patient-key-store (or FHIRCRYPT_PATIENT_KEY_STORE) is required")
+    store = open_store(store_location)
+    try:
+        if words[:1] == ["hold"]:
+            return _hold(store, keyring, words[1:], reason, until, by)
+        if len(words) != 1:
+            raise UsageError(USAGE)
+        reference = words[0]
+        tag = patient_tag(keyring, _patient(reference))
+        try:
+            stone = store.shred(tag, operator(by), _reason(reason, "erasure-request"))
+        except LegalHoldActive as hold:
+            print(
+                f"error: {reference} is on legal hold until {hold.hold.until} (reason {hold.hold.reason}); "
+                "shredding refused. Remove the hold (fhircrypt shred hold remove) once retention has ended.",
+                file=sys.stderr,
+            )
+            return 3
+        print(
+            f"shredded {reference}: {stone.keys_destroyed} key(s) destroyed at {stone.shredded_at} by "
+            f"{stone.shredded_by} (reason {stone.reason}). Every replica stops decrypting its records within "
+            f"{ttl:g} s (patient key cache age)."
+        )
+        unbound = store.unbound()
+        if unbound:
+            print(
+                f"warning: {unbound} key(s) in the store belong to Patients created without an id whose create "
+                "response the proxy never saw; they are bound (and then shredded) only once the Patient is read "
+                "through the proxy. If this patient may be one of them, read it through the proxy and shred again.",
+                file=sys.stderr,
+            )
+        return 0
+    finally:
+        store.close()
+
+
+def _hold(
+    store: PatientKeyStore, keyring: Keyring, words: list[str], reason: str | None, until: str | None, by: str | None
+) -> int:
+    action = words[0] if words else ""
+    if action == "list" and len(words) == 1:
+        for hold in store.holds():
+            try:
+                who = open_reference(keyring, hold.tag, hold.patient)
+            except PatientKeyError:
+                who = f"(tag {hold.tag[:12]}…: sealed by another keyring)"
+            print(f"{who}  until {hold.until}  reason {hold.reason}  added {hold.added_at} by {hold.added_by}")
+        return 0
+    if action not in ("add", "remove") or len(words) != 2:
+        raise UsageError(USAGE)
+    reference = words[1]
+    tag = patient_tag(keyring, _patient(reference))
+    if action == "remove":
+        removed = store.remove_hold(tag)
+        print(f"legal hold on {reference} removed" if removed else f"{reference} has no legal hold")
+        return 0
+    try:
+        end = date.fromisoformat(until or "")
+    except ValueError:
+        raise UsageError("--until YYYY-MM-DD is required (the last day of the hold)") from None
+    if end < datetime.now(UTC).date():
+        raise UsageError("--until is in the past")
+    stone = store.tombstone(tag)
+    if stone is not None:
+        raise UsageError(f"{reference} was already shredded at {stone.shredded_at}: a hold cannot bring it back")
+    sealed = seal_reference(keyring, tag, reference)
+    store.add_hold(Hold(tag, sealed, end.isoformat(), _reason(reason), operator(by), now()))
+    print(f"legal hold on {reference} until {end.isoformat()} (reason {reason}): shredding it is refused until then")
+    return 0
