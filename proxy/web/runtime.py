@@ -11,6 +11,7 @@ from yarl import URL
 
 from proxy.audit.trail import AsyncAuditSink
 from proxy.auth.tokens import Introspector, JwtVerifier
+from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
@@ -20,7 +21,7 @@ from proxy.settings import Settings
 class Runtime:
     settings: Settings
     policy: CompiledPolicy
-    keyring: Keyring
+    keys: KeyCache
     upstream: URL
     public_base: str
     session: aiohttp.ClientSession | None = None
@@ -28,6 +29,11 @@ class Runtime:
     introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The cached keys (a memory read; raises KeysUnavailable past the cache's max age)."""
+        return self.keys.current()
 
     @property
     def upstream_base(self) -> str:
