@@ -78,23 +78,24 @@ def provider_from_args(
 
 
 def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """The key cache's bounds (string defaults: argparse converts them, so a bad variable is a usage error)."""
     defaults = CacheBounds()
     p.add_argument(
         "--key-refresh-interval",
         type=float,
-        default=float(os.environ.get("FHIRCRYPT_KEY_REFRESH_INTERVAL", defaults.refresh_interval)),
+        default=os.environ.get("FHIRCRYPT_KEY_REFRESH_INTERVAL", str(defaults.refresh_interval)),
         help="seconds between background re-verifications of the keyring with the key provider",
     )
     p.add_argument(
         "--key-cache-max-age",
         type=float,
-        default=float(os.environ.get("FHIRCRYPT_KEY_CACHE_MAX_AGE", defaults.max_age)),
+        default=os.environ.get("FHIRCRYPT_KEY_CACHE_MAX_AGE", str(defaults.max_age)),
         help="seconds the cached keys keep serving after the provider last verified them (outage tolerance)",
     )
     p.add_argument(
         "--key-max-wraps",
         type=int,
-        default=int(os.environ.get("FHIRCRYPT_KEY_MAX_WRAPS", defaults.max_wraps)),
+        default=os.environ.get("FHIRCRYPT_KEY_MAX_WRAPS", str(defaults.max_wraps)),
         help="data keys one master key may wrap in this process before writes are refused (rotate first)",
     )
 

@@ -136,6 +136,9 @@ class KeyCache:
                 self._error = exc.code if isinstance(exc, ProviderError) else "keyring-unreadable"
                 self._detail = str(exc)
                 return False
+            except Exception as exc:  # an SDK surprise must not end the refreshes; its text may echo input
+                self._error, self._detail = "unavailable", f"unexpected {type(exc).__name__} from the key provider"
+                return False
             fresh.bound_wraps(self.bounds.max_wraps, self._keyring.wrap_counts)
             self._keyring = fresh
             self._verified_at, self._last_success = self._clock(), self._wallclock()
