@@ -106,6 +106,9 @@ def test_pkcs11_wrong_pin_and_missing_key_fail_clearly_without_secrets(softhsm):
     assert err.value.code == "not-found" and "not present" in str(err.value)
     with pytest.raises(ProviderError, match="FHIRCRYPT_PKCS11_PIN"):
         build_provider(softhsm.config(), {})
+    with pytest.raises(ProviderError, match=r"cannot load the PKCS#11 module /nonexistent/libhsm\.so") as err:
+        build_provider(softhsm.config() | {"module": "/nonexistent/libhsm.so"}, {"FHIRCRYPT_PKCS11_PIN": PIN})
+    assert err.value.code == "misconfigured"
 
 
 REMOVAL = """
