@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 from proxy import __version__
-from proxy.crypto.kek import KeyringError, generate_kek, load_local_kek
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
+from proxy.crypto.kek import KeyringError, generate_kek
+from proxy.crypto.keycache import KeyCache
+from proxy.crypto.keyring import Keyring, load_keyring, rewrap_keyring, save_keyring
+from proxy.envsecrets import read_secret
+from proxy.keyflags import add_cache_args, add_provider_args, cache_bounds, provider_from_args
 from proxy.keystore.base import StoreError
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
@@ -31,10 +34,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def _secret(name: str) -> str | None:
     """A secret from FHIRCRYPT_<NAME>_FILE or FHIRCRYPT_<NAME>; secrets never come from flags."""
-    path = _env(f"{name}_file")
-    if path:
-        return Path(path).read_text().strip()
-    return _env(name)
+    return read_secret(os.environ, name)
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -46,9 +46,7 @@ def _listen(value: str) -> tuple[str, int]:
 
 def _kek_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keyring", default=_env("keyring", ".fhircrypt/keyring.json"), help="keyring file")
-    p.add_argument(
-        "--kek-file", default=_env("kek_file"), help="file holding the key-encryption key (else FHIRCRYPT_KEK)"
-    )
+    add_provider_args(p)
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -128,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=_env("log_level", "info"))
     _store_args(serve)
     _kek_args(serve)
+    add_cache_args(serve)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -152,6 +151,15 @@ def _parser() -> argparse.ArgumentParser:
     _kek_args(rotate)
     listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
     _kek_args(listing)
+    rewrap = keys_sub.add_parser(
+        "rewrap", help="wrap the keyring under another key-encryption key or provider (resources untouched)"
+    )
+    _kek_args(rewrap)
+    add_provider_args(rewrap, prefix="to-")
+    rewrap.add_argument("--out", help="write the rewrapped keyring here instead of replacing --keyring")
+    rewrap.add_argument(
+        "--generate-kek", metavar="FILE", help="--to-key-provider local: create the new KEK in FILE (mode 0600)"
+    )
 
     shred = sub.add_parser(
         "shred",
@@ -183,6 +191,16 @@ def _write_secret(path: str, text: str) -> None:
         fh.write(text + "\n")
 
 
+def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
+    """--generate-kek FILE: a new random local KEK (never printed) that the command then uses."""
+    attr = prefix.replace("-", "_")
+    if getattr(args, attr + "key_provider") != "local":
+        raise ValueError(f"--generate-kek goes with --{prefix}key-provider local")
+    Path(args.generate_kek).parent.mkdir(parents=True, exist_ok=True)
+    _write_secret(args.generate_kek, generate_kek())
+    setattr(args, attr + "kek_file", args.generate_kek)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
         if Path(args.keyring).exists():
@@ -192,15 +210,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
             )
             return 2
         if args.generate_kek:
-            Path(args.generate_kek).parent.mkdir(parents=True, exist_ok=True)
-            _write_secret(args.generate_kek, generate_kek())
-            args.kek_file = args.generate_kek
-        provider = load_local_kek(args.kek_file)
+            _generate_kek_into(args)
+        provider = provider_from_args(args)
+        provider.check()
         keyring = Keyring.generate()
         save_keyring(args.keyring, keyring, provider)
         print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
         return 0
-    provider = load_local_kek(args.kek_file)
+    if args.keys_command == "rewrap":
+        return cmd_rewrap(args)
+    provider = provider_from_args(args)
     keyring = load_keyring(args.keyring, provider)
     if args.keys_command == "rotate":
         kid = keyring.rotate()
@@ -209,6 +228,22 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         for kid in keyring.key_ids:
             print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
+    return 0
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    source = provider_from_args(args)
+    if args.generate_kek:
+        _generate_kek_into(args, "to-")
+    target = provider_from_args(args, "to-")
+    if target.describe() == source.describe():
+        raise ValueError(f"the target key-encryption key is the one the keyring uses now ({source.describe()})")
+    target.check()
+    keyring = rewrap_keyring(args.keyring, source, target, args.out)
+    print(
+        f"rewrapped {args.out or args.keyring}: keys {', '.join(keyring.key_ids)} (primary {keyring.primary_id}) "
+        f"now wrapped by {target.describe()}; stored resources are unchanged"
+    )
     return 0
 
 
@@ -271,7 +306,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         patient_key_ttl=args.patient_key_ttl,
     )
     policy = compile_file(settings.policy)
-    keyring = load_keyring(settings.keyring, load_local_kek(settings.kek_file))
+    keys = KeyCache(settings.keyring, provider_from_args(args), cache_bounds(args))  # no keys, no start
+    keyring = keys.current()
     if settings.auth == "none":
         log.warning(
             "DEVELOPMENT MODE: --auth none decrypts every element for every caller; never expose this proxy",
@@ -284,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     if not settings.audit_trail and not settings.audit_fhir:
         log.warning("no audit trail (--audit-trail): decryptions are not recorded", extra={"event": "no-audit"})
-    app = create_app(settings, policy, keyring)
+    app = create_app(settings, policy, keys)
     log.info(
         "starting",
         extra={
@@ -293,6 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "policy": policy.name,
             "policy_sha256": policy.digest,
             "primary_key": keyring.primary_id,
+            "key_provider": keys.provider_health().provider,
             "tls": bool(settings.tls_cert),
         },
     )
@@ -320,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "shred":
             from proxy.keystore.cli import run_shred
 
-            keyring = load_keyring(args.keyring, load_local_kek(args.kek_file))
+            keyring = load_keyring(args.keyring, provider_from_args(args))
             code = run_shred(
                 args.words, keyring, args.patient_key_store, args.reason, args.until, args.by, args.patient_key_ttl
             )

@@ -14,6 +14,7 @@ from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file, compile_text
 from proxy.settings import Settings
 from proxy.web.app import create_app
+from tests.keystores import kms, softhsm, vault  # noqa: F401 (fixtures: SoftHSM2, moto_server, stand-in Vault)
 from tests.upstream_server import UpstreamServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,6 +3,7 @@
 File format (JSON, written atomically with mode 0600)::
 
     {"format": "fhircrypt-keyring/1",
+     "id": "<b64url, 16 random bytes>",
      "provider": {"type": "local", "kek_id": "..."},
      "primary": "k2",
      "keys": [{"id": "k1", "created": "...", "wrapped": "<b64url>"}, ...],
@@ -13,6 +14,12 @@ File format (JSON, written atomically with mode 0600)::
 Wrapped keys cannot be forged without the KEK (AES key wrap is authenticated); the
 MAC, under a wrapped integrity key, also protects the key ids and the primary pointer.
 Only the primary key encrypts; older keys decrypt what was written under them.
+
+Each key is wrapped with the context ``{"fhircrypt-keyring": id, "fhircrypt-key": slot}``
+(slot: the key id, ``index-root`` or ``integrity``), which the HSM, KMS and Vault
+providers bind to the ciphertext. ``id`` was added without a format change: older
+keyrings have none and get one on their next write (old readers ignore it; the MAC
+covers it); the ``local`` provider ignores the context, so such keyrings still load.
 """
 
 from __future__ import annotations
@@ -32,38 +39,80 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.kek import KeyProvider, KeyringError
+from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError
 from proxy.crypto.urlsign import UrlSigner
 
 FORMAT = "fhircrypt-keyring/1"
 KEY_ID = re.compile(r"^k[1-9][0-9]{0,5}$")
 
 
+class KeyUsageExhausted(KeyringError):
+    """The primary key wrapped as many data keys as its bound allows: rotate the keyring."""
+
+
+def wrap_context(keyring_id: str, slot: str) -> dict[str, str]:
+    return {"fhircrypt-keyring": keyring_id, "fhircrypt-key": slot}
+
+
 class Keyring:
     """Unwrapped keys in memory. ``repr`` and ``str`` never show key material."""
 
     def __init__(
-        self, primary: str, keys: dict[str, bytes], index_root: bytes, integrity: bytes, created: dict[str, str]
+        self,
+        primary: str,
+        keys: dict[str, bytes],
+        index_root: bytes,
+        integrity: bytes,
+        created: dict[str, str],
+        keyring_id: str | None = None,
     ) -> None:
         if primary not in keys:
             raise KeyringError("the primary key is not in the keyring")
         self.primary_id = primary
+        self.keyring_id = keyring_id or b64e(os.urandom(16))
         self._keys = keys
         self._index_root = index_root
         self._integrity = integrity
         self._created = created
         self._indexer: BlindIndexer | None = None
         self._link_signer: UrlSigner | None = None
+        self._wraps: dict[str, int] = {}  # data keys wrapped per master key (shared across reloads)
+        self._max_wraps: int | None = None
 
     def __repr__(self) -> str:
         return f"Keyring(primary={self.primary_id}, keys={sorted(self._keys)})"
+
+    def bound_wraps(self, max_wraps: int | None, counts: dict[str, int] | None = None) -> None:
+        """Refuse more than ``max_wraps`` data keys per master key; ``counts`` carries the tally across reloads."""
+        self._max_wraps = max_wraps
+        if counts is not None:
+            self._wraps = counts
+
+    @property
+    def wrap_counts(self) -> dict[str, int]:
+        return self._wraps
+
+    def same_keys(self, other: Keyring) -> bool:
+        """Same index root and the same material under every key id both hold (a reload, not a swap)."""
+        shared = set(self._keys) & set(other._keys)
+        return hmac.compare_digest(self._index_root, other._index_root) and all(
+            hmac.compare_digest(self._keys[k], other._keys[k]) for k in shared
+        )
 
     @property
     def key_ids(self) -> list[str]:
         return sorted(self._keys, key=lambda k: int(k[1:]))
 
     def primary(self) -> tuple[str, bytes]:
-        return self.primary_id, self._keys[self.primary_id]
+        """The key that wraps a new data key; every call counts as one wrap against the bound."""
+        kid = self.primary_id
+        used = self._wraps.get(kid, 0)
+        if self._max_wraps is not None and used >= self._max_wraps:
+            raise KeyUsageExhausted(
+                f"master key {kid} has wrapped {used} data keys, its bound: run fhircrypt keys rotate"
+            )
+        self._wraps[kid] = used + 1
+        return kid, self._keys[kid]
 
     def master_key(self, kid: str) -> bytes | None:
         return self._keys.get(kid)
@@ -97,16 +146,19 @@ class Keyring:
         return kid
 
     def to_document(self, provider: KeyProvider) -> dict:
+        def wrap(slot: str, key: bytes) -> str:
+            return b64e(provider.wrap(key, wrap_context(self.keyring_id, slot)))
+
         doc = {
             "format": FORMAT,
+            "id": self.keyring_id,
             "provider": provider.describe(),
             "primary": self.primary_id,
             "keys": [
-                {"id": k, "created": self._created.get(k, ""), "wrapped": b64e(provider.wrap(self._keys[k]))}
-                for k in self.key_ids
+                {"id": k, "created": self._created.get(k, ""), "wrapped": wrap(k, self._keys[k])} for k in self.key_ids
             ],
-            "index_root": {"wrapped": b64e(provider.wrap(self._index_root))},
-            "integrity": {"wrapped": b64e(provider.wrap(self._integrity))},
+            "index_root": {"wrapped": wrap("index-root", self._index_root)},
+            "integrity": {"wrapped": wrap("integrity", self._integrity)},
         }
         doc["mac"] = b64e(_mac(self._integrity, doc))
         return doc
@@ -115,8 +167,33 @@ class Keyring:
     def from_document(cls, doc: dict, provider: KeyProvider) -> Keyring:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise KeyringError(f"not a {FORMAT} keyring")
+        recorded = doc.get("provider") if isinstance(doc.get("provider"), dict) else {}
+        configured = provider.describe()
+        if recorded.get("type", "local") != configured["type"]:
+            raise KeyringError(
+                f"the keyring is wrapped by the '{recorded.get('type')}' key provider, "
+                f"but '{configured['type']}' is configured"
+            )
         try:
-            integrity = provider.unwrap(b64d(doc["integrity"]["wrapped"]))
+            return cls._unwrap_document(doc, provider)
+        except ProviderError as exc:
+            if exc.code == "unwrap-failed" and recorded != configured:
+                raise ProviderError(
+                    exc.code, f"{exc} (keyring wrapped by {recorded}, configured {configured})"
+                ) from None
+            raise
+
+    @classmethod
+    def _unwrap_document(cls, doc: dict, provider: KeyProvider) -> Keyring:
+        try:
+            keyring_id = doc.get("id")
+            if keyring_id is not None and not isinstance(keyring_id, str):
+                raise KeyringError("keyring file is malformed")
+
+            def unwrap(slot: str, wrapped: str) -> bytes:
+                return provider.unwrap(b64d(wrapped), wrap_context(keyring_id, slot) if keyring_id else None)
+
+            integrity = unwrap("integrity", doc["integrity"]["wrapped"])
             expected = _mac(integrity, {k: v for k, v in doc.items() if k != "mac"})
             if not hmac.compare_digest(expected, b64d(doc["mac"])):
                 raise KeyringError("keyring integrity check failed: the file was modified")
@@ -125,10 +202,10 @@ class Keyring:
                 kid = entry["id"]
                 if not KEY_ID.match(kid) or kid in keys:
                     raise KeyringError("keyring has an invalid or duplicate key id")
-                keys[kid] = provider.unwrap(b64d(entry["wrapped"]))
+                keys[kid] = unwrap(kid, entry["wrapped"])
                 created[kid] = str(entry.get("created", ""))
-            index_root = provider.unwrap(b64d(doc["index_root"]["wrapped"]))
-            return cls(doc["primary"], keys, index_root, integrity, created)
+            index_root = unwrap("index-root", doc["index_root"]["wrapped"])
+            return cls(doc["primary"], keys, index_root, integrity, created, keyring_id)
         except (KeyError, TypeError, ValueError):
             raise KeyringError("keyring file is malformed") from None
 
@@ -143,6 +220,8 @@ def _now() -> str:
 
 
 def load_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
+    """Read, check the provider (clear errors such as a wrong PIN first), unwrap and verify."""
+    provider.check()
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as exc:
@@ -153,10 +232,13 @@ def load_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
 
 
 def save_keyring(path: str | Path, keyring: Keyring, provider: KeyProvider) -> None:
+    _write_atomic(Path(path), keyring.to_document(provider))
+
+
+def _write_atomic(path: Path, doc: dict) -> None:
     """Write atomically (temp file + rename) with mode 0600, so a crash never leaves half a keyring."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = json.dumps(keyring.to_document(provider), indent=2).encode() + b"\n"
+    data = json.dumps(doc, indent=2).encode() + b"\n"
     fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
     try:
         os.fchmod(fd, 0o600)
@@ -169,3 +251,19 @@ def save_keyring(path: str | Path, keyring: Keyring, provider: KeyProvider) -> N
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def rewrap_keyring(
+    path: str | Path, source: KeyProvider, target: KeyProvider, out: str | Path | None = None
+) -> Keyring:
+    """Wrap the same keys under another KEK or provider; resources are untouched (their keys do not change).
+
+    The new file is written only after it has been read back through ``target`` and found to
+    hold exactly the same keys, and then atomically (to ``out``, default in place).
+    """
+    keyring = load_keyring(path, source)
+    doc = keyring.to_document(target)
+    if not keyring.same_keys(Keyring.from_document(doc, target)):
+        raise KeyringError("the rewrapped keyring does not read back with the same keys; nothing was written")
+    _write_atomic(Path(out or path), doc)
+    return keyring

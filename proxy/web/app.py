@@ -21,6 +21,8 @@ from yarl import URL
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
+from proxy.crypto.kek import KeyringError
+from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import PatientKeyCache
 from proxy.keystore import open_store
@@ -36,6 +38,7 @@ from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
 from proxy.web.bundles import prepare_bundle
+from proxy.web.keyrefresh import refresh_keys_ctx
 from proxy.web.patientkeys import PATIENT_KEY_MARK, PatientKeyService
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
@@ -275,6 +278,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 },
             )
         return _respond_error(err, request_id)
+    except KeyringError as exc:  # keys expired or a master key used up: messages carry no key material
+        status = 503
+        log.error("keys unavailable", extra={"event": "keys-unavailable", "request_id": request_id, "error": str(exc)})
+        return _respond_error(FhirError(503, "transient", str(exc), headers={"Retry-After": "30"}), request_id)
     except Exception as exc:  # never a traceback (or a value inside an exception message) to the client
         log.error(
             "internal error",
@@ -332,17 +339,18 @@ def default_public_base(settings: Settings) -> str:
     return f"{scheme}://{host}:{settings.port}{URL(settings.upstream).path.rstrip('/')}"
 
 
-def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> web.Application:
+def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCache) -> web.Application:
+    """``keys``: a :class:`KeyCache` (re-verified in the background) or a fixed :class:`Keyring`."""
     rt = Runtime(
         settings,
         policy,
-        keyring,
+        keys if isinstance(keys, KeyCache) else KeyCache.of(keys),
         URL(settings.upstream),
         (settings.public_base or default_public_base(settings)).rstrip("/"),
     )
     if settings.patient_key_store:
         cache = PatientKeyCache(settings.patient_key_cache, settings.patient_key_ttl)
-        rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), keyring, cache)
+        rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), lambda: rt.keyring, cache)
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
     app = web.Application(client_max_size=settings.max_body)
@@ -402,6 +410,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
                 rt.patient_keys.store.close()
 
     app.cleanup_ctx.append(session_ctx)
+    app.cleanup_ctx.append(refresh_keys_ctx)
     app.router.add_get("/healthz", health)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -39,10 +39,18 @@ PATIENT_KEY_MARK = b'"v1.p_'  # serialised envelopes that name a patient key: on
 
 
 class PatientKeyService:
-    def __init__(self, store: PatientKeyStore, keyring: Keyring, cache: PatientKeyCache) -> None:
-        self.store, self.keyring, self.cache = store, keyring, cache
-        self.read_keys = ReadKeys(keyring, cache)
+    def __init__(self, store: PatientKeyStore, keyring: Callable[[], Keyring], cache: PatientKeyCache) -> None:
+        self.store, self.cache = store, cache
+        self._keyring = keyring  # the current keyring: it changes when a rotated keyring is reloaded
         self._pending: OrderedDict[str, None] = OrderedDict()  # keys this replica created before the id was known
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring()
+
+    @property
+    def read_keys(self) -> ReadKeys:
+        return ReadKeys(self.keyring, self.cache)
 
     def __repr__(self) -> str:
         return f"PatientKeyService({self.store!r}, {self.cache!r})"

@@ -12,6 +12,7 @@ from yarl import URL
 from proxy.audit.trail import AsyncAuditSink
 from proxy.auth.tokens import Introspector, JwtVerifier
 from proxy.crypto.envelope import KeyLookup
+from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
@@ -22,7 +23,7 @@ from proxy.web.patientkeys import PatientKeyService
 class Runtime:
     settings: Settings
     policy: CompiledPolicy
-    keyring: Keyring
+    keys: KeyCache
     upstream: URL
     public_base: str
     session: aiohttp.ClientSession | None = None
@@ -40,6 +41,11 @@ class Runtime:
     async def prefetch_patient_keys(self, body: dict) -> None:
         if self.patient_keys is not None:
             await self.patient_keys.prefetch(body)
+
+    @property
+    def keyring(self) -> Keyring:
+        """The cached keys (a memory read; raises KeysUnavailable past the cache's max age)."""
+        return self.keys.current()
 
     @property
     def upstream_base(self) -> str:
