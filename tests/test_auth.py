@@ -614,3 +614,18 @@ async def test_bundle_entries_get_the_same_access_decisions_as_single_requests(p
     assert full["name"] == PATIENT["name"] and full["gender"] == "other"
     forwarded = orjson.loads([r for r in clean_upstream.requests() if r["method"] == "POST"][-1]["body"])
     assert forwarded["entry"][0]["request"]["ifMatch"] == 'W/"1"'
+
+
+async def test_raw_binary_downloads_need_the_group_of_binary_data(proxy, issuer, stored):
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs user/*.cu"))
+    resp = await proxy.post(
+        "/fhir/R4/Binary", data=b"%PDF-1.4 rujukan", headers={"Content-Type": "application/pdf"} | physician
+    )
+    assert resp.status == 201, await resp.text()
+    url = f"/fhir/R4/Binary/{(await resp.json())['id']}"
+    assert await (await proxy.get(url, headers={"Accept": "application/pdf"} | physician)).read() == b"%PDF-1.4 rujukan"
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    refused = await proxy.get(url, headers={"Accept": "application/pdf"} | billing)
+    assert refused.status == 403 and b"PDF" not in await refused.read()
+    masked = await (await proxy.get(url, headers=billing)).json()
+    assert "data" not in masked and masked["meta"]["security"][0]["code"] == "MASKED"

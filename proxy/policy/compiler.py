@@ -86,6 +86,7 @@ class ResourcePolicy:
     type: str
     elements: tuple[CompiledElement, ...]  # content elements, then the resource narrative
     narrative_mode: str
+    envelope_in_meta: bool = False  # Binary has no extension element: its envelope goes to meta.extension
 
     @property
     def content_elements(self) -> tuple[CompiledElement, ...]:
@@ -190,7 +191,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
     for rtype, settings in res_doc.items():
         if rtype not in defs.resource_types():
             raise ctx.fail(res_doc, rtype, "not an R4 resource type")
-        if defs.element(rtype, "extension") is None:
+        if defs.element(rtype, "extension") is None and rtype != "Binary":
             raise ctx.fail(
                 res_doc,
                 rtype,
@@ -573,6 +574,8 @@ def _resource_policy(rtype: str, elements: list[CompiledElement], mode: str) -> 
     The narrative is a human-readable copy of the whole resource, so it carries every
     group's data at once.
     """
+    if rtype == "Binary":  # not a DomainResource: no narrative, and the envelope lives in meta
+        return ResourcePolicy(rtype, tuple(elements), mode, envelope_in_meta=True)
     groups = frozenset().union(*(e.groups for e in elements))
     narrative = CompiledElement(
         field_id=NARRATIVE_ID,

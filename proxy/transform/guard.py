@@ -151,6 +151,7 @@ class Forwarding:
     subset: Subset | None = None  # _summary/_elements the proxy applies after decryption
     if_match: str | None = None  # set by a masked write-back or a patch: the version the proxy read
     method: str | None = None  # a PATCH executed by the proxy goes upstream as PUT
+    raw_binary: bool = False  # a Binary read in its own content type: the proxy unwraps the decrypted data
 
 
 def encode_query(params: list[tuple[str, str]]) -> str:

@@ -257,15 +257,16 @@ def encrypt_resource(
         sealer.element(resource, el)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
     envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
-    exts = resource.get("extension")
-    if exts is not None and type(exts) is not list:
-        raise ShapeError("extension")
-    resource["extension"] = [*(exts or ()), envelope]
     meta = resource.get("meta")
     if meta is None:
         meta = resource["meta"] = {}
     elif type(meta) is not dict:
         raise ShapeError("meta")
+    holder = meta if rp.envelope_in_meta else resource
+    exts = holder.get("extension")
+    if exts is not None and type(exts) is not list:
+        raise ShapeError("meta.extension" if rp.envelope_in_meta else "extension")
+    holder["extension"] = [*(exts or ()), envelope]
     tags = meta.get("tag")
     meta["tag"] = [*(tags if type(tags) is list else ()), {"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]
 
@@ -456,10 +457,12 @@ def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slo
     out.append(_Slot(el, _join(path, key), ct, tampered or not neutral, restore, mask))
 
 
-def _take_markers(resource: dict) -> tuple[list[str], bool]:
+def _take_markers(resource: dict, in_meta: bool) -> tuple[list[str], bool]:
     """Remove our envelope extension(s) and tag; returns the envelopes and whether tagged."""
     envelopes: list[str] = []
-    exts = resource.get("extension")
+    meta = resource.get("meta")
+    holder = meta if in_meta else resource
+    exts = holder.get("extension") if type(holder) is dict else None
     if type(exts) is list:
         kept = []
         for ext in exts:
@@ -468,11 +471,10 @@ def _take_markers(resource: dict) -> tuple[list[str], bool]:
             else:
                 kept.append(ext)
         if kept:
-            resource["extension"] = kept
+            holder["extension"] = kept  # type: ignore[index]
         else:
-            del resource["extension"]
+            del holder["extension"]  # type: ignore[union-attr]
     tagged = False
-    meta = resource.get("meta")
     if type(meta) is dict and type(meta.get("tag")) is list:
         tags = [t for t in meta["tag"] if not (type(t) is dict and t.get("system") == mk.TAG_SYSTEM)]
         tagged = len(tags) != len(meta["tag"])
@@ -525,7 +527,7 @@ def decrypt_resource(
     element; plaintext found where only ciphertext can be is removed.
     """
     where = f"{rp.type}/{resource.get('id', '?')}"
-    envelopes, tagged = _take_markers(resource)
+    envelopes, tagged = _take_markers(resource, rp.envelope_in_meta)
     strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return

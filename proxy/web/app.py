@@ -37,6 +37,7 @@ from proxy.web import bulk
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.binaries import binary_content
 from proxy.web.bundles import prepare_bundle
 from proxy.web.keyrefresh import refresh_keys_ctx
 from proxy.web.patientkeys import PATIENT_KEY_MARK, PatientKeyService
@@ -153,6 +154,10 @@ async def _forward(
         alarm(rt, exchange, hits, request_id)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
+    if forwarding.raw_binary and status == 200:
+        content_type, data = binary_content(payload, report)
+        out_headers["X-Request-ID"] = request_id
+        return web.Response(status=200, body=data, headers=out_headers, content_type=content_type)
     out = serialise_for_client(payload, report, it.label())
     out = out.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
     if report.failures:
@@ -206,7 +211,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         searcher = Searcher(rt.policy.resources, rt.keyring.indexer, searchable)
         forwarding = guard.check_request(it, params, request.headers, searcher, rt.policy.operations)
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
-            raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
+            if it.resource_type != "Binary" or it.kind not in ("read", "vread"):
+                raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
+            forwarding = dataclasses.replace(forwarding, raw_binary=True)
         body = None
         if it.kind == "delete" and rt.verifier is not None and it.resource_type in rt.policy.resources:
             await check_scope(rt, it, exchange.grants, "delete", None, request_id, request.headers.get("Authorization"))

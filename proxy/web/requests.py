@@ -15,6 +15,7 @@ from proxy.transform.interactions import Interaction
 from proxy.transform.markers import CANONICAL
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
+from proxy.web.binaries import FHIR_XML, binary_resource
 from proxy.web.runtime import Runtime
 
 _CANONICAL_BYTES = CANONICAL.encode()
@@ -59,6 +60,9 @@ def prepare_body(
                 "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
             )
         return patch_document(body, it, rt.policy)
+    raw = ctype and ctype not in hdr.JSON_TYPES and ctype not in FHIR_XML
+    if raw and it.resource_type == "Binary" and it.kind in ("create", "update"):
+        return binary_resource(it, ctype, body)  # a raw upload: wrapped, then encrypted like any Binary
     if ctype not in hdr.JSON_TYPES:
         if "xml" in ctype:
             raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")

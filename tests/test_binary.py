@@ -1,0 +1,52 @@
+"""Binary through the proxy: raw uploads and downloads in their own content type, encrypted at rest."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import orjson
+import pytest
+
+from tests.conftest import FHIR_JSON, assert_no_plaintext
+
+PDF = b"%PDF-1.4\n% Hasil laboratorium: Budiarto Wiryasentana, Hb 13.2 g/dL\n" + os.urandom(2048) + b"\n%%EOF\n"
+
+
+@pytest.fixture
+async def client(proxy_for, clean_upstream, satusehat):
+    return await proxy_for(clean_upstream.base_url, satusehat)
+
+
+async def test_a_raw_pdf_upload_is_stored_encrypted_and_read_back_raw_or_as_json(client, clean_upstream):
+    resp = await client.post("/fhir/R4/Binary", data=PDF, headers={"Content-Type": "application/pdf"})
+    assert resp.status == 201, await resp.text()
+    created = await resp.json()
+    assert created["contentType"] == "application/pdf"
+    assert base64.b64decode(created["data"]) == PDF
+    raw = await client.get(f"/fhir/R4/Binary/{created['id']}", headers={"Accept": "application/pdf"})
+    assert raw.status == 200 and raw.headers["Content-Type"] == "application/pdf"
+    assert await raw.read() == PDF
+    as_json = await (await client.get(f"/fhir/R4/Binary/{created['id']}")).json()
+    assert (base64.b64decode(as_json["data"]) == PDF and "meta" not in as_json) or "extension" not in as_json["meta"]
+    stored = clean_upstream.dump()
+    assert_no_plaintext(stored, [base64.b64encode(PDF).decode()[:40], "Budiarto"])
+    (binary,) = [r for r in stored if r["resourceType"] == "Binary"]
+    assert "data" not in binary and binary["meta"]["extension"][0]["url"].endswith("/envelope")
+    # an update in the raw form works the same way
+    resp = await client.put(
+        f"/fhir/R4/Binary/{created['id']}", data=PDF[:100], headers={"Content-Type": "application/octet-stream"}
+    )
+    assert resp.status == 200, await resp.text()
+    raw = await client.get(f"/fhir/R4/Binary/{created['id']}", headers={"Accept": "application/octet-stream"})
+    assert await raw.read() == PDF[:100]
+
+
+async def test_json_binaries_round_trip_and_other_raw_reads_are_refused(client, clean_upstream):
+    binary = {"resourceType": "Binary", "contentType": "text/plain", "data": base64.b64encode(b"Budiarto").decode()}
+    created = await (await client.post("/fhir/R4/Binary", data=orjson.dumps(binary), headers=FHIR_JSON)).json()
+    assert created["data"] == binary["data"]
+    assert (await client.get(f"/fhir/R4/Patient/{created['id']}", headers={"Accept": "text/plain"})).status == 406
+    xml = await client.post("/fhir/R4/Binary", data=b"<Binary/>", headers={"Content-Type": "application/fhir+xml"})
+    assert xml.status == 415
+    assert_no_plaintext(clean_upstream.dump(), [binary["data"]])
