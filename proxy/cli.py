@@ -50,6 +50,15 @@ def _kek_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _upstream_args(p: argparse.ArgumentParser) -> None:
+    """The direct connection of the operator tools to the upstream (its token only from the environment)."""
+    p.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
+    p.add_argument("--upstream-ca", default=_env("upstream_ca"), help="CA bundle for an https upstream")
+    p.add_argument("--workers", type=int, default=8, help="concurrent requests")
+    p.add_argument("--rate", type=float, help="at most this many requests per second to the upstream")
+    p.add_argument("--report", help="write the JSON report to this file ('-' for stdout)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fhircrypt", description="Encrypting reverse proxy for FHIR R4")
     parser.add_argument("--version", action="version", version=f"fhircrypt {__version__}")
@@ -136,6 +145,36 @@ def _parser() -> argparse.ArgumentParser:
     _kek_args(rotate)
     listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
     _kek_args(listing)
+    retire = keys_sub.add_parser(
+        "retire", help="remove a key once a scan of the upstream proves no stored resource still uses it"
+    )
+    retire.add_argument("key", help="key id, e.g. k1")
+    _upstream_args(retire)
+    retire.add_argument("--types", nargs="+", help="scan only these types (default: every R4 resource type)")
+    _kek_args(retire)
+
+    reencrypt = sub.add_parser(
+        "reencrypt",
+        help="encrypt plaintext and re-encrypt old keys/policies in place on the upstream (operator tool)",
+    )
+    _upstream_args(reencrypt)
+    reencrypt.add_argument("--policy", default=_env("policy"), help="the current policy file (YAML)")
+    reencrypt.add_argument(
+        "--previous-policy", help="the policy older resources were written under (to re-encrypt them)"
+    )
+    reencrypt.add_argument("--types", nargs="+", help="only these types (default: every type the policy covers)")
+    reencrypt.add_argument(
+        "--all-types", action="store_true", help="every R4 type (finds covered resources nested in uncovered ones)"
+    )
+    reencrypt.add_argument("--retire", nargs="+", default=[], metavar="KID", help="move resources off these keys")
+    reencrypt.add_argument(
+        "--to-primary", action="store_true", help="move every resource not under the primary key to it"
+    )
+    reencrypt.add_argument("--checkpoint", help="resume from / record progress in this file")
+    reencrypt.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    reencrypt.add_argument("--shard", help="i/N: do only shard i of N (e.g. $(JOB_COMPLETION_INDEX)/8)")
+    reencrypt.add_argument("--page-size", type=int, default=100, help="resources per search page")
+    _kek_args(reencrypt)
 
     policy = sub.add_parser("policy", help="work with policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
@@ -173,6 +212,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return 0
     provider = load_local_kek(args.kek_file)
     keyring = load_keyring(args.keyring, provider)
+    if args.keys_command == "retire":
+        from proxy.migrate.commands import every_type, retire
+
+        types = tuple(args.types) if args.types else every_type()
+        return retire(_connection(args), keyring, provider, args.keyring, args.key, types, args.workers, args.report)
     if args.keys_command == "rotate":
         kid = keyring.rotate()
         save_keyring(args.keyring, keyring, provider)
@@ -181,6 +225,46 @@ def cmd_keys(args: argparse.Namespace) -> int:
         for kid in keyring.key_ids:
             print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
     return 0
+
+
+def _connection(args: argparse.Namespace):
+    from proxy.migrate.commands import Connection
+
+    if not args.upstream:
+        raise ValueError("--upstream (or FHIRCRYPT_UPSTREAM) is required")
+    return Connection(args.upstream, args.rate, _secret("upstream_token"), args.upstream_ca)
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    from proxy.migrate.assess import Plan
+    from proxy.migrate.commands import every_type, reencrypt
+    from proxy.migrate.run import Options
+    from proxy.migrate.shards import parse_shard
+
+    if not args.policy:
+        raise ValueError("--policy (or FHIRCRYPT_POLICY) is required")
+    conn = _connection(args)
+    policy = compile_file(args.policy)
+    keyring = load_keyring(args.keyring, load_local_kek(args.kek_file))
+    unknown = [k for k in args.retire if k not in keyring.key_ids]
+    if unknown or keyring.primary_id in args.retire:
+        raise ValueError(f"--retire names keys that are not in the keyring or the primary: {', '.join(args.retire)}")
+    types = tuple(args.types) if args.types else every_type() if args.all_types else tuple(sorted(policy.resources))
+    plan = Plan(
+        policy,
+        keyring,
+        frozenset(args.retire),
+        args.to_primary,
+        compile_file(args.previous_policy) if args.previous_policy else None,
+    )
+    opts = Options(
+        types=types,
+        workers=max(1, args.workers),
+        page_size=max(1, args.page_size),
+        shard=parse_shard(args.shard) if args.shard else None,
+        dry_run=args.dry_run,
+    )
+    return reencrypt(conn, plan, opts, args.checkpoint, args.report)
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -288,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_policy(args)
         elif args.command == "serve":
             code = cmd_serve(args)
+        elif args.command == "reencrypt":
+            code = cmd_reencrypt(args)
         else:
             from proxy.demo import run_demo
 

@@ -1,0 +1,181 @@
+"""``fhircrypt reencrypt`` and ``fhircrypt keys retire``: the reports and exit codes around the walks.
+
+Exit codes: 0 everything done (or, for a dry run, nothing failed); 1 something remains
+(plaintext, old keys or policies, integrity failures, refused or conflicting updates) or
+the retirement was refused; 3 the upstream stopped answering (resume with the same
+``--checkpoint``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass
+
+from proxy.crypto.kek import KeyProvider
+from proxy.crypto.keyring import Keyring, save_keyring
+from proxy.migrate.assess import Plan, State
+from proxy.migrate.checkpoint import Checkpoint
+from proxy.migrate.run import WRITTEN, KeyUsage, Options, Reencryption, Tally, walk
+from proxy.migrate.upstream import Upstream, UpstreamDown
+from proxy.policy.definitions import resource_types
+
+ABSTRACT = frozenset({"Resource", "DomainResource", "Parameters"})  # never stored as such
+PENDING = (State.PLAINTEXT, State.OLD_KEY, State.OLD_POLICY)
+
+
+def every_type() -> tuple[str, ...]:
+    return tuple(sorted(resource_types() - ABSTRACT))
+
+
+@dataclass(frozen=True)
+class Connection:
+    upstream: str
+    rate: float | None = None
+    token: str | None = None  # bearer token for the upstream, from the environment only
+    ca_file: str | None = None
+
+    def open(self, workers: int) -> Upstream:
+        return Upstream(self.upstream, self.rate, self.token, self.ca_file, connections=max(workers, 2))
+
+
+def remaining(tally: Tally) -> dict[str, dict[str, int]]:
+    """What is left to do, by type: not written (dry run, refused, conflicting) or failing verification."""
+    out: dict[str, dict[str, int]] = {}
+    for rtype, counts in tally.by_type.items():
+        left = {s.value: counts[f"left.{s.value}"] for s in PENDING if counts[f"left.{s.value}"]}
+        if counts[State.FAILED.value]:
+            left[State.FAILED.value] = counts[State.FAILED.value]
+        if left:
+            out[rtype] = left
+    return out
+
+
+def _summary_line(rtype: str, counts: dict) -> str:
+    shown = ["scanned", *(s.value for s in (State.CURRENT, *PENDING, State.FAILED)), *WRITTEN.values()]
+    shown += ["conflicts", "made-current-by-writer", "gone", "other-shard"]
+    parts = [f"{k} {counts[k]}" for k in shown if counts.get(k)]
+    reasons = [f"{k[8:]} ({v})" for k, v in counts.items() if k.startswith("reason: ")]
+    return f"  {rtype}: {', '.join(parts) or 'nothing'}" + (f"; reasons: {'; '.join(reasons)}" if reasons else "")
+
+
+def reencrypt(conn: Connection, plan: Plan, opts: Options, checkpoint_path: str | None, report_path: str | None) -> int:
+    run = {
+        "policy": plan.policy.digest,
+        "previous": plan.previous.digest if plan.previous else None,
+        "primary": plan.keyring.primary_id,
+        "retiring": sorted(plan.retiring),
+        "to_primary": plan.to_primary,
+        "types": list(opts.types),
+        "shard": list(opts.shard) if opts.shard else None,
+        "dry_run": opts.dry_run,
+    }
+    checkpoint = Checkpoint(checkpoint_path, run).load()
+    tally = Tally(checkpoint.tally)
+    checkpoint.tally = tally.by_type  # the checkpoint saves the live counters after every page
+    job = Reencryption(conn.open(opts.workers), plan, opts, tally)
+
+    async def go() -> None:
+        async with job.up:
+            await walk(job.up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt")
+
+    try:
+        asyncio.run(go())
+    except UpstreamDown as exc:
+        print(
+            f"error: the upstream stopped answering ({exc}); run again with the same --checkpoint to resume",
+            file=sys.stderr,
+        )
+        _emit(report_path, _report(run, tally, complete=False))
+        return 3
+    report = _report(run, tally, complete=True)
+    _emit(report_path, report)
+    left = report["remaining"]
+    if opts.dry_run:
+        return 1 if any("failed" in v for v in left.values()) else 0
+    return 1 if left else 0
+
+
+def _report(run: dict, tally: Tally, complete: bool) -> dict:
+    return {"run": run, "complete": complete, "by_type": tally.to_json(), "remaining": remaining(tally)}
+
+
+def _emit(report_path: str | None, report: dict) -> None:
+    """Text summary on stderr; the JSON report to a file or stdout (``-``) for automation."""
+    run = report["run"]
+    head = "dry run (nothing written)" if run.get("dry_run") else "reencrypt"
+    if run.get("shard"):
+        head += f", shard {run['shard'][0]}/{run['shard'][1]}"
+    lines = [f"{head}: {'complete' if report['complete'] else 'INTERRUPTED'}"]
+    lines += [_summary_line(t, c) for t, c in report["by_type"].items()]
+    left = "; ".join(f"{t}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for t, c in report["remaining"].items())
+    lines.append(("would change: " if run.get("dry_run") else "remaining: ") + (left or "nothing"))
+    print("\n".join(lines), file=sys.stderr)
+    if report_path == "-":
+        print(json.dumps(report, indent=2))
+    elif report_path:
+        with open(report_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+
+
+def retire(
+    conn: Connection,
+    keyring: Keyring,
+    provider: KeyProvider,
+    keyring_path: str,
+    kid: str,
+    types: tuple[str, ...],
+    workers: int,
+    report_path: str | None,
+) -> int:
+    """Remove ``kid`` from the keyring only when a complete scan finds no current version that uses it."""
+    if kid not in keyring.key_ids:
+        print(f"error: {kid} is not in the keyring", file=sys.stderr)
+        return 2
+    if kid == keyring.primary_id:
+        print(f"error: {kid} is the primary key; rotate first (fhircrypt keys rotate)", file=sys.stderr)
+        return 2
+    tally = Tally()
+    scan = KeyUsage(tally)
+    up = conn.open(workers)
+    opts = Options(types=types, workers=workers)
+
+    async def go() -> None:
+        async with up:
+            await walk(up, opts, Checkpoint(None, {}), scan.handle, f"scan for {kid}")
+
+    try:
+        asyncio.run(go())
+    except UpstreamDown as exc:
+        print(f"error: the scan could not finish ({exc}); {kid} was not retired", file=sys.stderr)
+        return 3
+    users = {t: c[f"key.{kid}"] for t, c in tally.by_type.items() if c[f"key.{kid}"]}
+    report = {
+        "key": kid,
+        "types": list(types),
+        "scanned": tally.total("scanned"),
+        "in_use": users,
+        "retired": not users,
+    }
+    if report_path == "-":
+        print(json.dumps(report, indent=2))
+    elif report_path:
+        with open(report_path, "w") as fh:
+            json.dump(report, fh, indent=2)
+    if users:
+        named = ", ".join(f"{t} {n}" for t, n in sorted(users.items()))
+        print(
+            f"refused: {kid} is still used by {sum(users.values())} stored resource(s): {named}. "
+            f"Run fhircrypt reencrypt --retire {kid} first.",
+            file=sys.stderr,
+        )
+        return 1
+    keyring.retire(kid)
+    save_keyring(keyring_path, keyring, provider)
+    print(
+        f"{kid} retired: no current version of {tally.total('scanned')} resource(s) in {len(types)} type(s) uses it; "
+        f"keys {', '.join(keyring.key_ids)} remain (primary {keyring.primary_id})",
+        file=sys.stderr,
+    )
+    return 0

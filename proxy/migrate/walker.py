@@ -1,0 +1,104 @@
+"""Page through every resource of one type in ``_lastUpdated`` order, resumably.
+
+Each page is ``GET <type>?_sort=_lastUpdated&_lastUpdated=ge<since>&_count=<n>``: a
+keyset cursor rather than the server's own paging links, because it survives restarts
+(an offset or a server-side cursor does not) and is unaffected by the resources the
+run itself updates (they move to the end of the order and are seen again there, as
+current, which is cheap and makes the walk also pick up resources written meanwhile).
+
+Ties: many resources can share one ``lastUpdated`` (a transaction stamps all its
+entries alike). Servers do not reliably sort by a second key — Medplum's sorts by the
+*last* ``_sort`` key given, so ``_sort=_lastUpdated,_id`` is sorted by id — so the
+tie-break is done here: the cursor keeps the ids already handled at ``since`` and skips
+them. When a whole page is ties already handled (more than a page of resources share
+the instant), the walk lists that instant alone (``ge<t>&le<t>&_sort=_id``, following
+the server's next links) in passes until a pass finds nothing new, then continues with
+``gt<t>``. Medplum's in-memory server matches no resource for ``eq<instant>``, hence
+``ge``+``le``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from proxy.migrate.checkpoint import Cursor
+from proxy.migrate.upstream import Upstream, UpstreamDown
+
+
+def _last_updated(resource: dict) -> str:
+    meta = resource.get("meta")
+    value = meta.get("lastUpdated") if type(meta) is dict else None
+    if type(value) is not str:
+        raise UpstreamDown(f"{resource.get('resourceType')}/{resource.get('id')} has no meta.lastUpdated to page by")
+    return value
+
+
+def _entries(bundle: dict | None, rtype: str) -> tuple[list[dict], str | None]:
+    """The matched resources of a searchset page and its next link."""
+    if type(bundle) is not dict or bundle.get("resourceType") != "Bundle":
+        raise UpstreamDown(f"search of {rtype} did not return a Bundle")
+    out = []
+    for entry in bundle.get("entry") or []:
+        resource = entry.get("resource") if type(entry) is dict else None
+        mode = (entry.get("search") or {}).get("mode", "match") if type(entry) is dict else None
+        if type(resource) is dict and resource.get("resourceType") == rtype and mode == "match":
+            out.append(resource)
+    nxt = next((link.get("url") for link in bundle.get("link") or [] if link.get("relation") == "next"), None)
+    return out, nxt
+
+
+async def _search(up: Upstream, url: str, rtype: str) -> tuple[list[dict], str | None]:
+    status, body = await up.request("GET", url)
+    if status != 200:
+        raise UpstreamDown(f"search of {rtype}: HTTP {status}")
+    return _entries(body, rtype)
+
+
+async def pages(up: Upstream, rtype: str, cursor: Cursor, size: int) -> AsyncIterator[tuple[list[dict], Cursor]]:
+    """Yield (resources not yet handled, the cursor once they are) until the type is exhausted."""
+    while not cursor.done:
+        query = f"{rtype}?_sort=_lastUpdated&_count={size}"
+        if cursor.since:
+            query += f"&_lastUpdated={'gt' if cursor.after else 'ge'}{_quote(cursor.since)}"
+        found, nxt = await _search(up, query, rtype)
+        seen = set(cursor.seen) if not cursor.after else set()
+        fresh = [r for r in found if not (_last_updated(r) == cursor.since and r.get("id") in seen)]
+        if fresh:
+            last = _last_updated(fresh[-1])
+            ties = {r["id"] for r in fresh if _last_updated(r) == last}
+            if last == cursor.since and not cursor.after:
+                ties |= seen
+            cursor = Cursor(last, sorted(ties), False, nxt is None)
+            yield fresh, cursor
+        elif found and nxt is not None:  # a full page of ties already handled
+            async for batch, moved in _tie_group(up, rtype, cursor, size):
+                cursor = moved
+                yield batch, cursor
+        else:
+            cursor = Cursor(cursor.since, cursor.seen, cursor.after, True)
+            yield [], cursor
+
+
+async def _tie_group(up: Upstream, rtype: str, cursor: Cursor, size: int) -> AsyncIterator[tuple[list[dict], Cursor]]:
+    """Every resource last updated exactly at ``cursor.since``, in passes until one finds nothing new."""
+    since = cursor.since or ""
+    seen = set(cursor.seen)
+    while True:
+        url: str | None = (
+            f"{rtype}?_lastUpdated=ge{_quote(since)}&_lastUpdated=le{_quote(since)}&_sort=_id&_count={size}"
+        )
+        progressed = False
+        while url:
+            found, url = await _search(up, url, rtype)
+            fresh = [r for r in found if r.get("id") not in seen and _last_updated(r) == since]
+            if fresh:
+                progressed = True
+                seen |= {r["id"] for r in fresh}
+                yield fresh, Cursor(since, sorted(seen), False, False)
+        if not progressed:
+            yield [], Cursor(since, [], True, False)
+            return
+
+
+def _quote(instant: str) -> str:
+    return instant.replace("+", "%2B")
