@@ -8,6 +8,7 @@ key-encryption key) come only from files or environment variables, never from fl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -216,7 +217,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         from proxy.migrate.commands import every_type, retire
 
         types = tuple(args.types) if args.types else every_type()
-        return retire(_connection(args), keyring, provider, args.keyring, args.key, types, args.workers, args.report)
+        conn = _connection(args)
+        return asyncio.run(retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report))
     if args.keys_command == "rotate":
         kid = keyring.rotate()
         save_keyring(args.keyring, keyring, provider)
@@ -264,7 +266,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else None,
         dry_run=args.dry_run,
     )
-    return reencrypt(conn, plan, opts, args.checkpoint, args.report)
+    return asyncio.run(reencrypt(conn, plan, opts, args.checkpoint, args.report))
 
 
 def cmd_policy(args: argparse.Namespace) -> int:

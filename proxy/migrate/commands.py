@@ -8,7 +8,6 @@ the retirement was refused; 3 the upstream stopped answering (resume with the sa
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from dataclasses import dataclass
@@ -60,7 +59,9 @@ def _summary_line(rtype: str, counts: dict) -> str:
     return f"  {rtype}: {', '.join(parts) or 'nothing'}" + (f"; reasons: {'; '.join(reasons)}" if reasons else "")
 
 
-def reencrypt(conn: Connection, plan: Plan, opts: Options, checkpoint_path: str | None, report_path: str | None) -> int:
+async def reencrypt(
+    conn: Connection, plan: Plan, opts: Options, checkpoint_path: str | None, report_path: str | None
+) -> int:
     run = {
         "policy": plan.policy.digest,
         "previous": plan.previous.digest if plan.previous else None,
@@ -74,14 +75,11 @@ def reencrypt(conn: Connection, plan: Plan, opts: Options, checkpoint_path: str 
     checkpoint = Checkpoint(checkpoint_path, run).load()
     tally = Tally(checkpoint.tally)
     checkpoint.tally = tally.by_type  # the checkpoint saves the live counters after every page
-    job = Reencryption(conn.open(opts.workers), plan, opts, tally)
-
-    async def go() -> None:
-        async with job.up:
-            await walk(job.up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt")
-
+    up = conn.open(opts.workers)
+    job = Reencryption(up, plan, opts, tally)
     try:
-        asyncio.run(go())
+        async with up:
+            await walk(up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt")
     except UpstreamDown as exc:
         print(
             f"error: the upstream stopped answering ({exc}); run again with the same --checkpoint to resume",
@@ -119,7 +117,7 @@ def _emit(report_path: str | None, report: dict) -> None:
             json.dump(report, fh, indent=2)
 
 
-def retire(
+async def retire(
     conn: Connection,
     keyring: Keyring,
     provider: KeyProvider,
@@ -140,13 +138,9 @@ def retire(
     scan = KeyUsage(tally)
     up = conn.open(workers)
     opts = Options(types=types, workers=workers)
-
-    async def go() -> None:
+    try:
         async with up:
             await walk(up, opts, Checkpoint(None, {}), scan.handle, f"scan for {kid}")
-
-    try:
-        asyncio.run(go())
     except UpstreamDown as exc:
         print(f"error: the scan could not finish ({exc}); {kid} was not retired", file=sys.stderr)
         return 3
