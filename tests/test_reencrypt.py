@@ -29,7 +29,6 @@ from proxy.migrate.assess import Plan, State, assess, envelope_key_ids
 from proxy.migrate.commands import Connection, reencrypt, retire
 from proxy.migrate.run import Options
 from proxy.migrate.shards import parse_shard, shard_of
-from proxy.policy.compiler import CompiledPolicy
 from tests.conftest import FHIR_JSON, FIXTURES, ROOT, TEST_POLICY, assert_no_plaintext, unit_policy
 from tests.test_shipped_policies import CREATED_IDS, ORDER, _fixture, _without_server_meta
 
@@ -89,8 +88,9 @@ def satusehat_needles() -> list[str]:
     return [n for name in ORDER["satusehat"] for n in needles[name]]
 
 
-def opts(policy: CompiledPolicy, **kw) -> Options:
-    return Options(types=kw.pop("types", tuple(sorted(policy.resources))), **{"workers": 4, **kw})
+def opts(**kw) -> Options:
+    """Run options; Patient only unless told (the test policies cover every type through Reference.display)."""
+    return Options(types=kw.pop("types", ("Patient",)), **{"workers": 4, **kw})
 
 
 @pytest.fixture
@@ -109,14 +109,14 @@ async def test_adopting_a_plaintext_server(clean_upstream, satusehat, ring, prox
 
     # a dry run reports every resource as plaintext and writes nothing
     before, loaded = clean_upstream.dump(), len(puts(clean_upstream))
-    code = await reencrypt(conn, Plan(satusehat, ring), opts(satusehat, types=types, dry_run=True), None, str(report))
+    code = await reencrypt(conn, Plan(satusehat, ring), opts(types=types, dry_run=True), None, str(report))
     assert code == 0
     assert clean_upstream.dump() == before and len(puts(clean_upstream)) == loaded
     dry = json.loads(report.read_text())
     assert sum(v.get("plaintext", 0) for v in dry["remaining"].values()) == len(originals)
 
     # the real run: nothing covered stays in plaintext in any current version
-    code = await reencrypt(conn, Plan(satusehat, ring), opts(satusehat, types=types), None, str(report))
+    code = await reencrypt(conn, Plan(satusehat, ring), opts(types=types), None, str(report))
     assert code == 0, report.read_text()
     done = json.loads(report.read_text())
     assert done["remaining"] == {}
@@ -135,7 +135,7 @@ async def test_adopting_a_plaintext_server(clean_upstream, satusehat, ring, prox
 
     # idempotent: a second run finds everything current and writes nothing
     writes = len(puts(clean_upstream))
-    code = await reencrypt(conn, Plan(satusehat, ring), opts(satusehat, types=types), None, str(report))
+    code = await reencrypt(conn, Plan(satusehat, ring), opts(types=types), None, str(report))
     assert code == 0
     again = json.loads(report.read_text())
     assert len(puts(clean_upstream)) == writes
@@ -146,7 +146,7 @@ async def test_old_versions_stay_in_history(clean_upstream, ring):
     """The documented limit: reencrypt writes new versions; earlier plaintext versions stay in _history."""
     policy = unit_policy()
     needles = await load_patients(clean_upstream.base_url, 3)
-    assert await reencrypt(Connection(clean_upstream.base_url), Plan(policy, ring), opts(policy), None, None) == 0
+    assert await reencrypt(Connection(clean_upstream.base_url), Plan(policy, ring), opts(), None, None) == 0
     assert_no_plaintext(current_versions(clean_upstream), needles)
     with pytest.raises(AssertionError, match="plaintext found at rest"):
         assert_no_plaintext(clean_upstream.dump(), needles)
@@ -158,10 +158,14 @@ async def test_old_versions_stay_in_history(clean_upstream, ring):
 class Relay:
     """Forwards every request to the real upstream; ``before_put`` may act first, ``down_after`` cuts it off."""
 
-    def __init__(self, upstream_base: str, down_after: int | None = None, before_put=None) -> None:
+    def __init__(
+        self, upstream_base: str, down_after: int | None = None, before_put=None, seconds: bool = False
+    ) -> None:
         self.upstream_base = upstream_base.rstrip("/")
         self.down_after = down_after
         self.before_put = before_put
+        self.seconds = seconds  # answer like a server that keeps lastUpdated to the second (many ties)
+        self.queries: list[str] = []
         self.puts = 0
         self.server: TestServer | None = None
 
@@ -173,6 +177,7 @@ class Relay:
             if self.before_put:
                 await self.before_put(request.path)
         path = request.path_qs.split("/fhir/R4", 1)[1]
+        self.queries.append(path)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "if-match", "accept")}
         async with (
             aiohttp.ClientSession() as session,
@@ -180,7 +185,14 @@ class Relay:
                 request.method, self.upstream_base + path, data=await request.read(), headers=headers
             ) as resp,
         ):
-            return web.Response(status=resp.status, body=await resp.read(), content_type="application/fhir+json")
+            body = await resp.read()
+        if self.seconds and resp.status == 200:
+            doc = orjson.loads(body)
+            for r in [doc, *(e["resource"] for e in doc.get("entry", []) if "resource" in e)]:
+                if "lastUpdated" in r.get("meta", {}):
+                    r["meta"]["lastUpdated"] = r["meta"]["lastUpdated"][:19] + "Z"
+            body = orjson.dumps(doc)
+        return web.Response(status=resp.status, body=body, content_type="application/fhir+json")
 
     async def __aenter__(self) -> str:
         app = web.Application()
@@ -193,7 +205,30 @@ class Relay:
         await self.server.close()
 
 
-# --------------------------------------------------------------------------- resume, conflicts
+# --------------------------------------------------------------------------- resume, conflicts, ties
+
+
+async def test_more_resources_than_a_page_sharing_one_instant(clean_upstream, ring):
+    """A transaction stamps its entries alike on a server with second precision: the tie-break still
+    visits every resource exactly once."""
+    policy = unit_policy()
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": []}
+    for i in range(12):
+        patient = {"resourceType": "Patient", "id": f"t{i}", "name": [{"family": f"Tiedname{i}"}]}
+        bundle["entry"].append({"request": {"method": "PUT", "url": f"Patient/t{i}"}, "resource": patient})
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(clean_upstream.base_url, data=orjson.dumps(bundle), headers=FHIR_JSON) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+    relay = Relay(clean_upstream.base_url, seconds=True)
+    async with relay as relay_base:
+        code = await reencrypt(Connection(relay_base), Plan(policy, ring), opts(page_size=3), None, None)
+    assert code == 0
+    written = Counter(r["url"].rsplit("/", 1)[1] for r in puts(clean_upstream, 200))
+    assert set(written) == {f"t{i}" for i in range(12)} and set(written.values()) == {1}
+    assert_no_plaintext(current_versions(clean_upstream), [f"Tiedname{i}" for i in range(12)])
+    assert any("_lastUpdated=le" in q for q in relay.queries)  # the tie group was listed on its own
 
 
 async def test_interrupted_run_resumes_from_its_checkpoint(clean_upstream, ring, tmp_path):
@@ -202,7 +237,7 @@ async def test_interrupted_run_resumes_from_its_checkpoint(clean_upstream, ring,
     checkpoint = tmp_path / "run.checkpoint"
     plan = Plan(policy, ring)
     async with Relay(clean_upstream.base_url, down_after=17) as relay_base:
-        code = await reencrypt(Connection(relay_base), plan, opts(policy, page_size=5), str(checkpoint), None)
+        code = await reencrypt(Connection(relay_base), plan, opts(page_size=5), str(checkpoint), None)
     assert code == 3  # the upstream went away mid-run
     saved = json.loads(checkpoint.read_text())
     cursor = saved["cursors"]["Patient"]
@@ -210,7 +245,7 @@ async def test_interrupted_run_resumes_from_its_checkpoint(clean_upstream, ring,
     assert checkpoint.stat().st_mode & 0o777 == 0o600
 
     clean_upstream_log_start = len(clean_upstream.requests())
-    code = await reencrypt(Connection(clean_upstream.base_url), plan, opts(policy, page_size=5), str(checkpoint), None)
+    code = await reencrypt(Connection(clean_upstream.base_url), plan, opts(page_size=5), str(checkpoint), None)
     assert code == 0
     resumed = clean_upstream.requests()[clean_upstream_log_start:]
     first_page = next(r for r in resumed if r["method"] == "GET" and "_sort=_lastUpdated" in r["url"])
@@ -238,7 +273,7 @@ async def test_a_concurrent_write_is_never_overwritten(clean_upstream, ring, pro
             await _put(session, clean_upstream.base_url, current)
 
     async with Relay(clean_upstream.base_url, before_put=clinical_write) as relay_base:
-        code = await reencrypt(Connection(relay_base), Plan(policy, ring), opts(policy), None, None)
+        code = await reencrypt(Connection(relay_base), Plan(policy, ring), opts(), None, None)
     assert code == 0
     assert len(puts(clean_upstream, 412)) == 1
     client = await proxy_for(clean_upstream.base_url, policy, ring)
@@ -261,11 +296,11 @@ async def test_rotation_reencrypt_and_retire(clean_upstream, ring, proxy_for, tm
     provider = _provider()
     path = tmp_path / "keyring.json"
     await load_patients(clean_upstream.base_url, 6)
-    assert await reencrypt(conn, Plan(policy, ring), opts(policy), None, None) == 0
+    assert await reencrypt(conn, Plan(policy, ring), opts(), None, None) == 0
     old = ring.primary_id
     new = ring.rotate()
     save_keyring(path, ring, provider)
-    types = tuple(sorted(policy.resources))
+    types = ("Patient", "Observation")
 
     # every resource still uses the old key: the retirement is refused and the keyring unchanged
     report = tmp_path / "retire.json"
@@ -274,7 +309,7 @@ async def test_rotation_reencrypt_and_retire(clean_upstream, ring, proxy_for, tm
     assert load_keyring(path, provider).key_ids == [old, new]
 
     # reencrypt moves everything to the new primary; then the retirement succeeds
-    assert await reencrypt(conn, Plan(policy, ring, frozenset({old})), opts(policy), None, None) == 0
+    assert await reencrypt(conn, Plan(policy, ring, frozenset({old})), opts(), None, None) == 0
     assert {k for r in current_versions(clean_upstream) for k in envelope_key_ids(r)} == {new}
     assert await retire(conn, ring, provider, str(path), old, types, 4, str(report)) == 0
     retired = load_keyring(path, provider)
@@ -292,7 +327,7 @@ async def test_retire_refuses_while_one_resource_still_uses_the_key(clean_upstre
     policy = unit_policy()
     conn = Connection(clean_upstream.base_url)
     await load_patients(clean_upstream.base_url, 4)
-    assert await reencrypt(conn, Plan(policy, ring), opts(policy), None, None) == 0
+    assert await reencrypt(conn, Plan(policy, ring), opts(), None, None) == 0
     old = ring.primary_id
     ring.rotate()
     async with aiohttp.ClientSession() as session:  # only Patient/p2 moves to the new key
@@ -321,21 +356,21 @@ async def test_older_policy_is_detected_and_moved_with_previous_policy(clean_ups
     old_policy, new_policy = unit_policy(), unit_policy(NEWER_POLICY)
     conn = Connection(clean_upstream.base_url)
     await load_patients(clean_upstream.base_url, 3)
-    assert await reencrypt(conn, Plan(old_policy, ring), opts(old_policy), None, None) == 0
+    assert await reencrypt(conn, Plan(old_policy, ring), opts(), None, None) == 0
 
     # under the newer policy, the stored resources do not verify: reported and left alone
     writes = len(puts(clean_upstream))
-    assert await reencrypt(conn, Plan(new_policy, ring), opts(new_policy), None, None) == 1
+    assert await reencrypt(conn, Plan(new_policy, ring), opts(), None, None) == 1
     assert len(puts(clean_upstream)) == writes
 
     # given the policy they were written under, they are re-encrypted under the newer one
     plan = Plan(new_policy, ring, previous=old_policy)
-    assert await reencrypt(conn, plan, opts(new_policy), None, None) == 0
+    assert await reencrypt(conn, plan, opts(), None, None) == 0
     assert_no_plaintext(current_versions(clean_upstream), ['"gender":"male"'])
     client = await proxy_for(clean_upstream.base_url, new_policy, ring)
     back = await (await client.get("/fhir/R4/Patient/p1")).json()
     assert back["gender"] == "male" and back["name"][0]["family"] == "Plainname1"
-    assert await reencrypt(conn, Plan(new_policy, ring), opts(new_policy), None, None) == 0  # now current
+    assert await reencrypt(conn, Plan(new_policy, ring), opts(), None, None) == 0  # now current
 
 
 def test_a_new_blind_index_marks_the_resource_as_written_under_an_older_policy(ring):
@@ -358,7 +393,7 @@ async def test_tampered_resources_are_reported_and_left_alone(clean_upstream, ri
     policy = unit_policy()
     conn = Connection(clean_upstream.base_url)
     await load_patients(clean_upstream.base_url, 2)
-    assert await reencrypt(conn, Plan(policy, ring), opts(policy), None, None) == 0
+    assert await reencrypt(conn, Plan(policy, ring), opts(), None, None) == 0
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{clean_upstream.base_url}/Patient/p0") as resp:
             stored = await resp.json()
@@ -367,7 +402,7 @@ async def test_tampered_resources_are_reported_and_left_alone(clean_upstream, ri
         )
         tampered = await _put(session, clean_upstream.base_url, stored)
     report = tmp_path / "report.json"
-    assert await reencrypt(conn, Plan(policy, ring, to_primary=True), opts(policy), None, str(report)) == 1
+    assert await reencrypt(conn, Plan(policy, ring, to_primary=True), opts(), None, str(report)) == 1
     result = json.loads(report.read_text())
     assert result["remaining"] == {"Patient": {"failed": 1}}
     reasons = [k for k in result["by_type"]["Patient"] if k.startswith("reason: ")]
@@ -392,7 +427,7 @@ async def test_shards_cover_every_resource_exactly_once(clean_upstream, ring):
     conn = Connection(clean_upstream.base_url)
     scanned = 0
     for i in range(3):
-        report_opts = opts(policy, shard=(i, 3))
+        report_opts = opts(shard=(i, 3))
         assert await reencrypt(conn, Plan(policy, ring), report_opts, None, None) == 0
     written = Counter(r["url"].rsplit("/", 1)[1] for r in puts(clean_upstream, 200))
     assert set(written) == {f"p{i}" for i in range(30)} and set(written.values()) == {1}
