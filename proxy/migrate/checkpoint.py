@@ -25,20 +25,23 @@ class Cursor:
     """Where the walk of one type stands: everything before ``since`` is done, and ``seen`` at it.
 
     ``after`` means every resource last updated exactly at ``since`` is done too (the next
-    query asks ``gt`` instead of ``ge``).
+    query asks ``gt`` instead of ``ge``). ``until`` bounds the walk to what existed when it
+    began (see ``walker``); it is kept across resumes so the run's own writes stay outside.
     """
 
     since: str | None = None
     seen: list[str] = field(default_factory=list)
     after: bool = False
     done: bool = False
+    until: str | None = None
 
     def to_json(self) -> dict:
-        return {"since": self.since, "seen": self.seen, "after": self.after, "done": self.done}
+        return {"since": self.since, "seen": self.seen, "after": self.after, "done": self.done, "until": self.until}
 
     @classmethod
     def from_json(cls, doc: dict) -> Cursor:
-        return cls(doc.get("since"), list(doc.get("seen") or []), bool(doc.get("after")), bool(doc.get("done")))
+        seen = list(doc.get("seen") or [])
+        return cls(doc.get("since"), seen, bool(doc.get("after")), bool(doc.get("done")), doc.get("until"))
 
 
 class CheckpointError(ValueError):

@@ -81,6 +81,7 @@ async def reencrypt(
         async with up:
             await walk(up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt")
     except UpstreamDown as exc:
+        checkpoint.save()  # the counts of the page in flight; its cursor was not advanced, so it is redone
         print(
             f"error: the upstream stopped answering ({exc}); run again with the same --checkpoint to resume",
             file=sys.stderr,
@@ -108,7 +109,10 @@ def _emit(report_path: str | None, report: dict) -> None:
     lines = [f"{head}: {'complete' if report['complete'] else 'INTERRUPTED'}"]
     lines += [_summary_line(t, c) for t, c in report["by_type"].items()]
     left = "; ".join(f"{t}: " + ", ".join(f"{k} {n}" for k, n in c.items()) for t, c in report["remaining"].items())
-    lines.append(("would change: " if run.get("dry_run") else "remaining: ") + (left or "nothing"))
+    if not report["complete"]:
+        lines.append("remaining: unknown, the walk did not finish" + (f" (so far: {left})" if left else ""))
+    else:
+        lines.append(("would change: " if run.get("dry_run") else "remaining: ") + (left or "nothing"))
     print("\n".join(lines), file=sys.stderr)
     if report_path == "-":
         print(json.dumps(report, indent=2))

@@ -1,10 +1,16 @@
 """Page through every resource of one type in ``_lastUpdated`` order, resumably.
 
-Each page is ``GET <type>?_sort=_lastUpdated&_lastUpdated=ge<since>&_count=<n>``: a
-keyset cursor rather than the server's own paging links, because it survives restarts
-(an offset or a server-side cursor does not) and is unaffected by the resources the
-run itself updates (they move to the end of the order and are seen again there, as
-current, which is cheap and makes the walk also pick up resources written meanwhile).
+Each page is ``GET <type>?_sort=_lastUpdated&_lastUpdated=ge<since>&_lastUpdated=lt<until>
+&_count=<n>``: a keyset cursor rather than the server's own paging links, because it
+survives restarts (an offset or a server-side cursor does not) and is unaffected by the
+resources the run itself updates. Those move to the end of the order; ``until`` keeps
+them out, so each is not read a second time: it is the server's own time when the walk
+of the type began (the first searchset Bundle's ``meta.lastUpdated``, stamped by the
+server itself, not by a load balancer in front of it) plus ``MARGIN`` for the clocks of
+the nodes of a clustered server. Resources written after that went through
+the proxies (or must be migrated by another run: see docs/migration.md). A server that
+does not stamp its search Bundles gets no bound, and the walk reads its own writes
+again at the end, finding them current.
 
 Ties: many resources can share one ``lastUpdated`` (a transaction stamps all its
 entries alike). Servers do not reliably sort by a second key — Medplum's sorts by the
@@ -20,9 +26,12 @@ the server's next links) in passes until a pass finds nothing new, then continue
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 from proxy.migrate.checkpoint import Cursor
 from proxy.migrate.upstream import Upstream, UpstreamDown
+
+MARGIN = timedelta(seconds=10)
 
 
 def _last_updated(resource: dict) -> str:
@@ -31,6 +40,16 @@ def _last_updated(resource: dict) -> str:
     if type(value) is not str:
         raise UpstreamDown(f"{resource.get('resourceType')}/{resource.get('id')} has no meta.lastUpdated to page by")
     return value
+
+
+def _bound(bundle: dict) -> str | None:
+    """``until`` from the server's stamp on a searchset Bundle, or None when there is none."""
+    stamp = (bundle.get("meta") or {}).get("lastUpdated")
+    try:
+        when = datetime.fromisoformat(stamp) + MARGIN  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _entries(bundle: dict | None, rtype: str) -> tuple[list[dict], str | None]:
@@ -47,11 +66,13 @@ def _entries(bundle: dict | None, rtype: str) -> tuple[list[dict], str | None]:
     return out, nxt
 
 
-async def _search(up: Upstream, url: str, rtype: str) -> tuple[list[dict], str | None]:
+async def _search(up: Upstream, url: str, rtype: str) -> tuple[list[dict], str | None, str | None]:
+    """The page's matches, its next link and the bound its stamp gives."""
     status, body = await up.request("GET", url)
     if status != 200:
         raise UpstreamDown(f"search of {rtype}: HTTP {status}")
-    return _entries(body, rtype)
+    found, nxt = _entries(body, rtype)
+    return found, nxt, _bound(body)  # type: ignore[arg-type]
 
 
 async def pages(up: Upstream, rtype: str, cursor: Cursor, size: int) -> AsyncIterator[tuple[list[dict], Cursor]]:
@@ -60,7 +81,10 @@ async def pages(up: Upstream, rtype: str, cursor: Cursor, size: int) -> AsyncIte
         query = f"{rtype}?_sort=_lastUpdated&_count={size}"
         if cursor.since:
             query += f"&_lastUpdated={'gt' if cursor.after else 'ge'}{_quote(cursor.since)}"
-        found, nxt = await _search(up, query, rtype)
+        if cursor.until:
+            query += f"&_lastUpdated=lt{_quote(cursor.until)}"
+        found, nxt, stamp = await _search(up, query, rtype)
+        until = cursor.until or stamp
         seen = set(cursor.seen) if not cursor.after else set()
         fresh = [r for r in found if not (_last_updated(r) == cursor.since and r.get("id") in seen)]
         if fresh:
@@ -68,14 +92,14 @@ async def pages(up: Upstream, rtype: str, cursor: Cursor, size: int) -> AsyncIte
             ties = {r["id"] for r in fresh if _last_updated(r) == last}
             if last == cursor.since and not cursor.after:
                 ties |= seen
-            cursor = Cursor(last, sorted(ties), False, nxt is None)
+            cursor = Cursor(last, sorted(ties), False, nxt is None, until)
             yield fresh, cursor
         elif found and nxt is not None:  # a full page of ties already handled
             async for batch, moved in _tie_group(up, rtype, cursor, size):
                 cursor = moved
                 yield batch, cursor
         else:
-            cursor = Cursor(cursor.since, cursor.seen, cursor.after, True)
+            cursor = Cursor(cursor.since, cursor.seen, cursor.after, True, until)
             yield [], cursor
 
 
@@ -89,14 +113,14 @@ async def _tie_group(up: Upstream, rtype: str, cursor: Cursor, size: int) -> Asy
         )
         progressed = False
         while url:
-            found, url = await _search(up, url, rtype)
+            found, url, _ = await _search(up, url, rtype)
             fresh = [r for r in found if r.get("id") not in seen and _last_updated(r) == since]
             if fresh:
                 progressed = True
                 seen |= {r["id"] for r in fresh}
-                yield fresh, Cursor(since, sorted(seen), False, False)
+                yield fresh, Cursor(since, sorted(seen), False, False, cursor.until)
         if not progressed:
-            yield [], Cursor(since, [], True, False)
+            yield [], Cursor(since, [], True, False, cursor.until)
             return
 
 
