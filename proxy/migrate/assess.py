@@ -68,7 +68,7 @@ class Assessment:
     reason: str = ""  # why it failed: paths and codes only
 
 
-_MARKER_BYTES = tuple(url.encode() for url in (mk.ENVELOPE_URL, mk.CIPHERTEXT_URL, mk.TAG_SYSTEM))
+_MARKER = mk.CANONICAL.encode()  # envelope, ciphertext, tag and blind-index systems all live under it
 
 
 def envelope_key_ids(resource: dict) -> frozenset[str]:
@@ -92,8 +92,7 @@ def envelope_key_ids(resource: dict) -> frozenset[str]:
 
 
 def _has_markers(resource: dict) -> bool:
-    blob = orjson.dumps(resource)
-    return any(m in blob for m in _MARKER_BYTES)
+    return _MARKER in orjson.dumps(resource)
 
 
 def _covered(resource: dict, policy: CompiledPolicy) -> bool:

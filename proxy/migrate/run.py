@@ -19,7 +19,7 @@ from tqdm import tqdm
 from proxy.migrate.assess import Assessment, Plan, State, assess, envelope_key_ids
 from proxy.migrate.checkpoint import Checkpoint
 from proxy.migrate.shards import shard_of
-from proxy.migrate.upstream import Upstream
+from proxy.migrate.upstream import Upstream, UpstreamDown
 from proxy.migrate.walker import pages
 
 WRITTEN = {State.PLAINTEXT: "encrypted", State.OLD_KEY: "rekeyed", State.OLD_POLICY: "repolicied"}
@@ -69,7 +69,12 @@ async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Hand
 
         for rtype in opts.types:
             async for batch, cursor in pages(up, rtype, checkpoint.cursor(rtype), opts.page_size):
-                await asyncio.gather(*(one(r) for r in batch))
+                try:
+                    async with asyncio.TaskGroup() as group:  # one failure cancels the rest of the page
+                        for resource in batch:
+                            group.create_task(one(resource))
+                except* UpstreamDown as failed:
+                    raise failed.exceptions[0] from None
                 checkpoint.cursors[rtype] = cursor
                 checkpoint.save()
 
