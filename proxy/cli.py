@@ -152,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     retire.add_argument("key", help="key id, e.g. k1")
     _upstream_args(retire)
     retire.add_argument("--types", nargs="+", help="scan only these types (default: every R4 resource type)")
+    retire.add_argument(
+        "--history", action="store_true", help="also scan every version in _history (refuses while any uses the key)"
+    )
     _kek_args(retire)
 
     reencrypt = sub.add_parser(
@@ -218,7 +221,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
         types = tuple(args.types) if args.types else every_type()
         conn = _connection(args)
-        return asyncio.run(retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report))
+        return asyncio.run(
+            retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
+        )
     if args.keys_command == "rotate":
         kid = keyring.rotate()
         save_keyring(args.keyring, keyring, provider)

@@ -9,11 +9,15 @@ meets real HTTP failures and real 412s.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
+import termios
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from proxy.migrate.assess import Plan, State, assess, envelope_key_ids
 from proxy.migrate.commands import Connection, reencrypt, retire
 from proxy.migrate.run import Options
 from proxy.migrate.shards import parse_shard, shard_of
+from proxy.migrate.walker import history
 from tests.conftest import FHIR_JSON, FIXTURES, ROOT, TEST_POLICY, assert_no_plaintext, unit_policy
 from tests.test_shipped_policies import CREATED_IDS, ORDER, _fixture, _without_server_meta
 
@@ -307,19 +312,39 @@ async def test_rotation_reencrypt_and_retire(clean_upstream, ring, proxy_for, tm
     assert json.loads(report.read_text())["in_use"] == {"Patient": 6}
     assert load_keyring(path, provider).key_ids == [old, new]
 
-    # reencrypt moves everything to the new primary; then the retirement succeeds
+    # reencrypt moves everything to the new primary; then the retirement succeeds, but with --history
+    # it is refused: the versions written under the old key stay in _history
     assert await reencrypt(conn, Plan(policy, ring, frozenset({old})), opts(), None, None) == 0
     assert {k for r in current_versions(clean_upstream) for k in envelope_key_ids(r)} == {new}
+    assert await retire(conn, ring, provider, str(path), old, types, 4, str(report), with_history=True) == 1
+    assert json.loads(report.read_text())["in_history"] == {"Patient": 6}
+    assert load_keyring(path, provider).key_ids == [old, new]
     assert await retire(conn, ring, provider, str(path), old, types, 4, str(report)) == 0
     retired = load_keyring(path, provider)
     assert retired.key_ids == [new] and retired.primary_id == new
 
-    # the proxy with the retired keyring reads everything
+    # the proxy with the retired keyring reads every current version; the old version under the
+    # retired key comes back masked (the documented cost of retiring without purging history)
     client = await proxy_for(clean_upstream.base_url, policy, retired)
     page = await (await client.get("/fhir/R4/Patient?_count=50")).json()
     assert sorted(e["resource"]["name"][0]["family"] for e in page["entry"]) == sorted(
         f"Plainname{i}" for i in range(6)
     )
+    old_version = await (await client.get("/fhir/R4/Patient/p0/_history/2")).json()
+    assert "name" not in old_version or "family" not in old_version["name"][0]
+    assert any(s.get("code") == "MASKED" for s in old_version["meta"]["security"])
+
+
+async def test_history_is_paged_completely(clean_upstream, ring):
+    """Medplum gives no next links for type history: the pager uses _offset and sees every version once."""
+    policy = unit_policy()
+    await load_patients(clean_upstream.base_url, 5)
+    assert await reencrypt(Connection(clean_upstream.base_url), Plan(policy, ring), opts(), None, None) == 0
+    async with Connection(clean_upstream.base_url).open(2) as up:
+        versions = [v async for page in history(up, "Patient", 3) for v in page]
+    stored = [(r["id"], r["meta"]["versionId"]) for r in clean_upstream.dump() if r["resourceType"] == "Patient"]
+    assert sorted((v["id"], v["meta"]["versionId"]) for v in versions) == sorted(stored)
+    assert len(stored) == 10
 
 
 async def test_retire_refuses_while_one_resource_still_uses_the_key(clean_upstream, ring, tmp_path):
@@ -459,10 +484,22 @@ def test_command_line_dry_run_then_run(upstream, tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["remaining"] == {"Patient": {"plaintext": 5}}
     assert "would change: Patient: plaintext 5" in dry.stderr
-    run = subprocess.run(base, capture_output=True, text=True, env=env, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout)["by_type"]["Patient"]["encrypted"] == 5
-    assert "Plainname" not in run.stdout + run.stderr  # reports carry counts, never values
+    # on a terminal (stderr is a pty here) a progress bar shows counts, rate and the writes so far
+    terminal, child_end = os.openpty()
+    fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    run = subprocess.Popen(base, stdout=subprocess.PIPE, stderr=child_end, env=env, text=True)
+    os.close(child_end)
+    stdout, _ = run.communicate(timeout=120)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child's end is closed and drained
+        while chunk := os.read(terminal, 65536):
+            shown += chunk
+    os.close(terminal)
+    text = shown.decode(errors="replace")
+    assert run.returncode == 0, text
+    assert "5/5" in text and "written=5" in text and "res/s" in text
+    assert json.loads(stdout)["by_type"]["Patient"]["encrypted"] == 5
+    assert "Plainname" not in stdout + text  # reports carry counts, never values
     retire = [sys.executable, "-m", "proxy", "keys", "retire", "k1", "--upstream", upstream.base_url]
     refused = subprocess.run([*retire, "--keyring", str(ring)], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "primary" in refused.stderr

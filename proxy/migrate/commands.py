@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from proxy.crypto.kek import KeyProvider
 from proxy.crypto.keyring import Keyring, save_keyring
-from proxy.migrate.assess import Plan, State
+from proxy.migrate.assess import Plan, State, envelope_key_ids
 from proxy.migrate.checkpoint import Checkpoint
 from proxy.migrate.run import WRITTEN, KeyUsage, Options, Reencryption, Tally, walk
 from proxy.migrate.upstream import Upstream, UpstreamDown
+from proxy.migrate.walker import history
 from proxy.policy.definitions import resource_types
 
 ABSTRACT = frozenset({"Resource", "DomainResource", "Parameters"})  # never stored as such
@@ -79,7 +80,7 @@ async def reencrypt(
     job = Reencryption(up, plan, opts, tally)
     try:
         async with up:
-            await walk(up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt")
+            await walk(up, opts, checkpoint, job.handle, "dry run" if opts.dry_run else "reencrypt", tally)
     except UpstreamDown as exc:
         checkpoint.save()  # the counts of the page in flight; its cursor was not advanced, so it is redone
         print(
@@ -130,8 +131,10 @@ async def retire(
     types: tuple[str, ...],
     workers: int,
     report_path: str | None,
+    with_history: bool = False,
 ) -> int:
-    """Remove ``kid`` from the keyring only when a complete scan finds no current version that uses it."""
+    """Remove ``kid`` from the keyring only when a complete scan finds no current version that uses it
+    (and, ``with_history``, no version in ``_history`` either)."""
     if kid not in keyring.key_ids:
         print(f"error: {kid} is not in the keyring", file=sys.stderr)
         return 2
@@ -144,17 +147,28 @@ async def retire(
     opts = Options(types=types, workers=workers)
     try:
         async with up:
-            await walk(up, opts, Checkpoint(None, {}), scan.handle, f"scan for {kid}")
+            await walk(up, opts, Checkpoint(None, {}), scan.handle, f"scan for {kid}", tally)
+            if with_history:
+                for rtype in types:
+                    async for versions in history(up, rtype, opts.page_size):
+                        for version in versions:
+                            tally.add(rtype, "versions")
+                            if kid in envelope_key_ids(version):
+                                tally.add(rtype, f"history.{kid}")
     except UpstreamDown as exc:
         print(f"error: the scan could not finish ({exc}); {kid} was not retired", file=sys.stderr)
         return 3
     users = {t: c[f"key.{kid}"] for t, c in tally.by_type.items() if c[f"key.{kid}"]}
+    in_history = {t: c[f"history.{kid}"] for t, c in tally.by_type.items() if c[f"history.{kid}"]}
     report = {
         "key": kid,
         "types": list(types),
         "scanned": tally.total("scanned"),
         "in_use": users,
-        "retired": not users,
+        "history_checked": with_history,
+        "versions_scanned": tally.total("versions"),
+        "in_history": in_history,
+        "retired": not users and not in_history,
     }
     if report_path == "-":
         print(json.dumps(report, indent=2))
@@ -169,11 +183,25 @@ async def retire(
             file=sys.stderr,
         )
         return 1
+    if in_history:
+        named = ", ".join(f"{t} {n}" for t, n in sorted(in_history.items()))
+        print(
+            f"refused: {sum(in_history.values())} version(s) in _history still use {kid}: {named}. They cannot be "
+            "re-encrypted; purge them with the server's own tools, or retire without --history and keep a "
+            "backup of this keyring to read them.",
+            file=sys.stderr,
+        )
+        return 1
     keyring.retire(kid)
     save_keyring(keyring_path, keyring, provider)
+    scope = (
+        f"nor any of {tally.total('versions')} version(s) in _history"
+        if with_history
+        else "(versions in _history were not checked: they stay under the key and no longer decrypt)"
+    )
     print(
-        f"{kid} retired: no current version of {tally.total('scanned')} resource(s) in {len(types)} type(s) uses it; "
-        f"keys {', '.join(keyring.key_ids)} remain (primary {keyring.primary_id})",
+        f"{kid} retired: no current version of {tally.total('scanned')} resource(s) in {len(types)} type(s) uses it "
+        f"{scope}; keys {', '.join(keyring.key_ids)} remain (primary {keyring.primary_id})",
         file=sys.stderr,
     )
     return 0

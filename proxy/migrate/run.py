@@ -54,17 +54,26 @@ class Options:
 Handler = Callable[[dict], Awaitable[None]]
 
 
-async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Handler, label: str) -> None:
-    """Every type's pages in turn; each page's resources concurrently; the checkpoint saved once a page is done."""
+async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Handler, label: str, tally: Tally) -> None:
+    """Every type's pages in turn; each page's resources concurrently; the checkpoint saved once a page is done.
+
+    The progress bar (a terminal only) counts resources read against the server's totals,
+    starting from what a resumed checkpoint already covered, with the writes and failures so far.
+    """
     totals = [await up.count(t) for t in opts.types]
     total = None if None in totals else sum(t for t in totals if t is not None)
+    before = tally.total("scanned") + tally.total("other-shard")
     sem = asyncio.Semaphore(opts.workers)
+    bar = tqdm(total=total, initial=before, desc=label, unit="res", file=sys.stderr, disable=None, dynamic_ncols=True)
 
-    with tqdm(total=total, desc=label, unit="res", file=sys.stderr, disable=None, dynamic_ncols=True) as bar:
+    with bar:
 
         async def one(resource: dict) -> None:
             async with sem:
                 await handle(resource)
+            bar.set_postfix(
+                written=sum(tally.total(w) for w in WRITTEN.values()), failed=tally.total("failed"), refresh=False
+            )
             bar.update(1)
 
         for rtype in opts.types:

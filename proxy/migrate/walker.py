@@ -126,3 +126,37 @@ async def _tie_group(up: Upstream, rtype: str, cursor: Cursor, size: int) -> Asy
 
 def _quote(instant: str) -> str:
     return instant.replace("+", "%2B")
+
+
+async def history(up: Upstream, rtype: str, size: int) -> AsyncIterator[list[dict]]:
+    """Every version in the type's ``_history`` (newest first), for the retirement scan's ``--history``.
+
+    Follows the server's ``next`` links; a server that gives none (Medplum) is paged with
+    ``_offset``. New writes during the scan shift offsets towards duplicates, never gaps,
+    and duplicates are dropped by (id, versionId). A full page without a next link whose
+    offset page brings nothing new means the server ignores ``_offset``: the scan stops
+    with an error rather than claim it saw everything.
+    """
+    url: str | None = f"{rtype}/_history?_count={size}"
+    seen: set[tuple[str, str]] = set()
+    offset = 0
+    while url:
+        status, body = await up.request("GET", url)
+        if status != 200 or type(body) is not dict or body.get("resourceType") != "Bundle":
+            raise UpstreamDown(f"history of {rtype}: HTTP {status}")
+        entries = [e for e in body.get("entry") or [] if type(e) is dict]
+        versions = [e["resource"] for e in entries if type(e.get("resource")) is dict]
+        new = [v for v in versions if (v.get("id"), (v.get("meta") or {}).get("versionId")) not in seen]
+        seen |= {(v.get("id"), (v.get("meta") or {}).get("versionId")) for v in new}
+        if new:
+            yield new
+        nxt = next((link.get("url") for link in body.get("link") or [] if link.get("relation") == "next"), None)
+        if nxt:
+            url = nxt
+        elif len(entries) < size:
+            url = None
+        elif offset and not new:
+            raise UpstreamDown(f"history of {rtype} cannot be paged (no next link, _offset ignored)")
+        else:
+            offset += size
+            url = f"{rtype}/_history?_count={size}&_offset={offset}"
