@@ -429,6 +429,7 @@ async def test_tampered_resources_are_reported_and_left_alone(clean_upstream, ri
     assert await reencrypt(conn, Plan(policy, ring, to_primary=True), opts(), None, str(report)) == 1
     result = json.loads(report.read_text())
     assert result["remaining"] == {"Patient": {"failed": 1}}
+    assert result["undone_ids"] == {"Patient": ["p0"]}  # ids to investigate, never values
     reasons = [k for k in result["by_type"]["Patient"] if k.startswith("reason: ")]
     assert reasons == ["reason: record MAC does not verify"] or reasons == ["reason: ciphertext does not verify"]
     async with aiohttp.ClientSession() as session, session.get(f"{clean_upstream.base_url}/Patient/p0") as resp:

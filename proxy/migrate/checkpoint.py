@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,8 @@ class Checkpoint:
         self.path = Path(path) if path else None
         self.run = run
         self.cursors: dict[str, Cursor] = {}
-        self.tally: dict = {}
+        self.tally: dict = {}  # the counts as loaded
+        self.snapshot: Callable[[], dict] | None = None  # the live counts, asked for at every save
 
     def load(self) -> Checkpoint:
         if self.path is None or not self.path.exists():
@@ -83,7 +85,7 @@ class Checkpoint:
             "format": FORMAT,
             "run": self.run,
             "cursors": {t: c.to_json() for t, c in self.cursors.items()},
-            "tally": self.tally,
+            "tally": self.snapshot() if self.snapshot else self.tally,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=self.path.parent)

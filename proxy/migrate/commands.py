@@ -75,7 +75,7 @@ async def reencrypt(
     }
     checkpoint = Checkpoint(checkpoint_path, run).load()
     tally = Tally(checkpoint.tally)
-    checkpoint.tally = tally.by_type  # the checkpoint saves the live counters after every page
+    checkpoint.snapshot = tally.to_doc  # the checkpoint saves the live counters after every page
     up = conn.open(opts.workers)
     job = Reencryption(up, plan, opts, tally)
     try:
@@ -98,7 +98,13 @@ async def reencrypt(
 
 
 def _report(run: dict, tally: Tally, complete: bool) -> dict:
-    return {"run": run, "complete": complete, "by_type": tally.to_json(), "remaining": remaining(tally)}
+    return {
+        "run": run,
+        "complete": complete,
+        "by_type": tally.to_json(),
+        "remaining": remaining(tally),
+        "undone_ids": tally.ids,  # failed or not written (dry runs list none), up to Tally.MAX_IDS per type
+    }
 
 
 def _emit(report_path: str | None, report: dict) -> None:

@@ -26,19 +26,33 @@ WRITTEN = {State.PLAINTEXT: "encrypted", State.OLD_KEY: "rekeyed", State.OLD_POL
 
 
 class Tally:
-    """Counters per resource type (``Counter``s of plain strings), kept in the checkpoint between runs."""
+    """Counters per resource type (``Counter``s of plain strings) and the ids of resources left undone,
+    kept in the checkpoint between runs. Ids are listed (up to ``MAX_IDS`` per type) so an operator
+    can find what failed; values never are."""
+
+    MAX_IDS = 1000
 
     def __init__(self, doc: dict | None = None) -> None:
-        self.by_type: dict[str, Counter] = {t: Counter(c) for t, c in (doc or {}).items()}
+        doc = doc or {}
+        self.by_type: dict[str, Counter] = {t: Counter(c) for t, c in (doc.get("counts") or {}).items()}
+        self.ids: dict[str, list[str]] = {t: list(v) for t, v in (doc.get("undone") or {}).items()}
 
     def add(self, rtype: str, key: str, n: int = 1) -> None:
         self.by_type.setdefault(rtype, Counter())[key] += n
+
+    def undone(self, rtype: str, rid: str) -> None:
+        ids = self.ids.setdefault(rtype, [])
+        if len(ids) < self.MAX_IDS and rid not in ids:
+            ids.append(rid)
 
     def total(self, key: str) -> int:
         return sum(c[key] for c in self.by_type.values())
 
     def to_json(self) -> dict:
         return {t: dict(sorted(c.items())) for t, c in sorted(self.by_type.items())}
+
+    def to_doc(self) -> dict:
+        return {"counts": self.to_json(), "undone": self.ids}
 
 
 @dataclass(frozen=True)
@@ -104,6 +118,7 @@ class Reencryption:
         self.tally.add(rtype, found.state.value)
         if found.state is State.FAILED:
             self.tally.add(rtype, f"reason: {found.reason}")
+            self.tally.undone(rtype, rid)
             return
         if found.state is State.CURRENT:
             return
@@ -125,6 +140,7 @@ class Reencryption:
                 self.tally.add(rtype, "gone")
                 return
             if status not in (409, 412):
+                self.tally.undone(rtype, rid)
                 self.tally.add(rtype, f"left.{original.value}")
                 self.tally.add(rtype, f"reason: update refused with HTTP {status}")
                 return
@@ -138,9 +154,11 @@ class Reencryption:
                 self.tally.add(rtype, "made-current-by-writer")
                 return
             if found.state is State.FAILED:
+                self.tally.undone(rtype, rid)
                 self.tally.add(rtype, f"left.{original.value}")
                 self.tally.add(rtype, f"reason: {found.reason}")
                 return
+        self.tally.undone(rtype, rid)
         self.tally.add(rtype, f"left.{original.value}")
         self.tally.add(rtype, f"reason: still conflicting after {self.opts.attempts} attempts")
 
