@@ -235,11 +235,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _connection(args: argparse.Namespace):
-    from proxy.migrate.commands import Connection
+    from proxy.migrate.commands import Connection, every_type
 
     if not args.upstream:
         raise ValueError("--upstream (or FHIRCRYPT_UPSTREAM) is required")
-    return Connection(args.upstream, args.rate, _secret("upstream_token"), args.upstream_ca)
+    unknown = sorted(set(args.types or ()) - set(every_type()))
+    if unknown:
+        raise ValueError(f"--types: not R4 resource types: {', '.join(unknown)}")
+    try:
+        token = _secret("upstream_token")
+    except OSError as exc:
+        raise ValueError(f"cannot read FHIRCRYPT_UPSTREAM_TOKEN_FILE: {exc.strerror}") from None
+    return Connection(args.upstream, args.rate, token, args.upstream_ca)
 
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:

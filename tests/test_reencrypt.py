@@ -478,13 +478,19 @@ def test_command_line_dry_run_then_run(upstream, tmp_path):
     save_keyring(ring, Keyring.generate(), LocalKeyProvider(parse_kek(kek.read_text())))
     policy = tmp_path / "policy.yaml"
     policy.write_text(TEST_POLICY)
+    token = tmp_path / "upstream-token"
+    token.write_text("upstream-bearer-secret\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FHIRCRYPT_KEK_FILE": str(kek)}
+    env["FHIRCRYPT_UPSTREAM_TOKEN_FILE"] = str(token)
     base = [sys.executable, "-m", "proxy", "reencrypt", "--upstream", upstream.base_url, "--policy", str(policy)]
     base += ["--keyring", str(ring), "--report", "-", "--types", "Patient"]
     dry = subprocess.run([*base, "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
     assert dry.returncode == 0, dry.stderr
     assert json.loads(dry.stdout)["remaining"] == {"Patient": {"plaintext": 5}}
     assert "would change: Patient: plaintext 5" in dry.stderr
+    sent = {r["headers"].get("authorization") for r in upstream.requests() if "_sort" in r["url"]}
+    assert sent == {"Bearer upstream-bearer-secret"}  # the upstream's token, from the file
+    assert "upstream-bearer-secret" not in dry.stdout + dry.stderr
     # on a terminal (stderr is a pty here) a progress bar shows counts, rate and the writes so far
     terminal, child_end = os.openpty()
     fcntl.ioctl(child_end, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
@@ -504,6 +510,11 @@ def test_command_line_dry_run_then_run(upstream, tmp_path):
     retire = [sys.executable, "-m", "proxy", "keys", "retire", "k1", "--upstream", upstream.base_url]
     refused = subprocess.run([*retire, "--keyring", str(ring)], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "primary" in refused.stderr
+    typo = subprocess.run([*base, "--types", "Patinet"], capture_output=True, text=True, env=env, timeout=120)
+    assert typo.returncode == 2 and "not R4 resource types: Patinet" in typo.stderr
+    missing = {**env, "FHIRCRYPT_UPSTREAM_TOKEN_FILE": str(tmp_path / "absent")}
+    no_token = subprocess.run(base, capture_output=True, text=True, env=missing, timeout=120)
+    assert no_token.returncode == 2 and "FHIRCRYPT_UPSTREAM_TOKEN_FILE" in no_token.stderr
     assert Path(ring).exists()
 
 
