@@ -27,6 +27,9 @@ def test_every_index_runs_a_distinct_shard_of_the_same_count():
     assert shard.startswith("$(JOB_COMPLETION_INDEX)/")  # Kubernetes substitutes the pod's index
     count = int(shard.split("/")[1])
     assert spec["completions"] == count and spec["parallelism"] <= count
+    # only an interrupted shard (exit 3, resumable) is worth a retry
+    rule = spec["podFailurePolicy"]["rules"][0]
+    assert rule["action"] == "FailIndex" and rule["onExitCodes"]["values"] == [1, 2]
     shards = {parse_shard(shard.replace("$(JOB_COMPLETION_INDEX)", str(i))) for i in range(spec["completions"])}
     assert shards == {(i, count) for i in range(count)}
     parsed = _parser().parse_args(
