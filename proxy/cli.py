@@ -259,6 +259,10 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         raise ValueError("--policy (or FHIRCRYPT_POLICY) is required")
     conn = _connection(args)
     policy = compile_file(args.policy)
+    if getattr(policy, "per_patient_keys", False):
+        # Fail closed: reencrypt wraps data keys with the keyring's primary only. Under a policy with
+        # keys.per_patient that would put patients' records beyond the reach of crypto-shredding.
+        raise ValueError("reencrypt does not support policies with keys.per_patient yet")
     keyring = load_keyring(args.keyring, load_local_kek(args.kek_file))
     unknown = [k for k in args.retire if k not in keyring.key_ids]
     if unknown or keyring.primary_id in args.retire:

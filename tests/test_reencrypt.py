@@ -368,6 +368,30 @@ async def test_retire_refuses_while_one_resource_still_uses_the_key(clean_upstre
     assert await retire(conn, ring, provider, str(path), ring.primary_id, ("Patient",), 2, None) == 2  # the primary
 
 
+async def test_retire_refuses_when_resources_use_per_patient_keys(clean_upstream, ring, tmp_path, capsys):
+    """Per-patient keys are sealed by keyring keys in the patient key store, which the scan cannot
+    see: with any in use, retiring a keyring key is refused rather than risk unreadable patients."""
+    policy = unit_policy()
+    await load_patients(clean_upstream.base_url, 1)
+    assert await reencrypt(Connection(clean_upstream.base_url), Plan(policy, ring), opts(), None, None) == 0
+    old = ring.primary_id
+    ring.rotate()
+    conn = Connection(clean_upstream.base_url)
+    assert await reencrypt(conn, Plan(policy, ring, frozenset({old})), opts(), None, None) == 0  # nothing on k1
+    async with aiohttp.ClientSession() as session:  # as the proxy writes it under a patient's own key
+        async with session.get(f"{clean_upstream.base_url}/Patient/p0") as resp:
+            stored = await resp.json()
+        envelope = next(e for e in stored["extension"] if e["url"].endswith("/envelope"))
+        parts = envelope["valueString"].split(".")
+        envelope["valueString"] = ".".join([parts[0], "p_" + "0" * 32, *parts[2:]])
+        await _put(session, clean_upstream.base_url, {**stored, "id": "p1"})
+    provider, path = _provider(), tmp_path / "keyring.json"
+    save_keyring(path, ring, provider)
+    assert await retire(conn, ring, provider, str(path), old, ("Patient",), 2, None) == 1
+    assert "per-patient keys" in capsys.readouterr().err
+    assert old in load_keyring(path, provider).key_ids
+
+
 # --------------------------------------------------------------------------- policies and integrity
 
 NEWER_POLICY = TEST_POLICY.replace(

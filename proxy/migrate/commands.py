@@ -23,6 +23,7 @@ from proxy.policy.definitions import resource_types
 
 ABSTRACT = frozenset({"Resource", "DomainResource", "Parameters"})  # never stored as such
 PENDING = (State.PLAINTEXT, State.OLD_KEY, State.OLD_POLICY)
+PATIENT_KEY_PREFIX = "p_"  # envelope key ids of per-patient keys (crypto-shredding) start with it
 
 
 def every_type() -> tuple[str, ...]:
@@ -165,6 +166,15 @@ async def retire(
         print(f"error: the scan could not finish ({exc}); {kid} was not retired", file=sys.stderr)
         return 3
     users = {t: c[f"key.{kid}"] for t, c in tally.by_type.items() if c[f"key.{kid}"]}
+    if any(k.startswith(f"key.{PATIENT_KEY_PREFIX}") for c in tally.by_type.values() for k in c):
+        # Per-patient keys are sealed by keyring keys in the patient key store, which this scan does not
+        # read: retiring the key that sealed them would make those patients' data unreadable.
+        print(
+            f"refused: stored resources use per-patient keys, and the patient key store is not checked for "
+            f"keys sealed by {kid}; retiring keyring keys is not supported with per-patient keys yet",
+            file=sys.stderr,
+        )
+        return 1
     in_history = {t: c[f"history.{kid}"] for t, c in tally.by_type.items() if c[f"history.{kid}"]}
     report = {
         "key": kid,
