@@ -8,6 +8,7 @@ key-encryption key) come only from files or environment variables, never from fl
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -61,6 +62,15 @@ def _store_args(p: argparse.ArgumentParser) -> None:
         default=float(_env("patient_key_ttl", "60")),
         help="seconds a replica may use a cached patient key: a shred reaches every replica within this",
     )
+
+
+def _upstream_args(p: argparse.ArgumentParser) -> None:
+    """The direct connection of the operator tools to the upstream (its token only from the environment)."""
+    p.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
+    p.add_argument("--upstream-ca", default=_env("upstream_ca"), help="CA bundle for an https upstream")
+    p.add_argument("--workers", type=int, default=8, help="concurrent requests")
+    p.add_argument("--rate", type=float, help="at most this many requests per second to the upstream")
+    p.add_argument("--report", help="write the JSON report to this file ('-' for stdout)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +184,40 @@ def _parser() -> argparse.ArgumentParser:
     _store_args(shred)
     _kek_args(shred)
 
+    retire = keys_sub.add_parser(
+        "retire", help="remove a key once a scan of the upstream proves no stored resource still uses it"
+    )
+    retire.add_argument("key", help="key id, e.g. k1")
+    _upstream_args(retire)
+    retire.add_argument("--types", nargs="+", help="scan only these types (default: every R4 resource type)")
+    retire.add_argument(
+        "--history", action="store_true", help="also scan every version in _history (refuses while any uses the key)"
+    )
+    _kek_args(retire)
+
+    reencrypt = sub.add_parser(
+        "reencrypt",
+        help="encrypt plaintext and re-encrypt old keys/policies in place on the upstream (operator tool)",
+    )
+    _upstream_args(reencrypt)
+    reencrypt.add_argument("--policy", default=_env("policy"), help="the current policy file (YAML)")
+    reencrypt.add_argument(
+        "--previous-policy", help="the policy older resources were written under (to re-encrypt them)"
+    )
+    reencrypt.add_argument("--types", nargs="+", help="only these types (default: every type the policy covers)")
+    reencrypt.add_argument(
+        "--all-types", action="store_true", help="every R4 type (finds covered resources nested in uncovered ones)"
+    )
+    reencrypt.add_argument("--retire", nargs="+", default=[], metavar="KID", help="move resources off these keys")
+    reencrypt.add_argument(
+        "--to-primary", action="store_true", help="move every resource not under the primary key to it"
+    )
+    reencrypt.add_argument("--checkpoint", help="resume from / record progress in this file")
+    reencrypt.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
+    reencrypt.add_argument("--shard", help="i/N: do only shard i of N (e.g. $(JOB_COMPLETION_INDEX)/8)")
+    reencrypt.add_argument("--page-size", type=int, default=100, help="resources per search page")
+    _kek_args(reencrypt)
+
     policy = sub.add_parser("policy", help="work with policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="compile a policy and explain what it encrypts")
@@ -221,6 +265,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return cmd_rewrap(args)
     provider = provider_from_args(args)
     keyring = load_keyring(args.keyring, provider)
+    if args.keys_command == "retire":
+        from proxy.migrate.commands import every_type, retire
+
+        types = tuple(args.types) if args.types else every_type()
+        conn = _connection(args)
+        return asyncio.run(
+            retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
+        )
     if args.keys_command == "rotate":
         kid = keyring.rotate()
         save_keyring(args.keyring, keyring, provider)
@@ -245,6 +297,57 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         f"now wrapped by {target.describe()}; stored resources are unchanged"
     )
     return 0
+
+
+def _connection(args: argparse.Namespace):
+    from proxy.migrate.commands import Connection, every_type
+
+    if not args.upstream:
+        raise ValueError("--upstream (or FHIRCRYPT_UPSTREAM) is required")
+    unknown = sorted(set(args.types or ()) - set(every_type()))
+    if unknown:
+        raise ValueError(f"--types: not R4 resource types: {', '.join(unknown)}")
+    try:
+        token = _secret("upstream_token")
+    except OSError as exc:
+        raise ValueError(f"cannot read FHIRCRYPT_UPSTREAM_TOKEN_FILE: {exc.strerror}") from None
+    return Connection(args.upstream, args.rate, token, args.upstream_ca)
+
+
+def cmd_reencrypt(args: argparse.Namespace) -> int:
+    from proxy.migrate.assess import Plan
+    from proxy.migrate.commands import every_type, reencrypt
+    from proxy.migrate.run import Options
+    from proxy.migrate.shards import parse_shard
+
+    if not args.policy:
+        raise ValueError("--policy (or FHIRCRYPT_POLICY) is required")
+    conn = _connection(args)
+    policy = compile_file(args.policy)
+    if getattr(policy, "per_patient_keys", False):
+        # Fail closed: reencrypt wraps data keys with the keyring's primary only. Under a policy with
+        # keys.per_patient that would put patients' records beyond the reach of crypto-shredding.
+        raise ValueError("reencrypt does not support policies with keys.per_patient yet")
+    keyring = load_keyring(args.keyring, provider_from_args(args))
+    unknown = [k for k in args.retire if k not in keyring.key_ids]
+    if unknown or keyring.primary_id in args.retire:
+        raise ValueError(f"--retire names keys that are not in the keyring or the primary: {', '.join(args.retire)}")
+    types = tuple(args.types) if args.types else every_type() if args.all_types else tuple(sorted(policy.resources))
+    plan = Plan(
+        policy,
+        keyring,
+        frozenset(args.retire),
+        args.to_primary,
+        compile_file(args.previous_policy) if args.previous_policy else None,
+    )
+    opts = Options(
+        types=types,
+        workers=max(1, args.workers),
+        page_size=max(1, args.page_size),
+        shard=parse_shard(args.shard) if args.shard else None,
+        dry_run=args.dry_run,
+    )
+    return asyncio.run(reencrypt(conn, plan, opts, args.checkpoint, args.report))
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
@@ -363,6 +466,8 @@ def main(argv: list[str] | None = None) -> None:
             )
         elif args.command == "serve":
             code = cmd_serve(args)
+        elif args.command == "reencrypt":
+            code = cmd_reencrypt(args)
         else:
             from proxy.demo import run_demo
 

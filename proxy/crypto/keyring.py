@@ -145,6 +145,16 @@ class Keyring:
         self.primary_id = kid
         return kid
 
+    def retire(self, kid: str) -> None:
+        """Forget a non-primary key. Anything still under it becomes unreadable, so the caller proves
+        first that nothing stored uses it (``fhircrypt keys retire`` scans the upstream)."""
+        if kid == self.primary_id:
+            raise KeyringError("the primary key cannot be retired; rotate first")
+        if kid not in self._keys:
+            raise KeyringError(f"key {kid} is not in the keyring")
+        del self._keys[kid]
+        self._created.pop(kid, None)
+
     def to_document(self, provider: KeyProvider) -> dict:
         def wrap(slot: str, key: bytes) -> str:
             return b64e(provider.wrap(key, wrap_context(self.keyring_id, slot)))
