@@ -6,9 +6,9 @@ by the pure core in ``proxy.transform``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import ssl
 import time
 import traceback
 import uuid
@@ -20,8 +20,10 @@ from yarl import URL
 
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
+from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
 from proxy.crypto.keyring import Keyring
+from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
@@ -32,10 +34,13 @@ from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import scrub_markers
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
+from proxy.web import metrics
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.readiness import READINESS, Readiness, readiness
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
+from proxy.web.tls import upstream_context
 from proxy.web.writes import apply_patch, check_scope, prepare_write
 
 log = logging.getLogger("fhircrypt")
@@ -130,6 +135,7 @@ async def _forward(
         headers["If-None-Exist"] = forwarding.if_none_exist
     if forwarding.if_match is not None:
         headers["If-Match"] = forwarding.if_match
+    sent = time.perf_counter()
     try:
         async with rt.session.request(
             forwarding.method or request.method,
@@ -137,6 +143,7 @@ async def _forward(
             data=body,
             headers=headers,
             allow_redirects=False,
+            server_hostname=rt.settings.upstream_server_name,
         ) as resp:
             raw = await read_limited(resp.content, rt.settings.max_response)
             status, up_headers = resp.status, resp.headers
@@ -145,6 +152,9 @@ async def _forward(
         raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
     except aiohttp.ClientError:
         raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+    finally:
+        exchange.upstream_seconds = time.perf_counter() - sent
+        metrics.UPSTREAM_LATENCY.labels(it.label()).observe(exchange.upstream_seconds)
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
     rewrite = _rewrite_urls(rt)
@@ -191,8 +201,10 @@ async def _forward(
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].snapshot()
     request_id = hdr.safe_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
+    REQUEST_ID.set(request_id)
+    metrics.IN_FLIGHT.inc()
     started = time.perf_counter()
     it: Interaction | None = None
     status = 500
@@ -244,6 +256,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
             else:
                 body = prepared
+            if body is not None and it.resource_type in rt.policy.resources:
+                metrics.ELEMENTS.labels("encrypted").inc(body.count(_CIPHERTEXT_BYTES))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
         response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)
@@ -252,6 +266,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except FhirError as err:
         status = err.status
         if err.status >= 400:
+            metrics.REFUSALS.labels(err.reason).inc()
             log.info(
                 "refused",
                 extra={
@@ -279,6 +294,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             record(
                 rt.audit, f"{rt.policy.name}@{rt.policy.digest[:12]}", request_id, it, status, exchange, request.remote
             )
+        _measure(rt, it, status, exchange, time.perf_counter() - started)
         log.info(
             "request",
             extra={
@@ -293,25 +309,47 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
 
 
+def _measure(rt: Runtime, it: Interaction | None, status: int, exchange: Exchange, seconds: float) -> None:
+    """Metrics of one request: labels are interaction kinds, status codes and counts only."""
+    label = it.label() if it else "unclassified"
+    metrics.IN_FLIGHT.dec()
+    metrics.REQUESTS.labels(label, str(status)).inc()
+    metrics.OVERHEAD.labels(label).observe(max(seconds - exchange.upstream_seconds, 0.0))
+    report = exchange.report
+    if report.decrypted:
+        metrics.ELEMENTS.labels("decrypted").inc(report.decrypted)
+    if report.masked:
+        metrics.ELEMENTS.labels("masked").inc(report.masked)
+    if report.failures:
+        metrics.INTEGRITY_FAILURES.inc(len(report.failures))
+    metrics.AUDIT_BACKLOG.set(sum(sink.backlog for sink in rt.audit))
+
+
 async def health(request: web.Request) -> web.Response:
+    """The process answers: liveness only (a restart would not fix a missing upstream)."""
     return web.json_response({"status": "ok"})
 
 
-def _client_ssl(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.upstream.startswith("https://"):
-        return None
-    ctx = ssl.create_default_context(cafile=settings.upstream_ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled session to the upstream, with the TLS of the moment (rebuilt on SIGHUP)."""
+    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
+    connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=upstream_context(settings) or True)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
+    )
 
 
-def server_ssl(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    return ctx
+def apply_reload(app: web.Application, policy: CompiledPolicy) -> None:
+    """Swap in a newly compiled policy, the identities file and a new upstream session (with the TLS
+    files as they are now). Requests already running keep the runtime they started with."""
+    rt = app[RUNTIME]
+    identities = CertificateIdentities.load(rt.settings.client_identities) if rt.settings.client_identities else None
+    old = rt.session
+    rt.session = upstream_session(rt.settings)
+    rt.policy, rt.identities = policy, identities
+    if old is not None:  # close the old pool once no request can still be using it
+        loop = asyncio.get_running_loop()
+        loop.call_later(rt.settings.upstream_timeout + 1, lambda: loop.create_task(old.close()))
 
 
 def default_public_base(settings: Settings) -> str:
@@ -330,6 +368,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
     )
     app = web.Application(client_max_size=settings.max_body)
     app[RUNTIME] = rt
+    app[READINESS] = Readiness()
     if settings.auth == "jwt":
         if not settings.audience:
             raise ValueError("--auth jwt needs --audience")
@@ -351,12 +390,11 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
             )
         )
 
+    if settings.client_identities:
+        rt.identities = CertificateIdentities.load(settings.client_identities)
+
     async def session_ctx(app: web.Application):
-        timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
-        connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=_client_ssl(settings) or True)
-        rt.session = aiohttp.ClientSession(
-            timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
-        )
+        rt.session = upstream_session(settings)
         # system CAs for the identity provider and the audit server: neither is the upstream
         outside = aiohttp.ClientSession() if rt.verifier or settings.audit_fhir else None
         trail = AuditTrail(settings.audit_trail).open() if settings.audit_trail else None
@@ -384,5 +422,8 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
 
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", readiness)
+    if settings.metrics:
+        app.router.add_get("/metrics", metrics.metrics_handler)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

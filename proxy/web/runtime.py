@@ -10,6 +10,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.audit.trail import AsyncAuditSink
+from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtVerifier
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
@@ -28,13 +29,16 @@ class Runtime:
     introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
+    identities: CertificateIdentities | None = None  # client certificate subjects mapped to callers
+
+    def snapshot(self) -> Runtime:
+        """A per-request view: a SIGHUP reload swaps the policy on the shared runtime, and a request
+        that started under the old policy finishes under it (never half old, half new)."""
+        return dataclasses.replace(self)
 
     @property
     def upstream_base(self) -> str:
         return str(self.upstream).rstrip("/")
-
-
-RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
