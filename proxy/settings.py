@@ -265,7 +265,7 @@ def resolve(
             if opt.path and base is not None and not Path(str(raw)).is_absolute():
                 raw = str(base / str(raw))
         else:
-            values[opt.name] = Value(opt.default, "default")
+            values[opt.name] = Value(None if opt.default is None else opt.parse(opt.default), "default")
             continue
         try:
             value = opt.parse(raw)

@@ -347,7 +347,8 @@ def apply_reload(app: web.Application, policy: CompiledPolicy) -> None:
     old = rt.session
     rt.session = upstream_session(rt.settings)
     rt.policy, rt.identities = policy, identities
-    if old is not None:  # close the old pool once no request can still be using it
+    if old is not None:  # close the old pool once no request can still be using it (or at shutdown)
+        rt.retired_sessions.append(old)
         loop = asyncio.get_running_loop()
         loop.call_later(rt.settings.upstream_timeout + 1, lambda: loop.create_task(old.close()))
 
@@ -416,7 +417,8 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
                 await sink.close()
             if trail is not None:
                 trail.close()
-            await rt.session.close()
+            for session in (*rt.retired_sessions, rt.session):
+                await session.close()
             if outside:
                 await outside.close()
 

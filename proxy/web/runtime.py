@@ -30,6 +30,7 @@ class Runtime:
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
     identities: CertificateIdentities | None = None  # client certificate subjects mapped to callers
+    retired_sessions: list[aiohttp.ClientSession] = dataclasses.field(default_factory=list)  # replaced by reloads
 
     def snapshot(self) -> Runtime:
         """A per-request view: a SIGHUP reload swaps the policy on the shared runtime, and a request
