@@ -92,8 +92,8 @@ class Served:
     def url(self, path: str, scheme: str = "http") -> str:
         return f"{scheme}://127.0.0.1:{self.port}{path}"
 
-    def get(self, path: str, **kwargs) -> tuple[int, bytes]:
-        return request("GET", self.url(path), **kwargs)
+    def get(self, path: str) -> tuple[int, bytes]:
+        return request("GET", self.url(path))
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
