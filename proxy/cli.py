@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="every option, its value and where it came from (secrets redacted)")
     _config_args(show)
+    probe = sub.add_parser("probe", help="exit 0 when the local proxy answers /healthz (container HEALTHCHECK)")
+    probe.add_argument("--ready", action="store_true", help="ask /readyz instead")
+    _config_args(probe)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -152,6 +155,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Probe this container's own proxy on loopback, on the ops port when there is one."""
+    import ssl
+    import urllib.request
+
+    settings = _resolve(args).settings()
+    if settings.ops_port is not None:
+        scheme, host, port = "http", settings.ops_host, settings.ops_port
+    else:
+        scheme, host, port = ("https" if settings.tls_cert else "http"), settings.host, settings.port
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    # our own process on loopback: whether its certificate is trusted is not what is probed
+    context = ssl._create_unverified_context() if scheme == "https" else None
+    url = f"{scheme}://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=3, context=context) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"probe {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.logs import configure
     from proxy.server import check_startup, serve
@@ -185,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_serve(args)
         elif args.command == "config":
             code = cmd_config(args)
+        elif args.command == "probe":
+            code = cmd_probe(args)
         else:
             from proxy.demo import run_demo
 

@@ -122,6 +122,14 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         shutdown_timeout=settings.shutdown_timeout,
     )
     await site.start()
+    runners = [runner]
+    if settings.ops_port is not None:
+        from proxy.web.app import ops_app
+
+        ops = web.AppRunner(ops_app(app), access_log=None, handle_signals=False)
+        await ops.setup()
+        await web.TCPSite(ops, settings.ops_host, settings.ops_port, reuse_port=reuse_port or None).start()
+        runners.append(ops)  # after the FHIR listener: /readyz says 'draining' while requests finish
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -134,7 +142,8 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         "draining: no new connections, waiting for requests in flight",
         extra={"event": "draining", "deadline_s": settings.shutdown_timeout},
     )
-    await runner.cleanup()  # closes the listener, waits up to shutdown_timeout, then closes the rest
+    for each in runners:  # close the listener, wait up to shutdown_timeout for requests, close the rest
+        await each.cleanup()
     log.info("stopped", extra={"event": "stopped"})
 
 

@@ -64,6 +64,8 @@ class Settings:
     shutdown_timeout: float = 25.0  # SIGTERM: seconds to finish in-flight requests before closing them
     readiness_cache: float = 5.0  # seconds a /readyz upstream probe result is reused
     metrics: bool = True  # serve Prometheus metrics at /metrics
+    ops_host: str | None = None  # plain-HTTP listener for /healthz, /readyz and /metrics (then not on the FHIR port)
+    ops_port: int | None = None
     log_level: str = "info"
 
 
@@ -165,6 +167,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_response", "upstream response limit in bytes", 64 * 1024 * 1024, int),
     Option("readiness_cache", "seconds a /readyz upstream probe is reused", 5.0, float),
     Option("metrics", "serve Prometheus metrics at /metrics", True, parse_bool),
+    Option("ops_listen", "HOST:PORT of a plain-HTTP listener for probes and /metrics only", parse=_listen),
     Option("log_level", "debug, info, warning or error", "info", choices=("debug", "info", "warning", "error")),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
@@ -194,9 +197,17 @@ class Resolved:
         known = {f.name for f in fields(Settings)}
         direct = {k: v.value for k, v in self.values.items() if k in known and v.value is not None}
         upstream = (self["upstream"] or "").rstrip("/")
-        return Settings(
-            **{**direct, "upstream": upstream, "host": host, "port": port, "public_base": self["public_base_url"]}
-        )
+        ops_host, ops_port = self["ops_listen"] or (None, None)
+        derived = {
+            "upstream": upstream,
+            "policy": self["policy"] or "",  # missing: named by the start-up check, not a TypeError
+            "host": host,
+            "port": port,
+            "public_base": self["public_base_url"],
+            "ops_host": ops_host,
+            "ops_port": ops_port,
+        }
+        return Settings(**{**direct, **derived})
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, printable value, source) for every option; secrets are never printed."""
@@ -204,7 +215,7 @@ class Resolved:
         for name, item in self.values.items():
             if BY_NAME[name].secret:
                 shown = "(set, redacted)" if item.value else "(not set)"
-            elif name == "listen":
+            elif name in ("listen", "ops_listen") and item.value:
                 shown = f"{item.value[0]}:{item.value[1]}"
             else:
                 shown = "" if item.value is None else str(item.value)

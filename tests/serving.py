@@ -40,8 +40,10 @@ def make_keyring(directory: Path) -> tuple[Path, Path]:
 class Served:
     """``python -m proxy serve ARGS`` with stderr parsed line by line (JSON log lines)."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, command: list[str] | None = None, port: int = 0
+    ) -> None:
+        self.port = port or free_port()
         self.lines: list[str] = []
         self._new: queue.Queue[str | None] = queue.Queue()
         full_env = {**os.environ, "FHIRCRYPT_LISTEN": f"127.0.0.1:{self.port}", **(env or {})}

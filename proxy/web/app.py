@@ -353,6 +353,22 @@ def apply_reload(app: web.Application, policy: CompiledPolicy) -> None:
         loop.call_later(rt.settings.upstream_timeout + 1, lambda: loop.create_task(old.close()))
 
 
+def _add_probes(app: web.Application, with_metrics: bool) -> None:
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", readiness)
+    if with_metrics:
+        app.router.add_get("/metrics", metrics.metrics_handler)
+
+
+def ops_app(app: web.Application) -> web.Application:
+    """Probes and metrics on their own plain-HTTP port (``ops_listen``): kubelets and Prometheus need no
+    client certificate, and FHIR clients cannot read operational data off the FHIR port."""
+    ops = web.Application()
+    ops[RUNTIME], ops[READINESS] = app[RUNTIME], app[READINESS]
+    _add_probes(ops, app[RUNTIME].settings.metrics)
+    return ops
+
+
 def default_public_base(settings: Settings) -> str:
     scheme = "https" if settings.tls_cert else "http"
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
@@ -423,9 +439,6 @@ def create_app(settings: Settings, policy: CompiledPolicy, keyring: Keyring) -> 
                 await outside.close()
 
     app.cleanup_ctx.append(session_ctx)
-    app.router.add_get("/healthz", health)
-    app.router.add_get("/readyz", readiness)
-    if settings.metrics:
-        app.router.add_get("/metrics", metrics.metrics_handler)
+    _add_probes(app, settings.metrics and settings.ops_port is None)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
