@@ -150,9 +150,11 @@ def _assert_closed_labels(text: str) -> None:
 
 async def test_request_ids_are_accepted_propagated_and_answered(proxy_for, clean_upstream):
     client = await proxy_for(clean_upstream.base_url, unit_policy())
-    resp = await client.get("/fhir/R4/metadata", headers={"X-Request-ID": "lb-1234-abcd"})
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    resp = await client.get("/fhir/R4/metadata", headers={"X-Request-ID": "lb-1234-abcd", "traceparent": trace})
     assert resp.headers["X-Request-ID"] == "lb-1234-abcd"
-    assert clean_upstream.requests()[-1]["headers"]["x-request-id"] == "lb-1234-abcd"
+    forwarded = clean_upstream.requests()[-1]["headers"]
+    assert forwarded["x-request-id"] == "lb-1234-abcd" and forwarded["traceparent"] == trace
     resp = await client.get("/fhir/R4/metadata", headers={"X-Request-ID": "bad id with spaces"})
     assert re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"])  # replaced, not echoed
 
