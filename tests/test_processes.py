@@ -41,7 +41,6 @@ def start(tmp_path, clean_upstream):
                 **env,
             },
         )
-        served.policy_file = policy
         running.append(served)
         return served
 
@@ -131,19 +130,20 @@ async def test_the_drain_deadline_closes_what_has_not_finished(start, slow_upstr
     release.set()
 
 
-def test_sighup_reloads_the_policy_and_rejects_one_that_does_not_compile(start, clean_upstream):
+def test_sighup_reloads_the_policy_and_rejects_one_that_does_not_compile(start, clean_upstream, tmp_path):
+    policy = tmp_path / "policy.yaml"  # the file the start fixture wrote
     served = start(policy_text=WITHOUT_BIRTHDATE)
     served.wait_for("listening")
     assert _create(served, "1971-02-17") == 201
     assert "1971-02-17" in _stored(clean_upstream)  # not covered by the first policy
 
-    served.policy_file.write_text(TEST_POLICY)
+    policy.write_text(TEST_POLICY)
     served.signal(signal.SIGHUP)
     (reloaded,) = served.wait_for("reloaded")
     assert _create(served, "1982-03-18") == 201
     assert "1982-03-18" not in _stored(clean_upstream)  # the reloaded policy encrypts it
 
-    served.policy_file.write_text(TEST_POLICY + "      - {path: id, group: clinical}\n")
+    policy.write_text(TEST_POLICY + "      - {path: id, group: clinical}\n")
     served.signal(signal.SIGHUP)
     (rejected,) = served.wait_for("reload-rejected")
     assert (
