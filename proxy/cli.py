@@ -1,8 +1,9 @@
 """The ``fhircrypt`` command: a thin shell over the core and the aiohttp app.
 
-Every ``serve`` flag can also be set by an environment variable (``FHIRCRYPT_`` +
-the flag name in upper case, e.g. ``FHIRCRYPT_UPSTREAM``); flags win. Secrets (the
-key-encryption key) come only from files or environment variables, never from flags.
+``serve`` and ``config show`` take one flag per option of :mod:`proxy.settings`; each can
+also come from ``FHIRCRYPT_<NAME>`` or the ``--config`` file (flags > env > file > defaults).
+Secrets (the key-encryption key, client secrets) come only from files or environment
+variables, never from flags.
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.crypto.kek import KeyringError, generate_kek
-from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring, load_keyring, rewrap_keyring, save_keyring
 from proxy.envsecrets import read_secret
-from proxy.keyflags import add_cache_args, add_provider_args, cache_bounds, provider_from_args
+from proxy.keyflags import add_provider_args, provider_from_args
 from proxy.keystore.base import StoreError
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
-from proxy.settings import Settings
+from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, parse_bool, resolve
 
 log = logging.getLogger("fhircrypt")
 
@@ -36,13 +36,6 @@ def _env(name: str, default: str | None = None) -> str | None:
 def _secret(name: str) -> str | None:
     """A secret from FHIRCRYPT_<NAME>_FILE or FHIRCRYPT_<NAME>; secrets never come from flags."""
     return read_secret(os.environ, name)
-
-
-def _listen(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise argparse.ArgumentTypeError("use HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]"), int(port)
 
 
 def _kek_args(p: argparse.ArgumentParser) -> None:
@@ -73,70 +66,37 @@ def _upstream_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", help="write the JSON report to this file ('-' for stdout)")
 
 
+def _config_args(p: argparse.ArgumentParser) -> None:
+    """One flag per configuration option; secrets have none (they come from files or the environment)."""
+    p.add_argument("--config", help=f"YAML configuration file (or {CONFIG_ENV})")
+    for opt in OPTIONS:
+        if opt.secret:
+            continue
+        if opt.parse is parse_bool:
+            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+        else:
+            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=opt.help)
+
+
+def _resolve(args: argparse.Namespace) -> Resolved:
+    flags = {opt.name: getattr(args, opt.name) for opt in OPTIONS if not opt.secret}
+    return resolve(flags, os.environ, args.config)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fhircrypt", description="Encrypting reverse proxy for FHIR R4")
     parser.add_argument("--version", action="version", version=f"fhircrypt {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
-    serve.add_argument("--policy", default=_env("policy"), help="policy file (YAML)")
-    serve.add_argument("--listen", type=_listen, default=_env("listen", "127.0.0.1:8080"), help="HOST:PORT")
-    serve.add_argument(
-        "--public-base-url",
-        default=_env("public_base_url"),
-        help="the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)",
-    )
-    serve.add_argument("--tls-cert", default=_env("tls_cert"), help="serve HTTPS with this certificate (PEM)")
-    serve.add_argument("--tls-key", default=_env("tls_key"), help="private key of --tls-cert (PEM)")
-    serve.add_argument(
-        "--upstream-ca", default=_env("upstream_ca"), help="CA bundle to verify an https upstream (default: system CAs)"
-    )
-    serve.add_argument(
-        "--auth",
-        choices=("jwt", "none"),
-        default=_env("auth", "jwt"),
-        help="jwt: bearer tokens verified against the OpenID provider; "
-        "'none' is a development mode that decrypts everything for everyone",
-    )
-    serve.add_argument("--oidc-issuer", default=_env("oidc_issuer"), help="OpenID provider (discovery)")
-    serve.add_argument("--jwks-url", default=_env("jwks_url"), help="JWKS URL (instead of discovery)")
-    serve.add_argument("--audience", default=_env("audience"), help="the aud claim tokens must carry")
-    serve.add_argument("--token-issuer", default=_env("token_issuer"), help="the iss claim (default: discovered)")
-    serve.add_argument("--clock-skew", type=float, default=float(_env("clock_skew", "60")))
-    serve.add_argument(
-        "--introspection-url",
-        default=_env("introspection_url"),
-        help="RFC 7662 endpoint for opaque tokens (secret: FHIRCRYPT_INTROSPECTION_SECRET[_FILE])",
-    )
-    serve.add_argument("--introspection-client-id", default=_env("introspection_client_id", "fhircrypt"))
-    serve.add_argument("--audit-trail", default=_env("audit_trail"), help="audit trail (from fhircrypt audit init)")
-    serve.add_argument(
-        "--audit-fhir",
-        default=_env("audit_fhir"),
-        help="also POST every AuditEvent to this FHIR base (an audit repository off this host)",
-    )
-    serve.add_argument(
-        "--audit-mode",
-        choices=("fail-closed", "continue"),
-        default=_env("audit_mode", "fail-closed"),
-        help="when the trail cannot keep up: refuse requests (default) or carry on, counting losses",
-    )
-
-    serve.add_argument(
-        "--no-validate",
-        action="store_true",
-        default=_env("validate", "true") == "false",
-        help="skip fhir.resources validation of writes",
-    )
-    serve.add_argument(
-        "--max-body", type=int, default=int(_env("max_body", str(16 * 1024 * 1024))), help="request body limit in bytes"
-    )
-    serve.add_argument("--upstream-timeout", type=float, default=float(_env("upstream_timeout", "30")))
-    serve.add_argument("--log-level", default=_env("log_level", "info"))
-    _store_args(serve)
-    _kek_args(serve)
-    add_cache_args(serve)
+    _config_args(serve)
+    config = sub.add_parser("config", help="the effective configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="every option, its value and where it came from (secrets redacted)")
+    _config_args(show)
+    probe = sub.add_parser("probe", help="exit 0 when the local proxy answers /healthz (container HEALTHCHECK)")
+    probe.add_argument("--ready", action="store_true", help="ask /readyz instead")
+    _config_args(probe)
 
     audit = sub.add_parser("audit", help="the tamper-evident audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
@@ -356,90 +316,51 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from proxy.logs import configure
-    from proxy.web.app import create_app, server_ssl
-
-    configure(args.log_level)
-    for name in ("upstream", "policy"):
-        if not getattr(args, name):
-            print(f"error: --{name} (or FHIRCRYPT_{name.upper()}) is required", file=sys.stderr)
-            return 2
-    if args.auth == "jwt" and (not args.audience or not (args.oidc_issuer or args.jwks_url)):
-        print(
-            "error: --auth jwt needs --audience and --oidc-issuer or --jwks-url (--auth none is a development "
-            "mode that decrypts everything for every caller)",
-            file=sys.stderr,
-        )
-        return 2
-    if bool(args.tls_cert) != bool(args.tls_key):
-        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
-        return 2
-    host, port = args.listen
-    settings = Settings(
-        upstream=args.upstream.rstrip("/"),
-        policy=args.policy,
-        keyring=args.keyring,
-        kek_file=args.kek_file,
-        host=host,
-        port=port,
-        public_base=args.public_base_url,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        upstream_ca=args.upstream_ca,
-        auth=args.auth,
-        oidc_issuer=args.oidc_issuer,
-        jwks_url=args.jwks_url,
-        audience=args.audience,
-        token_issuer=args.token_issuer,
-        clock_skew=args.clock_skew,
-        introspection_url=args.introspection_url,
-        introspection_client_id=args.introspection_client_id,
-        introspection_secret=_secret("introspection_secret"),
-        audit_trail=args.audit_trail,
-        audit_fhir=args.audit_fhir,
-        audit_fhir_token=_secret("audit_fhir_token"),
-        audit_mode=args.audit_mode,
-        validate=not args.no_validate,
-        max_body=args.max_body,
-        upstream_timeout=args.upstream_timeout,
-        patient_key_store=args.patient_key_store,
-        patient_key_ttl=args.patient_key_ttl,
-    )
-    policy = compile_file(settings.policy)
-    keys = KeyCache(settings.keyring, provider_from_args(args), cache_bounds(args))  # no keys, no start
-    keyring = keys.current()
-    if settings.auth == "none":
-        log.warning(
-            "DEVELOPMENT MODE: --auth none decrypts every element for every caller; never expose this proxy",
-            extra={"event": "auth-disabled"},
-        )
-    elif policy.access is None:
-        log.warning(
-            "the policy has no access rules: authenticated callers get every element masked",
-            extra={"event": "no-access-rules"},
-        )
-    if not settings.audit_trail and not settings.audit_fhir:
-        log.warning("no audit trail (--audit-trail): decryptions are not recorded", extra={"event": "no-audit"})
-    app = create_app(settings, policy, keys)
-    log.info(
-        "starting",
-        extra={
-            "event": "start",
-            "listen": f"{host}:{port}",
-            "policy": policy.name,
-            "policy_sha256": policy.digest,
-            "primary_key": keyring.primary_id,
-            "key_provider": keys.provider_health().provider,
-            "tls": bool(settings.tls_cert),
-        },
-    )
-    web.run_app(
-        app, host=host, port=port, ssl_context=server_ssl(settings), print=None, access_log=None, shutdown_timeout=10
-    )
+def cmd_config(args: argparse.Namespace) -> int:
+    resolved = _resolve(args)
+    kek = kek_source(resolved, os.environ)
+    rows = [*resolved.show(), ("kek", "" if kek == "not set" else "(redacted)", kek)]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"# configuration file: {resolved.config_file or '(none)'}; precedence: flag > env > file > default")
+    for name, value, source in rows:
+        print(f"{name.ljust(width)}  {value or '-'}  [{source}]")
     return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Probe this container's own proxy on loopback, on the ops port when there is one."""
+    import ssl
+    import urllib.request
+
+    settings = _resolve(args).settings()
+    if settings.ops_port is not None:
+        scheme, host, port = "http", settings.ops_host, settings.ops_port
+    else:
+        scheme, host, port = ("https" if settings.tls_cert else "http"), settings.host, settings.port
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    # our own process on loopback: whether its certificate is trusted is not what is probed
+    context = ssl._create_unverified_context() if scheme == "https" else None
+    url = f"{scheme}://{host}:{port}/{'readyz' if args.ready else 'healthz'}"
+    try:
+        with urllib.request.urlopen(url, timeout=3, context=context) as resp:
+            return 0 if resp.status == 200 else 1
+    except OSError as exc:
+        print(f"probe {url}: {type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.logs import configure
+    from proxy.server import check_startup, serve
+
+    resolved = _resolve(args)
+    settings = resolved.settings()
+    configure(settings.log_level)
+    problem = check_startup(settings)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return serve(settings)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -468,6 +389,10 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_serve(args)
         elif args.command == "reencrypt":
             code = cmd_reencrypt(args)
+        elif args.command == "config":
+            code = cmd_config(args)
+        elif args.command == "probe":
+            code = cmd_probe(args)
         else:
             from proxy.demo import run_demo
 

@@ -102,3 +102,18 @@ def add_cache_args(p: argparse.ArgumentParser) -> None:
 
 def cache_bounds(args: argparse.Namespace) -> CacheBounds:
     return CacheBounds(args.key_refresh_interval, args.key_cache_max_age, args.key_max_wraps)
+
+
+def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
+    """The provider ``serve`` uses: the same settings as the flags, from the configuration model."""
+    kind = settings.key_provider
+    config: dict[str, object] = {"type": kind}
+    for flag, (owner, name) in _FLAGS.items():
+        value = getattr(settings, flag.replace("-", "_"))
+        if owner == kind and value:
+            config[name] = value
+    return build_provider(config, dict(os.environ if environ is None else environ))
+
+
+def settings_bounds(settings) -> CacheBounds:
+    return CacheBounds(settings.key_refresh_interval, settings.key_cache_max_age, settings.key_max_wraps)

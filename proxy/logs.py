@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextvars import ContextVar
 
 import orjson
+
+# the request being handled (set by the aiohttp handler): every line logged while handling it carries it
+REQUEST_ID: ContextVar[str | None] = ContextVar("fhircrypt_request_id", default=None)
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
@@ -17,9 +21,15 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
             "msg": record.getMessage(),
         }
+        request_id = REQUEST_ID.get()
+        if request_id:
+            line["request_id"] = request_id
         line.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info and record.exc_info[0] is not None:  # the type only: messages may quote values
+            line["error"] = record.exc_info[0].__name__
         return orjson.dumps(line, default=str).decode()
 
 

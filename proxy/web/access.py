@@ -34,15 +34,18 @@ async def authorize(
         return _NOTHING
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise _unauthorized("a bearer token is required", invalid=False)
-    token = token.strip()
-    try:
-        if rt.introspector is not None and token.count(".") != 2:  # opaque: not a JWS compact serialisation
-            claims = await rt.introspector.verify(token)
-        else:
-            claims = await rt.verifier.verify(token)
-    except TokenError as exc:
-        raise _unauthorized(str(exc), invalid=True) from None
+        claims = _certificate_claims(rt, request)
+        if claims is None:
+            raise _unauthorized("a bearer token is required", invalid=False)
+    else:
+        token = token.strip()
+        try:
+            if rt.introspector is not None and token.count(".") != 2:  # opaque: not a JWS compact serialisation
+                claims = await rt.introspector.verify(token)
+            else:
+                claims = await rt.verifier.verify(token)
+        except TokenError as exc:
+            raise _unauthorized(str(exc), invalid=True) from None
     access = rt.policy.access
     if access is None:
         exchange.caller = caller_from_claims(claims)
@@ -64,6 +67,16 @@ async def authorize(
             },
         )
     return grants.for_resource
+
+
+def _certificate_claims(rt: Runtime, request: web.Request) -> dict | None:
+    """Without a bearer token: the claims mapped to the client's certificate (verified by the TLS layer
+    against tls_client_ca), or None. A bearer token, when sent, always decides instead."""
+    if rt.identities is None or request.transport is None:
+        return None
+    ssl_object = request.transport.get_extra_info("ssl_object")
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return rt.identities.claims_for(der) if der else None
 
 
 def watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:

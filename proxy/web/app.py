@@ -6,9 +6,9 @@ by the pure core in ``proxy.transform``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
-import ssl
 import time
 import traceback
 import uuid
@@ -20,20 +20,23 @@ from yarl import URL
 
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
+from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
 from proxy.crypto.kek import KeyringError
 from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import PatientKeyCache
 from proxy.keystore import open_store
+from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, subset
 from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
+from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.search import Searcher
-from proxy.web import bulk
+from proxy.web import bulk, metrics
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
@@ -41,12 +44,15 @@ from proxy.web.binaries import binary_content
 from proxy.web.bundles import prepare_bundle
 from proxy.web.keyrefresh import refresh_keys_ctx
 from proxy.web.patientkeys import PATIENT_KEY_MARK, PatientKeyService
+from proxy.web.readiness import READINESS, Readiness, readiness
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
+from proxy.web.tls import upstream_context
 from proxy.web.upstream import read_limited, upstream_call
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
+CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
 
 
 def _respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -125,10 +131,22 @@ async def _forward(
     if forwarding.if_match is not None:
         headers["If-Match"] = forwarding.if_match
     method = forwarding.method or request.method
-    async with upstream_call(rt.session, method, URL(url, encoded=True), data=body, headers=headers) as resp:
-        raw = await read_limited(resp.content, rt.settings.max_response)
-        status, up_headers = resp.status, resp.headers
-        ctype = hdr.media_type(resp.headers.get("Content-Type"))
+    sent = time.perf_counter()
+    try:
+        async with upstream_call(
+            rt.session,
+            method,
+            URL(url, encoded=True),
+            data=body,
+            headers=headers,
+            server_hostname=rt.settings.upstream_server_name,
+        ) as resp:
+            raw = await read_limited(resp.content, rt.settings.max_response)
+            status, up_headers = resp.status, resp.headers
+            ctype = hdr.media_type(resp.headers.get("Content-Type"))
+    finally:
+        exchange.upstream_seconds = time.perf_counter() - sent
+        metrics.UPSTREAM_LATENCY.labels(it.label()).observe(exchange.upstream_seconds)
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
     rewrite = _rewrite_urls(rt)
@@ -180,8 +198,10 @@ async def _forward(
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    rt = request.app[RUNTIME]
+    rt = request.app[RUNTIME].snapshot()
     request_id = hdr.safe_request_id(request.headers.get("X-Request-ID")) or uuid.uuid4().hex
+    REQUEST_ID.set(request_id)
+    metrics.IN_FLIGHT.inc()
     started = time.perf_counter()
     it: Interaction | None = None
     status = 500
@@ -263,6 +283,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
             else:
                 body = prepared
+            if body is not None and it.resource_type in rt.policy.resources:
+                metrics.ELEMENTS.labels("encrypted").inc(body.count(CIPHERTEXT_BYTES))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
         response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)
@@ -274,6 +296,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except FhirError as err:
         status = err.status
         if err.status >= 400:
+            metrics.REFUSALS.labels(err.reason).inc()
             log.info(
                 "refused",
                 extra={
@@ -305,6 +328,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             record(
                 rt.audit, f"{rt.policy.name}@{rt.policy.digest[:12]}", request_id, it, status, exchange, request.remote
             )
+        _measure(rt, it, status, exchange, time.perf_counter() - started)
         log.info(
             "request",
             extra={
@@ -319,25 +343,64 @@ async def handle(request: web.Request) -> web.StreamResponse:
         )
 
 
+def _measure(rt: Runtime, it: Interaction | None, status: int, exchange: Exchange, seconds: float) -> None:
+    """Metrics of one request: labels are interaction kinds, status codes and counts only."""
+    label = it.label() if it else "unclassified"
+    metrics.IN_FLIGHT.dec()
+    metrics.REQUESTS.labels(label, str(status)).inc()
+    metrics.OVERHEAD.labels(label).observe(max(seconds - exchange.upstream_seconds, 0.0))
+    report = exchange.report
+    if report.decrypted:
+        metrics.ELEMENTS.labels("decrypted").inc(report.decrypted)
+    if report.masked:
+        metrics.ELEMENTS.labels("masked").inc(report.masked)
+    if report.failures:
+        metrics.INTEGRITY_FAILURES.inc(len(report.failures))
+    metrics.AUDIT_BACKLOG.set(sum(sink.backlog for sink in rt.audit))
+
+
 async def health(request: web.Request) -> web.Response:
+    """The process answers: liveness only (a restart would not fix a missing upstream)."""
     return web.json_response({"status": "ok"})
 
 
-def _client_ssl(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.upstream.startswith("https://"):
-        return None
-    ctx = ssl.create_default_context(cafile=settings.upstream_ca)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    return ctx
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled session to the upstream, with the TLS of the moment (rebuilt on SIGHUP)."""
+    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
+    connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=upstream_context(settings) or True)
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
+    )
 
 
-def server_ssl(settings: Settings) -> ssl.SSLContext | None:
-    if not settings.tls_cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
-    return ctx
+def apply_reload(app: web.Application, policy: CompiledPolicy) -> None:
+    """Swap in a newly compiled policy, the identities file and a new upstream session (with the TLS
+    files as they are now). Requests already running keep the runtime they started with."""
+    rt = app[RUNTIME]
+    identities = CertificateIdentities.load(rt.settings.client_identities) if rt.settings.client_identities else None
+    old = rt.session
+    rt.session = upstream_session(rt.settings)
+    rt.policy, rt.identities = policy, identities
+    if old is not None:  # close the old pool once no request can still be using it (or at shutdown)
+        rt.retired_sessions.append(old)
+        loop = asyncio.get_running_loop()
+        loop.call_later(rt.settings.upstream_timeout + 1, lambda: loop.create_task(old.close()))
+
+
+def _add_probes(app: web.Application, with_metrics: bool) -> None:
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", readiness)
+    if with_metrics:
+        app.router.add_get("/metrics", metrics.metrics_handler)
+
+
+def ops_app(app: web.Application) -> web.Application:
+    """Probes and metrics on their own plain-HTTP port (``ops_listen``): kubelets and Prometheus need no
+    client certificate, and FHIR clients cannot read operational data off the FHIR port."""
+    ops = web.Application()
+    ops[RUNTIME], ops[READINESS] = app[RUNTIME], app[READINESS]
+    _add_probes(ops, app[RUNTIME].settings.metrics)
+    return ops
 
 
 def default_public_base(settings: Settings) -> str:
@@ -362,6 +425,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
     app = web.Application(client_max_size=settings.max_body)
     app[RUNTIME] = rt
+    app[READINESS] = Readiness()
     if settings.auth == "jwt":
         if not settings.audience:
             raise ValueError("--auth jwt needs --audience")
@@ -383,12 +447,11 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
             )
         )
 
+    if settings.client_identities:
+        rt.identities = CertificateIdentities.load(settings.client_identities)
+
     async def session_ctx(app: web.Application):
-        timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
-        connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=_client_ssl(settings) or True)
-        rt.session = aiohttp.ClientSession(
-            timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
-        )
+        rt.session = upstream_session(settings)
         # system CAs for the identity provider and the audit server: neither is the upstream
         outside = aiohttp.ClientSession() if rt.verifier or settings.audit_fhir else None
         trail = AuditTrail(settings.audit_trail).open() if settings.audit_trail else None
@@ -410,7 +473,8 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
                 await sink.close()
             if trail is not None:
                 trail.close()
-            await rt.session.close()
+            for session in (*rt.retired_sessions, rt.session):
+                await session.close()
             if outside:
                 await outside.close()
             if rt.patient_keys is not None:
@@ -418,6 +482,6 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
 
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(refresh_keys_ctx)
-    app.router.add_get("/healthz", health)
+    _add_probes(app, settings.metrics and settings.ops_port is None)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

@@ -40,6 +40,7 @@ class Exchange:
     forwarded_query: str | None = None
     report: ReadReport = field(default_factory=ReadReport)
     references: list[str] = field(default_factory=list)
+    upstream_seconds: float = 0.0  # waiting for the upstream's answer (metrics: proxy overhead)
 
 
 def references_in(payload: dict) -> list[str]:

@@ -57,6 +57,12 @@ def _headers(rt: Runtime, request: web.Request, request_id: str, with_token: boo
     return dict(headers)
 
 
+def _tls(rt: Runtime, upstream: bool) -> dict:
+    """The upstream's SNI name for its own URLs; a pre-signed link's host is someone else's."""
+    name = rt.settings.upstream_server_name
+    return {"server_hostname": name} if upstream and name else {}
+
+
 def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange) -> web.Response:
     """An upstream answer that is not a manifest or a file: an OperationOutcome, decrypted like any body."""
     if not raw:
@@ -86,7 +92,7 @@ async def kickoff(
         exchange.forwarded_query = request.raw_path.split("?", 1)[1]
         url += "?" + exchange.forwarded_query
     async with upstream_call(
-        rt.session, "GET", URL(url, encoded=True), headers=_headers(rt, request, request_id)
+        rt.session, "GET", URL(url, encoded=True), headers=_headers(rt, request, request_id), **_tls(rt, True)
     ) as resp:
         raw = await read_limited(resp.content, rt.settings.max_response) or b""
         status, location = resp.status, resp.headers.get("Content-Location")
@@ -123,7 +129,9 @@ async def follow(
 
 async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, exchange: Exchange):
     headers = _headers(rt, request, request_id) | {"Accept": "application/json"}
-    async with upstream_call(rt.session, request.method, URL(url, encoded=True), headers=headers) as resp:
+    async with upstream_call(
+        rt.session, request.method, URL(url, encoded=True), headers=headers, **_tls(rt, True)
+    ) as resp:
         raw = await read_limited(resp.content, rt.settings.max_response)
         status, up_headers = resp.status, resp.headers
     if raw is None:
@@ -164,7 +172,9 @@ async def _file(
     )
     hits: list[str] = []
     grants = watch_canaries(rt, grants_for, hits)
-    async with upstream_call(rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout) as resp:
+    async with upstream_call(
+        rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout, **_tls(rt, with_token)
+    ) as resp:
         if resp.status != 200:
             raw = await read_limited(resp.content, rt.settings.max_response) or b""
             return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, exchange)

@@ -21,6 +21,8 @@ REQUEST_HEADERS = (
     "Accept-Language",
     "User-Agent",
     "Cache-Control",
+    "traceparent",  # W3C trace context: ids only, so a tracing upstream joins the caller's trace
+    "tracestate",
 )
 RESPONSE_HEADERS = (
     "ETag",

@@ -10,6 +10,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.audit.trail import AsyncAuditSink
+from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtVerifier
 from proxy.crypto.envelope import KeyLookup
 from proxy.crypto.keycache import KeyCache
@@ -31,7 +32,14 @@ class Runtime:
     introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
+    identities: CertificateIdentities | None = None  # client certificate subjects mapped to callers
+    retired_sessions: list[aiohttp.ClientSession] = dataclasses.field(default_factory=list)  # replaced by reloads
     patient_keys: PatientKeyService | None = None  # per-patient keys (crypto-shredding), when configured
+
+    def snapshot(self) -> Runtime:
+        """A per-request view: a SIGHUP reload swaps the policy on the shared runtime, and a request
+        that started under the old policy finishes under it (never half old, half new)."""
+        return dataclasses.replace(self)
 
     @property
     def read_keys(self) -> KeyLookup:

@@ -1,0 +1,94 @@
+"""The configuration model: flags > FHIRCRYPT_* environment > config file > defaults; secrets only from
+files or the environment; ``fhircrypt config show`` tells each value's source and never prints a secret."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.settings import OPTIONS, ConfigError, resolve
+from tests.test_cli_tls import run_cli
+
+
+def test_flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults(tmp_path):
+    config = tmp_path / "fhircrypt.yaml"
+    config.write_text("upstream: https://file.example/fhir\nworkers: 3\nmax_body: 1000\npolicy: p.yaml\n")
+    env = {"FHIRCRYPT_WORKERS": "5", "FHIRCRYPT_MAX_BODY": "2000"}
+    resolved = resolve({"workers": "7"}, env, str(config))
+    assert resolved.values["workers"].value == 7 and resolved.values["workers"].source == "flag --workers"
+    assert resolved.values["max_body"].value == 2000 and resolved.values["max_body"].source == "env FHIRCRYPT_MAX_BODY"
+    assert resolved.values["upstream"].source == f"file {config}"
+    assert resolved.values["upstream_timeout"].value == 30.0 and resolved.values["upstream_timeout"].source == "default"
+    assert resolved["policy"] == str(tmp_path / "p.yaml")  # relative to the config file, not the cwd
+    settings = resolved.settings()
+    assert settings.workers == 7 and settings.upstream == "https://file.example/fhir"
+    assert (settings.host, settings.port) == ("127.0.0.1", 8080)
+
+
+def test_the_config_file_comes_from_the_environment_too(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: 0.0.0.0:9443\nvalidate: false\n")
+    settings = resolve({}, {"FHIRCRYPT_CONFIG": str(config)}).settings()
+    assert (settings.host, settings.port, settings.validate) == ("0.0.0.0", 9443, False)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("introspection_secret: hunter2\n", "secrets are never written into the config file"),
+        ("kek: 00ff\n", "kek: secrets are never written"),
+        ("upstrem: x\n", "upstrem: unknown option"),
+        ("workers: many\n", "workers (file"),
+        ("auth: maybe\n", "use one of jwt, none"),
+        ("- a list\n", "must be a mapping"),
+        ("a: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_files_are_refused_with_the_option_named(tmp_path, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")) as err:
+        resolve({}, {}, str(config))
+    assert "hunter2" not in str(err.value)
+
+
+def test_secrets_come_from_files_or_the_environment_and_have_no_flags(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s3cr3t-value\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"introspection_secret_file: {secret.name}\n")
+    assert resolve({}, {}, str(config))["introspection_secret"] == "s3cr3t-value"
+    env = {"FHIRCRYPT_AUDIT_FHIR_TOKEN_FILE": str(secret), "FHIRCRYPT_INTROSPECTION_SECRET": "from-env"}
+    resolved = resolve({}, env, str(config))
+    assert resolved["audit_fhir_token"] == "s3cr3t-value" and resolved["introspection_secret"] == "from-env"
+    secrets = {o.name for o in OPTIONS if o.secret}
+    assert secrets == {"introspection_secret", "audit_fhir_token"}
+    out = run_cli("serve", "--introspection-secret", "x")
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+
+
+def test_config_show_prints_sources_and_redacts_secrets(tmp_path):
+    config = tmp_path / "c.yaml"
+    secret = tmp_path / "token"
+    secret.write_text("tok-9f8e7d6c5b4a\n")
+    config.write_text(f"upstream: https://fhir.example/R4\naudit_fhir_token_file: {secret}\n")
+    kek = "a" * 64
+    out = run_cli(
+        "config",
+        "show",
+        "--config",
+        str(config),
+        "--workers",
+        "4",
+        env={"FHIRCRYPT_KEK": kek, "FHIRCRYPT_LOG_LEVEL": "debug", "FHIRCRYPT_INTROSPECTION_SECRET": "p4ss-w0rd"},
+    )
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line for line in out.stdout.splitlines() if not line.startswith("#")}
+    assert "[flag --workers]" in rows["workers"] and " 4 " in rows["workers"]
+    assert "[env FHIRCRYPT_LOG_LEVEL]" in rows["log_level"]
+    assert f"[file {config}]" in rows["upstream"]
+    assert "(set, redacted)" in rows["audit_fhir_token"] and "(set, redacted)" in rows["introspection_secret"]
+    assert "[env FHIRCRYPT_KEK (redacted)]" in rows["kek"]
+    assert "[default]" in rows["upstream_timeout"]
+    for value in (kek, "tok-9f8e7d6c5b4a", "p4ss-w0rd"):
+        assert value not in out.stdout + out.stderr
+    assert set(rows) == {o.name for o in OPTIONS} | {"kek"}
