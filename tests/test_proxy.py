@@ -553,6 +553,29 @@ async def test_contained_and_bundled_resources_are_encrypted_by_their_own_policy
     assert_no_plaintext(clean_upstream.dump(), [*NEEDLES, "9.87", "reaktif-xyz", "anemia ringan qqq"])
 
 
+async def test_concurrent_patches_never_lose_an_update(client, clean_upstream):
+    """Twelve writers patch the same Patient at once, each adding its own telecom: every patch that
+    was answered 200 is in the final version, and every other writer got the server's conflict."""
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
+    url = f"/fhir/R4/Patient/{created['id']}"
+    json_patch = {"Content-Type": "application/json-patch+json"}
+
+    async def writer(i: int) -> tuple[int, str]:
+        value = f"+62-811-000-{i:04d}"
+        ops = [{"op": "add", "path": "/telecom/-", "value": {"system": "phone", "value": value}}]
+        resp = await client.patch(url, data=orjson.dumps(ops), headers=json_patch)
+        return resp.status, value
+
+    results = await asyncio.gather(*(writer(i) for i in range(12)))
+    assert {status for status, _ in results} <= {200, 409, 412}
+    final = await (await client.get(url)).json()
+    phones = {t["value"] for t in final["telecom"] if t.get("system") == "phone"}
+    won = {value for status, value in results if status == 200}
+    assert won and won <= phones, "an update answered 200 is missing: it was lost"
+    assert not ({value for _, value in results} - won) & phones, "a refused update was stored anyway"
+    assert int(final["meta"]["versionId"]) == 1 + len(won)
+
+
 async def test_json_patch_on_encrypted_elements_is_executed_by_the_proxy(client, clean_upstream):
     """Issue 4 (PATCH): read, decrypt, apply, encrypt, update with If-Match on the version read."""
     created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)).json()
