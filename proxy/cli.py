@@ -17,7 +17,14 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.crypto.kek import KeyringError, generate_kek
-from proxy.crypto.keyring import Keyring, load_keyring, rewrap_keyring, save_keyring
+from proxy.crypto.keyring import (
+    Keyring,
+    backup_keyring,
+    load_keyring,
+    restore_keyring,
+    rewrap_keyring,
+    save_keyring,
+)
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args
 from proxy.keystore.base import StoreError
@@ -131,6 +138,15 @@ def _parser() -> argparse.ArgumentParser:
         "--generate-kek", metavar="FILE", help="--to-key-provider local: create the new KEK in FILE (mode 0600)"
     )
 
+    backup = keys_sub.add_parser("backup", help="copy the wrapped keyring to FILE after proving it opens")
+    _kek_args(backup)
+    backup.add_argument("--out", required=True, help="the backup file (never overwritten; mode 0600)")
+    restore = keys_sub.add_parser(
+        "restore", help="put a verified backup in place of --keyring (refuses to drop keys the current one holds)"
+    )
+    _kek_args(restore)
+    restore.add_argument("--from", dest="source", required=True, help="the backup file")
+
     shred = sub.add_parser(
         "shred",
         help="crypto-shred a patient (destroy its keys) or manage the legal-hold list",
@@ -224,6 +240,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "rewrap":
         return cmd_rewrap(args)
     provider = provider_from_args(args)
+    if args.keys_command == "backup":
+        keyring = backup_keyring(args.keyring, provider, args.out)
+        print(f"backed up {args.keyring} to {args.out}: keys {', '.join(keyring.key_ids)}, verified to open")
+        return 0
+    if args.keys_command == "restore":
+        keyring = restore_keyring(args.source, provider, args.keyring)
+        print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
+        return 0
     keyring = load_keyring(args.keyring, provider)
     if args.keys_command == "retire":
         from proxy.migrate.commands import every_type, retire

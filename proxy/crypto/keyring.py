@@ -277,3 +277,39 @@ def rewrap_keyring(
         raise KeyringError("the rewrapped keyring does not read back with the same keys; nothing was written")
     _write_atomic(Path(out or path), doc)
     return keyring
+
+
+def backup_keyring(path: str | Path, provider: KeyProvider, out: str | Path) -> Keyring:
+    """Copy the wrapped keyring to ``out`` after proving it opens (a backup that cannot be restored is none).
+
+    The copy holds wrapped keys only, like the keyring itself: it is useless without the KEK,
+    which is backed up separately. An existing file is never overwritten.
+    """
+    keyring = load_keyring(path, provider)
+    if Path(out).exists():
+        raise KeyringError(f"{out} exists; refusing to overwrite a backup")
+    doc = json.loads(Path(path).read_text())
+    _write_atomic(Path(out), doc)
+    if not keyring.same_keys(load_keyring(out, provider)):
+        raise KeyringError("the backup does not read back with the same keys")
+    return keyring
+
+
+def restore_keyring(backup: str | Path, provider: KeyProvider, path: str | Path) -> Keyring:
+    """Put a verified backup in place. Refuses when the keyring in place holds a key the backup lacks
+    (restoring a backup older than the last rotation would lose every resource written since)."""
+    restored = load_keyring(backup, provider)
+    if Path(path).exists():
+        try:
+            current = load_keyring(path, provider)
+        except KeyringError:
+            current = None  # damaged or unreadable: the backup is what replaces it
+        if current is not None:
+            lost = sorted(set(current.key_ids) - set(restored.key_ids), key=lambda k: int(k[1:]))
+            if lost:
+                raise KeyringError(
+                    f"the backup lacks key(s) {', '.join(lost)} that the keyring in place holds; "
+                    "restoring it would make what they encrypted unreadable"
+                )
+    _write_atomic(Path(path), json.loads(Path(backup).read_text()))
+    return restored
