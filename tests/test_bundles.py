@@ -20,7 +20,13 @@ from tests.conftest import FHIR_JSON, FIXTURES, assert_no_plaintext, load_fixtur
 
 NIK_SYSTEM = "https://fhir.kemkes.go.id/id/nik"
 NIK = "3175042903870007"
-SCENARIO = ["patient.json", "encounter.json", "condition.json", "observation-hemoglobin.json", "medication-request.json"]
+SCENARIO = [
+    "patient.json",
+    "encounter.json",
+    "condition.json",
+    "observation-hemoglobin.json",
+    "medication-request.json",
+]
 PLACEHOLDERS = {  # fixture -> the reference other fixtures use for it
     "patient.json": "Patient/PATIENT_ID",
     "encounter.json": "Encounter/ENCOUNTER_ID",
