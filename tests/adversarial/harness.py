@@ -1,0 +1,172 @@
+"""A real ``fhircrypt serve`` process for the adversarial suite, and a plain HTTP client for it.
+
+A separate process (not an in-process test server) because the suite needs what only a
+process has: raw sockets speaking broken HTTP to the real listener, the process's RSS
+and file descriptors for the soak, and resource limits (RLIMIT_FSIZE) for a full disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from proxy.crypto.kek import LocalKeyProvider, generate_kek, parse_kek
+from proxy.crypto.keyring import Keyring, save_keyring
+from tests.conftest import ROOT
+from tests.upstream_server import stop_process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return orjson.loads(self.body)
+
+
+class ServedProxy:
+    """``python -m proxy serve`` on a free port, configured through FHIRCRYPT_* variables."""
+
+    def __init__(
+        self,
+        upstream: str,
+        policy: str = "policies/satusehat.yaml",
+        *,
+        env: dict[str, str] | None = None,
+        fsize_limit: int | None = None,
+        workdir: str | None = None,
+    ) -> None:
+        self.port = free_port()
+        self._tmp = tempfile.TemporaryDirectory(prefix="fhircrypt-adv-")
+        self.dir = Path(workdir or self._tmp.name)
+        kek = generate_kek()
+        (self.dir / "kek.txt").write_text(kek)
+        save_keyring(self.dir / "keyring.json", Keyring.generate(), LocalKeyProvider(parse_kek(kek)))
+        self.env = {
+            "PATH": os.environ.get("PATH", ""),
+            "PYTHONPATH": str(ROOT),
+            "FHIRCRYPT_UPSTREAM": upstream,
+            "FHIRCRYPT_POLICY": str(ROOT / policy),
+            "FHIRCRYPT_LISTEN": f"127.0.0.1:{self.port}",
+            "FHIRCRYPT_KEYRING": str(self.dir / "keyring.json"),
+            "FHIRCRYPT_KEK_FILE": str(self.dir / "kek.txt"),
+            "FHIRCRYPT_AUTH": "none",
+            "FHIRCRYPT_LOG_LEVEL": "info",
+            **(env or {}),
+        }
+        self.fsize_limit = fsize_limit
+        self.stderr_path = self.dir / "stderr.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> ServedProxy:
+        limit = self.fsize_limit
+
+        def limits() -> None:  # in the child only: the proxy's files may not grow beyond ``limit``
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve"],
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            preexec_fn=limits,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError):
+                if self.request("GET", "/healthz").status == 200:
+                    return self
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"fhircrypt serve did not start:\n{self.stderr()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace=10)
+            self.proc = None
+        if getattr(self, "_stderr", None):
+            self._stderr.close()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> Reply:
+        """One request on a fresh connection; the path is sent exactly as given."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in (headers or {}).items():
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            resp = conn.getresponse()
+            return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read())
+        finally:
+            conn.close()
+
+    def raw(self, data: bytes, timeout: float = 10.0) -> bytes:
+        """Send raw bytes and return everything the proxy answers until it closes (or goes quiet)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
+            s.sendall(data)
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_WR)
+            chunks = []
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while chunk := s.recv(65536):
+                    chunks.append(chunk)
+            return b"".join(chunks)
+
+    def __enter__(self) -> ServedProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+
+def rss_and_fds(pid: int) -> tuple[int, int]:
+    """Resident set size in bytes and the number of open file descriptors of ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/statm") as fh:
+        rss_pages = int(fh.read().split()[1])
+    return rss_pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def urlopen_json(url: str) -> object:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return orjson.loads(exc.read())
