@@ -9,6 +9,7 @@ parameter; parameters that cannot touch encrypted elements are forwarded as they
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
@@ -195,11 +196,17 @@ def check_request(
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
+# $everything's start and end are dates; anything else in them could be a value from the record.
+_OPERATION_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
 def _check_operation(it: Interaction, params: list[tuple[str, str]]) -> None:
     op = it.operation or ""
     if op in _REFUSED_OPERATIONS:
         raise FhirError(501, "not-supported", f"${op} is not supported by this fhircrypt version", [f"${op}"])
-    for raw, _ in params:
+    for raw, value in params:
+        if raw in ("start", "end") and not _OPERATION_DATE.match(value):
+            raise FhirError(400, "invalid", f"${op}: parameter '{raw}' must be a date", [raw])
         if _param_name(raw)[0] not in _CONTROL_PARAMS | {"start", "end"}:
             raise FhirError(
                 501,

@@ -26,7 +26,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, subset
-from proxy.transform.bodies import GrantsFor, decrypt_body
+from proxy.transform.bodies import MAX_DEPTH, GrantsFor, decrypt_body, too_deep
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.records import scrub_markers
@@ -70,7 +70,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     too_big = FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
-    body = await read_limited(request.content, limit)
+    try:
+        body = await read_limited(request.content, limit)
+    except (web.RequestPayloadError, ConnectionResetError):  # a broken chunked/compressed body, or a hang-up
+        raise FhirError(400, "structure", "the request body is incomplete or its transfer encoding is broken") from None
     if body is None:
         raise too_big
     return body
@@ -158,7 +161,7 @@ async def _forward(
         payload = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
-    if type(payload) is not dict:
+    if type(payload) is not dict or too_deep(payload, MAX_DEPTH + 40):
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
     report = exchange.report
     hits: list[str] = []

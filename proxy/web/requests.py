@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import guard
+from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.markers import CANONICAL
 from proxy.transform.search import Searcher
@@ -26,6 +27,8 @@ def parse_json(body: bytes, what: str, shape: type = dict):
         raise FhirError(400, "structure", f"{what} is not valid JSON") from None
     if type(value) is not shape:
         raise FhirError(400, "structure", f"{what} must be a JSON {'object' if shape is dict else 'array'}")
+    if too_deep(value):
+        raise FhirError(400, "structure", f"{what} is nested more than {MAX_DEPTH} levels deep")
     return value
 
 
@@ -64,7 +67,7 @@ def prepare_body(
         if it.resource_type in rt.policy.resources:
             return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
         _refuse_covered_mentions(patch, rt.policy)
-        return body
+        return orjson.dumps(patch)  # what was checked: raw bytes may read otherwise upstream (duplicate keys)
     if ctype not in hdr.JSON_TYPES:
         if "xml" in ctype:
             raise FhirError(415, "not-supported", "XML is not supported; send application/fhir+json")
@@ -73,7 +76,7 @@ def prepare_body(
     _refuse_reserved(resource)
     if it.kind == "batch":
         guard.check_bundle(resource, rt.policy)
-        return body
+        return orjson.dumps(resource)  # what was checked: raw bytes may read otherwise upstream (duplicate keys)
     rtype = resource.get("resourceType")
     if rtype != it.resource_type:
         raise FhirError(

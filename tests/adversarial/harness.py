@@ -16,8 +16,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,12 +135,14 @@ class ServedProxy:
         finally:
             conn.close()
 
-    def raw(self, data: bytes, timeout: float = 10.0) -> bytes:
-        """Send raw bytes and return everything the proxy answers until it closes (or goes quiet)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as s:
-            s.sendall(data)
+    def raw(self, data: bytes, quiet: float = 1.5) -> bytes:
+        """Send raw bytes and return what the proxy answers until it closes or stays quiet ``quiet`` s.
+
+        The sending side stays open: a server may drop a request whose client half-closed.
+        """
+        with socket.create_connection(("127.0.0.1", self.port), timeout=quiet) as s:
             with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_WR)
+                s.sendall(data)
             chunks = []
             with contextlib.suppress(TimeoutError, ConnectionResetError):
                 while chunk := s.recv(65536):
@@ -162,11 +162,3 @@ def rss_and_fds(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/statm") as fh:
         rss_pages = int(fh.read().split()[1])
     return rss_pages * os.sysconf("SC_PAGE_SIZE"), len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def urlopen_json(url: str) -> object:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            return orjson.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return orjson.loads(exc.read())
