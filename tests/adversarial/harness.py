@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,6 @@ import orjson
 from proxy.crypto.kek import LocalKeyProvider, generate_kek, parse_kek
 from proxy.crypto.keyring import Keyring, save_keyring
 from tests.conftest import ROOT
-from tests.upstream_server import stop_process
 
 
 def free_port() -> int:
@@ -53,11 +53,11 @@ class ServedProxy:
         *,
         env: dict[str, str] | None = None,
         fsize_limit: int | None = None,
-        workdir: str | None = None,
+        settings: dict | None = None,
     ) -> None:
         self.port = free_port()
         self._tmp = tempfile.TemporaryDirectory(prefix="fhircrypt-adv-")
-        self.dir = Path(workdir or self._tmp.name)
+        self.dir = Path(self._tmp.name)
         kek = generate_kek()
         (self.dir / "kek.txt").write_text(kek)
         save_keyring(self.dir / "keyring.json", Keyring.generate(), LocalKeyProvider(parse_kek(kek)))
@@ -74,7 +74,12 @@ class ServedProxy:
             **(env or {}),
         }
         self.fsize_limit = fsize_limit
-        self.stderr_path = self.dir / "stderr.log"
+        self.command = [sys.executable, "-m", "proxy", "serve"]
+        if settings is not None:  # every Settings field, through tests/adversarial/launch.py
+            base = {"upstream": upstream, "policy": str(ROOT / policy), "keyring": self.env["FHIRCRYPT_KEYRING"]}
+            base |= {"kek_file": self.env["FHIRCRYPT_KEK_FILE"], "port": self.port, "auth": "none"}
+            self.command = [sys.executable, "-m", "tests.adversarial.launch", orjson.dumps(base | settings).decode()]
+        self._log: list[bytes] = []
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -86,18 +91,19 @@ class ServedProxy:
 
         def limits() -> None:  # in the child only: the proxy's files may not grow beyond ``limit``
             if limit is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # soft: can be lifted
 
-        self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve"],
+            self.command,
             cwd=ROOT,
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=self._stderr,
-            preexec_fn=limits,
+            stderr=subprocess.PIPE,  # a pipe, not a file: RLIMIT_FSIZE must hit the audit trail only
+            preexec_fn=limits,  # no threads in the child before exec
         )
+        pipe = self.proc.stderr
+        threading.Thread(target=lambda: self._log.extend(iter(pipe.readline, b"")), daemon=True).start()
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(OSError):
@@ -110,13 +116,17 @@ class ServedProxy:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_process(self.proc, grace=10)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
             self.proc = None
-        if getattr(self, "_stderr", None):
-            self._stderr.close()
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+        """Everything the proxy logged so far (JSON lines)."""
+        return b"".join(self._log).decode(errors="replace")
 
     def request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
