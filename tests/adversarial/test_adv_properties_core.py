@@ -35,20 +35,33 @@ def resources_of(policy_name: str) -> st.SearchStrategy:
     return st.sampled_from(sorted(covered)).flatmap(lambda t: covered_resource(covered[t], covered))
 
 
+def _drawn(data, policy_name: str) -> tuple[dict, set[str], dict]:
+    """A generated resource, the needles of its covered values, and its stored (encrypted) form."""
+    policy = POLICIES[policy_name]
+    resource = data.draw(resources_of(policy_name))
+    needles = covered_needles(resource, policy.resources[resource["resourceType"]], policy.resources)
+    return resource, needles, _sealed(resource, policy)
+
+
 def _sealed(resource: dict, policy) -> dict:
     stored = copy.deepcopy(resource)
     encrypt_for_write(stored, policy, KEYRING, validate=False)
     return stored
 
 
-@pytest.mark.parametrize("policy_name", sorted(POLICIES))
-@examples(120)
-@given(data=st.data())
+def over_policies(n: int):
+    """A property run ``n`` times per profile unit for each shipped policy, drawing from ``data``."""
+
+    def wrap(test):
+        return pytest.mark.parametrize("policy_name", sorted(POLICIES))(examples(n)(given(data=st.data())(test)))
+
+    return wrap
+
+
+@over_policies(120)
 def test_every_covered_type_round_trips_exactly_and_stores_no_covered_value(policy_name, data):
     policy = POLICIES[policy_name]
-    resource = data.draw(resources_of(policy_name))
-    needles = covered_needles(resource, policy.resources[resource["resourceType"]], policy.resources)
-    stored = _sealed(resource, policy)
+    resource, needles, stored = _drawn(data, policy_name)
     at_rest = orjson.dumps(stored).decode()
     assert not [n for n in needles if n in at_rest], "covered value at rest"
 
@@ -60,14 +73,10 @@ def test_every_covered_type_round_trips_exactly_and_stores_no_covered_value(poli
     assert orjson.dumps(stored, option=orjson.OPT_SORT_KEYS) == orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
 
 
-@pytest.mark.parametrize("policy_name", sorted(POLICIES))
-@examples(60)
-@given(data=st.data())
+@over_policies(60)
 def test_a_reader_granted_nothing_sees_no_covered_value(policy_name, data):
     policy = POLICIES[policy_name]
-    resource = data.draw(resources_of(policy_name))
-    needles = covered_needles(resource, policy.resources[resource["resourceType"]], policy.resources)
-    stored = _sealed(resource, policy)
+    _, needles, stored = _drawn(data, policy_name)
     report = ReadReport()
     decrypt_body(stored, policy, KEYRING, lambda r: frozenset(), report)
     seen = orjson.dumps(stored).decode()
