@@ -51,7 +51,13 @@ def prepare_body(
             form = body.decode("utf-8")
         except UnicodeDecodeError:
             raise FhirError(400, "invalid", "the form body is not UTF-8") from None
-        params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
+        params = guard.parse_query(form)
+        subset = [name for name, _ in params if name in ("_summary", "_elements")]
+        if subset and (it.resource_type is None or it.resource_type in rt.policy.resources):
+            raise FhirError(  # the server would drop the envelope; the proxy applies these only from the URL
+                400, "not-supported", f"POST _search: put {subset[0]} in the URL, not in the form body", subset[:1]
+            )
+        params = guard.check_search(it.resource_type, params, searcher, "body")
         return guard.encode_query(params).encode()
     if it.kind == "operation":
         guard.check_operation_body(it)

@@ -101,3 +101,18 @@ async def test_a_broken_chunked_body_is_a_400_not_an_internal_error(proxy_for, c
     writer.close()
     assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
     assert clean_upstream.requests() == []
+
+
+async def test_summary_and_elements_in_a_post_search_body_are_refused(proxy_for, clean_upstream, satusehat):
+    """In the URL the proxy applies them after decryption; in the form body they reached the server, which
+    then dropped the envelope, and every record came back masked as an integrity failure."""
+    client = await proxy_for(clean_upstream.base_url, satusehat)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    for body in (b"_elements=name", b"family=Budiarto&_summary=true"):
+        resp = await client.post("/fhir/R4/Patient/_search", data=body, headers=form)
+        assert resp.status == 400
+        assert (await resp.json())["issue"][0]["expression"][0] in ("_elements", "_summary")
+    resp = await client.post("/fhir/R4/Patient/_search?_elements=name", data=b"family=Budiarto", headers=form)
+    assert resp.status == 200
+    sent = clean_upstream.requests()[-1]
+    assert "_elements" not in sent["url"] + sent["body"] and "Budiarto" not in sent["body"]  # applied by the proxy
