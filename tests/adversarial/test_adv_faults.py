@@ -181,29 +181,38 @@ async def test_tampered_records_are_masked_never_returned(faulty, satusehat, key
 
 
 class FaultyKeyProvider:
-    """Wraps a key provider (wrap/unwrap/describe only) with errors and latency that a test switches."""
+    """Wraps a key provider with errors and latency that a test switches on and off.
+
+    It implements the provider interface's calls (wrap, unwrap, describe, and ``check`` where
+    the inner provider has it; a wrap ``context`` is passed through), so it fits any provider.
+    """
 
     def __init__(self, inner: LocalKeyProvider) -> None:
         self.inner = inner
+        self.type = getattr(inner, "type", "local")
         self.fail: BaseException | None = None
         self.fail_after = 0  # calls that succeed before ``fail`` is raised
         self.latency = 0.0
         self.calls = 0
 
-    def _call(self):
+    def _call(self) -> None:
         self.calls += 1
         if self.latency:
             time.sleep(self.latency)
         if self.fail is not None and self.calls > self.fail_after:
             raise self.fail
 
-    def wrap(self, key: bytes) -> bytes:
+    def wrap(self, key: bytes, *context) -> bytes:
         self._call()
-        return self.inner.wrap(key)
+        return self.inner.wrap(key, *context)
 
-    def unwrap(self, wrapped: bytes) -> bytes:
+    def unwrap(self, wrapped: bytes, *context) -> bytes:
         self._call()
-        return self.inner.unwrap(wrapped)
+        return self.inner.unwrap(wrapped, *context)
+
+    def check(self) -> None:
+        self._call()
+        getattr(self.inner, "check", lambda: None)()
 
     def describe(self) -> dict[str, str]:
         return self.inner.describe()
