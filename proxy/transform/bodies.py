@@ -67,6 +67,31 @@ def _list(value: object) -> list:
     return value if type(value) is list else []
 
 
+# orjson parses 1024 levels but serialises only 254, and the proxy serialises everything it
+# forwards or answers (a Bundle around a resource adds three levels): deeper bodies are refused.
+MAX_DEPTH = 200
+
+
+def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON ``value`` nests objects and arrays more than ``limit`` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        if type(item) is dict:
+            stack.extend((v, depth + 1) for v in item.values() if type(v) in (dict, list))
+        elif type(item) is list:
+            stack.extend((v, depth + 1) for v in item if type(v) in (dict, list))
+    return False
+
+
+def shape_refusal(where: str, exc: ShapeError) -> FhirError:
+    """A covered location holding the wrong JSON type: a 400 naming the path, never the value."""
+    path = f"{where}.{exc.path}"
+    return FhirError(400, "structure", f"{path}: unexpected JSON type for an encrypted element", [path])
+
+
 GrantsFor = Callable[[dict], Grants]  # the groups the caller may decrypt in one (still encrypted) resource
 Wrap = tuple[str, bytes] | None  # (key id, key) wrapping a record's data key; None: the keyring's primary
 WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
@@ -141,12 +166,7 @@ def _seal(resource: dict, rp: ResourcePolicy, keyring: Keyring, where: str, with
         index_ids = index_identifiers(resource, rp, keyring.indexer) if with_indexes else []
         encrypt_resource(resource, rp, keyring, wrap)
     except ShapeError as exc:
-        raise FhirError(
-            400,
-            "structure",
-            f"{where}.{exc.path}: unexpected JSON type for an encrypted element",
-            [f"{where}.{exc.path}"],
-        ) from None
+        raise shape_refusal(where, exc) from None
     if index_ids:
         existing = resource.get("identifier") or []
         if type(existing) is not list:

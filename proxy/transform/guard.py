@@ -9,6 +9,7 @@ parameter; parameters that cannot touch encrypted elements are forwarded as they
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
@@ -199,6 +200,10 @@ def check_request(
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
+# $everything's start and end are dates; anything else in them could be a value from the record.
+_OPERATION_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
 def operation_rule(it: Interaction, operations: Mapping[str, OperationRule]) -> OperationRule:
     """The policy's rule for this operation (defaults when it lists none); refuses what is never allowed."""
     op = it.operation or ""
@@ -212,9 +217,16 @@ def operation_parameter_allowed(rule: OperationRule, name: str) -> bool:
     return name in _OPERATION_PARAMS or name in rule.parameters
 
 
+def check_operation_date(rule: OperationRule, name: str, value: object) -> None:
+    """``start`` and ``end`` are allowed everywhere because they are dates: make sure they are."""
+    if name in ("start", "end") and not (type(value) is str and _OPERATION_DATE.match(value)):
+        raise FhirError(400, "invalid", f"${rule.name}: parameter '{name}' must be a date", [name])
+
+
 def _check_operation(it: Interaction, params: list[tuple[str, str]], operations: Mapping[str, OperationRule]) -> None:
     rule = operation_rule(it, operations)
-    for raw, _ in params:
+    for raw, value in params:
+        check_operation_date(rule, raw, value)
         if not operation_parameter_allowed(rule, _param_name(raw)[0]):
             raise FhirError(
                 501,

@@ -34,13 +34,19 @@ def digits(text: str) -> str:
 NORMALISERS = {"fold": fold, "digits": digits, "exact": lambda text: text}
 
 
+# Prefix tokens stop at this length; the whole part stays a token. Without a cap a part of n
+# characters gave n tokens of n²/2 characters in all: one 200 000-character name exhausted the
+# proxy's memory. Search values longer than this match only whole parts (see search.query_tokens).
+PREFIX_MAX = 64
+
+
 def string_tokens(text: str, prefix_min: int | None) -> list[str]:
     """Tokens for one string part (a family name, one given name, an address line).
 
     FHIR string search matches when a part *starts with* the search text, so with
     ``prefix_min`` every prefix of the folded part of at least that length is a token
-    and ``name=Budi`` finds "Budiarto" as a plaintext server would. Without it only the
-    whole part matches.
+    and ``name=Budi`` finds "Budiarto" as a plaintext server would, up to ``PREFIX_MAX``
+    characters. Without it only the whole part matches.
     """
     part = fold(text)
     if not part:
@@ -48,7 +54,8 @@ def string_tokens(text: str, prefix_min: int | None) -> list[str]:
     exact = EXACT + unicodedata.normalize("NFC", text)  # for :exact (case and accents matter)
     if prefix_min is None or len(part) <= prefix_min:
         return [part, exact]
-    return [*(part[:n] for n in range(prefix_min, len(part) + 1)), exact]
+    prefixes = [part[:n] for n in range(prefix_min, min(len(part), PREFIX_MAX) + 1)]
+    return [*prefixes, part, exact] if len(part) > PREFIX_MAX else [*prefixes, exact]
 
 
 def date_tokens(value: str, year: bool) -> list[str]:

@@ -15,7 +15,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.policy.operations import OperationRule
 from proxy.transform.bodies import nested_resources
-from proxy.transform.guard import operation_parameter_allowed, operation_rule
+from proxy.transform.guard import check_operation_date, operation_parameter_allowed, operation_rule
 from proxy.transform.interactions import Interaction
 
 
@@ -63,6 +63,9 @@ def _resource_parameters(rule: OperationRule, body: dict):
             raise FhirError(400, "structure", f"{where} needs a name", [where])
         name = param["name"]
         carries_values = "part" in param or any(k.startswith("value") for k in param)
+        for key, value in param.items():
+            if key.startswith("value") or key == "part":
+                check_operation_date(rule, name, value)
         if carries_values and not operation_parameter_allowed(rule, name):
             raise FhirError(
                 501,

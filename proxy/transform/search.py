@@ -45,7 +45,7 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
                 f"needs at least {spec.prefix_min} characters on an encrypted element "
                 "(shorter prefixes are not indexed)",
             )
-        return [folded]
+        return [folded]  # longer than normalize.PREFIX_MAX: matches whole parts equal to it only
     if spec.param_type == "date":
         m = _DATE.match(value)
         if not m:

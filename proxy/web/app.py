@@ -70,7 +70,10 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     too_big = FhirError(413, "too-costly", f"request body exceeds the limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_big
-    body = await read_limited(request.content, limit)
+    try:
+        body = await read_limited(request.content, limit)
+    except (web.RequestPayloadError, ConnectionResetError):  # a broken chunked/compressed body, or a hang-up
+        raise FhirError(400, "structure", "the request body is incomplete or its transfer encoding is broken") from None
     if body is None:
         raise too_big
     return body
@@ -162,6 +165,25 @@ async def _forward(
         raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
     if type(payload) is not dict:
         raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
+    try:
+        return await _answer(rt, it, payload, raw, status, out_headers, forwarding, grants_for, exchange, request_id)
+    except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
+        raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None
+
+
+async def _answer(
+    rt: Runtime,
+    it: Interaction,
+    payload: dict,
+    raw: bytes,
+    status: int,
+    out_headers,
+    forwarding: guard.Forwarding,
+    grants_for: GrantsFor | None,
+    exchange: Exchange,
+    request_id: str,
+) -> web.Response:
+    """Decrypt an upstream answer for the caller, apply what the proxy took over, and serialise it."""
     report = exchange.report
     hits: list[str] = []
     if PATIENT_KEY_MARK in raw:

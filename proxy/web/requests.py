@@ -10,6 +10,7 @@ from aiohttp import web
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import guard
+from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.bundles import rewrite_conditional_references
 from proxy.transform.interactions import Interaction
 from proxy.transform.markers import CANONICAL
@@ -28,6 +29,8 @@ def parse_json(body: bytes, what: str, shape: type = dict):
         raise FhirError(400, "structure", f"{what} is not valid JSON") from None
     if type(value) is not shape:
         raise FhirError(400, "structure", f"{what} must be a JSON {'object' if shape is dict else 'array'}")
+    if too_deep(value):
+        raise FhirError(400, "structure", f"{what} is nested more than {MAX_DEPTH} levels deep")
     return value
 
 
@@ -50,7 +53,13 @@ def prepare_body(
             form = body.decode("utf-8")
         except UnicodeDecodeError:
             raise FhirError(400, "invalid", "the form body is not UTF-8") from None
-        params = guard.check_search(it.resource_type, guard.parse_query(form), searcher, "body")
+        params = guard.parse_query(form)
+        subset = [name for name, _ in params if name in ("_summary", "_elements")]
+        if subset and (it.resource_type is None or it.resource_type in rt.policy.resources):
+            raise FhirError(  # the server would drop the envelope; the proxy applies these only from the URL
+                400, "not-supported", f"POST _search: put {subset[0]} in the URL, not in the form body", subset[:1]
+            )
+        params = guard.check_search(it.resource_type, params, searcher, "body")
         return guard.encode_query(params).encode()
     if it.kind == "patch":
         if ctype not in ("application/json-patch+json",):
@@ -94,7 +103,7 @@ def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy) -> byte
     if it.resource_type in policy.resources:
         return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
     _refuse_covered_mentions(patch, policy)
-    return body
+    return orjson.dumps(patch)  # what was checked: the raw bytes may read otherwise upstream (duplicate keys)
 
 
 def _refuse_reserved(parsed: object) -> None:

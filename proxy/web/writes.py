@@ -13,11 +13,11 @@ import orjson
 
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
-from proxy.transform.bodies import encrypt_for_write
+from proxy.transform.bodies import encrypt_for_write, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.masked import has_masked, merge_masked, written_groups
 from proxy.transform.operations import resources_to_encrypt
-from proxy.transform.records import ReadReport, decrypt_resource
+from proxy.transform.records import ReadReport, ShapeError, decrypt_resource
 from proxy.web import headers as hdr
 
 
@@ -40,7 +40,7 @@ async def stored_version(rt, it: Interaction, request_id: str, authorization: st
         stored = orjson.loads(raw) if status == 200 else None
     except orjson.JSONDecodeError:
         stored = None
-    if type(stored) is not dict or stored.get("resourceType") != it.resource_type:
+    if type(stored) is not dict or stored.get("resourceType") != it.resource_type or too_deep(stored):
         raise FhirError(502, "structure", "the upstream did not return the stored version")
     return stored
 
@@ -113,42 +113,46 @@ async def prepare_write(
     headers to add upstream (an If-Match when the proxy merged masked elements from the stored version)."""
     rp = rt.policy.resources.get(it.resource_type)
     extra: dict[str, str] = {}
-    if rp is not None:
-        if restricted:
-            stored = stored or await check_scope(
-                rt, it, grants, "write", resource, request_id, request_headers.get("Authorization")
-            )
-            allowed = grants.write_groups  # type: ignore[union-attr]
-            denied = [(path, groups) for path, groups in written_groups(resource, rp).items() if not groups <= allowed]
-            if denied:
-                path, groups = denied[0]
-                where = f"{it.resource_type}.{path}"
-                raise FhirError(
-                    403,
-                    "forbidden",
-                    f"{where}: this caller may not write the group(s) {', '.join(sorted(groups - allowed))}",
-                    [where],
+    try:  # written_groups and has_masked walk covered paths before validation: a wrong JSON type is a 400
+        if rp is not None:
+            if restricted:
+                stored = stored or await check_scope(
+                    rt, it, grants, "write", resource, request_id, request_headers.get("Authorization")
                 )
-        if has_masked(resource, rp):
-            if it.kind != "update" or it.conditional:
-                raise FhirError(
-                    409,
-                    "conflict",
-                    "masked elements can only be written back by an update of the resource they were read from",
-                )
-            if stored is None:
-                stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
-            if stored is not None:
-                await rt.prefetch_patient_keys(stored)
-            stored, version = _decrypted(rt, it, stored)
-            missing = merge_masked(resource, stored, rp)
-            if missing:
-                where = [f"{it.resource_type}.{p}" for p in missing[:5]]
-                raise FhirError(
-                    409, "conflict", f"{where[0]}: masked in the request but absent from the stored version", where
-                )
-            if "If-Match" not in request_headers and version:
-                extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
+                allowed = grants.write_groups  # type: ignore[union-attr]
+                written = written_groups(resource, rp).items()
+                denied = [(path, groups) for path, groups in written if not groups <= allowed]
+                if denied:
+                    path, groups = denied[0]
+                    where = f"{it.resource_type}.{path}"
+                    raise FhirError(
+                        403,
+                        "forbidden",
+                        f"{where}: this caller may not write the group(s) {', '.join(sorted(groups - allowed))}",
+                        [where],
+                    )
+            if has_masked(resource, rp):
+                if it.kind != "update" or it.conditional:
+                    raise FhirError(
+                        409,
+                        "conflict",
+                        "masked elements can only be written back by an update of the resource they were read from",
+                    )
+                if stored is None:
+                    stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+                if stored is not None:
+                    await rt.prefetch_patient_keys(stored)
+                stored, version = _decrypted(rt, it, stored)
+                missing = merge_masked(resource, stored, rp)
+                if missing:
+                    where = [f"{it.resource_type}.{p}" for p in missing[:5]]
+                    raise FhirError(
+                        409, "conflict", f"{where[0]}: masked in the request but absent from the stored version", where
+                    )
+                if "If-Match" not in request_headers and version:
+                    extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
+    except ShapeError as exc:
+        raise shape_refusal(it.resource_type or "?", exc) from None
     wrap_for = None
     if rt.policy.per_patient_keys and rt.patient_keys is not None:
         wrap_for = await rt.patient_keys.wraps_for_write(resource, rt.policy.resources)
