@@ -50,3 +50,24 @@ async def test_json_binaries_round_trip_and_other_raw_reads_are_refused(client, 
     xml = await client.post("/fhir/R4/Binary", data=b"<Binary/>", headers={"Content-Type": "application/fhir+xml"})
     assert xml.status == 415
     assert_no_plaintext(clean_upstream.dump(), [binary["data"]])
+
+
+async def test_attachments_pointing_outside_the_proxy_are_refused_when_the_policy_says_so(client, clean_upstream):
+    """SATUSEHAT policy: attachments.external_urls: refuse. A document stored elsewhere cannot be encrypted."""
+    outside = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "content": [{"attachment": {"contentType": "application/pdf", "url": "https://bucket.example/rujukan.pdf"}}],
+    }
+    resp = await client.post("/fhir/R4/DocumentReference", data=orjson.dumps(outside), headers=FHIR_JSON)
+    assert resp.status == 400
+    assert "DocumentReference.content.attachment.url" in (await resp.json())["issue"][0]["diagnostics"]
+    assert clean_upstream.requests() == []
+    binary = await client.post("/fhir/R4/Binary", data=PDF, headers={"Content-Type": "application/pdf"})
+    inside = {
+        **outside,
+        "content": [{"attachment": {"contentType": "application/pdf", "url": binary.headers["Location"]}}],
+    }
+    inside["content"].append({"attachment": {"contentType": "application/pdf", "url": "Binary/relative-ref"}})
+    resp = await client.post("/fhir/R4/DocumentReference", data=orjson.dumps(inside), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()

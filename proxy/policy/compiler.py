@@ -116,6 +116,7 @@ class CompiledPolicy:
     canary_action: str = "alert"  # or "block": also refuse the caller from then on
     operations: dict[str, OperationRule] = field(default_factory=dict)  # what operations may carry
     bulk_presigned: str = "refuse"  # Bulk export files the upstream serves without a token: or "proxy"
+    external_attachments: str = "allow"  # Attachment.url to another host in writes: or "refuse"
     per_patient_keys: bool = False  # keys.per_patient: one key per patient, for crypto-shredding
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
@@ -173,6 +174,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "operations",
             "bulk",
             "keys",
+            "attachments",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -230,6 +232,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         access=compile_access(doc.get("access"), source, groups),
         operations=compile_operations(doc.get("operations"), source),
         bulk_presigned=_compile_bulk(ctx, doc),
+        external_attachments=_compile_attachments(ctx, doc),
         per_patient_keys=_compile_keys(ctx, doc),
         **_compile_canaries(ctx, doc),
     )
@@ -597,6 +600,15 @@ def _compile_bulk(ctx: _Ctx, doc: Node) -> str:
         return "refuse"
     _check_keys(ctx, spec, "bulk", allowed={"presigned"})
     return _choice(ctx, spec, "presigned", ("refuse", "proxy"), "refuse")
+
+
+def _compile_attachments(ctx: _Ctx, doc: Node) -> str:
+    """Writes whose Attachment.url points at content outside the proxy (which it cannot encrypt)."""
+    spec = doc.get("attachments")
+    if spec is None:
+        return "allow"
+    _check_keys(ctx, spec, "attachments", allowed={"external_urls"})
+    return _choice(ctx, spec, "external_urls", ("allow", "refuse"), "allow")
 
 
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")

@@ -13,6 +13,7 @@ import orjson
 
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
+from proxy.transform.attachments import refuse_external
 from proxy.transform.bodies import encrypt_for_write, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.masked import has_masked, merge_masked, written_groups
@@ -153,6 +154,8 @@ async def prepare_write(
                     extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
     except ShapeError as exc:
         raise shape_refusal(it.resource_type or "?", exc) from None
+    if rt.policy.external_attachments == "refuse":
+        refuse_external(resource, rt.public_base)
     wrap_for = None
     if rt.policy.per_patient_keys and rt.patient_keys is not None:
         wrap_for = await rt.patient_keys.wraps_for_write(resource, rt.policy.resources)

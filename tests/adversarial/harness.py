@@ -74,6 +74,10 @@ class ServedProxy:
             **(env or {}),
         }
         self.fsize_limit = fsize_limit
+        if fsize_limit is not None:
+            # a file-size limit would also cut the .pyc files the child writes on a fresh checkout,
+            # leaving truncated bytecode that breaks every later Python process
+            self.env["PYTHONDONTWRITEBYTECODE"] = "1"
         self.command = [sys.executable, "-m", "proxy", "serve"]
         if settings is not None:  # every Settings field, through tests/adversarial/launch.py
             base = {"upstream": upstream, "policy": str(ROOT / policy), "keyring": self.env["FHIRCRYPT_KEYRING"]}
