@@ -6,7 +6,6 @@ import copy
 import dataclasses
 from collections.abc import Mapping
 
-import aiohttp
 import jsonpatch
 import jsonpointer
 import orjson
@@ -20,6 +19,7 @@ from proxy.transform.masked import has_masked, merge_masked, written_groups
 from proxy.transform.operations import resources_to_encrypt
 from proxy.transform.records import ReadReport, ShapeError, decrypt_resource
 from proxy.web import headers as hdr
+from proxy.web.upstream import read_limited, upstream_call
 
 
 async def stored_version(rt, it: Interaction, request_id: str, authorization: str | None) -> dict | None:
@@ -30,15 +30,14 @@ async def stored_version(rt, it: Interaction, request_id: str, authorization: st
     headers = {"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}
     if authorization:
         headers["Authorization"] = authorization
-    try:
-        async with rt.session.get(url, headers=headers) as resp:
-            status, raw = resp.status, await resp.read()
-    except (aiohttp.ClientError, TimeoutError):
-        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+    server_name = rt.settings.upstream_server_name
+    tls = {"server_hostname": server_name} if server_name else {}
+    async with upstream_call(rt.session, "GET", url, headers=headers, **tls) as resp:
+        status, raw = resp.status, await read_limited(resp.content, rt.settings.max_response)
     if status in (404, 410):
         return None
     try:
-        stored = orjson.loads(raw) if status == 200 else None
+        stored = orjson.loads(raw) if status == 200 and raw is not None else None
     except orjson.JSONDecodeError:
         stored = None
     if type(stored) is not dict or stored.get("resourceType") != it.resource_type or too_deep(stored):
