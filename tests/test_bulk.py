@@ -20,6 +20,7 @@ from aiohttp import web
 
 from proxy.policy.compiler import compile_text
 from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, load_fixture
+from tests.serving import free_port, make_keyring
 
 FIXED = {"ORGANIZATION_ID": "org-1", "PRACTITIONER_ID": "prac-1", "ENCOUNTER_ID": "enc-1"}
 ASYNC = {"Prefer": "respond-async"}
@@ -186,26 +187,11 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 async def test_a_100000_resource_export_streams_through_a_separate_proxy_in_flat_memory(clean_upstream, tmp_path):
     """The proxy as its own process: peak resident memory while 100,000 Observations stream through it
     stays within a fixed bound over what it used after a 1,000-line warm-up export."""
-    ring, kek = tmp_path / "ring.json", tmp_path / "kek"
-    init = subprocess.run(
-        [sys.executable, "-m", "proxy", "keys", "init", "--keyring", str(ring), "--generate-kek", str(kek)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert init.returncode == 0, init.stderr
-    port = _free_port()
+    ring, kek = make_keyring(tmp_path)
+    port = free_port()
     env = {
         **os.environ,
         "FHIRCRYPT_UPSTREAM": clean_upstream.base_url,

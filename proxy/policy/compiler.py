@@ -231,8 +231,8 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         warnings=tuple(warnings),
         access=compile_access(doc.get("access"), source, groups),
         operations=compile_operations(doc.get("operations"), source),
-        bulk_presigned=_compile_bulk(ctx, doc),
-        external_attachments=_compile_attachments(ctx, doc),
+        bulk_presigned=_block_choice(ctx, doc, "bulk", "presigned", ("refuse", "proxy")),
+        external_attachments=_block_choice(ctx, doc, "attachments", "external_urls", ("allow", "refuse")),
         per_patient_keys=_compile_keys(ctx, doc),
         **_compile_canaries(ctx, doc),
     )
@@ -593,22 +593,15 @@ def _resource_policy(rtype: str, elements: list[CompiledElement], mode: str) -> 
     return ResourcePolicy(rtype, (*elements, narrative), mode)
 
 
-def _compile_bulk(ctx: _Ctx, doc: Node) -> str:
-    """Bulk export: what to do with a manifest whose files bypass the proxy (pre-signed links)."""
-    spec = doc.get("bulk")
+def _block_choice(ctx: _Ctx, doc: Node, block: str, key: str, options: tuple[str, ...]) -> str:
+    """A top-level block holding one choice; the first option is the default. ``bulk.presigned``: what
+    to do with export files that bypass the proxy; ``attachments.external_urls``: writes whose
+    Attachment.url points at content outside the proxy (which it cannot encrypt)."""
+    spec = doc.get(block)
     if spec is None:
-        return "refuse"
-    _check_keys(ctx, spec, "bulk", allowed={"presigned"})
-    return _choice(ctx, spec, "presigned", ("refuse", "proxy"), "refuse")
-
-
-def _compile_attachments(ctx: _Ctx, doc: Node) -> str:
-    """Writes whose Attachment.url points at content outside the proxy (which it cannot encrypt)."""
-    spec = doc.get("attachments")
-    if spec is None:
-        return "allow"
-    _check_keys(ctx, spec, "attachments", allowed={"external_urls"})
-    return _choice(ctx, spec, "external_urls", ("allow", "refuse"), "allow")
+        return options[0]
+    _check_keys(ctx, spec, block, allowed={key})
+    return _choice(ctx, spec, key, options, options[0])
 
 
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")

@@ -48,7 +48,7 @@ from proxy.web.readiness import READINESS, Readiness, readiness
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.tls import upstream_context
-from proxy.web.upstream import read_limited, upstream_call
+from proxy.web.upstream import read_limited, upstream_call, upstream_resource
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
@@ -159,12 +159,7 @@ async def _forward(
         return web.Response(status=status, headers=out_headers)
     if ctype not in hdr.JSON_TYPES:
         raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
-    try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise FhirError(502, "structure", "the upstream answered with invalid JSON") from None
-    if type(payload) is not dict:
-        raise FhirError(502, "structure", "the upstream answered with JSON that is not a FHIR resource")
+    payload = upstream_resource(raw)
     try:
         return await _answer(rt, it, payload, raw, status, out_headers, forwarding, grants_for, exchange, request_id)
     except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent

@@ -24,7 +24,7 @@ from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import read_limited, upstream_call
+from proxy.web.upstream import read_limited, upstream_call, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 LINKS = "$fhircrypt-link"
@@ -214,12 +214,7 @@ async def _file(
 async def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
     out = []
     for line in lines:
-        try:
-            resource = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            raise FhirError(502, "structure", "an export file line is not JSON") from None
-        if type(resource) is not dict:
-            raise FhirError(502, "structure", "an export file line is not a FHIR resource")
+        resource = upstream_resource(line, "an export file line is")
         if PATIENT_KEY_MARK in line:
             await rt.prefetch_patient_keys(resource)
         decrypt_body(resource, rt.policy, rt.read_keys, grants, exchange.report)

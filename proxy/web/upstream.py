@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 
 from proxy.outcome import FhirError
 
@@ -31,3 +32,14 @@ async def upstream_call(session: aiohttp.ClientSession, method: str, url, **kwar
         raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
     except aiohttp.ClientError:
         raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+
+
+def upstream_resource(raw: bytes, what: str = "the upstream answered with") -> dict:
+    """A JSON object from the upstream, or a 502 naming what was wrong (never its content)."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise FhirError(502, "structure", f"{what} invalid JSON") from None
+    if type(value) is not dict:
+        raise FhirError(502, "structure", f"{what} JSON that is not a FHIR resource")
+    return value
