@@ -7,6 +7,7 @@ the formats themselves).
 
 from __future__ import annotations
 
+import base64
 import hmac
 import os
 import string
@@ -17,7 +18,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.crypto.blindindex import TOKEN_HEX_CHARS, BlindIndexer, index_key
-from proxy.crypto.encoding import b64d
+from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.envelope import RecordCipher, associated_data
 from proxy.crypto.keyring import Keyring
 from proxy.transform.normalize import _SPACE, fold
@@ -75,3 +76,10 @@ def _fold_by_definition(text: str) -> str:
 )
 def test_fold_ascii_shortcut_matches_the_unicode_rules(text):
     assert fold(text) == _fold_by_definition(text)
+
+
+def test_base64url_encoding_is_the_standard_library_one_unpadded():
+    for n in range(70):
+        data = os.urandom(n)
+        assert b64e(data) == base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+        assert b64d(b64e(data)) == data
