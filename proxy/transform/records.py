@@ -560,8 +560,7 @@ def decrypt_resource(
         if slots or envelopes or tagged:
             report.fail(where, str(exc))
         cipher = None
-    masked = restored = 0
-    restored_groups: set[frozenset[str]] = set()  # added to the report once, not per element
+    masked = 0
     for slot in slots:
         if cipher is None or slot.tampered or slot.ct is None:
             if cipher is not None or (shredded and slot.tampered):
@@ -576,14 +575,12 @@ def decrypt_resource(
             continue
         try:
             _restore(slot, cipher.open(slot.el.field_id, slot.path, slot.ct))
-            restored += 1
-            restored_groups.add(slot.el.groups)
+            report.decrypted += 1
+            report.decrypted_groups |= slot.el.groups
         except (IntegrityError, ValueError, TypeError):
             report.fail(f"{where} {slot.path}", "ciphertext does not verify")
             _mask(slot)
             masked += 1
-    report.decrypted += restored
-    report.decrypted_groups.update(*restored_groups)
     if masked:
         report.masked += masked
         _mark_masked(resource)
