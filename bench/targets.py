@@ -213,12 +213,11 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class TargetProcess:
-    """A ``python -m bench.targets`` child: start, port, CPU time, stop."""
+class _Child:
+    """A target process the benchmark started: its name, port and pid, and how it is stopped."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.args = args
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
 
@@ -226,6 +225,19 @@ class TargetProcess:
     def pid(self) -> int:
         assert self._proc is not None
         return self._proc.pid
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, grace=10)
+
+
+class TargetProcess(_Child):
+    """A ``python -m bench.targets`` child: start, port, CPU time, stop."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        super().__init__(name)
+        self.args = args
 
     def start(self, timeout: float = 30.0) -> TargetProcess:
         cmd = [sys.executable, "-m", "bench.targets", *self.args]
@@ -273,27 +285,16 @@ class TargetProcess:
         assert self._proc is not None
         self._proc.send_signal(signum)
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc, grace=10)
 
-
-class ServeProcess:
+class ServeProcess(_Child):
     """``python -m proxy serve --workers N``: the real server command, for the scaling comparison.
 
     A keyring and KEK made in ``tmp`` with ``fhircrypt keys init``; configuration through the
     environment as a deployment would give it; ready when ``/healthz`` answers."""
 
     def __init__(self, name: str, upstream: str, workers: int, tmp: Path) -> None:
-        self.name, self.upstream, self.workers, self.tmp = name, upstream, workers, tmp
-        self.port: int | None = None
-        self._proc: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
+        super().__init__(name)
+        self.upstream, self.workers, self.tmp = upstream, workers, tmp
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
         ring, kek = self.tmp / f"{self.name}-ring.json", self.tmp / f"{self.name}-kek"
@@ -327,11 +328,6 @@ class ServeProcess:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"{self.name} did not start ({' '.join(cmd)} with FHIRCRYPT_WORKERS={self.workers})")
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc, grace=10)
 
 
 if __name__ == "__main__":
