@@ -9,12 +9,17 @@ round alternates each workload across the four targets:
   fhircrypt-satusehat  fhircrypt with policies/satusehat.yaml (proxy + encryption)
 
 Workloads: ``read`` one Patient (22 encrypted elements under the SATUSEHAT policy),
-``search`` returning 100 Patients, ``create`` a Patient (the proxy validates writes).
-For every target, workload and concurrency (1 and 8 connections): the upstream is
+``search`` returning 100 Patients, ``create`` a Patient (the proxy validates writes),
+``transaction``: a 50-entry transaction Bundle creating 50 such Patients, and
+``export``: one Bulk Data NDJSON file of 500 Patients, fetched (and, through fhircrypt,
+decrypted line by line) through the link the target's manifest gives.
+For every target, workload and concurrency (1 and 8 connections; the two heavy
+workloads at 1 only, so the run still fits in a quarter of an hour): the upstream is
 reset and seeded through that target, a closed-loop phase measures throughput and CPU
 per request; then, for every target again (reset and seeded again), an open-loop phase
 at a fixed arrival rate (half the slowest target's throughput) measures latency without
-coordinated omission. Medians over the rounds go to
+coordinated omission. Then ``scaling``: ``fhircrypt serve --workers 1`` and ``--workers 2``
+(SO_REUSEPORT), closed loop on read and search at 8 connections. Medians over the rounds go to
 ``<out>/latest.json``, ``latest.png`` and ``latest.md``; see docs/benchmarks.md.
 
 ``--quick`` is the smoke mode that CI runs: one round, short phases, the Python load
@@ -36,20 +41,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
+from yarl import URL
 
 from bench import load, report
 from bench.core import patient_bytes, profile_areas, run_core, summarise_profile
-from bench.targets import ROOT, TargetProcess, cpu_seconds, rss_bytes
+from bench.targets import ROOT, ServeProcess, TargetProcess, rss_bytes, tree_cpu_seconds
 from tests.upstream_server import UpstreamServer
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
 PROXIES = ("fhircrypt-empty", "fhircrypt-satusehat")
-WORKLOADS = ("read", "search", "create")
+WORKLOADS = ("read", "search", "create", "transaction", "export")
 CONCURRENCY = (1, 8)
+HEAVY = ("transaction", "export")  # tens of ms per request: concurrency 1 only
 HOST = "127.0.0.1"
 BASE = "/fhir/R4"
 SEARCH_SIZE = 100
+BUNDLE_SIZE = 50
+EXPORT_LINES = 500
+NIK = b"3175042903870007"  # in the fixture Patient: must come back in plaintext from every target
+SCALING = {"workers": (1, 2), "workloads": ("read", "search"), "c": 8}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="open-loop rate as a fraction of the slowest target's closed-loop throughput")  # fmt: skip
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass of the proxy under load")
     p.add_argument("--no-core", action="store_true", help="skip the core micro-benchmark")
+    p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 worker processes comparison")
     return p
 
 
@@ -75,6 +90,7 @@ class Bench:
         self.duration = args.duration or (0.25 if self.quick else 2.0)
         self.warmup = 0.1 if self.quick else 0.3
         self.min_samples = 5 if self.quick else 40
+        self.export_lines = 100 if self.quick else EXPORT_LINES
         if args.loadgen == "wrk" or (args.loadgen == "auto" and not self.quick and load.wrk_path()):
             if not load.wrk_path():
                 raise SystemExit("wrk is not installed: apt-get install wrk (or --loadgen python)")
@@ -126,6 +142,10 @@ class Bench:
         post = load.Request("POST", f"{BASE}/Patient", self.patient)
         if workload == "create":
             return post, {}
+        if workload == "transaction":
+            return await self._seed_transaction(target, port)
+        if workload == "export":
+            return await self._seed_export(target, port)
         n = 1 if workload == "read" else SEARCH_SIZE
         seeds = [load.Request("POST", f"{BASE}/Patient", patient_bytes(i)) for i in range(n)]
         answers = await load.send_all(HOST, port, seeds, concurrency=8)
@@ -144,13 +164,72 @@ class Bench:
             if check["entries"] != SEARCH_SIZE:
                 raise RuntimeError(f"search through {target} returned {check['entries']} Patients")
         # the plaintext NIK must come back: the satusehat target decrypted what it stored encrypted
-        if status != 200 or b"3175042903870007" not in body:
+        if status != 200 or NIK not in body:
             raise RuntimeError(f"{workload} through {target}: status {status}, plaintext not returned")
         return request, check
 
+    async def _seed_transaction(self, target: str, port: int) -> tuple[load.Request, dict]:
+        """The request: a transaction Bundle of 50 Patient creates (each one validated and encrypted
+        by the proxy). Checked once: all 50 created, and nothing of fhircrypt's at-rest form comes back."""
+        entries = [
+            {
+                "fullUrl": f"urn:uuid:00000000-0000-4000-8000-{i:012d}",
+                "resource": orjson.loads(patient_bytes(i)),
+                "request": {"method": "POST", "url": "Patient"},
+            }
+            for i in range(BUNDLE_SIZE)
+        ]
+        bundle = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        request = load.Request("POST", BASE, bundle)
+        status, body = (await load.send_all(HOST, port, [request]))[0]
+        doc = orjson.loads(body) if body else {}
+        statuses = [str(e.get("response", {}).get("status", "")) for e in doc.get("entry", ())]
+        check = {"status": status, "bytes": len(body), "entries": len(statuses), "request_bytes": len(bundle)}
+        if status != 200 or len(statuses) != BUNDLE_SIZE or not all(s.startswith("201") for s in statuses):
+            raise RuntimeError(f"transaction through {target}: status {status}, entry statuses {set(statuses)}")
+        if b"fhircrypt.dev" in body:
+            raise RuntimeError(f"transaction through {target}: the answer carries fhircrypt's at-rest markers")
+        return request, check
+
+    async def _seed_export(self, target: str, port: int) -> tuple[load.Request, dict]:
+        """One Patient stored through ``target``, an export of 500 copies of it (100 quick; the upstream's
+        ``copies`` option) kicked off and polled through ``target``; the request fetches the file.
+
+        The file's URL comes from the target's own manifest: fhircrypt answers with signed links
+        to itself, which it follows, decrypting the NDJSON line by line as it streams."""
+        up = self.upstream.base_url.replace(BASE, "")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{up}/$admin/bulk-options", json={"copies": self.export_lines}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"bulk-options: {resp.status} {await resp.text()}")
+            base = f"http://{HOST}:{port}{BASE}"
+            async with session.post(f"{base}/Patient", data=self.patient, headers=FHIR_JSON) as resp:
+                if resp.status != 201:
+                    raise RuntimeError(f"export seed through {target}: {resp.status}")
+            async with session.get(f"{base}/$export?_type=Patient", headers={"Prefer": "respond-async"}) as resp:
+                status_url = resp.headers.get("Content-Location")
+                if resp.status != 202 or not status_url:
+                    raise RuntimeError(f"export kick-off through {target}: {resp.status} {await resp.text()}")
+            for _ in range(100):
+                async with session.get(_on_target(status_url, port)) as resp:
+                    if resp.status == 200:
+                        manifest = await resp.json(content_type=None)
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError(f"export through {target} did not complete")
+        url = URL(manifest["output"][0]["url"])
+        request = load.Request("GET", url.raw_path_qs)
+        status, body = (await load.send_all(HOST, port, [request]))[0]
+        check = {"status": status, "bytes": len(body), "lines": body.count(b"\n")}
+        if status != 200 or check["lines"] != self.export_lines or NIK not in body or b"fhircrypt.dev" in body:
+            raise RuntimeError(f"export through {target}: status {status}, {check['lines']} lines, plaintext?")
+        return request, check
+
     def _cpu(self, target: str) -> tuple[float | None, float]:
-        proxy = cpu_seconds(self.procs[target].pid) if target in self.procs else None
-        return proxy, cpu_seconds(self.upstream_pid())
+        """CPU seconds so far of the target's processes (with any workers it forked) and of the upstream."""
+        proxy = tree_cpu_seconds(self.procs[target].pid) if target in self.procs else None
+        return proxy, tree_cpu_seconds(self.upstream_pid())
 
     async def phase(
         self,
@@ -209,13 +288,14 @@ class Bench:
             order = TARGETS[i % len(TARGETS) :] + TARGETS[: i % len(TARGETS)]  # rotate: no target always first
             cells = []
             for workload in WORKLOADS:
-                for c in CONCURRENCY:
+                for c in (1,) if workload in HEAVY else CONCURRENCY:
                     closed = {}
                     for target in order:
                         closed[target] = await self.phase(
                             target, workload, c, "closed", await self.seed(workload, target)
                         )
-                    rate = max(2.0, self.args.load_fraction * min(r["throughput"] for r in closed.values()))
+                    # no floor above the slowest target's capacity: a transaction through fhircrypt takes ~1 s
+                    rate = max(0.2, self.args.load_fraction * min(r["throughput"] for r in closed.values()))
                     # enough samples for a p99 that is not just the maximum, within twice the phase time
                     seconds = min(2 * self.duration, max(self.duration, self.min_samples / rate))
                     for target in order:
@@ -234,11 +314,46 @@ class Bench:
             rounds.append(cells)
         return rounds
 
+    async def run_scaling(self) -> dict:
+        """Throughput and proxy CPU of ``fhircrypt serve --workers N`` (SO_REUSEPORT), closed loop, per round.
+
+        The real server command, not the benchmark's in-process target: it forks the workers
+        that share the port. Both process counts run in every round, alternating first."""
+        rows: list[dict] = []
+        with tempfile.TemporaryDirectory(prefix="fhircrypt-bench-") as tmp:
+            for workers in SCALING["workers"]:
+                name = f"serve-{workers}w"
+                self.procs[name] = ServeProcess(name, self.upstream.base_url, workers, Path(tmp)).start()
+                self.ports[name] = self.procs[name].port
+            try:
+                for i in range(self.rounds):
+                    order = SCALING["workers"] if i % 2 == 0 else SCALING["workers"][::-1]
+                    for workload in SCALING["workloads"]:
+                        for workers in order:
+                            target = f"serve-{workers}w"
+                            seeded = await self.seed(workload, target)
+                            r = await self.phase(target, workload, SCALING["c"], "closed", seeded)
+                            rows.append({"round": i, "workers": workers, **r})
+                            self.say(
+                                f"scaling round {i + 1} {workload:6} workers={workers} {r['throughput']:7.0f} req/s  "
+                                f"proxy {r['proxy_cores']:.2f} cores, {r['proxy_cpu_us_per_req']:5.0f} µs/req"
+                            )
+            finally:
+                for workers in SCALING["workers"]:
+                    self.procs.pop(f"serve-{workers}w").stop()
+                    del self.ports[f"serve-{workers}w"]
+        return {
+            "command": "fhircrypt serve --workers N (policies/satusehat.yaml, --auth none, JSON log to /dev/null)",
+            "connections": SCALING["c"],
+            "closed_loop_tool": self.closed_tool,
+            "raw": rows,
+        }
+
     async def profile_proxy(self) -> dict:
         """A fhircrypt-satusehat proxy under cProfile while each workload runs at c=1 (idle time left out)."""
         out = {}
         with tempfile.TemporaryDirectory(prefix="fhircrypt-prof-") as tmp:
-            for workload in WORKLOADS:
+            for workload in ("read", "search", "create"):
                 prof = Path(tmp) / f"{workload}.prof"
                 policy = str(ROOT / "policies" / "satusehat.yaml")
                 argv = ["proxy", "--upstream", self.upstream.base_url, "--policy", policy, "--profile", str(prof)]
@@ -268,6 +383,11 @@ class Bench:
             "fresh fhircrypt-satusehat proxy; idle time in epoll left out; cProfile inflates Python call costs",
             "workloads": out,
         }
+
+
+def _on_target(url: str, port: int) -> str:
+    """``url`` sent to the target under test (a manifest may name the upstream's own host)."""
+    return str(URL(url).with_host(HOST).with_port(port).with_scheme("http"))
 
 
 def machine_facts() -> dict:
@@ -326,6 +446,7 @@ async def amain(args: argparse.Namespace) -> dict:
         rss_start = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
         rounds = await bench.run_rounds()
         rss_end = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
+        scaling = None if args.no_scaling else await bench.run_scaling()
         profile = None if (bench.quick or args.no_profile) else await bench.profile_proxy()
     finally:
         bench.stop()
@@ -336,14 +457,17 @@ async def amain(args: argparse.Namespace) -> dict:
                 "read": "GET /Patient/<id>: the SATUSEHAT fixture Patient (22 encrypted elements under satusehat)",
                 "search": f"GET /Patient?_count={SEARCH_SIZE}: a searchset of {SEARCH_SIZE} such Patients",
                 "create": "POST /Patient of the fixture Patient (validation on, Prefer default: representation)",
+                "transaction": f"POST [base] of a transaction Bundle with {BUNDLE_SIZE} Patient creates "
+                "(each entry validated, indexed and encrypted by fhircrypt)",
+                "export": f"GET of one Bulk Data NDJSON file of {bench.export_lines} Patients (the upstream's copies "
+                "option), through the link in the target's own manifest (fhircrypt: a signed link; it decrypts "
+                "each line)",
             },
             "not_measured": [
-                "50-entry transaction Bundle: the proxy refuses Bundles with encrypted types (not supported yet)",
-                "NDJSON export decryption: not supported by the proxy yet",
-                "scaling with 1 and 2 proxy worker processes: a later increment",
                 "garbage-collector tuning comparison and the 10-minute RSS soak: a later increment",
             ],
             "concurrency": list(CONCURRENCY),
+            "concurrency_heavy": [1],
             "rounds": bench.rounds,
             "phase_seconds": bench.duration,
             "closed_loop_tool": bench.closed_tool,
@@ -358,6 +482,7 @@ async def amain(args: argparse.Namespace) -> dict:
         },
         rss_bytes={"start": rss_start, "end": rss_end},
         raw_rounds=rounds,
+        scaling=scaling,
         proxy_profile=profile,
         log=bench.log_lines,
     )

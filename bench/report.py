@@ -81,11 +81,10 @@ def summarise(result: dict) -> dict:
         for cell in cells_of_round:
             cells.setdefault((cell["workload"], cell["c"], cell["target"]), []).append(cell)
     workloads = list(dict.fromkeys(k[0] for k in cells))
-    concurrency = sorted({k[1] for k in cells})
     targets = list(dict.fromkeys(k[2] for k in cells))
     results: dict = {}
     for w in workloads:
-        for c in concurrency:
+        for c in sorted({k[1] for k in cells if k[0] == w}):  # the heavy workloads run at c=1 only
             per_target = {}
             for t in targets:
                 runs = cells.get((w, c, t), [])
@@ -119,8 +118,33 @@ def summarise(result: dict) -> dict:
                 )
             results.setdefault(w, {})[str(c)] = per_target
     result["results"] = results
+    if result.get("scaling"):
+        result["scaling"]["results"] = summarise_scaling(result["scaling"]["raw"])
     result["targets"] = evaluate_targets(result)
     return result
+
+
+def summarise_scaling(rows: list[dict]) -> dict:
+    """``{workload: {workers: medians}}`` and the throughput of N workers over 1, paired per round."""
+    out: dict = {}
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        mine = [r for r in rows if r["workload"] == w]
+        by_workers: dict = {}
+        for n in sorted({r["workers"] for r in mine}):
+            runs = [r for r in mine if r["workers"] == n]
+            one = {r["round"]: r["throughput"] for r in mine if r["workers"] == 1}
+            by_workers[str(n)] = {
+                "throughput": _median(r["throughput"] for r in runs),
+                "proxy_cores": _median(r["proxy_cores"] for r in runs),
+                "proxy_cpu_us_per_req": _median(r["proxy_cpu_us_per_req"] for r in runs),
+                "upstream_cores": _median(r["upstream_cores"] for r in runs),
+                "loadgen_cores": _median(r["loadgen_cores"] for r in runs),
+                "throughput_x_1_worker": _median(_ratio(r["throughput"], one.get(r["round"])) for r in runs),
+                "errors": sum(r["errors"] for r in runs),
+                "rounds": len(runs),
+            }
+        out[w] = by_workers
+    return out
 
 
 def _target(name: str, measured: float | None, limit: float, unit: str, higher_is_better: bool) -> dict:
@@ -256,6 +280,24 @@ def markdown(result: dict) -> str:
             ]
             lines.append(f"| {w} | {c} | " + " | ".join(cols) + " |")
     lines.append("")
+    scaling = (result.get("scaling") or {}).get("results")
+    if scaling:
+        sc = result["scaling"]
+        lines += [
+            f"**scaling** (`{sc['command']}`, closed loop, {sc['connections']} connections, {sc['closed_loop_tool']})",
+            "",
+            f"| workload | workers | req/s | {TIMES} 1 worker | proxy cores | proxy CPU µs/req | upstream cores | "
+            "load generator cores | errors |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for w, by_n in scaling.items():
+            for n, r in by_n.items():
+                lines.append(
+                    f"| {w} | {n} | {_fmt(r['throughput'], 0)} | {_fmt(r['throughput_x_1_worker'])} | "
+                    f"{_fmt(r['proxy_cores'])} | {_fmt(r['proxy_cpu_us_per_req'], 0)} | {_fmt(r['upstream_cores'])} | "
+                    f"{_fmt(r['loadgen_cores'])} | {r['errors']} |"
+                )
+        lines.append("")
     core = result.get("core")
     if core:
         lines += [
@@ -288,14 +330,13 @@ def render_chart(result: dict, path: Path) -> Path:
     res = result["results"]
     workloads = list(res)
     targets = list(next(iter(next(iter(res.values())).values())))
-    conc = list(next(iter(res.values())))
     core = result.get("core")
     rows = 4 if core else 3
     fig = plt.figure(figsize=(5.2 * len(workloads), 3.6 * rows + 1.0), dpi=100)
     grid = fig.add_gridspec(rows, len(workloads), hspace=0.55, wspace=0.28)
     width = 0.8 / len(targets)
 
-    def bars(ax, values_by_target, ylabel, title, annotate):
+    def bars(ax, values_by_target, ylabel, title, annotate, conc):
         xs = range(len(conc))
         for i, t in enumerate(targets):
             vals = [values_by_target[t][j] for j in range(len(conc))]
@@ -313,13 +354,17 @@ def render_chart(result: dict, path: Path) -> Path:
 
     for col, w in enumerate(workloads):
         cells = res[w]
+        conc = list(cells)  # the heavy workloads run at c=1 only
         ax = fig.add_subplot(grid[0, col])
         bars(
             ax,
             {t: [cells[c][t]["throughput"] for c in conc] for t in targets},
             "requests/s (closed loop)",
             f"{w}: throughput",
-            lambda t, cells=cells: [f"{_fmt(cells[c][t]['ratios'].get('throughput_x_direct'))}{TIMES}" for c in conc],
+            lambda t, cells=cells, conc=conc: [
+                f"{_fmt(cells[c][t]['ratios'].get('throughput_x_direct'))}{TIMES}" for c in conc
+            ],
+            conc,
         )
         ax = fig.add_subplot(grid[1, col])
         bars(
@@ -327,9 +372,10 @@ def render_chart(result: dict, path: Path) -> Path:
             {t: [cells[c][t]["latency_ms"]["p50"] for c in conc] for t in targets},
             "p50 latency ms (open loop)",
             f"{w}: p50 latency (tick = p99)",
-            lambda t, cells=cells: [
+            lambda t, cells=cells, conc=conc: [
                 f"{_signed(cells[c][t]['ratios'].get('p50_delta_ms_vs_direct'))}" if t != "direct" else "" for c in conc
             ],
+            conc,
         )
         for i, t in enumerate(targets):  # p99 as a tick above each bar
             for j, c in enumerate(conc):
@@ -343,10 +389,11 @@ def render_chart(result: dict, path: Path) -> Path:
             {t: [cells[c][t]["proxy_cpu_us_per_req"] for c in conc] for t in targets},
             "proxy CPU µs/request",
             f"{w}: proxy CPU per request",
-            lambda t, cells=cells: [
+            lambda t, cells=cells, conc=conc: [
                 f"{_fmt(cells[c][t]['ratios'].get('proxy_cpu_x_passthrough'))}{TIMES}" if t not in ("direct",) else ""
                 for c in conc
             ],
+            conc,
         )
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.975), ncol=len(targets), fontsize=10,

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 from tests.upstream_server import stop_process
@@ -188,17 +189,35 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15)
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (``fhircrypt serve --workers N`` forks N workers).
+
+    Children found by their parent pid in /proc; a worker that exited during a phase
+    would be missed, which the phase's request count would show as errors anyway."""
+    total = cpu_seconds(pid)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid:  # field 4: the parent pid
+            total += cpu_seconds(int(entry.name))
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm", "rb") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class TargetProcess:
-    """A ``python -m bench.targets`` child: start, port, CPU time, stop."""
+class _Child:
+    """A target process the benchmark started: its name, port and pid, and how it is stopped."""
 
-    def __init__(self, name: str, args: list[str]) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.args = args
         self.port: int | None = None
         self._proc: subprocess.Popen | None = None
 
@@ -206,6 +225,19 @@ class TargetProcess:
     def pid(self) -> int:
         assert self._proc is not None
         return self._proc.pid
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            stop_process(proc, grace=10)
+
+
+class TargetProcess(_Child):
+    """A ``python -m bench.targets`` child: start, port, CPU time, stop."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        super().__init__(name)
+        self.args = args
 
     def start(self, timeout: float = 30.0) -> TargetProcess:
         cmd = [sys.executable, "-m", "bench.targets", *self.args]
@@ -253,10 +285,49 @@ class TargetProcess:
         assert self._proc is not None
         self._proc.send_signal(signum)
 
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            stop_process(proc, grace=10)
+
+class ServeProcess(_Child):
+    """``python -m proxy serve --workers N``: the real server command, for the scaling comparison.
+
+    A keyring and KEK made in ``tmp`` with ``fhircrypt keys init``; configuration through the
+    environment as a deployment would give it; ready when ``/healthz`` answers."""
+
+    def __init__(self, name: str, upstream: str, workers: int, tmp: Path) -> None:
+        super().__init__(name)
+        self.upstream, self.workers, self.tmp = upstream, workers, tmp
+
+    def start(self, timeout: float = 60.0) -> ServeProcess:
+        ring, kek = self.tmp / f"{self.name}-ring.json", self.tmp / f"{self.name}-kek"
+        init = [sys.executable, "-m", "proxy", "keys", "init", "--keyring", str(ring), "--generate-kek", str(kek)]
+        subprocess.run(init, cwd=ROOT, check=True, capture_output=True)
+        with socket.socket() as s:  # a free port (SO_REUSEPORT workers need a number, not a socket)
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {
+            **os.environ,
+            "FHIRCRYPT_UPSTREAM": self.upstream,
+            "FHIRCRYPT_POLICY": str(ROOT / "policies" / "satusehat.yaml"),
+            "FHIRCRYPT_LISTEN": f"127.0.0.1:{self.port}",
+            "FHIRCRYPT_KEYRING": str(ring),
+            "FHIRCRYPT_KEK_FILE": str(kek),
+            "FHIRCRYPT_AUTH": "none",
+            "FHIRCRYPT_WORKERS": str(self.workers),
+        }
+        cmd = [sys.executable, "-m", "proxy", "serve"]
+        self._proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        time.sleep(0.5)  # let every worker bind before the load starts
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not start ({' '.join(cmd)} with FHIRCRYPT_WORKERS={self.workers})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
 PROXIES = ("passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
-WORKLOADS = ("read", "search", "create")
+WORKLOADS = ("read", "search", "create", "transaction", "export")
+HEAVY = ("transaction", "export")  # measured at one connection only
 
 
 def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path):
@@ -30,7 +31,8 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
 
     for workload in WORKLOADS:
-        for c in ("1", "8"):
+        assert set(data["results"][workload]) == ({"1"} if workload in HEAVY else {"1", "8"}), workload
+        for c in data["results"][workload]:
             cells = data["results"][workload][c]
             assert set(cells) == set(TARGETS)
             for target in TARGETS:
@@ -47,11 +49,21 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
                 else:
                     assert cell["proxy_cpu_us_per_req"] is None, where
 
-    # the search workload really returns 100 Patients through every target
+    # the search workload really returns 100 Patients through every target, the transaction creates 50,
+    # the export file has every line (each seed checked that the plaintext NIK came back)
     for cells in data["raw_rounds"]:
         for cell in cells:
-            if cell["workload"] == "search":
-                assert cell["closed"]["check"]["entries"] == 100
+            if cell["workload"] in ("search", "transaction"):
+                assert cell["closed"]["check"]["entries"] == (100 if cell["workload"] == "search" else 50)
+            if cell["workload"] == "export":
+                assert cell["closed"]["check"]["lines"] == 100
+
+    # 1 and 2 worker processes of the real `fhircrypt serve`, both serving without errors
+    scaling = data["scaling"]["results"]
+    for workload in ("read", "search"):
+        assert set(scaling[workload]) == {"1", "2"}
+        for cell in scaling[workload].values():
+            assert cell["errors"] == 0 and cell["throughput"] > 0 and cell["proxy_cpu_us_per_req"] > 0
 
     core = data["core"]["cases"]
     for case in ("orjson", "decrypt", "decrypt_path", "encrypt", "encrypt_path"):

@@ -19,7 +19,6 @@ sorted by path, detecting elements that were removed, added or swapped as a whol
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 from typing import Protocol
@@ -34,6 +33,7 @@ from proxy.crypto.keyring import Keyring
 VERSION = "v1"
 _PREFIX = VERSION + "."
 _US, _RS = "\x1f", "\x1e"  # unit and record separators: never part of a path or field id
+_NONCE_BATCH = 32  # nonces drawn per os.urandom call: a Patient under the SATUSEHAT policy seals 22 elements
 
 
 class IntegrityError(Exception):
@@ -53,12 +53,15 @@ def associated_data(resource_type: str, record_id: str, field_id: str, path: str
 class RecordCipher:
     """Encrypts or decrypts the elements of one resource version."""
 
-    __slots__ = ("_aead", "_mac_key", "key_id", "record_id", "resource_type", "wrapped")
+    __slots__ = ("_aad_prefix", "_aead", "_mac_key", "_nonces", "key_id", "record_id", "resource_type", "wrapped")
 
     def __init__(self, resource_type: str, key_id: str, record_id: str, data_key: bytes, wrapped: bytes) -> None:
         self.resource_type, self.key_id, self.record_id, self.wrapped = resource_type, key_id, record_id, wrapped
         self._aead = AESGCM(data_key[:32])
         self._mac_key = data_key[32:]
+        # the part of every element's associated data that is the same for the whole record
+        self._aad_prefix = _US.join(("fhircrypt/v1", resource_type, record_id)).encode()
+        self._nonces = b""  # random bytes drawn in one call and used 12 at a time (see _nonce)
 
     def __repr__(self) -> str:
         return f"RecordCipher({self.resource_type}, key={self.key_id})"
@@ -92,19 +95,34 @@ class RecordCipher:
     def envelope(self, mac: bytes) -> str:
         return ".".join((VERSION, self.key_id, self.record_id, b64e(self.wrapped), b64e(mac)))
 
+    def _aad(self, field_id: str, path: str) -> bytes:
+        """:func:`associated_data` for this record, without re-joining its fixed part per element."""
+        return self._aad_prefix + f"{_US}{field_id}{_US}{path}".encode()
+
+    def _nonce(self) -> bytes:
+        """A fresh random 96-bit nonce.
+
+        ``os.urandom`` is a system call that costs about as much as the AES-GCM encryption
+        of a small element, so a record's nonces are drawn from the OS in one call. Each
+        12-byte slice is used once, so the nonces are exactly as random and as unique as
+        separate calls would make them.
+        """
+        if not self._nonces:
+            self._nonces = os.urandom(12 * _NONCE_BATCH)
+        nonce, self._nonces = self._nonces[:12], self._nonces[12:]
+        return nonce
+
     def seal(self, field_id: str, path: str, plaintext: bytes, nonce: bytes | None = None) -> str:
         """Encrypt one element. ``nonce`` is only for published test vectors."""
-        nonce = nonce or os.urandom(12)
-        aad = associated_data(self.resource_type, self.record_id, field_id, path)
-        return _PREFIX + b64e(nonce + self._aead.encrypt(nonce, plaintext, aad))
+        nonce = nonce or self._nonce()
+        return _PREFIX + b64e(nonce + self._aead.encrypt(nonce, plaintext, self._aad(field_id, path)))
 
     def open(self, field_id: str, path: str, ciphertext: str) -> bytes:
-        if not isinstance(ciphertext, str) or not ciphertext.startswith(_PREFIX):
+        if type(ciphertext) is not str or not ciphertext.startswith(_PREFIX):
             raise IntegrityError("ciphertext has an unknown version")
         try:
-            raw = b64d_fast(ciphertext[len(_PREFIX) :])
-            aad = associated_data(self.resource_type, self.record_id, field_id, path)
-            return self._aead.decrypt(raw[:12], raw[12:], aad)
+            raw = b64d_fast(ciphertext[3:])  # len(_PREFIX)
+            return self._aead.decrypt(raw[:12], raw[12:], self._aad(field_id, path))
         except (ValueError, InvalidTag):
             raise IntegrityError("ciphertext does not verify") from None
 
@@ -112,7 +130,7 @@ class RecordCipher:
         """Record MAC over the key id and the ordered (path, ciphertext) list."""
         parts = [f"fhircrypt/v1 record{_US}{self.resource_type}{_US}{self.record_id}{_US}{self.key_id}"]
         parts.extend(f"{path}{_US}{ct}" for path, ct in items)
-        return hmac.new(self._mac_key, _RS.join(parts).encode(), hashlib.sha256).digest()
+        return hmac.digest(self._mac_key, _RS.join(parts).encode(), "sha256")  # one-shot: no HMAC object
 
     def verify(self, items: list[tuple[str, str]], expected: bytes) -> None:
         if not hmac.compare_digest(self.mac(items), expected):

@@ -104,5 +104,5 @@ def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer)
             texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
             system = mk.BLIND_INDEX_BASE + spec.label
             # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
-            out.extend({"system": system, "value": t} for t in sorted(indexer.token(spec.label, x) for x in texts))
+            out.extend({"system": system, "value": t} for t in sorted(indexer.tokens(spec.label, texts)))
     return out

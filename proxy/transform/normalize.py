@@ -22,6 +22,10 @@ _DIGITS = re.compile(r"\D+")
 
 
 def fold(text: str) -> str:
+    if text.isascii():
+        # NFKD leaves ASCII unchanged, ASCII has no combining marks and casefold() of ASCII
+        # is lower(): the same result without a per-character pass (most Indonesian names)
+        return _SPACE.sub(" ", text.lower()).strip()
     decomposed = unicodedata.normalize("NFKD", text)
     stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
     return _SPACE.sub(" ", stripped.casefold()).strip()
