@@ -292,6 +292,9 @@ REFUSALS = [
     ("POST", "/fhir/R4/Patient", b'{"resourceType":"Patient","birthDate":"\xff"}', FHIR_JSON, 400, "not valid JSON"),
     ("GET", "/fhir/R4/Patient/abc", b"{}", FHIR_JSON, 400, "carry no body"),
     ("GET", "/fhir/R4/Patient?_count", None, {}, 400, "cannot be parsed"),
+    ("GET", "/fhir/R4/Patient?_id=Wibisono%20Budi", None, {}, 400, "the value of '_id'"),
+    ("GET", "/fhir/R4/Patient/_history?_since=Wibisono", None, {}, 400, "the value of '_since'"),
+    ("GET", "/fhir/R4/Patient?_count=3201019988770001a", None, {}, 400, "the value of '_count'"),
 ]
 
 

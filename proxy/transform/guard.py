@@ -41,6 +41,37 @@ _CONTROL_PARAMS = _FORMAT_PARAMS | {
     "_include",
     "_revinclude",
 }
+_DATE = r"\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
+_TOKEN = r"[A-Za-z0-9\-_.=]{1,200}"  # server-chosen paging handles
+# What each control parameter's value may look like: anything else could be a value from a record
+# (a name in _id, a NIK in _count) and would reach the server in the clear.
+_CONTROL_VALUES = {
+    "_count": re.compile(r"^\d{1,7}$"),
+    "_offset": re.compile(r"^\d{1,9}$"),
+    "_getpagesoffset": re.compile(r"^\d{1,9}$"),
+    "_total": re.compile(r"^(none|estimate|accurate)$"),
+    "_since": re.compile(f"^{_DATE}$"),
+    "_at": re.compile(f"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?{_DATE}$"),
+    "_lastUpdated": re.compile(f"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?{_DATE}$"),
+    "_page": re.compile(f"^{_TOKEN}$"),
+    "_getpages": re.compile(f"^{_TOKEN}$"),
+    "_bundletype": re.compile(r"^[a-z\-]{1,32}$"),
+    "_id": re.compile(r"^[A-Za-z0-9\-.]{1,64}(,[A-Za-z0-9\-.]{1,64})*$"),
+    "_include": re.compile(r"^(\*|[A-Z][A-Za-z]{1,63}:[a-z][A-Za-z0-9\-_.]{0,63}(:[A-Z][A-Za-z]{1,63})?)$"),
+    "_revinclude": re.compile(r"^(\*|[A-Z][A-Za-z]{1,63}:[a-z][A-Za-z0-9\-_.]{0,63}(:[A-Z][A-Za-z]{1,63})?)$"),
+    "_pretty": re.compile(r"^(true|false)$"),
+}
+
+
+def check_control_value(raw: str, value: str, where: str = "query") -> None:
+    """Refuse a control parameter whose value does not have its parameter's shape (never echoes the value)."""
+    pattern = _CONTROL_VALUES.get(raw.partition(":")[0])
+    if pattern is not None and not pattern.match(value):
+        raise FhirError(
+            400, "invalid", f"{where}: the value of '{raw}' does not have the form that parameter takes", [raw]
+        )
+
+
 _READ_PARAMS = {
     "read": _FORMAT_PARAMS,
     "vread": _FORMAT_PARAMS,
@@ -112,6 +143,7 @@ def check_search(
                 )
             continue
         if name in _CONTROL_PARAMS:
+            check_control_value(raw, value, where)
             continue
         if raw.startswith("_has:") or ("." in raw and not name.startswith("_")):
             out[-1] = search.rewrite_chain(rtype, raw, value, ctx, where)
@@ -193,10 +225,11 @@ def check_request(
     allowed = _READ_PARAMS.get(it.kind, _FORMAT_PARAMS)
     if subsettable or rtype not in ctx.policies:  # applied by the proxy, or harmless at the server
         allowed = allowed | {"_summary", "_elements"}
-    for raw, _ in params:
+    for raw, value in params:
         name = _param_name(raw)[0]
         if name not in allowed:
             raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
+        check_control_value(raw, value)
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
@@ -227,6 +260,7 @@ def _check_operation(it: Interaction, params: list[tuple[str, str]], operations:
     rule = operation_rule(it, operations)
     for raw, value in params:
         check_operation_date(rule, raw, value)
+        check_control_value(raw, value, f"${rule.name}")
         if not operation_parameter_allowed(rule, _param_name(raw)[0]):
             raise FhirError(
                 501,
