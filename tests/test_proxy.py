@@ -295,6 +295,7 @@ REFUSALS = [
     ("GET", "/fhir/R4/Patient?_id=Wibisono%20Budi", None, {}, 400, "the value of '_id'"),
     ("GET", "/fhir/R4/Patient/_history?_since=Wibisono", None, {}, 400, "the value of '_since'"),
     ("GET", "/fhir/R4/Patient?_count=3201019988770001a", None, {}, 400, "the value of '_count'"),
+    ("GET", "/fhir/R4/$export?_since=Wibisono", None, {"Prefer": "respond-async"}, 400, "the value of '_since'"),
 ]
 
 

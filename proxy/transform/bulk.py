@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
+from proxy.transform.guard import check_control_value
 
 NDJSON_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
 NDJSON_TYPES = frozenset({"application/fhir+ndjson", "application/ndjson", "application/x-ndjson"})
@@ -39,7 +40,9 @@ def check_kickoff(params: list[tuple[str, str]]) -> None:
                 )
         elif name in _UNSUPPORTED:
             raise FhirError(501, "not-supported", f"$export: '{name}' is refused: {_UNSUPPORTED[name]}", [name])
-        elif name != "_since":
+        elif name == "_since":
+            check_control_value(name, value, "$export")  # a date, or it could carry a record's value
+        else:
             raise FhirError(400, "not-supported", f"$export: parameter '{name}' is not supported", [name])
 
 
