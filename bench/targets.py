@@ -26,13 +26,12 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import urllib.request
 from pathlib import Path
 
-from tests.upstream_server import stop_process
+from tests.upstream_server import stdout_lines, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -248,16 +247,7 @@ class TargetProcess(_Child):
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,  # the proxy's per-request JSON log lines
         )
-        lines: queue.Queue[bytes | None] = queue.Queue()
-        proc = self._proc
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, name=f"{self.name}-stdout", daemon=True).start()
+        lines = stdout_lines(self._proc, f"{self.name}-stdout")
         seen: list[str] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -48,6 +48,20 @@ FHIR_BASE_PATH = "/fhir/R4"
 ADMIN_PATH = "/$admin"
 
 
+def stdout_lines(proc: subprocess.Popen, name: str) -> queue.Queue[bytes | None]:
+    """A child's stdout lines on a queue (None at EOF), read by a daemon thread so start-up can time out."""
+    lines: queue.Queue[bytes | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, name=name, daemon=True).start()
+    return lines
+
+
 def stop_process(proc: subprocess.Popen, grace: float) -> None:
     """SIGTERM, SIGKILL after ``grace`` seconds, then close its stdout (shared with the benchmark)."""
     if proc.poll() is None:
@@ -158,16 +172,8 @@ class UpstreamServer:
             self._close_stderr()
             raise UpstreamServerError(f"could not run {self.node!r}: {exc}") from exc
 
-        lines: queue.Queue[bytes | None] = queue.Queue()
         proc = self._proc
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
-
-        threading.Thread(target=pump, name="upstream-stdout", daemon=True).start()
+        lines = stdout_lines(proc, "upstream-stdout")
 
         deadline = time.monotonic() + self.startup_timeout
         while True:
