@@ -31,6 +31,8 @@ import traceback
 import urllib.request
 from pathlib import Path
 
+from proxy import gctune
+from proxy.gctune import DEFAULT_THRESHOLD as DEFAULT_GC_THRESHOLD
 from tests.upstream_server import stdout_lines, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-validate", action="store_true", help="proxy: do not validate writes")
     parser.add_argument("--log-level", default="info", help="proxy: as `fhircrypt serve --log-level`")
     parser.add_argument("--profile", metavar="FILE", help="cProfile from SIGUSR1 until SIGUSR2, which writes FILE")
+    parser.add_argument("--gc-threshold", type=int, default=DEFAULT_GC_THRESHOLD,
+                        help="proxy: as `fhircrypt serve --gc-threshold` (0: the defaults)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from aiohttp import web
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
             configure(args.log_level)
             app = proxy_app(args.upstream, args.policy, port, validate=not args.no_validate)
+            gctune.tune(args.gc_threshold)
         else:
             app = passthrough_app(args.upstream)
     except Exception:  # shown by the launcher, which reads stdout until LISTENING

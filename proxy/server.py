@@ -22,6 +22,7 @@ import signal
 import ssl
 import sys
 
+from proxy import gctune
 from proxy.crypto.keycache import KeyCache
 from proxy.keyflags import provider_from_settings, settings_bounds
 from proxy.policy.compiler import CompiledPolicy, compile_file
@@ -92,6 +93,7 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
     keyring = keys.current()
     _warn(settings, policy)
     app = create_app(settings, policy, keys)
+    gctune.tune(settings.gc_threshold)
     log.info(
         "starting",
         extra={

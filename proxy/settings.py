@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from proxy.gctune import DEFAULT_THRESHOLD as DEFAULT_GC_THRESHOLD
+
 ENV_PREFIX = "FHIRCRYPT_"
 CONFIG_ENV = "FHIRCRYPT_CONFIG"
 
@@ -55,6 +57,7 @@ class Settings:
     audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up
     audit_max_backlog: int = 10_000
     validate: bool = True
+    gc_threshold: int = DEFAULT_GC_THRESHOLD  # proxy.gctune; 0 keeps Python's defaults
     max_body: int = 16 * 1024 * 1024
     max_response: int = 64 * 1024 * 1024
     upstream_timeout: float = 30.0
@@ -211,6 +214,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("audit_max_backlog", "audit records queued per destination before audit_mode applies", 10_000, int),
     Option("validate", "validate writes with fhir.resources", True, parse_bool),
+    Option(
+        "gc_threshold",
+        "garbage collector: generation-0 threshold after start-up, start-up objects frozen (0: Python's defaults)",
+        DEFAULT_GC_THRESHOLD,
+        int,
+    ),
     Option("max_body", "request body limit in bytes", 16 * 1024 * 1024, int),
     Option("max_response", "upstream response limit in bytes", 64 * 1024 * 1024, int),
     Option("readiness_cache", "seconds a /readyz upstream probe is reused", 5.0, float),
