@@ -51,8 +51,10 @@ def check_startup(settings: Settings) -> str | None:
 
 def load_keys(settings: Settings) -> KeyCache:
     """The keys, unwrapped once at start-up through the configured provider (no keys, no start) and
-    re-verified in the background within the cache's bounds."""
-    return KeyCache(settings.keyring, provider_from_settings(settings), settings_bounds(settings))
+    re-verified in the background within the cache's bounds; every provider call is counted."""
+    from proxy.web.metrics import CountedProvider
+
+    return KeyCache(settings.keyring, CountedProvider(provider_from_settings(settings)), settings_bounds(settings))
 
 
 def serve(settings: Settings) -> int:

@@ -101,6 +101,7 @@ def test_no_log_line_and_no_metric_carries_phi(policy_name, tmp_path, clean_upst
     )
     try:
         served.wait_for("listening")
+        at_start = _provider_calls(served.get("/metrics")[1].decode())
         _traffic(served, policy_name)
         status, metrics = served.get("/metrics")
         assert status == 200
@@ -122,6 +123,15 @@ def test_no_log_line_and_no_metric_carries_phi(policy_name, tmp_path, clean_upst
     _assert_closed_labels(text)
     assert re.search(r'^fhircrypt_elements_total\{operation="encrypted"\} [1-9]', text, re.M)
     assert re.search(r'^fhircrypt_refusals_total\{reason="not-supported"\} [1-9]', text, re.M)
+    # keys were unwrapped at start-up; over all that traffic the key provider was not called again
+    assert at_start.get("unwrap", 0) >= 1
+    assert _provider_calls(text) == at_start
+
+
+def _provider_calls(metrics: str) -> dict[str, float]:
+    """fhircrypt_key_provider_calls_total by operation (successful calls)."""
+    found = re.findall(r'^fhircrypt_key_provider_calls_total\{operation="(\w+)",result="ok"\} (\S+)', metrics, re.M)
+    return {operation: float(count) for operation, count in found}
 
 
 def _assert_closed_labels(text: str) -> None:
@@ -130,8 +140,8 @@ def _assert_closed_labels(text: str) -> None:
         "interaction": INTERACTIONS,
         "status": re.compile(r"[1-5][0-9][0-9]"),
         "reason": re.compile(r"[a-z][a-z-]{1,30}"),  # OperationOutcome issue type codes
-        "operation": {"encrypted", "decrypted", "masked"},
-        "result": {"ok", "rejected", "hit", "miss"},
+        "operation": {"encrypted", "decrypted", "masked", "wrap", "unwrap", "check"},
+        "result": {"ok", "rejected", "error"},
         "le": re.compile(r"[0-9.e+-]+|\+Inf"),
     }
     for line in text.splitlines():
