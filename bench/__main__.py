@@ -18,12 +18,15 @@ workloads at 1 only, so the run still fits in a quarter of an hour): the upstrea
 reset and seeded through that target, a closed-loop phase measures throughput and CPU
 per request; then, for every target again (reset and seeded again), an open-loop phase
 at a fixed arrival rate (half the slowest target's throughput) measures latency without
-coordinated omission. Then ``scaling``: ``fhircrypt serve --workers 1`` and ``--workers 2``
-(SO_REUSEPORT), closed loop on read and search at 8 connections. Medians over the rounds go to
+coordinated omission. Then ``gc``: each fhircrypt target against a twin with the garbage
+collector left at Python's defaults (``--gc-threshold 0``), on the searchset at c=1. Then
+``scaling``: ``fhircrypt serve --workers 1`` and ``--workers 2`` (SO_REUSEPORT), closed loop
+on read and search at 8 connections. Medians over the rounds go to
 ``<out>/latest.json``, ``latest.png`` and ``latest.md``; see docs/benchmarks.md.
 
 ``--quick`` is the smoke mode that CI runs: one round, short phases, the Python load
-generator only, and the chart only when matplotlib is installed.
+generator only, and the chart only when matplotlib is installed. The 10-minute memory soak
+is a separate command, ``python -m bench.soak``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from yarl import URL
 
 from bench import load, report
 from bench.core import patient_bytes, profile_areas, run_core, summarise_profile
-from bench.targets import ROOT, ServeProcess, TargetProcess, rss_bytes, tree_cpu_seconds
+from bench.targets import DEFAULT_GC_THRESHOLD, ROOT, ServeProcess, TargetProcess, rss_bytes, tree_cpu_seconds
 from tests.upstream_server import UpstreamServer
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -64,6 +67,7 @@ BUNDLE_SIZE = 50
 EXPORT_LINES = 500
 NIK = b"3175042903870007"  # in the fixture Patient: must come back in plaintext from every target
 SCALING = {"workers": (1, 2), "workloads": ("read", "search"), "c": 8}
+GC = {"workload": "search", "c": 1}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass of the proxy under load")
     p.add_argument("--no-core", action="store_true", help="skip the core micro-benchmark")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 worker processes comparison")
+    p.add_argument("--no-gc", action="store_true", help="skip the garbage-collector tuned vs default comparison")
     return p
 
 
@@ -104,18 +109,19 @@ class Bench:
         self.ports: dict[str, int] = {}
         self.patient = patient_bytes()
         self.log_lines: list[str] = []
+        self.specs: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self.upstream.start()
         up = self.upstream.base_url
         self.ports["direct"] = self.upstream.port
-        specs = {
+        self.specs = {
             "passthrough": ["passthrough", "--upstream", up],
             "fhircrypt-empty": ["proxy", "--upstream", up, "--policy", "empty"],
             "fhircrypt-satusehat": ["proxy", "--upstream", up, "--policy", str(ROOT / "policies" / "satusehat.yaml")],
         }
-        for name, argv in specs.items():
+        for name, argv in self.specs.items():
             self.procs[name] = TargetProcess(name, argv).start()
             self.ports[name] = self.procs[name].port
 
@@ -279,40 +285,70 @@ class Bench:
         return out
 
     async def run_rounds(self) -> list[list[dict]]:
-        """Each round: per workload and concurrency, every target closed loop, then every target open loop.
-
-        The open-loop arrival rate is ``--load-fraction`` of the slowest target's closed-loop
-        throughput in the same round, so every target gets the same offered load."""
+        """Each round: per workload and concurrency, every target closed loop, then every target open loop."""
         rounds = []
         for i in range(self.rounds):
             order = TARGETS[i % len(TARGETS) :] + TARGETS[: i % len(TARGETS)]  # rotate: no target always first
             cells = []
             for workload in WORKLOADS:
                 for c in (1,) if workload in HEAVY else CONCURRENCY:
-                    closed = {}
-                    for target in order:
-                        closed[target] = await self.phase(
-                            target, workload, c, "closed", await self.seed(workload, target)
-                        )
-                    # no floor above the slowest target's capacity: a transaction through fhircrypt takes ~1 s
-                    rate = max(0.2, self.args.load_fraction * min(r["throughput"] for r in closed.values()))
-                    # enough samples for a p99 that is not just the maximum, within twice the phase time
-                    seconds = min(2 * self.duration, max(self.duration, self.min_samples / rate))
-                    for target in order:
-                        seeded = await self.seed(workload, target)
-                        opened = await self.phase(target, workload, c, "open", seeded, rate, seconds)
-                        cells.append(
-                            {"target": target, "workload": workload, "c": c, "closed": closed[target], "open": opened}
-                        )
-                        r = closed[target]
-                        cpu = r["proxy_cpu_us_per_req"]
-                        self.say(
-                            f"round {i + 1} {workload:6} c={c} {target:20} {r['throughput']:7.0f} req/s  "
-                            f"open @{rate:.0f}/s p50 {opened['latency_ms']['p50']:6.2f} "
-                            f"p99 {opened['latency_ms']['p99']:6.2f} ms" + (f"  proxy {cpu:5.0f} µs/req" if cpu else "")
-                        )
+                    cells += await self.compare(order, workload, c, f"round {i + 1}")
             rounds.append(cells)
         return rounds
+
+    async def compare(self, order: tuple[str, ...], workload: str, c: int, label: str) -> list[dict]:
+        """Every target in ``order`` closed loop, then every target open loop; one cell per target.
+
+        The open-loop arrival rate is ``--load-fraction`` of the slowest target's closed-loop
+        throughput, so every target gets the same offered load."""
+        closed = {}
+        for target in order:
+            closed[target] = await self.phase(target, workload, c, "closed", await self.seed(workload, target))
+        # no floor above the slowest target's capacity: a transaction through fhircrypt takes ~1 s
+        rate = max(0.2, self.args.load_fraction * min(r["throughput"] for r in closed.values()))
+        # enough samples for a p99 that is not just the maximum, within twice the phase time
+        seconds = min(2 * self.duration, max(self.duration, self.min_samples / rate))
+        cells = []
+        for target in order:
+            opened = await self.phase(target, workload, c, "open", await self.seed(workload, target), rate, seconds)
+            cells.append({"target": target, "workload": workload, "c": c, "closed": closed[target], "open": opened})
+            r = closed[target]
+            cpu = r["proxy_cpu_us_per_req"]
+            self.say(
+                f"{label} {workload:6} c={c} {target:20} {r['throughput']:7.0f} req/s  "
+                f"open @{rate:.0f}/s p50 {opened['latency_ms']['p50']:6.2f} "
+                f"p99 {opened['latency_ms']['p99']:6.2f} ms" + (f"  proxy {cpu:5.0f} µs/req" if cpu else "")
+            )
+        return cells
+
+    async def run_gc(self) -> dict:
+        """The garbage-collector comparison: each fhircrypt target against a twin started with
+        ``--gc-threshold 0`` (Python's defaults, nothing frozen), on the searchset at c=1, per round.
+
+        A 100-Patient searchset is the allocation-heavy case: its parse makes ~20,000 containers."""
+        twins = {f"{t}-gc-default": t for t in PROXIES}
+        for twin, target in twins.items():
+            self.procs[twin] = TargetProcess(twin, [*self.specs[target], "--gc-threshold", "0"]).start()
+            self.ports[twin] = self.procs[twin].port
+        rows: list[dict] = []
+        try:
+            for i in range(self.rounds):
+                for twin, target in twins.items():
+                    pair = (target, twin) if i % 2 == 0 else (twin, target)
+                    for cell in await self.compare(pair, GC["workload"], GC["c"], f"gc round {i + 1}"):
+                        rows.append({"round": i, "policy": target, "gc": "default" if cell["target"] == twin else
+                                     "tuned", **cell})  # fmt: skip
+        finally:
+            for twin in twins:
+                self.procs.pop(twin).stop()
+                del self.ports[twin]
+        return {
+            "workload": GC["workload"],
+            "c": GC["c"],
+            "tuned": f"gc.freeze() after start-up, generation-0 threshold {DEFAULT_GC_THRESHOLD} (fhircrypt's default)",
+            "default": "--gc-threshold 0: Python's defaults (700, 10, 10), nothing frozen",
+            "raw": rows,
+        }
 
     async def run_scaling(self) -> dict:
         """Throughput and proxy CPU of ``fhircrypt serve --workers N`` (SO_REUSEPORT), closed loop, per round.
@@ -446,6 +482,7 @@ async def amain(args: argparse.Namespace) -> dict:
         rss_start = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
         rounds = await bench.run_rounds()
         rss_end = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
+        gc_compare = None if args.no_gc else await bench.run_gc()
         scaling = None if args.no_scaling else await bench.run_scaling()
         profile = None if (bench.quick or args.no_profile) else await bench.profile_proxy()
     finally:
@@ -463,9 +500,7 @@ async def amain(args: argparse.Namespace) -> dict:
                 "option), through the link in the target's own manifest (fhircrypt: a signed link; it decrypts "
                 "each line)",
             },
-            "not_measured": [
-                "garbage-collector tuning comparison and the 10-minute RSS soak: a later increment",
-            ],
+            "soak": "separate command: python -m bench.soak (10 minutes; RSS and key-provider calls)",
             "concurrency": list(CONCURRENCY),
             "concurrency_heavy": [1],
             "rounds": bench.rounds,
@@ -483,6 +518,7 @@ async def amain(args: argparse.Namespace) -> dict:
         rss_bytes={"start": rss_start, "end": rss_end},
         raw_rounds=rounds,
         scaling=scaling,
+        gc=gc_compare,
         proxy_profile=profile,
         log=bench.log_lines,
     )

@@ -120,6 +120,8 @@ def summarise(result: dict) -> dict:
     result["results"] = results
     if result.get("scaling"):
         result["scaling"]["results"] = summarise_scaling(result["scaling"]["raw"])
+    if result.get("gc"):
+        result["gc"]["results"] = summarise_gc(result["gc"]["raw"])
     result["targets"] = evaluate_targets(result)
     return result
 
@@ -145,6 +147,29 @@ def summarise_scaling(rows: list[dict]) -> dict:
             }
         out[w] = by_workers
     return out
+
+
+def summarise_gc(rows: list[dict]) -> dict:
+    """``{policy target: {"tuned"|"default": medians}}`` of the garbage-collector comparison."""
+    out: dict = {}
+    for row in rows:
+        out.setdefault(row["policy"], {}).setdefault(row["gc"], []).append(row)
+    return {
+        policy: {
+            mode: {
+                "throughput": _median(r["closed"]["throughput"] for r in runs),
+                "proxy_cpu_us_per_req": _median(r["closed"]["proxy_cpu_us_per_req"] for r in runs),
+                "latency_ms": {
+                    p: _median(r["open"]["latency_ms"][p] for r in runs) for p in ("p50", "p95", "p99", "max")
+                },
+                "open_offered_rate": _median(r["open"]["offered_rate"] for r in runs),
+                "errors": sum(r["closed"]["errors"] + r["open"]["errors"] for r in runs),
+                "rounds": len(runs),
+            }
+            for mode, runs in by_mode.items()
+        }
+        for policy, by_mode in out.items()
+    }
 
 
 def _target(name: str, measured: float | None, limit: float, unit: str, higher_is_better: bool) -> dict:
@@ -297,6 +322,26 @@ def markdown(result: dict) -> str:
                     f"{_fmt(r['proxy_cores'])} | {_fmt(r['proxy_cpu_us_per_req'], 0)} | {_fmt(r['upstream_cores'])} | "
                     f"{_fmt(r['loadgen_cores'])} | {r['errors']} |"
                 )
+        lines.append("")
+    gc = (result.get("gc") or {}).get("results")
+    if gc:
+        lines += [
+            f"**garbage collector** ({result['gc']['workload']} at c={result['gc']['c']}; tuned: "
+            f"{result['gc']['tuned']}; default: {result['gc']['default']})",
+            "",
+            "| target | collector | req/s | proxy CPU µs/req | open-loop p50 ms | p95 ms | p99 ms | max ms | errors |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for policy, by_mode in gc.items():
+            for mode in ("tuned", "default"):
+                r = by_mode.get(mode)
+                if r:
+                    lat = r["latency_ms"]
+                    lines.append(
+                        f"| {policy} | {mode} | {_fmt(r['throughput'], 0)} | {_fmt(r['proxy_cpu_us_per_req'], 0)} | "
+                        f"{_fmt(lat['p50'])} | {_fmt(lat['p95'])} | {_fmt(lat['p99'])} | {_fmt(lat['max'])} | "
+                        f"{r['errors']} |"
+                    )
         lines.append("")
     core = result.get("core")
     if core:

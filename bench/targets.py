@@ -287,9 +287,9 @@ class ServeProcess(_Child):
     A keyring and KEK made in ``tmp`` with ``fhircrypt keys init``; configuration through the
     environment as a deployment would give it; ready when ``/healthz`` answers."""
 
-    def __init__(self, name: str, upstream: str, workers: int, tmp: Path) -> None:
+    def __init__(self, name: str, upstream: str, workers: int, tmp: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(name)
-        self.upstream, self.workers, self.tmp = upstream, workers, tmp
+        self.upstream, self.workers, self.tmp, self.env = upstream, workers, tmp, env or {}
 
     def start(self, timeout: float = 60.0) -> ServeProcess:
         ring, kek = self.tmp / f"{self.name}-ring.json", self.tmp / f"{self.name}-kek"
@@ -307,6 +307,7 @@ class ServeProcess(_Child):
             "FHIRCRYPT_KEK_FILE": str(kek),
             "FHIRCRYPT_AUTH": "none",
             "FHIRCRYPT_WORKERS": str(self.workers),
+            **self.env,
         }
         cmd = [sys.executable, "-m", "proxy", "serve"]
         self._proc = subprocess.Popen(

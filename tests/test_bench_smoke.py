@@ -65,9 +65,40 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
         for cell in scaling[workload].values():
             assert cell["errors"] == 0 and cell["throughput"] > 0 and cell["proxy_cpu_us_per_req"] > 0
 
+    # each fhircrypt target against its twin with the garbage collector at Python's defaults
+    gc = data["gc"]["results"]
+    assert set(gc) == {"fhircrypt-empty", "fhircrypt-satusehat"}
+    for by_mode in gc.values():
+        assert set(by_mode) == {"tuned", "default"}
+        for cell in by_mode.values():
+            assert cell["errors"] == 0 and cell["throughput"] > 0 and cell["latency_ms"]["p99"] is not None
+
     core = data["core"]["cases"]
     for case in ("orjson", "decrypt", "decrypt_path", "encrypt", "encrypt_path"):
         assert core[case]["per_core_per_s"] > 0
     assert data["core"]["encrypted_elements"] >= 8
     assert data["core"]["profile"]["decrypt_path"]["functions"]
     assert {t["target"] for t in data["targets"]} and all(t["measured"] is not None for t in data["targets"])
+
+
+def test_quick_soak_samples_memory_and_counts_key_provider_calls(tmp_path):
+    seconds, refresh = 30, 4
+    cmd = [sys.executable, "-m", "bench.soak", "--seconds", str(seconds), "--slice", "3", "--interval", "1",
+           "--refresh", str(refresh), "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    data = json.loads((tmp_path / "soak.json").read_text())
+    assert (tmp_path / "soak.md").read_text().startswith("Soak ")
+    assert data["errors"] == 0 and data["requests"] > 100
+    assert {s["workload"] for s in data["slices"]} == set(WORKLOADS)
+    assert len(data["samples"]) >= seconds // 2 and all(s["rss_bytes"] > 0 for s in data["samples"])
+    assert data["rss_bytes"]["end"] > 0 and data["rss_growth_mb_per_min_after_warmup"] is not None
+
+    # the keyring is unwrapped at start-up, then once per background refresh: the calls follow the
+    # clock, not the hundreds of requests in between
+    start, end = (data["key_provider_calls"][k].get("unwrap/ok", 0) for k in ("start", "end"))
+    assert start >= 1 and end % start == 0
+    refreshes = end / start - 1
+    assert 1 <= refreshes <= seconds / refresh + 2
+    assert data["proxy_requests_counted"]["end"] - data["proxy_requests_counted"]["start"] >= data["requests"]
