@@ -116,9 +116,10 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
 async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
     from aiohttp import web
 
+    from proxy.web.httperrors import FhirErrorsRunner
     from proxy.web.readiness import READINESS
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = FhirErrorsRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -133,7 +134,7 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
     if settings.ops_port is not None:
         from proxy.web.app import ops_app
 
-        ops = web.AppRunner(ops_app(app), access_log=None, handle_signals=False)
+        ops = FhirErrorsRunner(ops_app(app), access_log=None, handle_signals=False)
         await ops.setup()
         await web.TCPSite(ops, settings.ops_host, settings.ops_port, reuse_port=reuse_port or None).start()
         runners.append(ops)  # after the FHIR listener: /readyz says 'draining' while requests finish
