@@ -55,6 +55,7 @@ def masked_invariant(resource_type: str, path: str) -> str | None:
     return _masked_invariants().get(resource_type, {}).get(path)
 
 
+@cache
 def resource_types() -> frozenset[str]:
     return frozenset(table()["resources"])
 

@@ -56,39 +56,42 @@ def _op(segment: str) -> str:
     return segment[1:]
 
 
+def _not_an_interaction(method: str) -> FhirError:
+    return FhirError(405, "not-supported", f"{method} is not a FHIR interaction on this URL")
+
+
 def classify(method: str, segments: list[str], has_query: bool) -> Interaction:
     """``segments`` are the raw path segments below the FHIR base, percent-decoding not applied."""
     n = len(segments)
     m = method
-    bad = FhirError(405, "not-supported", f"{m} is not a FHIR interaction on this URL")
     if n == 0:
         if m == "POST":
             return Interaction("batch", "system")
         if m == "GET":
             return Interaction("search", "system")
-        raise bad
+        raise _not_an_interaction(m)
     first = segments[0]
     if n == 1 and first == "metadata":
         if m != "GET":
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("capabilities", "system")
     if first == "_history" and n == 1:
         if m != "GET":
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("history", "system")
     if first == "_search" and n == 1:
         if m != "POST":
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("search", "system")
     if first.startswith("$") and n == 1:
         if m not in ("GET", "POST"):
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("operation", "system", operation=_op(first))
     rtype = _type(first)
     if n == 1:
         kinds = {"GET": "search", "POST": "create", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}
         if m not in kinds:
-            raise bad
+            raise _not_an_interaction(m)
         kind = kinds[m]
         if kind in ("update", "delete", "patch"):
             if not has_query:
@@ -98,21 +101,21 @@ def classify(method: str, segments: list[str], has_query: bool) -> Interaction:
     second = segments[1]
     if n == 2 and second == "_search":
         if m != "POST":
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("search", "type", rtype)
     if n == 2 and second == "_history":
         if m != "GET":
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("history", "type", rtype)
     if second.startswith("$"):
         if n != 2 or m not in ("GET", "POST"):
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("operation", "type", rtype, operation=_op(second))
     rid = _id(second)
     if n == 2:
         kinds = {"GET": "read", "PUT": "update", "DELETE": "delete", "PATCH": "patch"}
         if m not in kinds:
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction(kinds[m], "instance", rtype, rid)
     third = segments[2]
     if third == "_history":
@@ -120,10 +123,10 @@ def classify(method: str, segments: list[str], has_query: bool) -> Interaction:
             return Interaction("history", "instance", rtype, rid)
         if n == 4 and m == "GET":
             return Interaction("vread", "instance", rtype, rid, version=_id(segments[3], "version id"))
-        raise bad
+        raise _not_an_interaction(m)
     if third.startswith("$") and n == 3:
         if m not in ("GET", "POST"):
-            raise bad
+            raise _not_an_interaction(m)
         return Interaction("operation", "instance", rtype, rid, operation=_op(third))
     if n == 3 and m == "GET":  # compartment search: /Patient/123/Observation
         return Interaction("search", "compartment", _type(third), compartment=f"{rtype}/{rid}")
