@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import stat
@@ -61,8 +62,14 @@ def test_policy_check_explains_or_names_the_error(tmp_path):
 
 
 def test_serve_refuses_to_start_without_authentication(capsys):
-    with pytest.raises(SystemExit) as code:
-        main(["serve", "--upstream", "http://127.0.0.1:1/fhir", "--policy", "policies/satusehat.yaml"])
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        with pytest.raises(SystemExit) as code:
+            main(["serve", "--upstream", "http://127.0.0.1:1/fhir", "--policy", "policies/satusehat.yaml"])
+    finally:  # serve installed its JSON handler on capsys's stream, which closes after this test
+        root.handlers[:] = handlers
+        root.setLevel(level)
     assert code.value.code == 2
     assert "--auth none" in capsys.readouterr().err
 
