@@ -1,0 +1,139 @@
+"""JSON for FHIR bodies that writes every number back exactly as it was read.
+
+FHIR says a decimal's precision is significant (``1.50`` is not ``1.5``), but orjson
+parses a number with a fraction or an exponent into a float and writes the float's
+shortest form: ``1.50`` becomes ``1.5``, ``1e2`` becomes ``100.0``, an integer beyond
+64 bits becomes a rounded float and ``-0`` becomes ``0``. ``loads`` keeps orjson's
+speed for the bodies where that changes nothing, and otherwise parses again keeping
+the text of each number that orjson would rewrite (``Number``); ``dumps`` writes that
+text back unchanged. Everything that parses or serialises a FHIR resource on the
+proxy's request, response and encryption paths goes through these two functions.
+
+Deciding, per body, whether orjson is exact (``exact``):
+
+1. orjson re-serialises the parsed body to the very same bytes. This is what servers,
+   orjson itself and the proxy's own ciphertexts produce (compact JSON), and it proves
+   every number survives: one ``orjson.dumps`` and a memory compare.
+2. Otherwise (whitespace, other escapes, or a changed number) every number in value
+   position, that is after ``:``, ``,`` or ``[``, is found by three literal-anchored
+   regular expressions and each one that is not a plain short integer is checked by
+   orjson's own round trip. Only if one would change is the slow path taken.
+
+The slow path validates with orjson first, so exactly the same documents are accepted
+or refused as before (UTF-8, NaN, nesting, surrogates), and then parses with the
+standard library, whose ``parse_float``/``parse_int`` hooks see each number's text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import orjson
+
+__all__ = ["Number", "dumps", "exact", "loads"]
+
+
+class Number(float):
+    """A JSON number orjson would not write back as it was written; keeps that text.
+
+    It is a float so that everything the proxy does with numbers (comparisons, the
+    validation of writes, JSON Patch ``test``) keeps working; only ``dumps`` looks at
+    ``text``. An integer beyond 64 bits is one too: its value is rounded, its text not.
+    """
+
+    __slots__ = ("text",)
+    text: str
+
+    def __new__(cls, text: str) -> Number:
+        self = super().__new__(cls, text)
+        self.text = text
+        return self
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple:
+        return (Number, (self.text,))
+
+    def __copy__(self) -> Number:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Number:
+        return self
+
+
+def _fragment(value: object) -> orjson.Fragment:
+    if type(value) is Number:
+        return orjson.Fragment(value.text)
+    raise TypeError  # orjson reports the type, never the value
+
+
+def dumps(value: object) -> bytes:
+    """Compact JSON like ``orjson.dumps``, writing each ``Number`` with its original text."""
+    return orjson.dumps(value, default=_fragment)
+
+
+_WS = rb"[ \t\n\r]*"
+_NUMBER = rb"(-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
+# each pattern starts with a literal, which the regex engine scans for quickly; together
+# they find every number in value position (a top-level number is checked on its own)
+_AFTER = tuple(re.compile(re.escape(c) + _WS + _NUMBER + rb"(?=" + _WS + rb"[,\]}])") for c in (b":", b",", b"["))
+_MAX_PLAIN_INT = 18  # digits: orjson reads and writes such an integer exactly (int64 and uint64 hold 19)
+
+
+def _changes(token: bytes) -> bool:
+    """Whether orjson's parse-and-serialise changes this number's text."""
+    if token.isdigit() and len(token) <= _MAX_PLAIN_INT:
+        return False
+    if token[:1] == b"-" and token[1:].isdigit() and len(token) <= _MAX_PLAIN_INT and token != b"-0":
+        return False
+    try:
+        return orjson.dumps(orjson.loads(token)) != token
+    except orjson.JSONDecodeError:
+        return True  # not a JSON number after all (text inside a string): let the slow path decide
+
+
+def exact(raw: bytes, value: object) -> bool:
+    """Whether ``value`` (orjson's parse of ``raw``) serialises every number of ``raw`` unchanged.
+
+    A false "no" only costs speed; a false "yes" would lose a digit, so when unsure: no.
+    """
+    try:
+        if orjson.dumps(value) == raw:
+            return True
+    except orjson.JSONEncodeError:
+        pass  # too deep to serialise: the regular expressions decide
+    stripped = raw.strip(b" \t\n\r")
+    if stripped and stripped[:1] in b"-0123456789":
+        return not _changes(stripped)
+    return not any(_changes(m.group(1)) for pattern in _AFTER for m in pattern.finditer(raw))
+
+
+def _parse_int(text: str) -> int | Number:
+    value = int(text)
+    if text == "-0" or not -(1 << 63) <= value < (1 << 64):
+        return Number(text)
+    return value
+
+
+def _parse_float(text: str) -> float | Number:
+    value = float(text)
+    return value if orjson.dumps(value) == text.encode() else Number(text)
+
+
+_DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int)
+
+
+def loads(raw: bytes | bytearray | memoryview | str) -> object:
+    """Parse JSON like ``orjson.loads`` (same errors), keeping the text of numbers orjson would rewrite."""
+    value = orjson.loads(raw)
+    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    if exact(data, value):
+        return value
+    try:
+        return _DECODER.decode(data.decode("utf-8"))
+    except RecursionError:  # deeper than the standard library goes (orjson allows 1024 levels)
+        raise orjson.JSONDecodeError("nested too deeply", "", 0) from None
