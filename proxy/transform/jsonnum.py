@@ -96,27 +96,33 @@ def _changes(token: bytes) -> bool:
         return True  # not a JSON number after all (text inside a string): let the slow path decide
 
 
-def exact(raw: bytes, value: object) -> bool:
-    """Whether ``value`` (orjson's parse of ``raw``) serialises every number of ``raw`` unchanged.
-
-    A false "no" only costs speed; a false "yes" would lose a digit, so when unsure: no.
-    """
+def _reserialises(raw: bytes, value: object) -> bool:
     try:
-        if orjson.dumps(value) == raw:
-            return True
+        return orjson.dumps(value) == raw
     except orjson.JSONEncodeError:
-        pass  # too deep to serialise: the regular expressions decide
+        return False  # too deep to serialise: the regular expressions decide
+
+
+def _numbers_survive(raw: bytes) -> bool:
     stripped = raw.strip(b" \t\n\r")
     if stripped and stripped[:1] in b"-0123456789":
         return not _changes(stripped)
     return not any(_changes(m.group(1)) for pattern in _AFTER for m in pattern.finditer(raw))
 
 
+def exact(raw: bytes, value: object) -> bool:
+    """Whether ``value`` (orjson's parse of ``raw``) serialises every number of ``raw`` unchanged.
+
+    A false "no" only costs speed; a false "yes" would lose a digit, so when unsure: no.
+    """
+    return _reserialises(raw, value) or _numbers_survive(raw)
+
+
 def _parse_int(text: str) -> int | Number:
-    value = int(text)
-    if text == "-0" or not -(1 << 63) <= value < (1 << 64):
-        return Number(text)
-    return value
+    # orjson keeps up to 18 digits exactly (more may leave 64 bits), and ``-0`` becomes ``0``
+    if text == "-0" or len(text) - text.startswith("-") > _MAX_PLAIN_INT:
+        return Number(text)  # within a double's range: orjson has refused anything larger already
+    return int(text)
 
 
 def _parse_float(text: str) -> float | Number:
@@ -129,8 +135,8 @@ _DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int)
 
 def loads(raw: bytes | bytearray | memoryview | str) -> object:
     """Parse JSON like ``orjson.loads`` (same errors), keeping the text of numbers orjson would rewrite."""
-    value = orjson.loads(raw)
-    data = raw.encode() if isinstance(raw, str) else bytes(raw)
+    value = orjson.loads(raw)  # first, and always: the same documents are refused as before
+    data = raw if type(raw) is bytes else raw.encode() if isinstance(raw, str) else bytes(raw)
     if exact(data, value):
         return value
     try:
