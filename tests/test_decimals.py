@@ -17,6 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.crypto.keyring import Keyring
+from proxy.migrate.assess import Plan, envelope_key_ids
+from proxy.migrate.commands import Connection, reencrypt
+from proxy.migrate.run import Options
 from proxy.policy.compiler import compile_file
 from proxy.transform import jsonnum
 from proxy.transform.bodies import decrypt_body, serialise_for_client
@@ -208,3 +211,19 @@ async def test_transaction_bundles_and_patches_keep_decimal_text(proxy_for, clea
     read = await (await client.get(f"/fhir/R4/Observation/{oid}")).read()
     assert b'"valueQuantity":{"value":4.201900' in read and COVERED[1] in read
     assert_no_plaintext(clean_upstream.dump(), [*NEEDLES, "4.2019"])
+
+
+async def test_reencrypt_to_a_new_key_keeps_decimal_text(proxy_for, clean_upstream):
+    policy, ring = compile_file(ROOT / "policies" / "satusehat.yaml"), Keyring.generate()
+    client = await proxy_for(clean_upstream.base_url, policy, ring)
+    resp = await client.post("/fhir/R4/Observation", data=OBSERVATION.encode(), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    oid = orjson.loads(await resp.read())["id"]
+    old, new = ring.primary_id, ring.rotate()
+    plan, options = Plan(policy, ring, frozenset({old})), Options(types=("Observation",), workers=2)
+    assert await reencrypt(Connection(clean_upstream.base_url), plan, options, None, None) == 0
+    stored = [r for r in clean_upstream.dump() if r["id"] == oid]
+    assert envelope_key_ids(stored[-1]) == {new} and len(stored) == 2
+    read = await (await client.get(f"/fhir/R4/Observation/{oid}")).read()
+    assert all(text in read for text in COVERED), read
+    assert_no_plaintext(stored, NEEDLES)
