@@ -3,7 +3,8 @@
 ``1.50`` is not ``1.5`` in FHIR. The properties prove the fast-path detector of
 ``proxy.transform.jsonnum`` never lets orjson rewrite a number, and that loads/dumps
 write back every number's text; the proxy tests write and read Observations through
-the real proxy and the real test upstream under the shipped policies.
+the real proxy and the real test upstream under the shipped policies (create, read,
+search, transaction Bundle, PATCH, Bulk export, ``fhircrypt reencrypt``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.transform import jsonnum
 from proxy.transform.bodies import decrypt_body, serialise_for_client
 from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
 from tests.conftest import FHIR_JSON, ROOT, assert_no_plaintext
+from tests.test_bulk import _local, _manifest
 
 # ---------------------------------------------------------------- JSON number texts (RFC 8259 grammar)
 
@@ -227,3 +229,13 @@ async def test_reencrypt_to_a_new_key_keeps_decimal_text(proxy_for, clean_upstre
     read = await (await client.get(f"/fhir/R4/Observation/{oid}")).read()
     assert all(text in read for text in COVERED), read
     assert_no_plaintext(stored, NEEDLES)
+
+
+async def test_bulk_export_lines_keep_decimal_text(proxy_for, clean_upstream):
+    client = await proxy_for(clean_upstream.base_url, compile_file(ROOT / "policies" / "satusehat.yaml"))
+    resp = await client.post("/fhir/R4/Observation", data=OBSERVATION.encode(), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    manifest = await _manifest(client, "/fhir/R4/$export?_type=Observation")
+    (item,) = manifest["output"]
+    line = await (await client.get(_local(item["url"]))).read()
+    assert all(text in line for text in COVERED), line
