@@ -14,7 +14,7 @@ import re
 import aiohttp
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.crypto.keyring import Keyring
@@ -78,6 +78,7 @@ def test_when_the_detector_says_fast_orjson_writes_the_number_back_byte_for_byte
 
 
 @given(documents())
+@example(('{"k0":-0,"k1":1000000000000000001}', ["-0", "1000000000000000001"]))  # a slow-path int64 stays an int
 def test_loads_then_dumps_keeps_every_number_text(doc):
     raw, texts = doc
     value = jsonnum.loads(raw.encode())
@@ -93,6 +94,7 @@ def test_loads_then_dumps_keeps_every_number_text(doc):
         ("1.5", True),
         ("1.0", True),
         ("100", True),
+        ("1000000000000000001", True),
         ("1.50", False),
         ("2.00", False),
         ("1e2", False),

@@ -15,9 +15,10 @@ Deciding, per body, whether orjson is exact (``exact``):
    orjson itself and the proxy's own ciphertexts produce (compact JSON), and it proves
    every number survives: one ``orjson.dumps`` and a memory compare.
 2. Otherwise (whitespace, other escapes, or a changed number) every number in value
-   position, that is after ``:``, ``,`` or ``[``, is found by three literal-anchored
-   regular expressions and each one that is not a plain short integer is checked by
-   orjson's own round trip. Only if one would change is the slow path taken.
+   position, that is after ``:``, ``,`` or ``[``, is found by one regular expression
+   (after a ``bytes.translate`` that drops whitespace and writes ``,`` and ``[`` as ``:``)
+   and each one that is not a plain short integer is checked by orjson's own round trip.
+   Only if one would change is the slow path taken.
 
 The slow path validates with orjson first, so exactly the same documents are accepted
 or refused as before (UTF-8, NaN, nesting, surrogates), and then parses with the
@@ -76,11 +77,13 @@ def dumps(value: object) -> bytes:
     return orjson.dumps(value, default=_fragment)
 
 
-_WS = rb"[ \t\n\r]*"
-_NUMBER = rb"(-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
-# each pattern starts with a literal, which the regex engine scans for quickly; together
-# they find every number in value position (a top-level number is checked on its own)
-_AFTER = tuple(re.compile(re.escape(c) + _WS + _NUMBER + rb"(?=" + _WS + rb"[,\]}])") for c in (b":", b",", b"["))
+# Numbers in value position follow ":", "," or "[" (a top-level number is checked on its own). With
+# whitespace removed (inside strings too: that can only add false alarms) and "," and "[" written as
+# ":", one pattern starting with a literal finds them all: the regex engine scans for a literal fast,
+# and matches whitespace runs slowly. A number is followed by "," (now ":"), "]" or "}".
+_MARKS = bytes.maketrans(b",[", b"::")
+_WS = b" \t\n\r"
+_VALUE = re.compile(rb":(-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?=[:\]}])")
 _MAX_PLAIN_INT = 18  # digits: orjson reads and writes such an integer exactly (int64 and uint64 hold 19)
 
 
@@ -104,10 +107,10 @@ def _reserialises(raw: bytes, value: object) -> bool:
 
 
 def _numbers_survive(raw: bytes) -> bool:
-    stripped = raw.strip(b" \t\n\r")
-    if stripped and stripped[:1] in b"-0123456789":
-        return not _changes(stripped)
-    return not any(_changes(m.group(1)) for pattern in _AFTER for m in pattern.finditer(raw))
+    marked = raw.translate(_MARKS, _WS)
+    if marked[:1] in (b"-", b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9"):
+        return not _changes(raw.strip(_WS))
+    return not any(_changes(m.group(1)) for m in _VALUE.finditer(marked))
 
 
 def exact(raw: bytes, value: object) -> bool:
@@ -119,10 +122,10 @@ def exact(raw: bytes, value: object) -> bool:
 
 
 def _parse_int(text: str) -> int | Number:
-    # orjson keeps up to 18 digits exactly (more may leave 64 bits), and ``-0`` becomes ``0``
-    if text == "-0" or len(text) - text.startswith("-") > _MAX_PLAIN_INT:
-        return Number(text)  # within a double's range: orjson has refused anything larger already
-    return int(text)
+    value = int(text)  # within a double's range: orjson has refused anything larger already
+    if text == "-0" or not -(1 << 63) <= value < (1 << 64):  # orjson writes 0, or reads a float
+        return Number(text)
+    return value
 
 
 def _parse_float(text: str) -> float | Number:
