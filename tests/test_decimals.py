@@ -53,8 +53,15 @@ def _finite(text: str) -> bool:
     return True
 
 
+# strings made of what numbers and JSON punctuation are made of: the detector must not be fooled by them
+_lookalikes = st.text(':,[]{}0123456789.eE-+ "\\\n', max_size=12).map(lambda t: orjson.dumps(t).decode())
+
+
+_PLAIN = st.just('"x"')
+
+
 @st.composite
-def documents(draw) -> tuple[str, list[str]]:
+def documents(draw, strings: st.SearchStrategy[str] = _PLAIN) -> tuple[str, list[str]]:
     """A JSON document holding number texts in objects and arrays, compact or with whitespace."""
     texts = draw(st.lists(numbers, min_size=1, max_size=4))
     ws = draw(_ws)
@@ -64,7 +71,7 @@ def documents(draw) -> tuple[str, list[str]]:
         if shape == "member":
             items.append(f'"k{i}"{ws}:{ws}{t}')
         elif shape == "array":
-            items.append(f'"k{i}":[{ws}"x",{ws}{t}{ws}]')
+            items.append(f'"k{i}":[{ws}{draw(strings)},{ws}{t}{ws}]')
         else:
             items.append(f'"k{i}":{{"v":[{t},{ws}null]}}')
     return "{" + f",{ws}".join(items) + ws + "}", texts
@@ -75,6 +82,13 @@ def test_when_the_detector_says_fast_orjson_writes_the_number_back_byte_for_byte
     raw = context.format(text).encode()
     if jsonnum.exact(raw, orjson.loads(raw)):
         assert orjson.dumps(orjson.loads(text)) == text.encode()
+
+
+@given(documents(_lookalikes))
+def test_when_the_detector_says_fast_every_number_of_a_document_survives_orjson(doc):
+    raw, texts = doc
+    if jsonnum.exact(raw.encode(), orjson.loads(raw)):
+        assert [orjson.dumps(orjson.loads(t)) for t in texts] == [t.encode() for t in texts]
 
 
 @given(documents())
