@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import orjson
 
@@ -141,7 +142,7 @@ def _parse_float(text: str) -> float | Number:
 _DECODER = json.JSONDecoder(parse_float=_parse_float, parse_int=_parse_int)
 
 
-def loads(raw: bytes | bytearray | memoryview | str) -> object:
+def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON like ``orjson.loads`` (same errors), keeping the text of numbers orjson would rewrite."""
     value = orjson.loads(raw)  # first, and always: the same documents are refused as before
     data = raw if type(raw) is bytes else raw.encode() if isinstance(raw, str) else bytes(raw)
