@@ -30,11 +30,10 @@ import copy
 import enum
 from dataclasses import dataclass
 
-import orjson
-
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
+from proxy.transform import jsonnum
 from proxy.transform import markers as mk
 from proxy.transform.bodies import decrypt_body, encrypt_for_write, nested_resources
 from proxy.transform.indexes import index_identifiers
@@ -92,7 +91,7 @@ def envelope_key_ids(resource: dict) -> frozenset[str]:
 
 
 def _has_markers(resource: dict) -> bool:
-    return _MARKER in orjson.dumps(resource)
+    return _MARKER in jsonnum.dumps(resource)
 
 
 def _covered(resource: dict, policy: CompiledPolicy) -> bool:

@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import orjson
 from tqdm import tqdm
 
 from proxy.migrate.assess import Assessment, Plan, State, assess, envelope_key_ids
@@ -21,6 +20,7 @@ from proxy.migrate.checkpoint import Checkpoint
 from proxy.migrate.shards import shard_of
 from proxy.migrate.upstream import Upstream, UpstreamDown
 from proxy.migrate.walker import pages
+from proxy.transform import jsonnum
 
 WRITTEN = {State.PLAINTEXT: "encrypted", State.OLD_KEY: "rekeyed", State.OLD_POLICY: "repolicied"}
 
@@ -132,7 +132,7 @@ class Reencryption:
         original = found.state
         for _ in range(self.opts.attempts):
             version = str((resource.get("meta") or {}).get("versionId", ""))
-            status = await self.up.update(rtype, rid, orjson.dumps(found.replacement), version)
+            status = await self.up.update(rtype, rid, jsonnum.dumps(found.replacement), version)
             if status in (200, 201):
                 self.tally.add(rtype, WRITTEN[found.state])
                 return

@@ -15,6 +15,8 @@ import aiohttp
 import orjson
 from aiolimiter import AsyncLimiter
 
+from proxy.transform import jsonnum
+
 FHIR_JSON = "application/fhir+json"
 TRANSIENT = frozenset({429, 500, 502, 503, 504})
 
@@ -82,7 +84,7 @@ class Upstream:
             if status in TRANSIENT:
                 continue
             try:
-                return status, orjson.loads(raw) if raw else None
+                return status, jsonnum.loads(raw) if raw else None
             except orjson.JSONDecodeError:
                 return status, None
         what = f"HTTP {status}" if status else "no connection"

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import orjson
-
 from proxy.crypto.envelope import KeyLookup
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
+from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.markers import CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.masked import has_masked_label
@@ -120,10 +119,10 @@ _MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())
 def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes:
     """JSON for the client after ``decrypt_body``; ciphertext the policy does not point at (an element
     removed from the policy, or placed by someone else) is removed and reported, never returned."""
-    out = orjson.dumps(payload)
+    out = jsonnum.dumps(payload)
     if _MARKERS[0] in out or _MARKERS[1] in out:
         report.fail(where, f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
-        out = orjson.dumps(payload)
+        out = jsonnum.dumps(payload)
     return out
 
 

@@ -1,7 +1,7 @@
 """Encrypt and decrypt the covered elements of one resource, in place.
 
 The at-rest representation is described in ``docs/at-rest-format.md``. Everything
-here works on plain dicts produced by orjson; the compiled policy tells exactly where
+here works on plain dicts produced by ``jsonnum.loads``; the compiled policy tells exactly where
 to look, so nothing walks the whole tree.
 """
 
@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import orjson
-
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import KeyShredded
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
+from proxy.transform import jsonnum
 from proxy.transform import markers as mk
 
 Grants = frozenset[str] | None  # None: every group (development mode without authentication)
@@ -123,7 +122,7 @@ def _ct_of(obj: object) -> str | None:
     return None
 
 
-_PRIMITIVE_JSON = (str, bool, int, float)
+_PRIMITIVE_JSON = (str, bool, int, float, jsonnum.Number)
 
 
 def _primitive_pair(value: object, under: object, path: str) -> list:
@@ -144,7 +143,7 @@ class _Sealer:
         self.items: list[tuple[str, str]] = []
 
     def seal(self, field_id: str, path: str, payload: object) -> str:
-        ct = self.cipher.seal(field_id, path, orjson.dumps(payload))
+        ct = self.cipher.seal(field_id, path, jsonnum.dumps(payload))
         self.items.append((path, ct))
         return ct
 
@@ -313,7 +312,7 @@ def _restore(slot: _Slot, pt: bytes) -> None:
     """Put the decrypted JSON back where the ciphertext was; ValueError/TypeError when it does not fit."""
     shape, parent, key = slot.shape, slot.parent, slot.key
     if shape == _PRIMITIVE:
-        value, under = orjson.loads(pt)
+        value, under = jsonnum.loads(pt)
         ukey = "_" + key  # type: ignore[operator]
         parent.pop(ukey, None)  # type: ignore[union-attr]
         if value is not None:
@@ -322,12 +321,12 @@ def _restore(slot: _Slot, pt: bytes) -> None:
             parent[ukey] = under  # type: ignore[index]
     elif shape == _PRIMITIVE_ITEM:
         values, unders = slot.extra  # type: ignore[misc]
-        values[slot.index], unders[slot.index] = orjson.loads(pt)
+        values[slot.index], unders[slot.index] = jsonnum.loads(pt)
         _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
     elif shape == _GONE:
         return
     else:
-        value = orjson.loads(pt)
+        value = jsonnum.loads(pt)
         if type(value) is not dict:
             raise ValueError("not an object")
         if shape == _CHOICE_MASKED:

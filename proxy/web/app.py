@@ -31,7 +31,7 @@ from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
-from proxy.transform import guard, subset
+from proxy.transform import guard, jsonnum, subset
 from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CIPHERTEXT_URL
@@ -267,7 +267,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
-                body = orjson.dumps(patched)
+                body = jsonnum.dumps(patched)
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"), method="PUT")
             elif isinstance(prepared, dict) and it.kind == "batch":
                 await prepare_bundle(
@@ -280,12 +280,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
-                body = orjson.dumps(prepared)
+                body = jsonnum.dumps(prepared)
             elif isinstance(prepared, dict) and it.kind == "operation":
                 await prepare_operation(
                     rt, it, prepared, exchange.grants, rt.verifier is not None, request.headers, request_id
                 )
-                body = orjson.dumps(prepared)
+                body = jsonnum.dumps(prepared)
             elif isinstance(prepared, dict):
                 extra = await prepare_write(
                     rt,
@@ -296,7 +296,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
-                body = orjson.dumps(prepared)
+                body = jsonnum.dumps(prepared)
                 forwarding = dataclasses.replace(forwarding, if_match=extra.get("If-Match"))
             else:
                 body = prepared

@@ -16,7 +16,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.outcome import FhirError
-from proxy.transform import bulk
+from proxy.transform import bulk, jsonnum
 from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction
 from proxy.web import headers as hdr
@@ -68,7 +68,7 @@ def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange
     if not raw:
         return web.Response(status=status, headers=out_headers)
     try:
-        payload = orjson.loads(raw)
+        payload = jsonnum.loads(raw)
     except orjson.JSONDecodeError:
         payload = None
     if type(payload) is not dict:

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
-from proxy.transform import guard
+from proxy.transform import guard, jsonnum
 from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.bundles import rewrite_conditional_references
 from proxy.transform.interactions import Interaction
@@ -24,7 +24,7 @@ _CANONICAL_BYTES = CANONICAL.encode()
 
 def parse_json(body: bytes, what: str, shape: type = dict):
     try:
-        value = orjson.loads(body)
+        value = jsonnum.loads(body)
     except orjson.JSONDecodeError:
         raise FhirError(400, "structure", f"{what} is not valid JSON") from None
     if type(value) is not shape:
@@ -103,12 +103,12 @@ def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy) -> byte
     if it.resource_type in policy.resources:
         return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
     _refuse_covered_mentions(patch, policy)
-    return orjson.dumps(patch)  # what was checked: the raw bytes may read otherwise upstream (duplicate keys)
+    return jsonnum.dumps(patch)  # what was checked: the raw bytes may read otherwise upstream (duplicate keys)
 
 
 def _refuse_reserved(parsed: object) -> None:
     """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL."""
-    if _CANONICAL_BYTES in orjson.dumps(parsed):
+    if _CANONICAL_BYTES in jsonnum.dumps(parsed):
         raise FhirError(
             400,
             "invalid",

@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 
 from proxy.outcome import FhirError
+from proxy.transform import jsonnum
 
 
 async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
@@ -37,7 +38,7 @@ async def upstream_call(session: aiohttp.ClientSession, method: str, url, **kwar
 def upstream_resource(raw: bytes, what: str = "the upstream answered with") -> dict:
     """A JSON object from the upstream, or a 502 naming what was wrong (never its content)."""
     try:
-        value = orjson.loads(raw)
+        value = jsonnum.loads(raw)
     except orjson.JSONDecodeError:
         raise FhirError(502, "structure", f"{what} invalid JSON") from None
     if type(value) is not dict:

@@ -12,6 +12,7 @@ import orjson
 
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
+from proxy.transform import jsonnum
 from proxy.transform.attachments import refuse_external
 from proxy.transform.bodies import encrypt_for_write, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
@@ -37,7 +38,7 @@ async def stored_version(rt, it: Interaction, request_id: str, authorization: st
     if status in (404, 410):
         return None
     try:
-        stored = orjson.loads(raw) if status == 200 and raw is not None else None
+        stored = jsonnum.loads(raw) if status == 200 and raw is not None else None
     except orjson.JSONDecodeError:
         stored = None
     if type(stored) is not dict or stored.get("resourceType") != it.resource_type or too_deep(stored):
