@@ -10,8 +10,8 @@ every so often, a full one: the p99 spikes of docs/benchmarks.md.
 generation (``gc.freeze``: never scanned again; those objects live as long as the process
 anyway) and raises the generation-0 threshold, so a request's short-lived containers are
 mostly freed by reference counting before a collection ever looks at them. Reference
-cycles are still collected, only in larger batches; memory stays bounded (the soak in
-``python -m bench --soak`` reports RSS at start and end).
+cycles are still collected, only in larger batches; memory stays bounded (the soak,
+``python -m bench.soak``, reports RSS at start, after warm-up and at the end).
 """
 
 from __future__ import annotations

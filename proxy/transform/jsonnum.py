@@ -146,7 +146,7 @@ def loads(raw: bytes | bytearray | memoryview | str) -> Any:
     """Parse JSON like ``orjson.loads`` (same errors), keeping the text of numbers orjson would rewrite."""
     value = orjson.loads(raw)  # first, and always: the same documents are refused as before
     data = raw if type(raw) is bytes else raw.encode() if isinstance(raw, str) else bytes(raw)
-    if _reserialises(data, value) or _numbers_survive(data):  # exact(), one call less per ciphertext
+    if exact(data, value):
         return value
     try:
         return _DECODER.decode(data.decode("utf-8"))
