@@ -442,6 +442,11 @@ class TestRepository extends MemoryRepository {
     return new Date(now).toISOString();
   }
 
+  /** The store's clock without advancing it: never behind any version's lastUpdated. */
+  clockIso() {
+    return new Date(Math.max(Date.now(), this.lastTimestamp)).toISOString();
+  }
+
   currentMap(resourceType) {
     let map = this.resources.get(resourceType);
     if (!map) {
@@ -1017,7 +1022,9 @@ function bulkKickoff(req, match, query, baseUrl, rootUrl) {
   state.bulk.jobs.set(jobId, {
     id: jobId,
     polls: 0,
-    transactionTime: new Date().toISOString(),
+    // The store's own clock: every version included has a lastUpdated before it, every later
+    // write one after it (the wall clock can lag behind the strictly increasing version stamps).
+    transactionTime: state.repo.nowIso(),
     request: `${rootUrl}${req.url}`,
     options,
     files,
@@ -1227,7 +1234,7 @@ const STATUS_TEXT = { 200: '200 OK', 201: '201 Created', 204: '204 No Content', 
 
 function decorateSearchBundle(bundle, baseUrl, rel, query) {
   bundle.id = generateId();
-  bundle.meta = { lastUpdated: new Date().toISOString() };
+  bundle.meta = { lastUpdated: state.repo.clockIso() };
   const selfUrl = `${baseUrl}/${rel}`;
   bundle.link = [{ relation: 'self', url: selfUrl }];
   const count = parseIntParam(query, '_count');
@@ -1269,7 +1276,7 @@ function orderBundle(bundle) {
 
 function decorateHistoryBundle(bundle, baseUrl, rel) {
   bundle.id = generateId();
-  bundle.meta = { lastUpdated: new Date().toISOString() };
+  bundle.meta = { lastUpdated: state.repo.clockIso() };
   bundle.link = [{ relation: 'self', url: `${baseUrl}/${rel}` }];
   for (const entry of bundle.entry ?? []) {
     if (entry.fullUrl && !/^https?:/.test(entry.fullUrl)) {
