@@ -245,43 +245,66 @@ EVERYTHING = {
     "medication": True,
 }
 NOTHING = dict.fromkeys(EVERYTHING, False)
+ALL_TYPES = frozenset({"Patient", "Condition", "Observation", "MedicationRequest"})
 ROLES = {
-    # who: (claims, headers, expected for pat-a's resources)
+    # who: (claims, headers, expected for pat-a's resources, types the caller may not read at all: 403)
     "clerk": (
         {"realm_access": {"roles": ["registration"]}, "scope": "user/*.rs"},
         {},
         {**NOTHING, "nik": True, "name": True, "birthDate": True},
+        frozenset(),
     ),
-    "billing": ({"realm_access": {"roles": ["billing"]}, "scope": "user/*.rs"}, {}, {**NOTHING, "bpjs": True}),
-    "physician": ({"realm_access": {"roles": ["physician"]}, "scope": "user/*.rs"}, {}, EVERYTHING),
+    "billing": (
+        {"realm_access": {"roles": ["billing"]}, "scope": "user/*.rs"},
+        {},
+        {**NOTHING, "bpjs": True},
+        frozenset(),
+    ),
+    "billing with a patient/ scope too": (  # the patient/ scope must not widen the user/ rule
+        {"realm_access": {"roles": ["billing"]}, "scope": "user/*.rs patient/Patient.read"},
+        {},
+        {**NOTHING, "bpjs": True},
+        frozenset(),
+    ),
+    "physician": ({"realm_access": {"roles": ["physician"]}, "scope": "user/*.rs"}, {}, EVERYTHING, frozenset()),
     "pharmacist": (
         {"realm_access": {"roles": ["pharmacist"]}, "scope": "user/*.rs"},
         {},
         {**NOTHING, "name": True, "birthDate": True, "medication": True},
+        frozenset(),
     ),
     "physician without a Condition scope": (
         {"realm_access": {"roles": ["physician"]}, "scope": "user/Patient.rs user/Observation.rs"},
         {},
-        {**EVERYTHING, "code": False, "medication": False},
+        {"nik": True, "bpjs": True, "name": True, "birthDate": True, "value": True},
+        frozenset({"Condition", "MedicationRequest"}),
     ),
     "patient app, own record": (
         {"scope": "patient/*.rs launch/patient", "patient": "pat-a", "fhirUser": "Patient/pat-a"},
         {},
         EVERYTHING,
+        frozenset(),
     ),
-    "patient app, another patient": ({"scope": "patient/*.rs", "patient": "pat-b"}, {}, NOTHING),
-    "satusehat bridge": ({"scope": "system/*.rs", "azp": "satusehat-bridge"}, {}, EVERYTHING),
-    "other system client": ({"scope": "system/*.rs", "azp": "analytics"}, {}, NOTHING),
-    "break-glass without a reason": ({"realm_access": {"roles": ["emergency"]}, "scope": "user/*.rs"}, {}, NOTHING),
+    "patient app, another patient": ({"scope": "patient/*.rs", "patient": "pat-b"}, {}, {}, ALL_TYPES),
+    "satusehat bridge": ({"scope": "system/*.rs", "azp": "satusehat-bridge"}, {}, EVERYTHING, frozenset()),
+    "other system client": ({"scope": "system/*.rs", "azp": "analytics"}, {}, NOTHING, frozenset()),
+    "break-glass without a reason": (
+        {"realm_access": {"roles": ["emergency"]}, "scope": "user/*.rs"},
+        {},
+        NOTHING,
+        frozenset(),
+    ),
     "break-glass": (
         {"realm_access": {"roles": ["emergency"]}, "scope": "user/*.rs"},
         {"X-Break-Glass-Reason": "unconscious patient in ER"},
         EVERYTHING,
+        frozenset(),
     ),
     "unparseable scopes": (
         {"realm_access": {"roles": ["physician"]}, "scope": "patient/*.rsx user/Patient"},
         {},
-        NOTHING,
+        {},
+        ALL_TYPES,
     ),
 }
 
@@ -299,11 +322,16 @@ async def stored(proxy_for, clean_upstream, satusehat):
 
 @pytest.mark.parametrize("who", list(ROLES))
 async def test_role_matrix_single_reads_and_searchsets(proxy, issuer, stored, who):
-    claims, headers, expected = ROLES[who]
+    claims, headers, expected, refused = ROLES[who]
     auth = bearer(issuer.token(**claims)) | headers
     seen: dict[str, bool] = {}
     for resource in (PATIENT, CONDITION, OBSERVATION, MEDREQ):
         resp = await proxy.get(f"/fhir/R4/{resource['resourceType']}/{resource['id']}", headers=auth)
+        if resource["resourceType"] in refused:
+            assert resp.status == 403, who
+            outcome = await resp.json()
+            assert outcome["resourceType"] == "OperationOutcome" and "ciphertext" not in str(outcome), who
+            continue
         assert resp.status == 200, await resp.text()
         body = await resp.json()
         seen.update(_plain(body))
@@ -314,7 +342,13 @@ async def test_role_matrix_single_reads_and_searchsets(proxy, issuer, stored, wh
     in_bundles: dict[str, bool] = {}
     for resource in (PATIENT, CONDITION, OBSERVATION, MEDREQ):
         resp = await proxy.get(f"/fhir/R4/{resource['resourceType']}?_id={resource['id']}", headers=auth)
+        if resource["resourceType"] in refused and "patient/" not in claims["scope"]:
+            assert resp.status == 403, who
+            continue
         bundle = await resp.json()
+        if resource["resourceType"] in refused:  # a patient app: the search is confined to its own compartment
+            assert bundle.get("entry", []) == [], who
+            continue
         (entry,) = bundle["entry"]
         in_bundles.update(_plain(entry["resource"]))
         text = orjson.dumps(bundle).decode()
@@ -326,7 +360,9 @@ async def test_patient_sees_nothing_of_other_patients_in_a_search(proxy, issuer,
     auth = bearer(issuer.token(scope="patient/*.rs", patient="pat-a"))
     bundle = await (await proxy.get("/fhir/R4/Condition?code=D50.9", headers=auth)).json()
     by_subject = {e["resource"]["subject"]["reference"]: _plain(e["resource"])["code"] for e in bundle["entry"]}
-    assert by_subject == {"Patient/pat-a": True, "Patient/pat-b": False}
+    assert by_subject == {"Patient/pat-a": True}  # the proxy confines the search; the server is not trusted to
+    (sent,) = [r for r in stored.requests() if r["url"].startswith("/fhir/R4/Condition?")]
+    assert "patient=Patient%2Fpat-a" in sent["url"] or "patient=Patient/pat-a" in sent["url"], sent["url"]
 
 
 async def test_a_masked_resource_written_back_keeps_the_stored_values(proxy, issuer, stored):

@@ -119,7 +119,7 @@ class JwtVerifier:
             raise TokenError("the token's signing algorithm is not allowed")
         key = await self._key(str(header.get("kid", "")), alg)
         try:
-            return jwt.decode(
+            claims = jwt.decode(
                 token,
                 key=key.key,
                 algorithms=[alg],
@@ -140,6 +140,18 @@ class JwtVerifier:
             raise TokenError(f"the token lacks the '{exc.claim}' claim") from None
         except jwt.PyJWTError:
             raise TokenError("the token's signature does not verify") from None
+        return require_subject(claims)
+
+
+def require_subject(claims: dict) -> dict:
+    """The claims, if their ``sub`` names someone: audit records, canary blocking and per-caller
+    decisions all key on it, so an empty, blank or non-string subject is no identity at all."""
+    sub = claims.get("sub")
+    if "sub" not in claims:
+        raise TokenError("the token lacks the 'sub' claim")
+    if type(sub) is not str or not sub.strip() or sub != sub.strip() or len(sub) > 255 or not sub.isprintable():
+        raise TokenError("the token's 'sub' claim is not a usable subject identifier")
+    return claims
 
 
 class Introspector:
@@ -193,9 +205,7 @@ class Introspector:
         audience = claims.get("aud")
         if self.audience not in (audience if isinstance(audience, list) else [audience]):
             raise TokenError("the token is not for this audience")
-        if "sub" not in claims:
-            raise TokenError("the token lacks the 'sub' claim")
-        return claims
+        return require_subject(claims)
 
     async def _ask(self, token: str) -> dict:
         assert self._session is not None

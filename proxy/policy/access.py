@@ -18,11 +18,14 @@ The ``access`` section of a policy maps token claims to groups::
         groups: [identity, demographics, clinical]
         reason_header: X-Break-Glass-Reason  # required on each break-glass request
 
-Groups are further limited by the SMART scopes: a resource type's groups are
-decrypted only for callers with a read scope covering that type, and when every such
-scope is a ``patient/`` scope, only for resources in the launch patient's compartment.
-The proxy does not replace the upstream's access control; it decides what is
-decrypted.
+Each SMART scope applies with its own context (SMART App Launch v2): a rule's groups
+apply through the contexts of the caller's read scopes the rule matches (a rule with a
+``context`` condition only through those contexts, any other rule through all of them).
+Groups that apply through a ``patient/`` scope are decrypted only inside the launch
+patient's compartment, so a ``patient/`` scope never widens what a ``user/`` rule grants
+elsewhere, and a resource type readable only through ``patient/`` scopes is confined to
+the compartment. :mod:`proxy.auth.decision` turns these grants into the one decision per
+request that every route obeys.
 """
 
 from __future__ import annotations
@@ -44,6 +47,11 @@ class Rule:
     write: frozenset[str]  # the caller may set (default: the groups it can read)
 
     def matches(self, caller: Caller) -> bool:
+        return bool(self.contexts(caller, frozenset(CONTEXTS)))
+
+    def contexts(self, caller: Caller, available: frozenset[str]) -> frozenset[str]:
+        """The scope contexts (of ``available``) through which this rule's groups apply to the
+        caller; empty when the rule does not match. A ``context`` condition narrows them."""
         for kind, wanted in self.when:
             if kind == "role":
                 ok = bool(caller.roles & wanted)
@@ -53,11 +61,12 @@ class Rule:
                 ok = caller.fhir_user_type in wanted
             elif kind == "purpose":
                 ok = bool(set(caller.purpose_of_use) & wanted)
-            else:  # context
-                ok = any(s.read and s.context in wanted for s in caller.scopes)
+            else:  # context: only through the caller's read scopes of these contexts
+                available = available & wanted & frozenset(s.context for s in caller.scopes if s.read)
+                ok = bool(available)
             if not ok:
-                return False
-        return True
+                return frozenset()
+        return available
 
 
 @dataclass(frozen=True)
@@ -69,21 +78,39 @@ class AccessPolicy:
     reason_header: str
 
     def grants(self, caller: Caller) -> CallerGrants:
-        matched = [r for r in self.rules if r.matches(caller)]
-        groups = frozenset().union(*(r.groups for r in matched))
-        write = frozenset().union(*(r.write for r in matched))
+        everywhere = frozenset(CONTEXTS)
         glass = bool(self.break_glass and caller.break_glass_reason and self.break_glass.matches(caller))
+        applying = [(r, r.contexts(caller, everywhere)) for r in self.rules]
         if glass:
-            groups |= self.break_glass.groups  # type: ignore[union-attr]
-            write |= self.break_glass.write  # type: ignore[union-attr]
+            applying.append((self.break_glass, everywhere))  # type: ignore[arg-type]
+        applying = [(r, c) for r, c in applying if c]
+        by_context = tuple(
+            (
+                ctx,
+                frozenset().union(*(r.groups for r, c in applying if ctx in c)),
+                frozenset().union(*(r.write for r, c in applying if ctx in c)),
+            )
+            for ctx in CONTEXTS
+        )
         return CallerGrants(
-            caller, groups, tuple(r.name for r in matched), glass, self.smart_scopes == "required", write
+            caller,
+            frozenset().union(*(r.groups for r, _ in applying)),
+            tuple(r.name for r, _ in applying if r is not self.break_glass),
+            glass,
+            self.smart_scopes == "required",
+            frozenset().union(*(r.write for r, _ in applying)),
+            by_context,
         )
 
 
 @dataclass(frozen=True)
 class CallerGrants:
-    """The groups one caller may decrypt, resource by resource."""
+    """What one caller may decrypt and write, resource by resource.
+
+    ``groups`` and ``write_groups`` are the unions over every context (audit, and callers whose
+    scopes are not checked); with SMART scopes required, what applies to one resource comes from
+    the contexts of the caller's scopes that cover its type (:meth:`for_resource`).
+    """
 
     caller: Caller
     groups: frozenset[str]
@@ -91,33 +118,40 @@ class CallerGrants:
     break_glass: bool
     scopes_required: bool
     write_groups: frozenset[str] = frozenset()
+    by_context: tuple[tuple[str, frozenset[str], frozenset[str]], ...] = ()  # (context, read, write groups)
+
+    def contexts(self, resource_type: str, access: str) -> frozenset[str]:
+        """Contexts of the caller's scopes allowing ``access`` (read, write, delete) on the type."""
+        return frozenset(s.context for s in self.caller.scopes if getattr(s, access) and s.covers(resource_type))
+
+    def context_groups(self, contexts: frozenset[str] | set[str], write: bool = False) -> frozenset[str]:
+        """The groups that apply through any of ``contexts``."""
+        return frozenset().union(*(w if write else g for c, g, w in self.by_context if c in contexts))
 
     def for_resource(self, resource: dict) -> frozenset[str]:
-        if not self.groups:
+        """The groups decrypted in ``resource``: ``patient/`` grants only inside the own compartment."""
+        if not self.scopes_required or not self.groups:
             return self.groups
-        return self.groups if self._scoped(resource, "read") else frozenset()
+        rtype = resource.get("resourceType")
+        if not isinstance(rtype, str):
+            return frozenset()
+        contexts = set(self.contexts(rtype, "read"))
+        if "patient" in contexts and not self.in_own_compartment(resource):
+            contexts.discard("patient")
+        return self.context_groups(contexts)
 
     def has_scope(self, resource_type: str, access: str) -> bool:
         """A SMART scope allowing ``access`` (read, write, delete) on the type, in any context."""
-        return not self.scopes_required or any(
-            getattr(s, access) and s.covers(resource_type) for s in self.caller.scopes
-        )
+        return not self.scopes_required or bool(self.contexts(resource_type, access))
 
     def patient_only(self, resource_type: str, access: str) -> bool:
         """Every scope allowing ``access`` on the type is a patient/ scope: the compartment limits it."""
-        contexts = {s.context for s in self.caller.scopes if getattr(s, access) and s.covers(resource_type)}
-        return self.scopes_required and contexts == {"patient"}
+        return self.scopes_required and self.contexts(resource_type, access) == {"patient"}
 
     def in_own_compartment(self, resource: dict) -> bool:
         from proxy.policy.compartment import in_compartment
 
         return bool(self.caller.patient) and in_compartment(resource, self.caller.patient)  # type: ignore[arg-type]
-
-    def _scoped(self, resource: dict, access: str) -> bool:
-        rtype = resource.get("resourceType")
-        if not isinstance(rtype, str) or not self.has_scope(rtype, access):
-            return False
-        return not self.patient_only(rtype, access) or self.in_own_compartment(resource)
 
 
 def _names(value: object, source: str, node: Node, key: str) -> frozenset[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from proxy.auth.decision import Decision
 from proxy.crypto.envelope import KeyLookup
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
@@ -97,20 +98,51 @@ WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext re
 
 
 def decrypt_body(
-    body: dict, policy: CompiledPolicy, keyring: KeyLookup, grants_for: GrantsFor | None, report: ReadReport
+    body: dict, policy: CompiledPolicy, keyring: KeyLookup, decision: Decision, report: ReadReport
 ) -> None:
     """Decrypt (or mask) every covered resource anywhere in a response body, in place.
 
-    ``grants_for`` None decrypts everything (development mode). It is asked before the
-    resource is decrypted, so it may only look at what stays in the clear (type, ids,
-    references - enough for patient compartments).
+    Only an access :class:`~proxy.auth.decision.Decision` says what is decrypted: it is asked
+    before each resource is decrypted, so it looks only at what stays in the clear (type, ids,
+    references - enough for patient compartments). Contained resources are part of their
+    container and get its groups: a contained Patient's local id names nobody's compartment.
     """
-    for resource in (body, *(r for r, _ in nested_resources(body, ""))):
+    if type(decision) is not Decision:
+        raise TypeError("decrypt_body needs the request's access decision")
+    stack: list[tuple[dict, object]] = [(body, _UNDECIDED)]
+    while stack:
+        resource, inherited = stack.pop()
         rtype = resource.get("resourceType")
+        groups: Grants = decision.groups(resource) if inherited is _UNDECIDED else inherited  # type: ignore[assignment]
         rp = policy.resources.get(rtype) if type(rtype) is str else None
         if rp is not None:
-            grants = grants_for(resource) if grants_for is not None else None
-            decrypt_resource(resource, rp, keyring, grants, policy.unenveloped, report)
+            decrypt_resource(resource, rp, keyring, groups, policy.unenveloped, report)
+        for item in _list(resource.get("contained")):
+            if type(item) is dict:
+                stack.append((item, groups))
+        if rtype == "Bundle":
+            for entry in _list(resource.get("entry")):
+                if type(entry) is not dict:
+                    continue
+                if type(entry.get("resource")) is dict:
+                    stack.append((entry["resource"], _UNDECIDED))
+                response = entry.get("response")
+                if type(response) is dict and type(response.get("outcome")) is dict:
+                    stack.append((response["outcome"], _UNDECIDED))
+        elif rtype == "Parameters":
+            stack.extend((inner, _UNDECIDED) for inner in _parameter_tops(resource.get("parameter")))
+
+
+_UNDECIDED = object()  # a resource judged on its own (not contained in another)
+
+
+def _parameter_tops(params: object) -> Iterator[dict]:
+    """The resources of ``Parameters.parameter`` (and ``part``), not what those contain."""
+    for param in _list(params):
+        if type(param) is dict:
+            if type(param.get("resource")) is dict:
+                yield param["resource"]
+            yield from _parameter_tops(param.get("part"))
 
 
 _MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())

@@ -15,7 +15,7 @@ patient-scoped writes) are completed by ``proxy.web.bundles``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
@@ -88,9 +88,13 @@ def _parse_entry(i: int, entry: object) -> Entry:
 
 
 def rewrite_request(
-    entry: Entry, searcher: Searcher, operations: Mapping[str, OperationRule] | None = None
+    entry: Entry,
+    searcher: Searcher,
+    operations: Mapping[str, OperationRule] | None = None,
+    constraint: tuple[str, str] | None = None,
 ) -> guard.Forwarding:
-    """Check the entry's URL and ``ifNoneExist`` like a request of its own and rewrite them in place."""
+    """Check the entry's URL and ``ifNoneExist`` like a request of its own and rewrite them in place;
+    ``constraint`` (the caller's compartment) is ANDed to a search entry."""
     request = entry.entry["request"]
     path, _, query = request["url"].partition("?")
     headers = {}
@@ -110,6 +114,8 @@ def rewrite_request(
             f"on {entry.interaction.resource_type or 'the system level'} (search the type directly)",
             [f"{entry.where}.request.url"],
         )
+    if constraint is not None and entry.interaction.kind == "search":
+        forwarding = replace(forwarding, query=[*(forwarding.query or ()), constraint])
     if forwarding.query is not None:
         request["url"] = path + ("?" + guard.encode_query(forwarding.query) if forwarding.query else "")
     if forwarding.if_none_exist is not None:

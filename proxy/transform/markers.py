@@ -1,5 +1,8 @@
 """The URLs and codes fhircrypt writes into stored resources (its at-rest vocabulary)."""
 
+import re
+from urllib.parse import unquote
+
 CANONICAL = "https://fhircrypt.dev/fhir"
 ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
 CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
@@ -39,6 +42,19 @@ def neutral_narrative() -> dict:
 
 
 BLIND_INDEX_BASE = CANONICAL + "/blind-index/"  # + <resource type>/<field id>/<search parameter>
+
+_RESERVED = "fhircrypt.dev/fhir"  # CANONICAL without its scheme
+_SLASHES = re.compile(r"/{2,}")
+
+
+def mentions_reserved(text: str) -> bool:
+    """Whether ``text`` names fhircrypt's namespace in any spelling a server might treat as the same:
+    any letter case, percent-encoded, with repeated slashes or another scheme. Everything the proxy
+    recognises as its own (blind-index systems, envelope and ciphertext URLs, tags) is compared this
+    way, so that a variant the proxy does not recognise cannot match at the server either."""
+    if "%" in text:
+        text = unquote(text)
+    return _RESERVED in _SLASHES.sub("/", text.lower())
 
 
 def shredded_tag() -> dict:

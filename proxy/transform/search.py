@@ -110,7 +110,7 @@ def rewrite(
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
     out: list[str] = []
     for item in _COMMA.split(value):
-        if item.startswith(mk.BLIND_INDEX_BASE):  # a token from a paging link, or an attempt to smuggle a value
+        if mk.mentions_reserved(item):  # a token from a paging link, or an attempt to smuggle a value
             if not _TOKEN.match(item):
                 raise _refuse(
                     where, raw, "uses fhircrypt's reserved blind-index system with a value that is not a token"
@@ -156,12 +156,16 @@ def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where
 
 
 def check_token_groups(tokens: list[str], rp: ResourcePolicy, ctx: Searcher, where: str, raw: str) -> None:
-    """Tokens name their field in their system: the caller must be allowed to search by that field."""
-    if ctx.searchable is None:
-        return
-    fields = {t[len(mk.BLIND_INDEX_BASE) :].split("/")[1] for t in tokens}
-    for el in rp.content_elements:
-        if el.field_id in fields and not el.groups <= ctx.searchable:
+    """Tokens name their field in their system: it must be exactly one this proxy mints for the type
+    (a variant the server might still match, such as another letter case, is no token of ours), and
+    the caller must be allowed to search by that field."""
+    labels = {t[len(mk.BLIND_INDEX_BASE) :].partition("|")[0] for t in tokens}
+    owners = {spec.label: el for el in rp.content_elements for spec in el.indexes}
+    for label in labels:
+        el = owners.get(label)
+        if el is None:
+            raise _refuse(where, raw, f"carries a blind-index token that is not one of {rp.type}'s index fields")
+        if ctx.searchable is not None and not el.groups <= ctx.searchable:
             raise FhirError(
                 403,
                 "forbidden",

@@ -1,4 +1,4 @@
-"""Who is calling and what may be decrypted for them: bearer tokens, grants, canary alarms."""
+"""Who is calling and what they may do: bearer tokens, the request's access decision, canary alarms."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import logging
 from aiohttp import web
 
 from proxy.auth.caller import caller_from_claims
+from proxy.auth.decision import Decision, decide, development, unscoped
 from proxy.auth.tokens import TokenError
 from proxy.outcome import FhirError
-from proxy.transform.bodies import GrantsFor
 from proxy.transform.interactions import Interaction
 from proxy.web.auditing import Exchange
 from proxy.web.runtime import Runtime
@@ -26,12 +26,13 @@ def _unauthorized(description: str, invalid: bool) -> FhirError:
 
 async def authorize(
     rt: Runtime, request: web.Request, it: Interaction, request_id: str, exchange: Exchange
-) -> GrantsFor | None:
-    """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
+) -> Decision:
+    """Authenticate the caller and decide the request (:func:`proxy.auth.decision.decide`):
+    401 without a valid bearer token (except for metadata), 403 when the decision refuses."""
     if rt.verifier is None:
-        return None  # --auth none: development mode, everything decrypts
+        return development()  # --auth none: development mode, everything decrypts
     if it.kind == "capabilities":
-        return _NOTHING
+        return unscoped(None)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         claims = _certificate_claims(rt, request)
@@ -49,7 +50,7 @@ async def authorize(
     access = rt.policy.access
     if access is None:
         exchange.caller = caller_from_claims(claims)
-        return _NOTHING
+        return unscoped(None)
     caller = caller_from_claims(claims, access.roles_claim, request.headers.get(access.reason_header) or None)
     exchange.caller = caller
     if caller.subject in rt.blocked_subjects:
@@ -66,7 +67,7 @@ async def authorize(
                 "client_id": caller.client_id,
             },
         )
-    return grants.for_resource
+    return decide(grants, it)
 
 
 def _certificate_claims(rt: Runtime, request: web.Request) -> dict | None:
@@ -79,20 +80,18 @@ def _certificate_claims(rt: Runtime, request: web.Request) -> dict | None:
     return rt.identities.claims_for(der) if der else None
 
 
-def watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:
-    """Wrap the caller's grants: note each honeytoken resource that is about to be decrypted for it."""
+def watch_canaries(rt: Runtime, decision: Decision, hits: list[str]) -> Decision:
+    """The same decision, noting each honeytoken resource that is about to be decrypted for the caller."""
     canaries = rt.policy.canaries
     if not canaries:
-        return grants_for
+        return decision
 
-    def watched(resource: dict):
-        groups = grants_for(resource) if grants_for is not None else None
+    def watch(resource: dict, groups: frozenset[str] | None) -> None:
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
         if ref in canaries and (groups is None or groups):
             hits.append(ref)
-        return groups
 
-    return watched
+    return decision.watched(watch)
 
 
 def alarm(rt: Runtime, exchange: Exchange, hits: list[str], request_id: str) -> None:
@@ -105,7 +104,3 @@ def alarm(rt: Runtime, exchange: Exchange, hits: list[str], request_id: str) -> 
     if rt.policy.canary_action == "block" and subject:
         rt.blocked_subjects.add(subject)
         raise FhirError(403, "forbidden", "access refused")
-
-
-def _NOTHING(resource: dict) -> frozenset[str]:
-    return frozenset()

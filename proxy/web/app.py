@@ -21,6 +21,7 @@ from yarl import URL
 from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.certificates import CertificateIdentities
+from proxy.auth.decision import Decision
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
 from proxy.crypto.kek import KeyringError
 from proxy.crypto.keycache import KeyCache
@@ -32,7 +33,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.transform import guard, jsonnum, subset
-from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
+from proxy.transform.bodies import decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.search import Searcher
@@ -110,7 +111,7 @@ async def _forward(
     body: bytes | None,
     request_id: str,
     forwarding: guard.Forwarding,
-    grants_for: GrantsFor | None,
+    decision: Decision,
     exchange: Exchange,
 ) -> web.Response:
     assert rt.session is not None
@@ -161,7 +162,7 @@ async def _forward(
         raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
     payload = upstream_resource(raw)
     try:
-        return await _answer(rt, it, payload, raw, status, out_headers, forwarding, grants_for, exchange, request_id)
+        return await _answer(rt, it, payload, raw, status, out_headers, forwarding, decision, exchange, request_id)
     except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
         raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None
 
@@ -174,7 +175,7 @@ async def _answer(
     status: int,
     out_headers,
     forwarding: guard.Forwarding,
-    grants_for: GrantsFor | None,
+    decision: Decision,
     exchange: Exchange,
     request_id: str,
 ) -> web.Response:
@@ -183,7 +184,8 @@ async def _answer(
     hits: list[str] = []
     if PATIENT_KEY_MARK in raw:
         await rt.prefetch_patient_keys(payload)
-    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, grants_for, hits), report)
+    decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
+    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
     exchange.references = references_in(payload)
     if hits:
         alarm(rt, exchange, hits, request_id)
@@ -227,7 +229,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         segments = _segments(rt, request)
         link = segments[0] == bulk.LINKS and len(segments) == 3 if segments else False
         it = bulk.EXPORT if link else classify(request.method, segments, bool(request.query_string))
-        grants_for = await authorize(rt, request, it, request_id, exchange)
+        decision = await authorize(rt, request, it, request_id, exchange)
         if rt.settings.audit_mode == "fail-closed" and not all(sink.available for sink in rt.audit):
             raise FhirError(
                 503,
@@ -236,17 +238,18 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 headers={"Retry-After": "5"},
             )
         if link:
-            response = await bulk.follow(rt, request, segments[1], segments[2], grants_for, request_id, exchange)
+            response = await bulk.follow(rt, request, segments[1], segments[2], decision, request_id, exchange)
             status = response.status
             return response
         params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")
         if it.kind == "operation" and it.operation == "export":
-            response = await bulk.kickoff(rt, request, segments, params, request_id, exchange)
+            response = await bulk.kickoff(rt, request, segments, params, decision, request_id, exchange)
             status = response.status
             return response
-        searchable = None if rt.verifier is None else exchange.grants.groups if exchange.grants else frozenset()
-        searcher = Searcher(rt.policy.resources, rt.keyring.indexer, searchable)
+        searcher = Searcher(rt.policy.resources, rt.keyring.indexer, decision.searchable)
         forwarding = guard.check_request(it, params, request.headers, searcher, rt.policy.operations)
+        if decision.constraint is not None:  # the caller's compartment, ANDed to its search
+            forwarding = dataclasses.replace(forwarding, query=[*(forwarding.query or ()), decision.constraint])
         if not hdr.accepts_json(request.headers.get("Accept")) and not any(k == "_format" for k, _ in params):
             if it.resource_type != "Binary" or it.kind not in ("read", "vread"):
                 raise FhirError(406, "not-supported", "only FHIR JSON responses are supported (Accept)")
@@ -261,7 +264,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     rt,
                     it,
                     prepared.ops,
-                    grants_for,
+                    decision.groups,
                     exchange.grants,
                     rt.verifier is not None,
                     request.headers,
@@ -274,7 +277,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     rt,
                     prepared,
                     searcher,
-                    grants_for,
+                    decision,
                     exchange.grants,
                     rt.verifier is not None,
                     request.headers,
@@ -304,7 +307,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 metrics.ELEMENTS.labels("encrypted").inc(body.count(CIPHERTEXT_BYTES))
         elif request.can_read_body:
             raise FhirError(400, "invalid", f"{request.method} requests carry no body")
-        response = await _forward(rt, request, it, segments, body, request_id, forwarding, grants_for, exchange)
+        response = await _forward(rt, request, it, segments, body, request_id, forwarding, decision, exchange)
         status = response.status
         return response
     except bulk.StreamAborted:

@@ -15,9 +15,10 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.auth.decision import Decision
 from proxy.outcome import FhirError
 from proxy.transform import bulk, jsonnum
-from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
+from proxy.transform.bodies import decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, watch_canaries
@@ -63,8 +64,8 @@ def _tls(rt: Runtime, upstream: bool) -> dict:
     return {"server_hostname": name} if upstream and name else {}
 
 
-def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange) -> web.Response:
-    """An upstream answer that is not a manifest or a file: an OperationOutcome, decrypted like any body."""
+def _relay(rt: Runtime, status: int, raw: bytes, out_headers, decision: Decision, exchange: Exchange) -> web.Response:
+    """An upstream answer that is not a manifest or a file: judged and decrypted for the caller like any body."""
     if not raw:
         return web.Response(status=status, headers=out_headers)
     try:
@@ -73,13 +74,20 @@ def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange
         payload = None
     if type(payload) is not dict:
         raise FhirError(502, "structure", f"the upstream answered the export request with {status} and no FHIR JSON")
-    decrypt_body(payload, rt.policy, rt.read_keys, None, exchange.report)
+    decision.screen(payload, EXPORT)
+    decrypt_body(payload, rt.policy, rt.read_keys, decision, exchange.report)
     body = serialise_for_client(payload, exchange.report, "export")
     return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
 async def kickoff(
-    rt: Runtime, request: web.Request, segments: list[str], params, request_id: str, exchange: Exchange
+    rt: Runtime,
+    request: web.Request,
+    segments: list[str],
+    params,
+    decision: Decision,
+    request_id: str,
+    exchange: Exchange,
 ) -> web.Response:
     """``$export`` at system, Patient or Group level; the status URL comes back as a proxy link."""
     if request.method != "GET":
@@ -98,7 +106,7 @@ async def kickoff(
         status, location = resp.status, resp.headers.get("Content-Location")
         out_headers = {"X-Request-ID": request_id}
     if status != 202:
-        return _relay(rt, status, raw, out_headers, exchange)
+        return _relay(rt, status, raw, out_headers, decision, exchange)
     if not location:
         raise FhirError(502, "structure", "the upstream accepted the export without a status URL")
     out_headers["Content-Location"] = _link(rt, _STATUS, location)
@@ -110,7 +118,7 @@ async def follow(
     request: web.Request,
     kind: str,
     token: str,
-    grants_for: GrantsFor | None,
+    decision: Decision,
     request_id: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
@@ -118,16 +126,16 @@ async def follow(
     if kind == _STATUS:
         if request.method not in ("GET", "DELETE"):
             raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export status link")
-        return await _status(rt, request, _target(rt, kind, token), request_id, exchange)
+        return await _status(rt, request, _target(rt, kind, token), decision, request_id, exchange)
     if kind in (_FILE, _OPEN):
         if request.method != "GET":
             raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export file link")
         url = _target(rt, kind, token)
-        return await _file(rt, request, url, kind == _FILE, grants_for, request_id, exchange)
+        return await _file(rt, request, url, kind == _FILE, decision, request_id, exchange)
     raise FhirError(404, "not-found", "unknown or expired export link")
 
 
-async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, exchange: Exchange):
+async def _status(rt: Runtime, request: web.Request, url: str, decision: Decision, request_id: str, exchange: Exchange):
     headers = _headers(rt, request, request_id) | {"Accept": "application/json"}
     async with upstream_call(
         rt.session, request.method, URL(url, encoded=True), headers=headers, **_tls(rt, True)
@@ -141,7 +149,7 @@ async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, 
     out_headers.popall("Location", None)
     out_headers["X-Request-ID"] = request_id
     if status != 200 or request.method != "GET":
-        return _relay(rt, status, raw, out_headers, exchange)
+        return _relay(rt, status, raw, out_headers, decision, exchange)
     try:
         manifest = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -161,7 +169,7 @@ async def _file(
     request: web.Request,
     url: str,
     with_token: bool,
-    grants_for: GrantsFor | None,
+    decision: Decision,
     request_id: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
@@ -171,13 +179,13 @@ async def _file(
         total=None, sock_connect=rt.settings.connect_timeout, sock_read=rt.settings.upstream_timeout
     )
     hits: list[str] = []
-    grants = watch_canaries(rt, grants_for, hits)
+    watched = watch_canaries(rt, decision, hits)
     async with upstream_call(
         rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout, **_tls(rt, with_token)
     ) as resp:
         if resp.status != 200:
             raw = await read_limited(resp.content, rt.settings.max_response) or b""
-            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, exchange)
+            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, decision, exchange)
         if hdr.media_type(resp.headers.get("Content-Type")) not in bulk.NDJSON_TYPES:
             raise FhirError(502, "not-supported", "the upstream's export file is not NDJSON")
         out = web.StreamResponse(status=200, headers={"X-Request-ID": request_id, "Content-Type": NDJSON})
@@ -187,10 +195,10 @@ async def _file(
             async for chunk in resp.content.iter_chunked(1 << 16):
                 batch = lines.feed(chunk)
                 if batch:
-                    await out.write(await _decrypt_lines(rt, batch, grants, exchange))
+                    await out.write(await _decrypt_lines(rt, batch, watched, exchange))
             tail = lines.close()
             if tail:
-                await out.write(await _decrypt_lines(rt, tail, grants, exchange))
+                await out.write(await _decrypt_lines(rt, tail, watched, exchange))
         except (FhirError, aiohttp.ClientError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, FhirError) else type(exc).__name__
             log.error(
@@ -211,13 +219,16 @@ async def _file(
     return out
 
 
-async def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
+async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, exchange: Exchange) -> bytes:
+    """Each line judged on its own: a resource the caller may not see is left out of the file."""
     out = []
     for line in lines:
         resource = upstream_resource(line, "an export file line is")
+        if not decision.visible(resource):
+            continue
         if PATIENT_KEY_MARK in line:
             await rt.prefetch_patient_keys(resource)
-        decrypt_body(resource, rt.policy, rt.read_keys, grants, exchange.report)
+        decrypt_body(resource, rt.policy, rt.read_keys, decision, exchange.report)
         if len(exchange.references) < MAX_REFERENCES:
             exchange.references.extend(references_in(resource))
         out.append(serialise_for_client(resource, exchange.report, "export file"))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from dataclasses import replace
 
+from proxy.auth.decision import Decision, decide
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.transform.bodies import GrantsFor
@@ -30,17 +32,31 @@ async def prepare_bundle(
     rt: Runtime,
     bundle: dict,
     searcher: Searcher,
-    grants_for: GrantsFor | None,
+    decision: Decision,
     grants: CallerGrants | None,
     restricted: bool,
     request_headers: Mapping[str, str],
     request_id: str,
 ) -> None:
-    """Rewrite a batch or transaction Bundle in place so that it carries no plaintext of covered elements."""
+    """Rewrite a batch or transaction Bundle in place so that it carries no plaintext of covered elements.
+
+    Each entry is decided like a request of its own (:func:`proxy.auth.decision.decide`): refused
+    entries refuse the Bundle, and a confined caller's searches get its compartment added."""
     authorization = request_headers.get("Authorization")
     for entry in parse_bundle(bundle):
-        rewrite_request(entry, searcher, rt.policy.operations)
         it = entry.interaction
+        entry_decision = decision
+        if grants is not None and restricted:
+            try:
+                entry_decision = decide(grants, it)
+            except FhirError as exc:
+                raise exc.located(f"{entry.where}.request") from None
+        rewrite_request(
+            entry,
+            replace(searcher, searchable=entry_decision.searchable),
+            rt.policy.operations,
+            entry_decision.constraint,
+        )
         headers = {"Authorization": authorization} if authorization else {}
         if_match = entry.entry["request"].get("ifMatch")
         if type(if_match) is str:
@@ -56,7 +72,7 @@ async def prepare_bundle(
         if it.kind == "delete" and restricted and it.resource_type in rt.policy.resources:
             await check_scope(rt, it, grants, "delete", None, request_id, authorization)
         elif entry.method == "PATCH":
-            await _patch(rt, entry, grants_for, grants, restricted, headers, request_id)
+            await _patch(rt, entry, entry_decision.groups, grants, restricted, headers, request_id)
         elif entry.resource is not None:
             check_target(it, entry.resource, f"{entry.where}.resource")
             rewrite_conditional_references(entry.resource, searcher, f"{entry.where}.resource")

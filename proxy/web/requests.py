@@ -13,13 +13,11 @@ from proxy.transform import guard, jsonnum
 from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.bundles import rewrite_conditional_references
 from proxy.transform.interactions import Interaction
-from proxy.transform.markers import CANONICAL
+from proxy.transform.markers import mentions_reserved
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web.binaries import FHIR_XML, binary_resource
 from proxy.web.runtime import Runtime
-
-_CANONICAL_BYTES = CANONICAL.encode()
 
 
 def parse_json(body: bytes, what: str, shape: type = dict):
@@ -107,8 +105,10 @@ def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy) -> byte
 
 
 def _refuse_reserved(parsed: object) -> None:
-    """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL."""
-    if _CANONICAL_BYTES in jsonnum.dumps(parsed):
+    """Checked on the parsed document, so JSON escapes (``\\u002f``) cannot hide the URL, and in any
+    spelling a server might treat as the same (case, percent-encoding, slashes)."""
+    out = jsonnum.dumps(parsed)
+    if (b"%" in out or b"fhircrypt" in out.lower()) and mentions_reserved(out.decode()):
         raise FhirError(
             400,
             "invalid",

@@ -1,0 +1,176 @@
+"""The proxy as the access gateway: one decision per request, enforced by the proxy itself.
+
+Each test goes through a real proxy with JWT authentication (a real issuer per run, tokens
+really signed) in front of the Medplum test server, and checks both the answer and what the
+server received: the server is the party that is not trusted to confine anyone.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from tests.test_auth import (  # noqa: F401  (fixtures)
+    CONDITION,
+    NIK,
+    OTHER,
+    OTHER_CONDITION,
+    PATIENT,
+    bearer,
+    issuer,
+    jwt_proxy,
+    proxy,
+    stored,
+)
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+def _app(patient: str = "pat-a", scope: str = "patient/*.rs") -> dict:
+    return {"scope": scope, "patient": patient, "fhirUser": f"Patient/{patient}"}
+
+
+def _ids(bundle: dict) -> set[str]:
+    return {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", []) if "resource" in e}
+
+
+@pytest.mark.parametrize("sub", ["", " ", "  padded ", 7, None])
+async def test_tokens_without_a_usable_subject_are_refused(proxy, issuer, stored, sub):
+    claims = {"scope": "user/*.rs", "realm_access": {"roles": ["physician"]}, "sub": sub}
+    resp = await proxy.get("/fhir/R4/Patient/pat-a", headers=bearer(issuer.token(**claims)))
+    assert resp.status == 401, await resp.text()
+    assert (await resp.json())["resourceType"] == "OperationOutcome"
+
+
+async def test_a_token_with_no_scope_reads_nothing(proxy, issuer, stored):
+    auth = bearer(issuer.token())  # a valid token: no roles, no scopes
+    for path in ("Patient/pat-a", "Condition/cond-a", "Condition?code=D50.9", "Patient/pat-a/_history"):
+        resp = await proxy.get(f"/fhir/R4/{path}", headers=auth)
+        assert resp.status == 403, path
+        assert "Wulandari" not in await resp.text()
+    before = len(stored.requests())
+    await proxy.get("/fhir/R4/Condition?code=D50.9", headers=auth)
+    assert len(stored.requests()) == before  # refused before anything was forwarded
+
+
+async def test_a_patient_app_stays_in_its_compartment_on_every_route(proxy, issuer, stored):
+    auth = bearer(issuer.token(**_app("pat-a")))
+    # searching by another person's NIK finds nobody: the search is confined to the own compartment
+    bundle = await (await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3578016001900004", headers=auth)).json()
+    assert _ids(bundle) == set()
+    own = await (await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=auth)).json()
+    assert _ids(own) == {"Patient/pat-a"}
+    # counts count only the own record
+    count = await (await proxy.get("/fhir/R4/Condition?code=D50.9&_summary=count", headers=auth)).json()
+    assert count["total"] == 1
+    # another patient's resources, by id, by compartment, by operation: refused
+    for path in (
+        "Patient/pat-b",
+        "Condition/cond-b",
+        "Patient/pat-b/$everything",
+        "Patient/pat-b/Condition",
+        "Condition/_history",
+        "_history",
+        "Patient/$export",
+        "$export",
+        "?_type=Condition",
+    ):
+        resp = await proxy.get(f"/fhir/R4/{path}", headers=auth | {"Prefer": "respond-async"})
+        assert resp.status == 403, (path, await resp.text())
+        assert "Aminah" not in await resp.text()
+    # the own record stays reachable
+    assert (await proxy.get("/fhir/R4/Patient/pat-a", headers=auth)).status == 200
+    assert (await proxy.get("/fhir/R4/Condition/cond-a", headers=auth)).status == 200
+    # its own compartment search is forwarded (the Medplum test server has no compartment route: 404)
+    assert (await proxy.get("/fhir/R4/Patient/pat-a/Condition", headers=auth)).status in (200, 404)
+
+
+async def test_batch_reads_are_decided_entry_by_entry(proxy, issuer, stored):
+    auth = bearer(issuer.token(**_app("pat-a"))) | FHIR_JSON
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "Condition?code=D50.9"}},
+            {"request": {"method": "GET", "url": "Condition/cond-b"}},
+            {"request": {"method": "GET", "url": "Condition/cond-a"}},
+        ],
+    }
+    resp = await proxy.post("/fhir/R4", data=orjson.dumps(batch), headers=auth)
+    assert resp.status == 200, await resp.text()
+    entries = (await resp.json())["entry"]
+    assert not any(e.get("resource", {}).get("id") == "cond-b" for e in entries)
+    assert _ids(entries[0]["resource"]) == {"Condition/cond-a"}
+    assert entries[1]["response"]["status"].startswith("403")
+    assert entries[2]["resource"]["id"] == "cond-a"
+    # a batch entry the caller could never send on its own refuses the batch, before anything is forwarded
+    before = len(stored.requests())
+    batch["entry"] = [{"request": {"method": "GET", "url": "Condition/_history"}}]
+    resp = await proxy.post("/fhir/R4", data=orjson.dumps(batch), headers=auth)
+    assert resp.status == 403 and "entry[0]" in (await resp.json())["issue"][0]["diagnostics"]
+    assert len(stored.requests()) == before
+
+
+async def test_patient_scopes_never_widen_a_user_rule(proxy, issuer, stored):
+    """A billing officer whose EHR-launched app also carries patient/ scopes (SMART apps often do)."""
+    claims = {"realm_access": {"roles": ["billing"]}, "scope": "user/*.rs patient/*.rs", "patient": "pat-b"}
+    auth = bearer(issuer.token(**claims))
+    condition = await (await proxy.get("/fhir/R4/Condition/cond-a", headers=auth)).json()
+    assert "coding" not in condition["code"]  # the diagnosis of someone else stays masked
+    patient = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=auth)).json()
+    assert "family" not in patient["name"][0]
+    # and it may not search by what only its patient/ grant covers (an oracle over everyone)
+    resp = await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=auth)
+    assert resp.status == 403
+
+
+async def test_replayed_index_tokens_are_recognised_in_any_spelling(proxy, issuer, stored):
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    found = await (await proxy.get(f"/fhir/R4/Patient?identifier={NIK}|3174015507880001", headers=physician)).json()
+    assert _ids(found) == {"Patient/pat-a"}
+    sent = [r["url"] for r in stored.requests() if r["url"].startswith("/fhir/R4/Patient?identifier=")][-1]
+    token = sent.split("identifier=", 1)[1].split("&", 1)[0]
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    system, _, value = token.replace("%7C", "|").replace("%2F", "/").replace("%3A", ":").partition("|")
+    variants = {
+        "as minted": f"{system}|{value}",
+        "upper-case field": f"{system.replace('/nik/', '/NIK/')}|{value}",
+        "upper-case namespace": f"{system.replace('blind-index', 'BLIND-INDEX')}|{value}",
+        "upper-case host": f"{system.replace('fhircrypt.dev', 'FHIRCRYPT.DEV')}|{value}",
+        "percent-encoded": f"{system.replace('blind-index', '%62lind-index')}|{value}",
+        "doubled slash": f"{system.replace('/blind-index/', '//blind-index/')}|{value}",
+    }
+    for name, variant in variants.items():
+        resp = await proxy.get("/fhir/R4/Patient", params={"identifier": variant}, headers=billing)
+        assert resp.status in (400, 403), (name, resp.status)
+        assert "Wulandari" not in await resp.text()
+        put = await proxy.put(
+            "/fhir/R4/Patient",
+            params={"identifier": variant},
+            data=orjson.dumps({**OTHER, "id": None}),
+            headers=billing | FHIR_JSON,
+        )
+        assert put.status in (400, 403), (name, put.status)
+    versions = [r["meta"]["versionId"] for r in stored.dump() if r["resourceType"] == "Patient" and r["id"] == "pat-a"]
+    assert versions == ["1"]  # nobody overwrote the patient
+
+
+async def test_a_contained_patient_is_judged_with_its_container(proxy_for, clean_upstream, satusehat, jwt_proxy, issuer):
+    writer = await proxy_for(clean_upstream.base_url, satusehat)
+    mother = {"resourceType": "Patient", "id": "pat-a", "name": [{"family": "Rahayu", "given": ["Dewi"]}]}
+    org = {"resourceType": "Organization", "id": "org-1", "name": "Klinik Sehat", "contained": [mother]}
+    resp = await writer.put("/fhir/R4/Organization/org-1", data=orjson.dumps(org), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    assert "Rahayu" not in orjson.dumps(clean_upstream.dump()).decode()
+    app = await jwt_proxy()
+    read = await app.get("/fhir/R4/Organization/org-1", headers=bearer(issuer.token(**_app("pat-a"))))
+    assert read.status == 200, await read.text()
+    assert "Rahayu" not in await read.text()  # pat-a's app: the contained "pat-a" is not its patient
+
+
+async def test_conditions_of_others_are_not_in_a_patient_apps_search_of_its_own_type(proxy, issuer, stored):
+    auth = bearer(issuer.token(**_app("pat-b")))
+    bundle = await (await proxy.get("/fhir/R4/Condition", headers=auth)).json()
+    assert _ids(bundle) == {f"Condition/{OTHER_CONDITION['id']}"}
+    assert CONDITION["id"] not in orjson.dumps(bundle).decode()
+    assert PATIENT["id"] not in {e["resource"]["subject"]["reference"] for e in bundle["entry"]}
