@@ -10,18 +10,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from tests.test_auth import (  # noqa: F401  (fixtures)
-    CONDITION,
-    NIK,
-    OTHER,
-    OTHER_CONDITION,
-    PATIENT,
-    bearer,
-    issuer,
-    jwt_proxy,
-    proxy,
-    stored,
-)
+from tests import test_auth
+from tests.test_auth import CONDITION, NIK, OTHER, OTHER_CONDITION, PATIENT, bearer
+
+# the real issuer, the JWT proxy and the stored records of the role matrix
+issuer, jwt_proxy, proxy, stored = test_auth.issuer, test_auth.jwt_proxy, test_auth.proxy, test_auth.stored
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -31,7 +24,8 @@ def _app(patient: str = "pat-a", scope: str = "patient/*.rs") -> dict:
 
 
 def _ids(bundle: dict) -> set[str]:
-    return {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in bundle.get("entry", []) if "resource" in e}
+    resources = [e["resource"] for e in bundle.get("entry", []) if "resource" in e]
+    return {f"{r['resourceType']}/{r['id']}" for r in resources}
 
 
 @pytest.mark.parametrize("sub", ["", " ", "  padded ", 7, None])
@@ -155,7 +149,9 @@ async def test_replayed_index_tokens_are_recognised_in_any_spelling(proxy, issue
     assert versions == ["1"]  # nobody overwrote the patient
 
 
-async def test_a_contained_patient_is_judged_with_its_container(proxy_for, clean_upstream, satusehat, jwt_proxy, issuer):
+async def test_a_contained_patient_is_judged_with_its_container(
+    proxy_for, clean_upstream, satusehat, jwt_proxy, issuer
+):
     writer = await proxy_for(clean_upstream.base_url, satusehat)
     mother = {"resourceType": "Patient", "id": "pat-a", "name": [{"family": "Rahayu", "given": ["Dewi"]}]}
     org = {"resourceType": "Organization", "id": "org-1", "name": "Klinik Sehat", "contained": [mother]}
