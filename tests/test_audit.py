@@ -259,6 +259,7 @@ def test_builder_accepts_no_bodies_and_refuses_values():
         "interaction",
         "status",
         "request_id",
+        "record_id",
         "agent",
         "resources",
         "query",

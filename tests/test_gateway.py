@@ -170,3 +170,54 @@ async def test_conditions_of_others_are_not_in_a_patient_apps_search_of_its_own_
     assert _ids(bundle) == {f"Condition/{OTHER_CONDITION['id']}"}
     assert CONDITION["id"] not in orjson.dumps(bundle).decode()
     assert PATIENT["id"] not in {e["resource"]["subject"]["reference"] for e in bundle["entry"]}
+
+
+async def test_audit_records_name_every_target_and_have_their_own_ids(jwt_proxy, issuer, stored, tmp_path):
+    from proxy.audit.cli import init_trail
+
+    trail = tmp_path / "audit.jsonl"
+    init_trail(trail, tmp_path / "audit.key")
+    proxy = await jwt_proxy(audit_trail=str(trail))
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs user/*.cud"))
+    other = bearer(issuer.token(realm_access={"roles": ["clerk"]}, scope="user/*.rs"))
+    same = {"X-Request-ID": "chosen-by-the-client"}
+    await proxy.get("/fhir/R4/Patient/pat-a", headers=physician | same)
+    await proxy.get("/fhir/R4/Patient/pat-b", headers=other | same)
+    created = await proxy.post(
+        "/fhir/R4/Organization",
+        data=orjson.dumps({"resourceType": "Organization", "name": "Klinik"}),
+        headers=physician | FHIR_JSON | {"Prefer": "return=minimal"},
+    )
+    assert created.status == 201, await created.text()
+    new_org = created.headers["Location"].split("/fhir/R4/", 1)[1].split("/_history", 1)[0]
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "DELETE", "url": "Condition/cond-a"}},
+            {"request": {"method": "DELETE", "url": "Observation/obs-a"}},
+        ],
+    }
+    resp = await proxy.post("/fhir/R4", data=orjson.dumps(batch), headers=physician | FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    await proxy.server.close()  # flushes the trail
+    events = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
+    assert len(events) == 4
+    first, second = events[:2]
+    assert first["id"] != second["id"]  # the same client-chosen X-Request-ID, two records
+    for event in (first, second):
+        assert {"value": "chosen-by-the-client"} in [e["what"].get("identifier") for e in event["entity"]]
+    named = [[e["what"]["reference"] for e in ev["entity"] if "reference" in e.get("what", {})] for ev in events]
+    assert new_org in named[2]
+    assert {"Condition/cond-a", "Observation/obs-a"} <= set(named[3])
+
+
+async def test_smart_discovery_and_the_capability_statement_name_the_proxys_authorization(proxy, issuer):
+    resp = await proxy.get("/fhir/R4/.well-known/smart-configuration")
+    assert resp.status == 200, await resp.text()
+    config = await resp.json()
+    assert config["issuer"] == issuer.url and config["jwks_uri"] == f"{issuer.url}/jwks"
+    assert {"permission-patient", "permission-user", "permission-v2"} <= set(config["capabilities"])
+    statement = await (await proxy.get("/fhir/R4/metadata")).json()
+    security = statement["rest"][0]["security"]
+    assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"

@@ -85,6 +85,7 @@ _WRITE_ACTIONS = frozenset("CUD")
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+_RECORD_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_ID = 256  # subjects, client ids, addresses: ids from tokens and sockets, never free text
 
 _ACT_REASON_DISPLAY = {"ETREAT": "Emergency Treatment", "BTG": "break the glass"}
@@ -238,6 +239,7 @@ def audit_event(
     request_id: str,
     agent: Agent,
     resources: list[str],
+    record_id: str | None = None,
     query: str | None,
     decrypted_groups: list[str],
     masked_groups: list[str],
@@ -258,6 +260,8 @@ def audit_event(
         raise ValueError("audit: status must be an HTTP status code")
     if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
         raise ValueError("audit: request_id must be a short id")
+    if record_id is not None and not _RECORD_ID.match(record_id):
+        raise ValueError("audit: record_id must be a FHIR id")
     if not isinstance(integrity_failures, int) or isinstance(integrity_failures, bool) or integrity_failures < 0:
         raise ValueError("audit: integrity_failures must be a count")
     if _identity(policy, "policy") is None or "@" not in policy:
@@ -312,6 +316,8 @@ def audit_event(
     )
 
     event: dict = {"resourceType": "AuditEvent"}
+    if record_id is not None:  # the proxy's own: a caller chooses X-Request-ID, so that cannot name the record
+        event["id"] = record_id
     if break_glass:
         event["extension"] = [{"url": SEVERITY_EXTENSION, "valueCode": "alert"}]
     event.update(

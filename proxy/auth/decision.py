@@ -34,7 +34,7 @@ from proxy.policy.compartment import compartment_params, compartment_types
 from proxy.transform.interactions import Interaction
 
 _READS = frozenset({"read", "vread", "search", "history"})
-_WRITES = {"create": "write", "update": "write", "patch": "write", "delete": "delete"}
+_WRITES = {"create": "create", "update": "update", "patch": "update", "delete": "delete"}  # SMART v2 c, u, d
 _CONTAINERS = frozenset({"searchset", "history", "batch-response", "transaction-response"})
 _MADE_HERE = object()  # only this module makes Decisions
 # the search parameter that confines a search to one patient's compartment, in order of preference

@@ -21,6 +21,8 @@ class Scope:
     read: bool  # v2 r or s, v1 read or *
     write: bool = False  # v2 c or u, v1 write or *
     delete: bool = False  # v2 d, v1 write or *
+    create: bool = False  # v2 c, v1 write or *
+    update: bool = False  # v2 u, v1 write or *
 
     def covers(self, resource_type: str) -> bool:
         return self.resource_type in ("*", resource_type)
@@ -32,11 +34,19 @@ def parse_scope(text: str) -> Scope | None:
         if m.group(4):  # v2 query-restricted scopes (?category=...) cannot be checked here: grant nothing
             return None
         ops = m.group(3)
-        return Scope(m.group(1), m.group(2), "r" in ops or "s" in ops, "c" in ops or "u" in ops, "d" in ops)
+        return Scope(
+            m.group(1),
+            m.group(2),
+            "r" in ops or "s" in ops,
+            "c" in ops or "u" in ops,
+            "d" in ops,
+            "c" in ops,
+            "u" in ops,
+        )
     m = _V1.match(text)
     if m:
         writes = m.group(3) in ("write", "*")
-        return Scope(m.group(1), m.group(2), m.group(3) in ("read", "*"), writes, writes)
+        return Scope(m.group(1), m.group(2), m.group(3) in ("read", "*"), writes, writes, writes, writes)
     return None
 
 

@@ -53,6 +53,7 @@ class JwtVerifier:
         self._attempted = 0.0  # last fetch attempt, successful or not: failures back off too
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self.openid_configuration: dict = {}  # the provider's discovery document (SMART discovery reuses it)
 
     async def start(self, session: aiohttp.ClientSession) -> None:
         """Discover the JWKS and load it; the proxy refuses to start when this fails."""
@@ -60,6 +61,7 @@ class JwtVerifier:
         if self.settings.oidc_issuer and not self._jwks_url:
             url = self.settings.oidc_issuer.rstrip("/") + "/.well-known/openid-configuration"
             config = await self._get_json(url)
+            self.openid_configuration = config
             self._jwks_url = config.get("jwks_uri")
             self.issuer = self.settings.issuer or config.get("issuer") or self.issuer
             if not isinstance(self._jwks_url, str):

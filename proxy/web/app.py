@@ -40,9 +40,10 @@ from proxy.transform.search import Searcher
 from proxy.web import bulk, metrics
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
-from proxy.web.auditing import Exchange, record, references_in
+from proxy.web.auditing import Exchange, record, reference_of, references_in
 from proxy.web.binaries import binary_content
-from proxy.web.bundles import prepare_bundle
+from proxy.web.bundles import deleted_by, prepare_bundle
+from proxy.web.discovery import secure_capabilities, smart_configuration_handler
 from proxy.web.keyrefresh import refresh_keys_ctx
 from proxy.web.patientkeys import PATIENT_KEY_MARK, PatientKeyService
 from proxy.web.readiness import READINESS, Readiness, readiness
@@ -153,6 +154,9 @@ async def _forward(
         metrics.UPSTREAM_LATENCY.labels(it.label()).observe(exchange.upstream_seconds)
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
+    location = reference_of(up_headers.get("Location") or up_headers.get("Content-Location"))
+    if location is not None:  # a create or update answered without a body (Prefer: return=minimal)
+        exchange.targets.append(location)
     rewrite = _rewrite_urls(rt)
     out_headers = hdr.client_response_headers(up_headers, rewrite)
     out_headers["X-Request-ID"] = request_id
@@ -184,6 +188,8 @@ async def _answer(
     hits: list[str] = []
     if PATIENT_KEY_MARK in raw:
         await rt.prefetch_patient_keys(payload)
+    if it.kind == "capabilities" and rt.verifier is not None and payload.get("resourceType") == "CapabilityStatement":
+        secure_capabilities(payload, rt.verifier.openid_configuration)
     decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
     exchange.references = references_in(payload)
@@ -283,6 +289,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     request.headers,
                     request_id,
                 )
+                exchange.targets.extend(deleted_by(prepared))
                 body = jsonnum.dumps(prepared)
             elif isinstance(prepared, dict) and it.kind == "operation":
                 await prepare_operation(
@@ -503,5 +510,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
     app.cleanup_ctx.append(session_ctx)
     app.cleanup_ctx.append(refresh_keys_ctx)
     _add_probes(app, settings.metrics and settings.ops_port is None)
+    base_path = URL(rt.public_base).path.rstrip("/")
+    app.router.add_get(base_path + "/.well-known/smart-configuration", smart_configuration_handler)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app

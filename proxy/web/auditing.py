@@ -11,6 +11,7 @@ import hashlib
 import logging
 import re
 import socket
+import uuid
 from dataclasses import dataclass, field
 
 from proxy.audit.events import Agent, audit_event
@@ -24,6 +25,7 @@ from proxy.transform.records import ReadReport
 log = logging.getLogger("fhircrypt")
 _ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "search": "E", "operation": "E", "batch": "E"}
 _REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
+_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$")
 _FHIR_USER = re.compile(r"^(?:.*/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 MAX_REFERENCES = 200
@@ -39,22 +41,39 @@ class Exchange:
     break_glass: bool = False
     forwarded_query: str | None = None
     report: ReadReport = field(default_factory=ReadReport)
-    references: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)  # resources the answer carried or pointed at
+    targets: list[str] = field(default_factory=list)  # resources the request named (deletes in a Bundle)
+    record_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the audit record's own id
     upstream_seconds: float = 0.0  # waiting for the upstream's answer (metrics: proxy overhead)
 
 
 def references_in(payload: dict) -> list[str]:
-    """``Type/id`` of the resources a response carried (the body, Bundle entries, contained)."""
+    """``Type/id`` of the resources a response carried (the body, Bundle entries, contained) and of
+    those a batch or transaction response only points at (``entry.response.location``)."""
     out = []
     for resource in (payload, *(r for r, _ in nested_resources(payload, ""))):
+        if resource.get("resourceType") == "Bundle" and type(resource.get("entry")) is list:
+            for entry in resource["entry"]:
+                response = entry.get("response") if type(entry) is dict else None
+                ref = reference_of(response.get("location")) if type(response) is dict else None
+                if ref is not None:
+                    out.append(ref)
         if type(resource.get("id")) is not str:
             continue
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
         if _REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
             out.append(ref)
-            if len(out) >= MAX_REFERENCES:
-                break
-    return out
+        if len(out) >= MAX_REFERENCES:
+            break
+    return list(dict.fromkeys(out))[:MAX_REFERENCES]
+
+
+def reference_of(location: object) -> str | None:
+    """``Patient/123`` from a Location (``[base/]Patient/123[/_history/2]``), or None."""
+    if type(location) is not str:
+        return None
+    m = _LOCATION.search(location.split("?", 1)[0])
+    return m.group(1) if m else None
 
 
 def _agent(caller: Caller | None, remote: str | None) -> Agent:
@@ -103,8 +122,8 @@ def record(
 ) -> None:
     caller = exchange.caller
     agent = _agent(caller, remote)
-    if not exchange.references and it is not None and it.id and it.resource_type:
-        exchange.references = [f"{it.resource_type}/{it.id}"]  # a delete, or a refusal about that resource
+    named = [f"{it.resource_type}/{it.id}"] if it is not None and it.id and it.resource_type else []
+    resources = list(dict.fromkeys([*named, *exchange.targets, *exchange.references]))[:MAX_REFERENCES]
     action = _ACTIONS.get(it.kind, "R") if it else "E"
     try:
         event = audit_event(
@@ -112,8 +131,9 @@ def record(
             interaction=_interaction(it),
             status=status,
             request_id=request_id,
+            record_id=exchange.record_id,
             agent=agent,
-            resources=exchange.references,
+            resources=resources,
             query=exchange.forwarded_query,
             decrypted_groups=sorted(exchange.report.decrypted_groups),
             masked_groups=sorted(exchange.report.masked_groups),

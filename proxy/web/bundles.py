@@ -81,6 +81,16 @@ async def prepare_bundle(
                 entry.entry["request"]["ifMatch"] = extra["If-Match"]
 
 
+def deleted_by(bundle: dict) -> list[str]:
+    """``Type/id`` of every resource a checked batch or transaction deletes by id (for the audit record:
+    a delete's response names nothing)."""
+    return [
+        f"{e.interaction.resource_type}/{e.interaction.id}"
+        for e in parse_bundle(bundle)
+        if e.interaction.kind == "delete" and e.interaction.id
+    ]
+
+
 async def _patch(
     rt: Runtime,
     entry: Entry,
