@@ -17,6 +17,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from proxy.auth.decision import key_holder
 from proxy.crypto.keyring import Keyring
 from proxy.migrate.assess import Plan, envelope_key_ids
 from proxy.migrate.commands import Connection, reencrypt
@@ -156,7 +157,7 @@ def test_a_clear_decimal_from_the_upstream_reaches_the_client_as_stored():
         b'"status":"final","referenceRange":[{"low":{"value":2.00},"high":{"value":1e1}}]}}]}'
     )
     payload, report = jsonnum.loads(raw), ReadReport()
-    decrypt_body(payload, policy, Keyring.generate(), None, report)
+    decrypt_body(payload, policy, Keyring.generate(), key_holder(), report)
     out = serialise_for_client(payload, report, "search")
     assert b'"low":{"value":2.00}' in out and b'"high":{"value":1e1}' in out
 

@@ -7,6 +7,9 @@ import copy
 import orjson
 import pytest
 
+from proxy.auth.caller import Caller
+from proxy.auth.decision import key_holder, unscoped
+from proxy.policy.access import CallerGrants
 from proxy.transform import markers as mk
 from proxy.transform.records import ReadReport, ShapeError, decrypt_resource, encrypt_resource
 from tests.conftest import unit_policy
@@ -292,7 +295,7 @@ def test_every_resource_in_a_searchset_is_decrypted_or_masked(keyring):
         ],
     }
     report = ReadReport()
-    decrypt_body(bundle, POLICY, keyring, None, report)
+    decrypt_body(bundle, POLICY, keyring, key_holder(), report)
     assert bundle["entry"][0]["resource"] == OBSERVATION
     assert bundle["entry"][1]["resource"] == PATIENT
     assert bundle["entry"][2]["resource"]["parameter"][0]["part"][0]["resource"] == PATIENT
@@ -303,6 +306,11 @@ def test_every_resource_in_a_searchset_is_decrypted_or_masked(keyring):
         "type": "searchset",
         "entry": [{"resource": copy.deepcopy(patient), "search": {"mode": "include"}}],
     }
-    decrypt_body(masked, POLICY, keyring, lambda resource: frozenset({"identity"}), ReadReport())
+    decrypt_body(masked, POLICY, keyring, unscoped(_granted("identity")), ReadReport())
     text = orjson.dumps(masked).decode()
     assert NIK in text and "Wibisono" not in text and mk.CIPHERTEXT_URL not in text
+
+
+def _granted(*groups: str) -> CallerGrants:
+    """Grants of a caller whose SMART scopes are not checked: exactly these groups."""
+    return CallerGrants(Caller(subject="test"), frozenset(groups), (), False, False)

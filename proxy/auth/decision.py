@@ -179,6 +179,12 @@ def development() -> Decision:
     return Decision(None, True, None, None, None, _MADE_HERE)
 
 
+def key_holder() -> Decision:
+    """Every group, for the operator's own offline tools that hold the keyring (migration assessment,
+    re-encryption): no caller is involved and nothing leaves the operator's machine."""
+    return Decision(None, True, None, None, None, _MADE_HERE)
+
+
 def unscoped(grants: CallerGrants | None) -> Decision:
     """A caller whose access is not confined by the proxy: the policy has no access rules (nothing
     is decrypted) or asks to ignore SMART scopes (the rules' groups, everywhere)."""

@@ -30,6 +30,7 @@ import copy
 import enum
 from dataclasses import dataclass
 
+from proxy.auth.decision import key_holder
 from proxy.crypto.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
@@ -115,7 +116,7 @@ def _decrypted(stored: dict, policy: CompiledPolicy, keyring: Keyring) -> tuple[
     """The resource with every covered element decrypted, or None and the reason it does not verify."""
     work = copy.deepcopy(stored)
     report = ReadReport()
-    decrypt_body(work, policy, keyring, None, report)
+    decrypt_body(work, policy, keyring, key_holder(), report)
     if report.failures:
         return None, report.failures[0].split(": ", 1)[-1] if ": " in report.failures[0] else report.failures[0]
     if _has_markers(work):

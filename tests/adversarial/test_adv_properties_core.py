@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from proxy.auth.decision import key_holder, unscoped
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import compile_file
 from proxy.transform.bodies import decrypt_body, encrypt_for_write
@@ -66,7 +67,7 @@ def test_every_covered_type_round_trips_exactly_and_stores_no_covered_value(poli
     assert not [n for n in needles if n in at_rest], "covered value at rest"
 
     report = ReadReport()
-    decrypt_body(stored, policy, KEYRING, None, report)
+    decrypt_body(stored, policy, KEYRING, key_holder(), report)
     assert not report.failures
     assert stored == resource
     # byte for byte (NFC stays NFC, NFD stays NFD); JSON key order carries no meaning
@@ -78,7 +79,7 @@ def test_a_reader_granted_nothing_sees_no_covered_value(policy_name, data):
     policy = POLICIES[policy_name]
     _, needles, stored = _drawn(data, policy_name)
     report = ReadReport()
-    decrypt_body(stored, policy, KEYRING, lambda r: frozenset(), report)
+    decrypt_body(stored, policy, KEYRING, unscoped(None), report)
     seen = orjson.dumps(stored).decode()
     assert not [n for n in needles if n in seen]
     assert CIPHERTEXT_URL not in seen and not report.failures
@@ -102,7 +103,7 @@ def test_a_changed_ciphertext_never_decrypts(data):
     replacement = "A" if text[pos] != "A" else "B"
     tampered = orjson.loads(text[:pos] + replacement + text[pos + 1 :])
     report = ReadReport()
-    decrypt_body(tampered, policy, KEYRING, None, report)
+    decrypt_body(tampered, policy, KEYRING, key_holder(), report)
     assert report.failures, "a changed ciphertext was accepted"
     seen = orjson.dumps(tampered).decode()
     assert CIPHERTEXT_URL not in seen
