@@ -14,11 +14,17 @@ from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.transform import jsonnum
 from proxy.transform.attachments import refuse_external
-from proxy.transform.bodies import encrypt_for_write, shape_refusal, too_deep
+from proxy.transform.bodies import decrypt_body, encrypt_for_write, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
-from proxy.transform.masked import has_masked, merge_masked, written_groups
 from proxy.transform.operations import resources_to_encrypt
-from proxy.transform.records import ReadReport, ShapeError, decrypt_resource
+from proxy.transform.records import ReadReport, ShapeError
+from proxy.transform.write_judgement import (
+    WriteAccess,
+    check_compartment,
+    holds_masked,
+    judge_groups,
+    restore_masked,
+)
 from proxy.web import headers as hdr
 from proxy.web.upstream import read_limited, upstream_call
 
@@ -46,30 +52,38 @@ async def stored_version(rt, it: Interaction, request_id: str, authorization: st
     return stored
 
 
-def _decrypted(rt, it: Interaction, stored: dict | None) -> tuple[dict, str | None]:
-    """The stored version decrypted in full for the merge (never sent anywhere), and its version id."""
-    if stored is None:
-        raise FhirError(
-            409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
-        )
+async def _decrypted(rt, it: Interaction, stored: dict) -> dict:
+    """The stored version decrypted in full, nested resources included, for the judgement (never sent
+    anywhere). Decrypted in place: pass a copy if the stored form is still needed."""
+    await rt.prefetch_patient_keys(stored)
     report = ReadReport()
-    decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.read_keys, None, rt.policy.unenveloped, report)
+    decrypt_body(stored, rt.policy, rt.read_keys, None, report)
     _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(
             409,
             "conflict",
-            f"{it.resource_type}/{it.id}: the stored version fails verification, so its "
-            "masked elements cannot be restored from it",
+            f"{it.resource_type}/{it.id}: the stored version fails verification, so the write cannot be "
+            "judged against it (nor its masked elements restored from it)",
         )
-    version = (stored.get("meta") or {}).get("versionId")
-    return stored, version if isinstance(version, str) else None
+    return stored
 
 
 def _refuse_shredded(it: Interaction, report: ReadReport) -> None:
     if report.shredded:
         where = f"{it.resource_type}/{it.id}"
         raise FhirError(409, "conflict", f"{where} was crypto-shredded: its elements cannot be restored or patched")
+
+
+def _confined(it: Interaction, grants: CallerGrants | None, access: str) -> bool:
+    """Refuse (403) a caller without a scope for ``access`` on the type; True when its scopes for it
+    are patient/ scopes only (it is confined to its patient's compartment)."""
+    where = it.resource_type or ""
+    if grants is None:
+        raise FhirError(403, "forbidden", "the policy has no access rules, so it grants no writes", [where])
+    if not grants.has_scope(where, access):
+        raise FhirError(403, "forbidden", f"this caller has no {access} scope for {where}", [where])
+    return grants.patient_only(where, access)
 
 
 async def check_scope(
@@ -81,22 +95,20 @@ async def check_scope(
     request_id: str,
     authorization: str | None,
 ) -> dict | None:
-    """A write or delete needs a scope for the type; patient/-only scopes also need the *stored* resource
-    (not just the new body) in the caller's compartment. Returns the stored version when it was read."""
-    where = it.resource_type or ""
-    if grants is None:
-        raise FhirError(403, "forbidden", "the policy has no access rules, so it grants no writes", [where])
-    probe = resource or {"resourceType": it.resource_type}
-    if not grants.has_scope(it.resource_type or "", access):
-        raise FhirError(403, "forbidden", f"this caller has no {access} scope for {where}", [where])
-    if not grants.patient_only(it.resource_type or "", access):
+    """A write or delete needs a scope for the type; a caller confined to its patient's compartment also
+    needs the *stored* resource (and ``resource``, when given) wholly in it, and may not write by search.
+    Returns the stored version when it was read."""
+    if not _confined(it, grants, access):
         return None
-    stored = await stored_version(rt, it, request_id, authorization) if it.id and not it.conditional else None
-    for candidate in (probe if resource is not None else None, stored):
-        if candidate is not None and not grants.in_own_compartment(candidate):
-            raise FhirError(403, "forbidden", f"this {where} is outside the caller's patient compartment", [where])
     if it.conditional:
-        raise FhirError(403, "forbidden", "patient-scoped callers cannot write by search (conditional)", [where])
+        raise FhirError(
+            403, "forbidden", "patient-scoped callers cannot write by search (conditional)", [it.resource_type or ""]
+        )
+    patient = grants.caller.patient  # type: ignore[union-attr]
+    stored = await stored_version(rt, it, request_id, authorization) if it.id else None
+    for candidate, state in ((stored, "stored"), (resource, "written")):
+        if candidate is not None:
+            check_compartment(candidate, patient, state)
     return stored
 
 
@@ -110,57 +122,75 @@ async def prepare_write(
     request_id: str,
     stored: dict | None = None,
 ) -> dict[str, str]:
-    """Check write rules, restore masked elements, validate and encrypt ``resource`` in place; returns the
-    headers to add upstream (an If-Match when the proxy merged masked elements from the stored version)."""
-    rp = rt.policy.resources.get(it.resource_type)
+    """Judge a write on the resource stored after it, restore what the caller may not change, validate
+    and encrypt ``resource`` in place; returns the headers to add upstream (an If-Match on the version
+    the write was judged against, so a concurrent writer gets a conflict, not a lost update).
+
+    Every route that writes a resource comes here: create, update, conditional update, the result of
+    a JSON Patch (``stored`` is then the version it was applied to) and each Bundle entry."""
+    policy = rt.policy
+    judged = restricted and it.resource_type in policy.resources
     extra: dict[str, str] = {}
-    try:  # written_groups and has_masked walk covered paths before validation: a wrong JSON type is a 400
-        if rp is not None:
-            if restricted:
-                stored = stored or await check_scope(
-                    rt, it, grants, "write", resource, request_id, request_headers.get("Authorization")
+    try:  # the judgement walks covered paths before validation: a wrong JSON type is a 400
+        masked = holds_masked(resource, policy)
+        confined = judged and _confined(it, grants, "write")
+        wanted = masked or confined or (judged and not _all_groups(policy) <= grants.write_groups)  # type: ignore[union-attr]
+        if wanted and stored is None:
+            if it.kind == "update" and not it.conditional and it.id:
+                stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+            elif masked and it.kind != "create":
+                raise FhirError(
+                    409,
+                    "conflict",
+                    "masked elements can only be written back by an update of the resource they were read from",
                 )
-                allowed = grants.write_groups  # type: ignore[union-attr]
-                written = written_groups(resource, rp).items()
-                denied = [(path, groups) for path, groups in written if not groups <= allowed]
-                if denied:
-                    path, groups = denied[0]
-                    where = f"{it.resource_type}.{path}"
-                    raise FhirError(
-                        403,
-                        "forbidden",
-                        f"{where}: this caller may not write the group(s) {', '.join(sorted(groups - allowed))}",
-                        [where],
-                    )
-            if has_masked(resource, rp):
-                if it.kind != "update" or it.conditional:
-                    raise FhirError(
-                        409,
-                        "conflict",
-                        "masked elements can only be written back by an update of the resource they were read from",
-                    )
-                if stored is None:
-                    stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
-                if stored is not None:
-                    await rt.prefetch_patient_keys(stored)
-                stored, version = _decrypted(rt, it, stored)
-                missing = merge_masked(resource, stored, rp)
-                if missing:
-                    where = [f"{it.resource_type}.{p}" for p in missing[:5]]
-                    raise FhirError(
-                        409, "conflict", f"{where[0]}: masked in the request but absent from the stored version", where
-                    )
-                if "If-Match" not in request_headers and version:
-                    extra["If-Match"] = f'W/"{version}"'  # a concurrent writer gets 412, not a lost update
+            elif it.conditional:
+                raise FhirError(
+                    403,
+                    "forbidden",
+                    "patient-scoped callers cannot write by search (conditional)"
+                    if confined
+                    else "callers that may not write every group cannot update by search (conditional): "
+                    "what they may not change could not be kept",
+                    [it.resource_type or ""],
+                )
+        if confined:
+            patient = grants.caller.patient  # type: ignore[union-attr]
+            for candidate, state in ((stored, "stored"), (resource, "written")):
+                if candidate is not None:
+                    check_compartment(candidate, patient, state)
+        readable = grants.for_resource(stored) if judged and stored is not None else frozenset()  # type: ignore[union-attr]
+        plain = await _decrypted(rt, it, copy.deepcopy(stored)) if stored is not None and wanted else None
+        if masked:
+            if plain is None:
+                raise FhirError(
+                    409,
+                    "conflict",
+                    "masked elements can only be written back by an update of the resource they were read from"
+                    if it.kind != "update"
+                    else f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from",
+                )
+            restore_masked(resource, plain, policy, it.resource_type or "?")
+        if judged:
+            access = WriteAccess(readable, grants.write_groups)  # type: ignore[union-attr]
+            judge_groups(resource, plain, policy, access, it.resource_type or "?")
+        version = (stored.get("meta") or {}).get("versionId") if plain is not None else None
+        if "If-Match" not in request_headers and isinstance(version, str):
+            extra["If-Match"] = f'W/"{version}"'
     except ShapeError as exc:
         raise shape_refusal(it.resource_type or "?", exc) from None
-    if rt.policy.external_attachments == "refuse":
+    if policy.external_attachments == "refuse":
         refuse_external(resource, rt.public_base)
     wrap_for = None
-    if rt.policy.per_patient_keys and rt.patient_keys is not None:
-        wrap_for = await rt.patient_keys.wraps_for_write(resource, rt.policy.resources)
-    encrypt_for_write(resource, rt.policy, rt.keyring, rt.settings.validate, wrap_for)
+    if policy.per_patient_keys and rt.patient_keys is not None:
+        wrap_for = await rt.patient_keys.wraps_for_write(resource, policy.resources)
+    encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for)
     return extra
+
+
+def _all_groups(policy) -> frozenset[str]:
+    """Every group an element of the policy belongs to: a caller writing all of them needs no stored version."""
+    return frozenset().union(*(el.groups for rp in policy.resources.values() for el in rp.content_elements))
 
 
 async def apply_patch(
@@ -176,17 +206,16 @@ async def apply_patch(
     """JSON Patch on a resource with encrypted elements: read, decrypt what the caller may see, apply the
     patch in the proxy, then write the result back as an update on the version read (If-Match), so a
     concurrent writer gets a conflict. Elements the caller sees masked stay masked for the patch (a
-    ``test`` on them fails) and keep their stored values."""
-    if restricted and grants is not None:
-        await check_scope(rt, it, grants, "write", None, request_id, request_headers.get("Authorization"))
-    stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+    ``test`` on them fails) and keep their stored values; the result is judged like a PUT of it."""
+    authorization = request_headers.get("Authorization")
+    stored = await check_scope(rt, it, grants, "write", None, request_id, authorization) if restricted else None
+    stored = stored or await stored_version(rt, it, request_id, authorization)
     if stored is None:
         raise FhirError(404, "not-found", f"{it.resource_type}/{it.id} does not exist")
     view = copy.deepcopy(stored)
     report = ReadReport()
-    rp = rt.policy.resources[it.resource_type]
     await rt.prefetch_patient_keys(view)
-    decrypt_resource(view, rp, rt.read_keys, grants_for(view) if grants_for else None, rt.policy.unenveloped, report)
+    decrypt_body(view, rt.policy, rt.read_keys, grants_for, report)  # contained resources too, by their grants
     _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(409, "conflict", f"{it.resource_type}/{it.id}: the stored version fails verification")
