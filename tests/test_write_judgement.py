@@ -15,18 +15,12 @@ import pytest
 from proxy.outcome import FhirError
 from proxy.policy.compiler import compile_text
 from proxy.transform.write_judgement import WriteAccess, check_compartment, judge_groups
+from tests import test_auth as auth
 from tests.conftest import FHIR_JSON, ROOT
-from tests.test_auth import (  # noqa: F401 (fixtures)
-    BPJS,
-    CONDITION,
-    NIK,
-    PATIENT,
-    bearer,
-    issuer,
-    jwt_proxy,
-    proxy,
-    stored,
-)
+from tests.test_auth import BPJS, CONDITION, NIK, PATIENT, bearer
+
+# the token issuer, the JWT proxy and the stored fixtures of the role matrix, shared with test_auth
+issuer, jwt_proxy, proxy, stored = auth.issuer, auth.jwt_proxy, auth.proxy, auth.stored
 
 JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 APP_A = {"scope": "patient/*.cruds", "patient": "pat-a"}
@@ -265,27 +259,28 @@ async def write_clinical_only(jwt_proxy, satusehat):
 
 
 async def test_groups_a_caller_reads_but_may_not_write_stay_as_stored(write_clinical_only, issuer, stored, truth):
-    proxy = write_clinical_only
+    restricted = write_clinical_only
     physician = bearer(issuer.token(**PHYSICIAN))
-    full = await (await proxy.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
+    full = await (await restricted.get("/fhir/R4/Patient/pat-a", headers=physician)).json()
     unchanged = {**full, "gender": "other"}
-    resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(unchanged), headers=FHIR_JSON | physician)
+    resp = await restricted.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(unchanged), headers=FHIR_JSON | physician)
     assert resp.status == 200, await resp.text()  # read-only groups sent back as read: allowed
     versions = len(_versions(stored, "Patient", "pat-a"))
     for what, sent, path in (
         ("changed", {**unchanged, "birthDate": "1990-01-01"}, "Patient.birthDate"),
         ("removed", {k: v for k, v in unchanged.items() if k != "name"}, "Patient.name[0]"),
     ):
-        resp = await proxy.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(sent), headers=FHIR_JSON | physician)
+        resp = await restricted.put("/fhir/R4/Patient/pat-a", data=orjson.dumps(sent), headers=FHIR_JSON | physician)
         await _refused(resp, 403, path)
         assert ("remove" if what == "removed" else "change") in (await resp.json())["issue"][0]["diagnostics"]
     assert len(_versions(stored, "Patient", "pat-a")) == versions
     after = await truth("Patient/pat-a")
     assert after["name"] == PATIENT["name"] and after["birthDate"] == PATIENT["birthDate"]
     # its own group is free: the diagnosis may be changed
-    condition = await (await proxy.get("/fhir/R4/Condition/cond-a", headers=physician)).json()
+    condition = await (await restricted.get("/fhir/R4/Condition/cond-a", headers=physician)).json()
     condition["code"] = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "D64.9"}]}
-    resp = await proxy.put("/fhir/R4/Condition/cond-a", data=orjson.dumps(condition), headers=FHIR_JSON | physician)
+    body = orjson.dumps(condition)
+    resp = await restricted.put("/fhir/R4/Condition/cond-a", data=body, headers=FHIR_JSON | physician)
     assert resp.status == 200, await resp.text()
     assert (await truth("Condition/cond-a"))["code"]["coding"][0]["code"] == "D64.9"
 
@@ -324,7 +319,7 @@ def test_check_compartment_names_the_offending_reference(satusehat):
 
 def test_judge_groups_puts_back_in_place_or_refuses(satusehat):
     billing = WriteAccess(readable=frozenset({"insurance"}), writable=frozenset({"insurance"}))
-    stored = {
+    before = {
         "resourceType": "Patient",
         "id": "p",
         "identifier": [{"system": NIK, "value": "1"}, {"system": BPJS, "value": "2"}],
@@ -332,16 +327,16 @@ def test_judge_groups_puts_back_in_place_or_refuses(satusehat):
         "birthDate": "2000-01-01",
     }
     result = {"resourceType": "Patient", "id": "p", "identifier": [{"system": NIK}, {"system": BPJS, "value": "3"}]}
-    judge_groups(result, stored, satusehat, billing, "Patient")
-    assert result["name"] == stored["name"] and result["birthDate"] == "2000-01-01"
+    judge_groups(result, before, satusehat, billing, "Patient")
+    assert result["name"] == before["name"] and result["birthDate"] == "2000-01-01"
     assert result["identifier"] == [{"system": NIK, "value": "1"}, {"system": BPJS, "value": "3"}]
     for sent, path in (
         ({"resourceType": "Patient", "identifier": [{"system": BPJS, "value": "3"}]}, "Patient.identifier[0].value"),
-        ({**stored, "name": [{"family": "B"}]}, "Patient.name[0]"),  # a changed (moved) name
-        ({**stored, "birthDate": "2000-01-02"}, "Patient.birthDate"),
+        ({**before, "name": [{"family": "B"}]}, "Patient.name[0]"),  # a changed (moved) name
+        ({**before, "birthDate": "2000-01-02"}, "Patient.birthDate"),
     ):
         with pytest.raises(FhirError) as refused:
-            judge_groups(sent, stored, satusehat, billing, "Patient")
+            judge_groups(sent, before, satusehat, billing, "Patient")
         assert refused.value.status == 403 and refused.value.issues[0].expression == [path]
         assert "2000" not in refused.value.issues[0].diagnostics
     with pytest.raises(FhirError):  # a create sets what it may not write
