@@ -341,3 +341,39 @@ def test_judge_groups_puts_back_in_place_or_refuses(satusehat):
         assert "2000" not in refused.value.issues[0].diagnostics
     with pytest.raises(FhirError):  # a create sets what it may not write
         judge_groups({"resourceType": "Patient", "birthDate": "2000-01-01"}, None, satusehat, billing, "Patient")
+
+
+# --------------------------------------------------------------------------- observation 9: stored queries
+
+
+async def test_stored_queries_hold_blind_index_tokens_never_covered_values(proxy, issuer, stored):
+    physician = bearer(issuer.token(**PHYSICIAN))
+    nik_query = f"Patient?identifier={NIK}|3174015507880001"
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "rujukan",
+        "criteria": nik_query,
+        "channel": {"type": "rest-hook", "endpoint": "https://hook.example/x"},
+    }
+    resp = await proxy.post("/fhir/R4/Subscription", data=orjson.dumps(subscription), headers=FHIR_JSON | physician)
+    assert resp.status == 201, await resp.text()
+    sid = (await resp.json())["id"]
+    saved = [
+        {"request": {"method": "GET", "url": nik_query}},
+        {"request": {"method": "POST", "url": "Patient", "ifNoneExist": f"identifier={NIK}|3174015507880001"}},
+    ]
+    bundle = {"resourceType": "Bundle", "type": "batch", "entry": saved}
+    resp = await proxy.post("/fhir/R4/Bundle", data=orjson.dumps(bundle), headers=FHIR_JSON | physician)
+    assert resp.status == 201, await resp.text()
+    ops = [{"op": "replace", "path": "/criteria", "value": f"Patient?identifier={NIK}|3578016001900004"}]
+    resp = await proxy.patch(f"/fhir/R4/Subscription/{sid}", data=orjson.dumps(ops), headers=JSON_PATCH | physician)
+    assert resp.status == 200, await resp.text()
+    at_rest = orjson.dumps([r for r in stored.dump() if r["resourceType"] in ("Subscription", "Bundle")]).decode()
+    assert "3174015507880001" not in at_rest and "3578016001900004" not in at_rest
+    assert at_rest.count("blind-index") >= 4  # criteria (both versions), the entry's url and its ifNoneExist
+    # a caller that may not search by NIK may not store a query by it either
+    billing = bearer(issuer.token(**BILLING))
+    resp = await proxy.post("/fhir/R4/Subscription", data=orjson.dumps(subscription), headers=FHIR_JSON | billing)
+    await _refused(resp, 403, "Subscription.criteria")
+    assert len(_versions(stored, "Subscription")) == 2

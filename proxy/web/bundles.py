@@ -17,8 +17,9 @@ from collections.abc import Mapping
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.transform.bodies import GrantsFor
-from proxy.transform.bundles import Entry, parse_bundle, rewrite_conditional_references, rewrite_request
+from proxy.transform.bundles import Entry, parse_bundle, rewrite_request
 from proxy.transform.search import Searcher
+from proxy.transform.search_urls import rewrite_search_urls
 from proxy.web.requests import PatchOps, check_target, patch_document
 from proxy.web.runtime import Runtime
 from proxy.web.writes import apply_patch, check_scope, prepare_write
@@ -56,10 +57,10 @@ async def prepare_bundle(
         if it.kind == "delete" and restricted and it.resource_type in rt.policy.resources:
             await check_scope(rt, it, grants, "delete", None, request_id, authorization)
         elif entry.method == "PATCH":
-            await _patch(rt, entry, grants_for, grants, restricted, headers, request_id)
+            await _patch(rt, entry, searcher, grants_for, grants, restricted, headers, request_id)
         elif entry.resource is not None:
             check_target(it, entry.resource, f"{entry.where}.resource")
-            rewrite_conditional_references(entry.resource, searcher, f"{entry.where}.resource")
+            rewrite_search_urls(entry.resource, searcher, f"{entry.where}.resource")
             extra = await prepare_write(rt, it, entry.resource, grants, restricted, headers, request_id)
             if "If-Match" in extra:
                 entry.entry["request"]["ifMatch"] = extra["If-Match"]
@@ -68,6 +69,7 @@ async def prepare_bundle(
 async def _patch(
     rt: Runtime,
     entry: Entry,
+    searcher: Searcher,
     grants_for: GrantsFor | None,
     grants: CallerGrants | None,
     restricted: bool,
@@ -90,7 +92,7 @@ async def _patch(
     except (binascii.Error, ValueError, TypeError):
         raise FhirError(400, "structure", f"{where}.data is not base64", [f"{where}.data"]) from None
     try:
-        prepared = patch_document(document, entry.interaction, rt.policy)
+        prepared = patch_document(document, entry.interaction, rt.policy, searcher)
     except FhirError as exc:
         raise exc.located(where) from None
     if not isinstance(prepared, PatchOps):
