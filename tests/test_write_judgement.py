@@ -377,3 +377,21 @@ async def test_stored_queries_hold_blind_index_tokens_never_covered_values(proxy
     resp = await proxy.post("/fhir/R4/Subscription", data=orjson.dumps(subscription), headers=FHIR_JSON | billing)
     await _refused(resp, 403, "Subscription.criteria")
     assert len(_versions(stored, "Subscription")) == 2
+
+
+async def test_resources_inside_a_stored_bundle_are_judged_like_creates(proxy, issuer, stored):
+    document = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"fullUrl": "urn:uuid:c1", "resource": {**CONDITION, "id": "c1"}}],
+    }
+    clerk = bearer(issuer.token(**CLERK))
+    resp = await proxy.post("/fhir/R4/Bundle", data=orjson.dumps(document), headers=FHIR_JSON | clerk)
+    await _refused(resp, 403, "Bundle.entry[0].resource.code")  # the clerk may not write a diagnosis
+    app_a = bearer(issuer.token(**APP_A))
+    resp = await proxy.post("/fhir/R4/Bundle", data=orjson.dumps(document), headers=FHIR_JSON | app_a)
+    await _refused(resp, 403, "outside the caller's patient compartment")  # a Bundle is in no compartment
+    assert _versions(stored, "Bundle") == []
+    physician = bearer(issuer.token(**PHYSICIAN))
+    resp = await proxy.post("/fhir/R4/Bundle", data=orjson.dumps(document), headers=FHIR_JSON | physician)
+    assert resp.status == 201, await resp.text()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jsonpatch
 import jsonpointer
@@ -14,7 +14,7 @@ from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.transform import jsonnum
 from proxy.transform.attachments import refuse_external
-from proxy.transform.bodies import decrypt_body, encrypt_for_write, shape_refusal, too_deep
+from proxy.transform.bodies import decrypt_body, encrypt_for_write, nested_resources, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.operations import resources_to_encrypt
 from proxy.transform.records import ReadReport, ShapeError
@@ -129,7 +129,7 @@ async def prepare_write(
     Every route that writes a resource comes here: create, update, conditional update, the result of
     a JSON Patch (``stored`` is then the version it was applied to) and each Bundle entry."""
     policy = rt.policy
-    judged = restricted and it.resource_type in policy.resources
+    judged = restricted and any(policy.resources.get(r.get("resourceType")) for r in _resources_in(resource))
     extra: dict[str, str] = {}
     try:  # the judgement walks covered paths before validation: a wrong JSON type is a 400
         masked = holds_masked(resource, policy)
@@ -186,6 +186,12 @@ async def prepare_write(
         wrap_for = await rt.patient_keys.wraps_for_write(resource, policy.resources)
     encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for)
     return extra
+
+
+def _resources_in(resource: dict) -> Iterator[dict]:
+    yield resource
+    for inner, _ in nested_resources(resource, ""):
+        yield inner
 
 
 def _all_groups(policy) -> frozenset[str]:
