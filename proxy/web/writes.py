@@ -1,4 +1,4 @@
-"""Creates and updates of resources with encrypted elements: write rules, masked write-back, encryption."""
+"""Creates, updates and patches: the stored version read, the write judged on what it stores, encryption."""
 
 from __future__ import annotations
 
@@ -122,63 +122,22 @@ async def prepare_write(
     request_id: str,
     stored: dict | None = None,
 ) -> dict[str, str]:
-    """Judge a write on the resource stored after it, restore what the caller may not change, validate
-    and encrypt ``resource`` in place; returns the headers to add upstream (an If-Match on the version
-    the write was judged against, so a concurrent writer gets a conflict, not a lost update).
+    """Judge a write on the resource stored after it, validate and encrypt ``resource`` in place; returns
+    the headers to add upstream (an If-Match on the version the write was judged against, so a
+    concurrent writer gets a conflict instead of a lost update).
 
     Every route that writes a resource comes here: create, update, conditional update, the result of
-    a JSON Patch (``stored`` is then the version it was applied to) and each Bundle entry."""
-    policy = rt.policy
-    judged = restricted and any(policy.resources.get(r.get("resourceType")) for r in _resources_in(resource))
-    extra: dict[str, str] = {}
+    a JSON Patch (``stored`` is then the version it was applied to), each Bundle entry and the
+    resources in an operation's body."""
     try:  # the judgement walks covered paths before validation: a wrong JSON type is a 400
-        masked = holds_masked(resource, policy)
-        confined = judged and _confined(it, grants, "write")
-        wanted = masked or confined or (judged and not _all_groups(policy) <= grants.write_groups)  # type: ignore[union-attr]
-        if wanted and stored is None:
-            if it.kind == "update" and not it.conditional and it.id:
-                stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
-            elif masked and it.kind != "create":
-                raise FhirError(
-                    409,
-                    "conflict",
-                    "masked elements can only be written back by an update of the resource they were read from",
-                )
-            elif it.conditional:
-                raise FhirError(
-                    403,
-                    "forbidden",
-                    "patient-scoped callers cannot write by search (conditional)"
-                    if confined
-                    else "callers that may not write every group cannot update by search (conditional): "
-                    "what they may not change could not be kept",
-                    [it.resource_type or ""],
-                )
-        if confined:
-            patient = grants.caller.patient  # type: ignore[union-attr]
-            for candidate, state in ((stored, "stored"), (resource, "written")):
-                if candidate is not None:
-                    check_compartment(candidate, patient, state)
-        readable = grants.for_resource(stored) if judged and stored is not None else frozenset()  # type: ignore[union-attr]
-        plain = await _decrypted(rt, it, copy.deepcopy(stored)) if stored is not None and wanted else None
-        if masked:
-            if plain is None:
-                raise FhirError(
-                    409,
-                    "conflict",
-                    "masked elements can only be written back by an update of the resource they were read from"
-                    if it.kind != "update"
-                    else f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from",
-                )
-            restore_masked(resource, plain, policy, it.resource_type or "?")
-        if judged:
-            access = WriteAccess(readable, grants.write_groups)  # type: ignore[union-attr]
-            judge_groups(resource, plain, policy, access, it.resource_type or "?")
-        version = (stored.get("meta") or {}).get("versionId") if plain is not None else None
-        if "If-Match" not in request_headers and isinstance(version, str):
-            extra["If-Match"] = f'W/"{version}"'
+        stored = await _judge(rt, it, resource, grants, restricted, request_headers, request_id, stored)
     except ShapeError as exc:
         raise shape_refusal(it.resource_type or "?", exc) from None
+    extra: dict[str, str] = {}
+    version = (stored.get("meta") or {}).get("versionId") if stored is not None else None
+    if "If-Match" not in request_headers and isinstance(version, str):
+        extra["If-Match"] = f'W/"{version}"'
+    policy = rt.policy
     if policy.external_attachments == "refuse":
         refuse_external(resource, rt.public_base)
     wrap_for = None
@@ -186,6 +145,58 @@ async def prepare_write(
         wrap_for = await rt.patient_keys.wraps_for_write(resource, policy.resources)
     encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for)
     return extra
+
+
+async def _judge(
+    rt,
+    it: Interaction,
+    resource: dict,
+    grants: CallerGrants | None,
+    restricted: bool,
+    request_headers: Mapping[str, str],
+    request_id: str,
+    stored: dict | None,
+) -> dict | None:
+    """Read what the judgement needs (the stored version), then apply the pure judgement
+    (``proxy.transform.write_judgement``); returns the stored version it was made against, if any."""
+    policy = rt.policy
+    masked = holds_masked(resource, policy)
+    if masked and (it.kind != "update" or it.conditional):
+        raise FhirError(
+            409, "conflict", "masked elements can only be written back by an update of the resource they were read from"
+        )
+    judged = restricted and any(policy.resources.get(r.get("resourceType")) for r in _resources_in(resource))
+    confined = judged and _confined(it, grants, "write")
+    partial = judged and not _all_groups(policy) <= grants.write_groups  # type: ignore[union-attr]
+    if (masked or confined or partial) and stored is None:
+        if it.conditional:
+            raise FhirError(
+                403,
+                "forbidden",
+                "patient-scoped callers cannot write by search (conditional)"
+                if confined
+                else "callers that may not write every group cannot update by search (conditional): "
+                "what they may not change could not be kept",
+                [it.resource_type or ""],
+            )
+        if it.kind == "update" and it.id:
+            stored = await stored_version(rt, it, request_id, request_headers.get("Authorization"))
+    if confined:
+        for candidate, state in ((stored, "stored"), (resource, "written")):
+            if candidate is not None:
+                check_compartment(candidate, grants.caller.patient, state)  # type: ignore[union-attr]
+    if not (masked or partial):
+        return stored
+    readable = grants.for_resource(stored) if judged and stored is not None else frozenset()  # type: ignore[union-attr]
+    plain = await _decrypted(rt, it, copy.deepcopy(stored)) if stored is not None else None
+    if masked:
+        if plain is None:
+            where = f"{it.resource_type}/{it.id}"
+            raise FhirError(409, "conflict", f"{where} has no stored version to restore its masked elements from")
+        restore_masked(resource, plain, policy, it.resource_type or "?")
+    if judged:
+        judge_groups(resource, plain, policy, WriteAccess(readable, grants.write_groups), it.resource_type or "?")  # type: ignore[union-attr]
+    return stored
 
 
 def _resources_in(resource: dict) -> Iterator[dict]:
@@ -233,12 +244,9 @@ async def apply_patch(
         raise FhirError(422, "processing", "the patch cannot be applied to this resource") from None
     if type(patched) is not dict or patched.get("resourceType") != it.resource_type or patched.get("id") != it.id:
         raise FhirError(422, "processing", "a patch may not change the resource type or id")
-    version = (stored.get("meta") or {}).get("versionId")
     update = dataclasses.replace(it, kind="update")
     extra = await prepare_write(rt, update, patched, grants, restricted, request_headers, request_id, stored)
-    if "If-Match" not in request_headers and isinstance(version, str):
-        extra["If-Match"] = f'W/"{version}"'
-    return patched, extra
+    return patched, extra  # If-Match: the version the patch was applied to
 
 
 async def prepare_operation(
