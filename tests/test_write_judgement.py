@@ -239,11 +239,23 @@ async def test_elements_in_contained_resources_are_kept_like_the_containers(prox
     after = await truth("MedicationRequest/mr-c")
     assert after["contained"] == [drug] and after["status"] == "on-hold"
     versions = len(_versions(stored, "MedicationRequest", "mr-c"))
-    dropped = {**sent, "contained": [], "medicationCodeableConcept": {"text": "x"}}
-    dropped.pop("medicationReference")
+    dropped = {**sent, "contained": [], "medicationReference": {"reference": "Medication/elsewhere"}}
     resp = await proxy.put("/fhir/R4/MedicationRequest/mr-c", data=orjson.dumps(dropped), headers=FHIR_JSON | billing)
-    assert resp.status == 403, await resp.text()
+    await _refused(resp, 403, "MedicationRequest.contained[0]: this caller may not remove")
     assert len(_versions(stored, "MedicationRequest", "mr-c")) == versions
+    assert (await truth("MedicationRequest/mr-c"))["contained"] == [drug]
+
+
+async def test_a_lab_value_left_out_by_billing_is_kept(proxy, issuer, stored, truth):
+    billing = bearer(issuer.token(**BILLING))
+    masked = await (await proxy.get("/fhir/R4/Observation/obs-a", headers=billing)).json()
+    sent = {k: v for k, v in masked.items() if k not in ("meta", "dataAbsentReason", "extension")}
+    sent["status"] = "amended"
+    resp = await proxy.put("/fhir/R4/Observation/obs-a", data=orjson.dumps(sent), headers=FHIR_JSON | billing)
+    assert resp.status == 200, await resp.text()
+    after = await truth("Observation/obs-a")
+    assert after["valueQuantity"] == {"value": 9.87, "unit": "g/dL"} and after["status"] == "amended"
+    assert "dataAbsentReason" not in after
 
 
 @pytest.fixture
