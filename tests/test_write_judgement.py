@@ -407,3 +407,20 @@ async def test_resources_inside_a_stored_bundle_are_judged_like_creates(proxy, i
     physician = bearer(issuer.token(**PHYSICIAN))
     resp = await proxy.post("/fhir/R4/Bundle", data=orjson.dumps(document), headers=FHIR_JSON | physician)
     assert resp.status == 201, await resp.text()
+
+
+async def test_writes_of_types_the_policy_does_not_cover_need_a_scope_and_the_compartment(proxy, issuer, stored):
+    subscription = {
+        "resourceType": "Subscription",
+        "status": "requested",
+        "reason": "hasil lab",
+        "criteria": "Observation?subject=Patient/pat-a",
+        "channel": {"type": "rest-hook", "endpoint": "https://hook.example/x"},
+    }
+    body = orjson.dumps(subscription)
+    reader = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    await _refused(await proxy.post("/fhir/R4/Subscription", data=body, headers=FHIR_JSON | reader), 403, "scope")
+    app_a = bearer(issuer.token(**APP_A))
+    resp = await proxy.post("/fhir/R4/Subscription", data=body, headers=FHIR_JSON | app_a)
+    await _refused(resp, 403, "outside the caller's patient compartment")
+    assert _versions(stored, "Subscription") == []

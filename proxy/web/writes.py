@@ -165,8 +165,8 @@ async def _judge(
         raise FhirError(
             409, "conflict", "masked elements can only be written back by an update of the resource they were read from"
         )
+    confined = restricted and _confined(it, grants, "write")  # scope and compartment: every type
     judged = restricted and any(policy.resources.get(r.get("resourceType")) for r in _resources_in(resource))
-    confined = judged and _confined(it, grants, "write")
     partial = judged and not _all_groups(policy) <= grants.write_groups  # type: ignore[union-attr]
     if (masked or confined or partial) and stored is None:
         if it.conditional:
