@@ -424,3 +424,27 @@ async def test_writes_of_types_the_policy_does_not_cover_need_a_scope_and_the_co
     resp = await proxy.post("/fhir/R4/Subscription", data=body, headers=FHIR_JSON | app_a)
     await _refused(resp, 403, "outside the caller's patient compartment")
     assert _versions(stored, "Subscription") == []
+
+
+def test_repeating_primitives_are_put_back_item_by_item():
+    from tests.conftest import unit_policy
+
+    policy = unit_policy()
+    blind = WriteAccess(readable=frozenset(), writable=frozenset({"identity"}))
+    before = {
+        "resourceType": "Patient",
+        "address": [{"line": ["Jl. Melati 1", "RT 02"], "city": "Bogor", "use": "home"}],
+    }
+    result = {"resourceType": "Patient", "address": [{"use": "work"}]}
+    judge_groups(result, before, policy, blind, "Patient")
+    assert result == {
+        "resourceType": "Patient",
+        "address": [{"use": "work", "line": ["Jl. Melati 1", "RT 02"], "city": "Bogor"}],
+    }
+    for sent, path in (
+        ({"resourceType": "Patient", "address": [{"line": ["Jl. Mawar 2"]}]}, "Patient.address[0].line[0]"),
+        ({"resourceType": "Patient"}, "Patient.address[0].line[0]"),  # the address entry itself is gone
+    ):
+        with pytest.raises(FhirError) as refused:
+            judge_groups(sent, before, policy, blind, "Patient")
+        assert refused.value.issues[0].expression == [path]
