@@ -180,8 +180,9 @@ def development() -> Decision:
 
 
 def key_holder() -> Decision:
-    """Every group, for the operator's own offline tools that hold the keyring (migration assessment,
-    re-encryption): no caller is involved and nothing leaves the operator's machine."""
+    """Every group, where the reader is the key holder itself, never a caller: the operator's offline
+    tools (migration assessment, re-encryption) and the proxy's own write merge (the stored version a
+    write is judged against and restored from; it is never returned to the caller)."""
     return Decision(None, True, None, None, None, _MADE_HERE)
 
 

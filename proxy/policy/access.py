@@ -130,15 +130,23 @@ class CallerGrants:
 
     def for_resource(self, resource: dict) -> frozenset[str]:
         """The groups decrypted in ``resource``: ``patient/`` grants only inside the own compartment."""
-        if not self.scopes_required or not self.groups:
-            return self.groups
+        return self._groups_in(resource, "read")
+
+    def write_groups_for(self, resource: dict) -> frozenset[str]:
+        """The groups the caller may write in ``resource``, by the same contexts as :meth:`for_resource`."""
+        return self._groups_in(resource, "write")
+
+    def _groups_in(self, resource: dict, access: str) -> frozenset[str]:
+        write = access == "write"
+        if not self.scopes_required:
+            return self.write_groups if write else self.groups
         rtype = resource.get("resourceType")
         if not isinstance(rtype, str):
             return frozenset()
-        contexts = set(self.contexts(rtype, "read"))
+        contexts = set(self.contexts(rtype, access))
         if "patient" in contexts and not self.in_own_compartment(resource):
             contexts.discard("patient")
-        return self.context_groups(contexts)
+        return self.context_groups(contexts, write)
 
     def has_scope(self, resource_type: str, access: str) -> bool:
         """A SMART scope allowing ``access`` (read, write, delete) on the type, in any context."""

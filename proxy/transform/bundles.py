@@ -4,9 +4,9 @@ An entry's ``request.url`` is a relative FHIR URL (``Patient``, ``Patient/123``,
 ``Patient?identifier=...``) and its ``ifNoneExist`` a query: both are classified and
 rewritten by the same rules as a top-level request (``guard.check_request``), so search
 values on encrypted elements become blind-index tokens and anything that cannot be
-handled is refused before the Bundle leaves the proxy. Conditional references inside
-resources (``"reference": "Patient?identifier=..."``, resolved by the server in a
-transaction) carry search values too and are rewritten the same way.
+handled is refused before the Bundle leaves the proxy. Search URLs inside the entries'
+resources (conditional references, stored queries) are rewritten by
+``proxy.transform.search_urls``.
 
 This module is pure: entries that need the stored resource (masked write-back, PATCH,
 patient-scoped writes) are completed by ``proxy.web.bundles``.
@@ -18,7 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from proxy.outcome import FhirError
-from proxy.policy.definitions import resource_types
 from proxy.policy.operations import OperationRule
 from proxy.transform import guard
 from proxy.transform.interactions import Interaction, classify
@@ -121,27 +120,3 @@ def rewrite_request(
     if forwarding.if_none_exist is not None:
         request["ifNoneExist"] = forwarding.if_none_exist
     return forwarding
-
-
-def rewrite_conditional_references(resource: dict, searcher: Searcher, where: str) -> None:
-    """``Reference.reference`` values that are searches (``Patient?identifier=...``) carry search values:
-    rewrite them like a search on their type, so the server resolves them against blind indexes."""
-    stack: list[tuple[object, str]] = [(resource, where)]
-    while stack:
-        item, at = stack.pop()
-        if type(item) is dict:
-            for key, value in item.items():
-                if key == "reference" and type(value) is str and "?" in value:
-                    item[key] = _rewrite_reference(value, searcher, f"{at}.reference")
-                elif type(value) in (dict, list):
-                    stack.append((value, f"{at}.{key}"))
-        elif type(item) is list:
-            stack.extend((value, f"{at}[{i}]") for i, value in enumerate(item))
-
-
-def _rewrite_reference(reference: str, searcher: Searcher, where: str) -> str:
-    rtype, _, query = reference.partition("?")
-    if rtype not in resource_types():
-        raise FhirError(400, "invalid", f"{where}: a conditional reference must start with a resource type", [where])
-    params = guard.check_search(rtype, guard.parse_query(query), searcher, where)
-    return f"{rtype}?{guard.encode_query(params)}"

@@ -149,21 +149,3 @@ def merge_masked(incoming: dict, stored_plain: dict, rp: ResourcePolicy) -> list
         merge.element(incoming, stored_plain, el)
     drop_masked_label(incoming)
     return merge.missing
-
-
-def written_groups(resource: dict, rp: ResourcePolicy) -> dict[str, frozenset[str]]:
-    """The covered elements a write sets (not masked), by path, with their groups - for write rules."""
-    out: dict[str, frozenset[str]] = {}
-    for el in rp.content_elements:
-        for parent, path in _parents(resource, el.nav, strict=True):
-            names = [n for n, _ in el.choices] if el.choices else [el.terminal.key]
-            for name in names:
-                value, under = parent.get(name), parent.get("_" + name)
-                if value is None and (under is None or _masked(under)):
-                    continue
-                if _masked(value, el.keep) or (
-                    type(value) is list and all(v is None or _masked(v, el.keep) for v in value)
-                ):
-                    continue
-                out[_join(path, name)] = el.groups
-    return out

@@ -270,7 +270,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                     rt,
                     it,
                     prepared.ops,
-                    decision.groups,
+                    decision,
                     exchange.grants,
                     rt.verifier is not None,
                     request.headers,

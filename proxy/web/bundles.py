@@ -18,9 +18,9 @@ from dataclasses import replace
 from proxy.auth.decision import Decision, decide
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
-from proxy.transform.bodies import GrantsFor
-from proxy.transform.bundles import Entry, parse_bundle, rewrite_conditional_references, rewrite_request
+from proxy.transform.bundles import Entry, parse_bundle, rewrite_request
 from proxy.transform.search import Searcher
+from proxy.transform.search_urls import rewrite_search_urls
 from proxy.web.requests import PatchOps, check_target, patch_document
 from proxy.web.runtime import Runtime
 from proxy.web.writes import apply_patch, check_scope, prepare_write
@@ -51,12 +51,8 @@ async def prepare_bundle(
                 entry_decision = decide(grants, it)
             except FhirError as exc:
                 raise exc.located(f"{entry.where}.request") from None
-        rewrite_request(
-            entry,
-            replace(searcher, searchable=entry_decision.searchable),
-            rt.policy.operations,
-            entry_decision.constraint,
-        )
+        entry_searcher = replace(searcher, searchable=entry_decision.searchable)
+        rewrite_request(entry, entry_searcher, rt.policy.operations, entry_decision.constraint)
         headers = {"Authorization": authorization} if authorization else {}
         if_match = entry.entry["request"].get("ifMatch")
         if type(if_match) is str:
@@ -72,10 +68,10 @@ async def prepare_bundle(
         if it.kind == "delete" and restricted and it.resource_type in rt.policy.resources:
             await check_scope(rt, it, grants, "delete", None, request_id, authorization)
         elif entry.method == "PATCH":
-            await _patch(rt, entry, entry_decision.groups, grants, restricted, headers, request_id)
+            await _patch(rt, entry, entry_searcher, entry_decision, grants, restricted, headers, request_id)
         elif entry.resource is not None:
             check_target(it, entry.resource, f"{entry.where}.resource")
-            rewrite_conditional_references(entry.resource, searcher, f"{entry.where}.resource")
+            rewrite_search_urls(entry.resource, entry_searcher, f"{entry.where}.resource")
             extra = await prepare_write(rt, it, entry.resource, grants, restricted, headers, request_id)
             if "If-Match" in extra:
                 entry.entry["request"]["ifMatch"] = extra["If-Match"]
@@ -94,7 +90,8 @@ def deleted_by(bundle: dict) -> list[str]:
 async def _patch(
     rt: Runtime,
     entry: Entry,
-    grants_for: GrantsFor | None,
+    searcher: Searcher,
+    decision: Decision,
     grants: CallerGrants | None,
     restricted: bool,
     headers: dict[str, str],
@@ -116,13 +113,13 @@ async def _patch(
     except (binascii.Error, ValueError, TypeError):
         raise FhirError(400, "structure", f"{where}.data is not base64", [f"{where}.data"]) from None
     try:
-        prepared = patch_document(document, entry.interaction, rt.policy)
+        prepared = patch_document(document, entry.interaction, rt.policy, searcher)
     except FhirError as exc:
         raise exc.located(where) from None
     if not isinstance(prepared, PatchOps):
         return  # no encrypted type involved: the server applies it
     it = entry.interaction
-    patched, extra = await apply_patch(rt, it, prepared.ops, grants_for, grants, restricted, headers, request_id)
+    patched, extra = await apply_patch(rt, it, prepared.ops, decision, grants, restricted, headers, request_id)
     request = entry.entry["request"]
     request["method"], request["url"] = "PUT", f"{it.resource_type}/{it.id}"
     if "If-Match" in extra:

@@ -11,10 +11,10 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import guard, jsonnum
 from proxy.transform.bodies import MAX_DEPTH, too_deep
-from proxy.transform.bundles import rewrite_conditional_references
 from proxy.transform.interactions import Interaction
 from proxy.transform.markers import mentions_reserved
 from proxy.transform.search import Searcher
+from proxy.transform.search_urls import rewrite_search_urls
 from proxy.web import headers as hdr
 from proxy.web.binaries import FHIR_XML, binary_resource
 from proxy.web.runtime import Runtime
@@ -66,7 +66,7 @@ def prepare_body(
                 "not-supported",
                 "PATCH needs JSON Patch (application/json-patch+json); FHIRPath Patch is not supported",
             )
-        return patch_document(body, it, rt.policy)
+        return patch_document(body, it, rt.policy, searcher)
     raw = ctype and ctype not in hdr.JSON_TYPES and ctype not in FHIR_XML
     if raw and it.resource_type == "Binary" and it.kind in ("create", "update"):
         return binary_resource(it, ctype, body)  # a raw upload: wrapped, then encrypted like any Binary
@@ -78,7 +78,7 @@ def prepare_body(
     _refuse_reserved(resource)
     if it.kind in ("create", "update"):
         check_target(it, resource, "the body")
-        rewrite_conditional_references(resource, searcher, it.resource_type or "")
+        rewrite_search_urls(resource, searcher, it.resource_type or "")
     return resource
 
 
@@ -93,11 +93,14 @@ def check_target(it: Interaction, resource: dict, where: str) -> None:
         raise FhirError(400, "invalid", f"{where}: the id must match the id in the URL", [f"{rtype}.id"])
 
 
-def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy) -> bytes | PatchOps:
+def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy, searcher: Searcher) -> bytes | PatchOps:
     """A JSON Patch: executed by the proxy on encrypted types, otherwise forwarded once it is known not to
-    carry a resource of an encrypted type."""
+    carry a resource of an encrypted type. Search URLs in its values are rewritten like searches."""
     patch = parse_json(body, "the patch document", list)
     _refuse_reserved(patch)
+    for i, op in enumerate(patch):
+        if type(op) is dict:
+            rewrite_search_urls(op, searcher, f"the patch document[{i}]")
     if it.resource_type in policy.resources:
         return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
     _refuse_covered_mentions(patch, policy)
