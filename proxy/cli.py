@@ -18,12 +18,13 @@ from pathlib import Path
 from proxy import __version__
 from proxy.crypto.kek import KeyringError, generate_kek
 from proxy.crypto.keyring import (
-    Keyring,
     backup_keyring,
+    create_keyring,
     load_keyring,
+    refuse_existing,
     restore_keyring,
     rewrap_keyring,
-    save_keyring,
+    update_keyring,
 )
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args
@@ -223,18 +224,12 @@ def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
-        if Path(args.keyring).exists():
-            print(
-                f"error: {args.keyring} exists; refusing to overwrite a keyring (key loss is data loss)",
-                file=sys.stderr,
-            )
-            return 2
+        refuse_existing(args.keyring)  # before a KEK file is made for nothing; checked again under the lock
         if args.generate_kek:
             _generate_kek_into(args)
         provider = provider_from_args(args)
         provider.check()
-        keyring = Keyring.generate()
-        save_keyring(args.keyring, keyring, provider)
+        keyring = create_keyring(args.keyring, provider)
         print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
         return 0
     if args.keys_command == "rewrap":
@@ -248,6 +243,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         keyring = restore_keyring(args.source, provider, args.keyring)
         print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
         return 0
+    if args.keys_command == "rotate":
+        keyring, kid = update_keyring(args.keyring, provider, lambda ring: ring.rotate())
+        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
+        return 0
     keyring = load_keyring(args.keyring, provider)
     if args.keys_command == "retire":
         from proxy.migrate.commands import every_type, retire
@@ -257,13 +256,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return asyncio.run(
             retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
         )
-    if args.keys_command == "rotate":
-        kid = keyring.rotate()
-        save_keyring(args.keyring, keyring, provider)
-        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
-    else:
-        for kid in keyring.key_ids:
-            print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
+    for kid in keyring.key_ids:
+        print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
     return 0
 
 
