@@ -21,6 +21,7 @@ from proxy.crypto.keyring import (
     backup_keyring,
     create_keyring,
     load_keyring,
+    make_folder,
     refuse_existing,
     restore_keyring,
     rewrap_keyring,
@@ -29,6 +30,7 @@ from proxy.crypto.keyring import (
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args
 from proxy.keystore.base import StoreError
+from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
@@ -217,7 +219,7 @@ def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
     attr = prefix.replace("-", "_")
     if getattr(args, attr + "key_provider") != "local":
         raise ValueError(f"--generate-kek goes with --{prefix}key-provider local")
-    Path(args.generate_kek).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(args.generate_kek).parent)
     _write_secret(args.generate_kek, generate_kek())
     setattr(args, attr + "kek_file", args.generate_kek)
 
@@ -415,7 +417,10 @@ def main(argv: list[str] | None = None) -> None:
             from proxy.demo import run_demo
 
             code = run_demo(keep_running=args.keep_running)
-    except (PolicyError, KeyringError, StoreError, FileExistsError, ValueError) as exc:
+    except (PolicyError, KeyringError, StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:  # permissions, missing folders, a full disk, a directory where a file goes
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         code = 2
     sys.exit(code)

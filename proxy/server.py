@@ -25,9 +25,10 @@ import sys
 from proxy import gctune
 from proxy.crypto.keycache import KeyCache
 from proxy.keyflags import provider_from_settings, settings_bounds
+from proxy.oserrors import os_error_line
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.policy.loader import PolicyError
-from proxy.settings import Settings
+from proxy.settings import OPTIONS, Settings
 
 log = logging.getLogger("fhircrypt")
 
@@ -46,7 +47,21 @@ def check_startup(settings: Settings) -> str | None:
         )
     if settings.workers < 1:
         return "--workers must be at least 1"
-    return check_files(settings)
+    return check_files(settings) or _unreadable(settings)
+
+
+def _unreadable(settings: Settings) -> str | None:
+    """The first file option that cannot be opened, named with the reason (the TLS library's own
+    errors name no path, and a missing file found later would end in a traceback)."""
+    for opt in OPTIONS:
+        value = getattr(settings, opt.name, None) if opt.path else None
+        if value:
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                return f"{opt.flag}: {os_error_line(exc)}"
+    return None
 
 
 def load_keys(settings: Settings) -> KeyCache:

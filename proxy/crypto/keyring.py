@@ -30,6 +30,7 @@ silently overwriting the other (a key a running proxy may already have written r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import hmac
@@ -266,7 +267,7 @@ def keyring_lock(path: str | Path, timeout: float = LOCK_TIMEOUT) -> Iterator[No
     ``timeout`` seconds. The lock is released when the process ends, however it ends."""
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
@@ -315,11 +316,22 @@ def update_keyring(
     return keyring, result
 
 
+def make_folder(folder: Path) -> None:
+    """Create a missing folder (and its parents). A file in its place is reported as what it is
+    ('Not a directory'), not as mkdir's misleading 'File exists'."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def _write_atomic(path: Path, doc: dict) -> None:
     """Write atomically (temp file + rename) with mode 0600, so a crash never leaves half a keyring."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     data = json.dumps(doc, indent=2).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    except OSError as exc:  # name the file being written, not the random temporary name
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
