@@ -28,7 +28,7 @@ from proxy.crypto.keyring import (
     update_keyring,
 )
 from proxy.envsecrets import read_secret
-from proxy.keyflags import add_provider_args, provider_from_args
+from proxy.keyflags import add_provider_args, provider_from_args, url_arg
 from proxy.keystore.base import StoreError
 from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
@@ -69,7 +69,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def _upstream_args(p: argparse.ArgumentParser) -> None:
     """The direct connection of the operator tools to the upstream (its token only from the environment)."""
-    p.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
+    p.add_argument("--upstream", default=_env("upstream"), type=url_arg, help="FHIR base URL of the upstream server")
     p.add_argument("--upstream-ca", default=_env("upstream_ca"), help="CA bundle for an https upstream")
     p.add_argument("--workers", type=int, default=8, help="concurrent requests")
     p.add_argument("--rate", type=float, help="at most this many requests per second to the upstream")
