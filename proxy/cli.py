@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -221,7 +223,26 @@ def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
         raise ValueError(f"--generate-kek goes with --{prefix}key-provider local")
     make_folder(Path(args.generate_kek).parent)
     _write_secret(args.generate_kek, generate_kek())
+    _warn_if_in_git(Path(args.generate_kek))
     setattr(args, attr + "kek_file", args.generate_kek)
+
+
+def _warn_if_in_git(path: Path) -> None:
+    """A KEK inside a git work tree is one ``git add .`` from a commit: say so (the file is already written)."""
+    path = path.resolve()
+    tree = next((folder for folder in path.parents if (folder / ".git").exists()), None)
+    if tree is None:
+        return
+    git = shutil.which("git")
+    ignored = (
+        git is not None and subprocess.run([git, "-C", str(tree), "check-ignore", "-q", str(path)]).returncode == 0
+    )
+    print(
+        f"warning: the key-encryption key {path} is inside the git work tree {tree}"
+        + ("" if ignored else " and git does not ignore it")
+        + "; keep it outside any repository (or in a secret store)",
+        file=sys.stderr,
+    )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
