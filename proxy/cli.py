@@ -36,7 +36,7 @@ from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
-from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, parse_bool, resolve
+from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, missing_required, parse_bool, resolve
 
 log = logging.getLogger("fhircrypt")
 
@@ -84,10 +84,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     for opt in OPTIONS:
         if opt.secret:
             continue
+        # default=None tells a flag given from one left out (the model resolves env, file, default); the help
+        # shows the default and the environment variable, as ArgumentDefaultsHelpFormatter cannot here
+        shown = "required; " if opt.required else "" if opt.default is None else f"default {opt.default}; "
+        help_text = f"{opt.help} [{shown}env {opt.env}]".replace("%", "%%")
         if opt.parse is parse_bool:
-            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=opt.help)
+            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=help_text)
 
 
 def _resolve(args: argparse.Namespace) -> Resolved:
@@ -365,6 +369,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"# configuration file: {resolved.config_file or '(none)'}; precedence: flag > env > file > default")
     for name, value, source in rows:
         print(f"{name.ljust(width)}  {value or '-'}  [{source}]")
+    missing = missing_required(resolved.settings())
+    if missing:  # what serve would refuse to start without
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     return 0
 
 

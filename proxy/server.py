@@ -28,7 +28,7 @@ from proxy.keyflags import provider_from_settings, settings_bounds
 from proxy.oserrors import os_error_line
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.policy.loader import PolicyError
-from proxy.settings import OPTIONS, Settings
+from proxy.settings import OPTIONS, Settings, missing_required
 
 log = logging.getLogger("fhircrypt")
 
@@ -37,9 +37,9 @@ def check_startup(settings: Settings) -> str | None:
     """What makes this configuration unusable, in words (for exit code 2), or None."""
     from proxy.web.tls import check_files
 
-    for name in ("upstream", "policy"):
-        if not getattr(settings, name):
-            return f"--{name} (or FHIRCRYPT_{name.upper()}, or '{name}' in the config file) is required"
+    missing = missing_required(settings)
+    if missing:
+        return missing
     if settings.auth == "jwt" and (not settings.audience or not (settings.oidc_issuer or settings.jwks_url)):
         return (
             "--auth jwt needs --audience and --oidc-issuer or --jwks-url (--auth none is a development "

@@ -144,6 +144,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     path: bool = False  # a file path: relative paths in the config file are relative to the file
     secret: bool = False  # never a flag or an inline file value: env, env _FILE, or the file's <name>_file key
+    required: bool = False  # serve refuses to start without it
 
     @property
     def flag(self) -> str:
@@ -155,8 +156,8 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", "FHIR base URL of the upstream server", parse=http_url),
-    Option("policy", "policy file (YAML)", path=True),
+    Option("upstream", "FHIR base URL of the upstream server", parse=http_url, required=True),
+    Option("policy", "policy file (YAML)", path=True, required=True),
     Option("listen", "HOST:PORT to listen on", "127.0.0.1:8080", _listen),
     Option(
         "public_base_url",
@@ -381,6 +382,15 @@ def _resolve_secret(opt: Option, environ: Mapping[str, str], data: dict, config_
         path = path if path.is_absolute() or base is None else base / path
         return Value(_read_secret(str(path), f"{config_file}: {file_key}"), f"file {config_file} ({file_key})")
     return Value(None, "default")
+
+
+def missing_required(settings: Settings) -> str | None:
+    """'upstream and policy are required (…)' for the required options that are not set, or None."""
+    missing = [o for o in OPTIONS if o.required and not getattr(settings, o.name)]
+    if not missing:
+        return None
+    where = "; ".join(f"{o.flag}, {o.env} or '{o.name}' in the config file" for o in missing)
+    return f"{' and '.join(o.name for o in missing)} {'is' if len(missing) == 1 else 'are'} required ({where})"
 
 
 def kek_source(resolved: Resolved, environ: Mapping[str, str]) -> str:

@@ -70,7 +70,7 @@ def test_config_show_prints_sources_and_redacts_secrets(tmp_path):
     config = tmp_path / "c.yaml"
     secret = tmp_path / "token"
     secret.write_text("tok-9f8e7d6c5b4a\n")
-    config.write_text(f"upstream: https://fhir.example/R4\naudit_fhir_token_file: {secret}\n")
+    config.write_text(f"upstream: https://fhir.example/R4\npolicy: policy.yaml\naudit_fhir_token_file: {secret}\n")
     kek = "a" * 64
     out = run_cli(
         "config",
@@ -136,3 +136,26 @@ def test_serve_and_the_operator_tools_refuse_an_upstream_without_a_scheme():
         assert out.returncode == 2 and "argument --upstream: use an absolute http:// or https:// URL" in out.stderr
     vault = run_cli("keys", "list", "--key-provider", "vault", "--vault-addr", "vault:8200")
     assert vault.returncode == 2 and "argument --vault-addr: use an absolute" in vault.stderr
+
+
+def test_config_show_with_nothing_set_names_the_required_options_and_exits_2():
+    out = run_cli("config", "show", env={"FHIRCRYPT_UPSTREAM": "", "FHIRCRYPT_POLICY": "", "FHIRCRYPT_CONFIG": ""})
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: upstream and policy are required (--upstream, FHIRCRYPT_UPSTREAM or")
+    assert out.stdout.splitlines()[1].split() == ["upstream", "-", "[default]"]  # the table is still shown
+    only_policy = run_cli("config", "show", "--upstream", "https://fhir.example/R4")
+    assert only_policy.returncode == 2 and "error: policy is required" in only_policy.stderr
+
+
+def test_serve_help_shows_each_default_and_environment_variable():
+    out = run_cli("serve", "--help")
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert out.returncode == 0
+    for fragment in (
+        "--upstream UPSTREAM FHIR base URL of the upstream server [required; env FHIRCRYPT_UPSTREAM]",
+        "[default 127.0.0.1:8080; env FHIRCRYPT_LISTEN]",
+        "[default 25.0; env FHIRCRYPT_SHUTDOWN_TIMEOUT]",
+        "[default jwt; env FHIRCRYPT_AUTH]",
+        "[default True; env FHIRCRYPT_VALIDATE]",
+    ):
+        assert fragment in text, fragment

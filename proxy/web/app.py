@@ -415,6 +415,7 @@ def ops_app(app: web.Application) -> web.Application:
     """Probes and metrics on their own plain-HTTP port (``ops_listen``): kubelets and Prometheus need no
     client certificate, and FHIR clients cannot read operational data off the FHIR port."""
     ops = web.Application()
+    ops.on_response_prepare.append(hdr.name_the_server)
     ops[RUNTIME], ops[READINESS] = app[RUNTIME], app[READINESS]
     _add_probes(ops, app[RUNTIME].settings.metrics)
     return ops
@@ -441,6 +442,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
     app = web.Application(client_max_size=settings.max_body)
+    app.on_response_prepare.append(hdr.name_the_server)
     app[RUNTIME] = rt
     app[READINESS] = Readiness()
     if settings.auth == "jwt":
