@@ -131,10 +131,13 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
 async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
     from aiohttp import web
 
+    from proxy.web.drain import drain, grace
     from proxy.web.httperrors import FhirErrorsRunner
     from proxy.web.readiness import READINESS
 
-    runner = FhirErrorsRunner(app, access_log=None, handle_signals=False)
+    # aiohttp's shutdown_timeout is only the backstop for connections left after our own drain
+    margin = grace(settings.shutdown_timeout)
+    runner = FhirErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=margin)
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -142,17 +145,16 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         settings.port,
         ssl_context=tls.listener if tls else None,
         reuse_port=reuse_port or None,
-        shutdown_timeout=settings.shutdown_timeout,
     )
     await site.start()
     runners = [runner]
     if settings.ops_port is not None:
         from proxy.web.app import ops_app
 
-        ops = FhirErrorsRunner(ops_app(app), access_log=None, handle_signals=False)
+        ops = FhirErrorsRunner(ops_app(app), access_log=None, handle_signals=False, shutdown_timeout=margin)
         await ops.setup()
         await web.TCPSite(ops, settings.ops_host, settings.ops_port, reuse_port=reuse_port or None).start()
-        runners.append(ops)  # after the FHIR listener: /readyz says 'draining' while requests finish
+        runners.append(ops)  # closed after the drain: /readyz says 'draining' while requests finish
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -165,7 +167,16 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         "draining: no new connections, waiting for requests in flight",
         extra={"event": "draining", "deadline_s": settings.shutdown_timeout},
     )
-    for each in runners:  # close the listener, wait up to shutdown_timeout for requests, close the rest
+    # One deadline in total (the orchestrator's grace period is sized on it): close the listener and
+    # every connection after its current request, wait until the deadline less a margin, cut what is
+    # left, then close the (idle) connections
+    for each in runner.sites:
+        await each.stop()
+    runner.server.pre_shutdown()
+    cut = await drain(app, settings.shutdown_timeout - margin, margin / 2)
+    if cut:
+        log.warning("requests cut at the drain deadline", extra={"event": "requests-cut", "count": cut})
+    for each in runners:
         await each.cleanup()
     log.info("stopped", extra={"event": "stopped"})
 

@@ -36,7 +36,7 @@ from proxy.transform.bodies import GrantsFor, decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.search import Searcher
-from proxy.web import bulk, metrics
+from proxy.web import bulk, drain, metrics
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, references_in
@@ -52,6 +52,7 @@ from proxy.web.upstream import read_limited, upstream_call, upstream_resource
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
+CUT = 0  # the status logged, counted and audited ('no HTTP outcome') for a request cut before its answer
 CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
 
 
@@ -309,6 +310,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return response
     except bulk.StreamAborted:
         status = 502
+        raise
+    except asyncio.CancelledError:  # cut (the drain deadline): no answer was sent, so no HTTP status
+        status = CUT
         raise  # the response has started: aiohttp cuts the connection, so the client never sees a clean end
     except FhirError as err:
         status = err.status
@@ -347,7 +351,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             )
         _measure(rt, it, status, exchange, time.perf_counter() - started)
         log.info(
-            "request",
+            "request cut before its answer" if status == CUT else "request",
             extra={
                 "event": "request",
                 "request_id": request_id,
@@ -355,6 +359,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 "interaction": it.label() if it else None,
                 "resource_type": it.resource_type if it else None,
                 "status": status,
+                **({"cut": "no answer was sent"} if status == CUT else {}),
                 "ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
@@ -441,8 +446,9 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), lambda: rt.keyring, cache)
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
-    app = web.Application(client_max_size=settings.max_body)
+    app = web.Application(client_max_size=settings.max_body, middlewares=[drain.track])
     app.on_response_prepare.append(hdr.name_the_server)
+    app[drain.IN_FLIGHT] = set()
     app[RUNTIME] = rt
     app[READINESS] = Readiness()
     if settings.auth == "jwt":

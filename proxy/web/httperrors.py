@@ -73,6 +73,9 @@ class _Handlers:
         handler.__class__ = _FhirErrorsHandler
         return handler
 
+    def __getattr__(self, name: str) -> Any:  # the rest is the server's own (pre_shutdown, connections, ...)
+        return getattr(self._server, name)
+
 
 class FhirErrorsRunner(web.AppRunner):
     """``web.AppRunner`` whose sites answer unparseable requests with an OperationOutcome."""
