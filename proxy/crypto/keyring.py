@@ -262,13 +262,18 @@ def save_keyring(path: str | Path, keyring: Keyring, provider: KeyProvider) -> N
 
 
 @contextlib.contextmanager
-def keyring_lock(path: str | Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def keyring_lock(path: str | Path, timeout: float = LOCK_TIMEOUT, new: bool = False) -> Iterator[None]:
     """Hold the exclusive writer lock of the keyring at ``path`` (``<path>.lock``), waiting at most
-    ``timeout`` seconds. The lock is released when the process ends, however it ends."""
+    ``timeout`` seconds. The lock is released when the process ends, however it ends. ``new``: the
+    file may be created, so a missing folder is made (a typo in a path to change makes none)."""
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
-    make_folder(path.parent)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    if new:
+        make_folder(path.parent)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise KeyringError(f"keyring {path}: the folder {path.parent} does not exist") from None
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -294,7 +299,7 @@ def refuse_existing(path: str | Path) -> None:
 
 def create_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
     """A new keyring at ``path``; never replaces one (key loss is data loss), even one created meanwhile."""
-    with keyring_lock(path):
+    with keyring_lock(path, new=True):
         refuse_existing(path)
         keyring = Keyring.generate()
         save_keyring(path, keyring, provider)
@@ -353,7 +358,7 @@ def rewrap_keyring(
     The new file is written only after it has been read back through ``target`` and found to
     hold exactly the same keys, and then atomically (to ``out``, default in place).
     """
-    with keyring_lock(out or path):
+    with keyring_lock(out or path, new=out is not None):
         keyring = load_keyring(path, source)
         doc = keyring.to_document(target)
         if not keyring.same_keys(Keyring.from_document(doc, target)):
@@ -371,7 +376,7 @@ def backup_keyring(path: str | Path, provider: KeyProvider, out: str | Path) -> 
     provider.check()
     doc = _read_document(path)  # read once: the copy is the keyring that was verified
     keyring = Keyring.from_document(doc, provider)
-    with keyring_lock(out):
+    with keyring_lock(out, new=True):
         if Path(out).exists():
             raise KeyringError(f"{out} exists; refusing to overwrite a backup")
         _write_atomic(Path(out), doc)
@@ -386,7 +391,7 @@ def restore_keyring(backup: str | Path, provider: KeyProvider, path: str | Path)
     provider.check()
     doc = _read_document(backup)  # read once: what is put in place is the backup that was verified
     restored = Keyring.from_document(doc, provider)
-    with keyring_lock(path):  # the keyring in place is judged as it is now, not before a concurrent rotation
+    with keyring_lock(path, new=True):  # the keyring in place is judged as it is now, not before a concurrent rotation
         if Path(path).exists():
             try:
                 current = load_keyring(path, provider)
