@@ -310,10 +310,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return response
     except bulk.StreamAborted:
         status = 502
-        raise
+        raise  # the response has started: aiohttp cuts the connection, so the client never sees a clean end
     except asyncio.CancelledError:  # cut (the drain deadline): no answer was sent, so no HTTP status
         status = CUT
-        raise  # the response has started: aiohttp cuts the connection, so the client never sees a clean end
+        raise
     except FhirError as err:
         status = err.status
         if err.status >= 400:
