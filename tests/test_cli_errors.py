@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.test_cli_tls import run_cli
 
 UPSTREAM = "http://127.0.0.1:9/fhir/R4"
@@ -136,3 +138,27 @@ def test_an_os_error_is_one_line_naming_the_path_with_exit_code_2(folders, where
     lines = [line for line in out.stderr.splitlines() if not line.startswith("{")]  # serve's JSON log lines
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert str(bad[where]) in lines[0] and "Traceback" not in out.stderr
+
+
+def test_a_full_disk_is_one_line_naming_the_keyring(folders, tmp_path):
+    """A 64 KiB file system of the test's own, filled up: in a user and mount namespace, so no privilege
+    is needed and nothing is left mounted when the command ends."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("user namespaces are not available: no small file system to fill")
+    good, env, _ = folders
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs "{disk}" && cp "{good}/ring.json" "{disk}/" && '
+        f'{{ head -c 1048576 /dev/zero > "{disk}/filler" 2>/dev/null; true; }} && '
+        f'"{sys.executable}" -m proxy keys rotate --keyring "{disk}/ring.json"'
+    )
+    out = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (out.returncode, out.stderr) == (2, f"error: {disk}/ring.json: No space left on device\n")

@@ -335,8 +335,8 @@ def _write_atomic(path: Path, doc: dict) -> None:
     data = json.dumps(doc, indent=2).encode() + b"\n"
     try:
         fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
-    except OSError as exc:  # name the file being written, not the random temporary name
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -344,10 +344,18 @@ def _write_atomic(path: Path, doc: dict) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error about the file being written: not the random temporary name, nor none (a full
+    disk fails a write, which names no file)."""
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def rewrap_keyring(
