@@ -12,26 +12,31 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 from proxy import __version__
 from proxy.crypto.kek import KeyringError, generate_kek
 from proxy.crypto.keyring import (
-    Keyring,
     backup_keyring,
+    create_keyring,
     load_keyring,
+    make_folder,
+    refuse_existing,
     restore_keyring,
     rewrap_keyring,
-    save_keyring,
+    update_keyring,
 )
 from proxy.envsecrets import read_secret
-from proxy.keyflags import add_provider_args, provider_from_args
+from proxy.keyflags import add_provider_args, provider_from_args, url_arg
 from proxy.keystore.base import StoreError
+from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
-from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, parse_bool, resolve
+from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, missing_required, parse_bool, resolve
 
 log = logging.getLogger("fhircrypt")
 
@@ -66,7 +71,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def _upstream_args(p: argparse.ArgumentParser) -> None:
     """The direct connection of the operator tools to the upstream (its token only from the environment)."""
-    p.add_argument("--upstream", default=_env("upstream"), help="FHIR base URL of the upstream server")
+    p.add_argument("--upstream", default=_env("upstream"), type=url_arg, help="FHIR base URL of the upstream server")
     p.add_argument("--upstream-ca", default=_env("upstream_ca"), help="CA bundle for an https upstream")
     p.add_argument("--workers", type=int, default=8, help="concurrent requests")
     p.add_argument("--rate", type=float, help="at most this many requests per second to the upstream")
@@ -79,10 +84,14 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     for opt in OPTIONS:
         if opt.secret:
             continue
+        # default=None tells a flag given from one left out (the model resolves env, file, default); the help
+        # shows the default and the environment variable, as ArgumentDefaultsHelpFormatter cannot here
+        shown = "required; " if opt.required else "" if opt.default is None else f"default {opt.default}; "
+        help_text = f"{opt.help} [{shown}env {opt.env}]".replace("%", "%%")
         if opt.parse is parse_bool:
-            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=opt.help)
+            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=opt.help)
+            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=help_text)
 
 
 def _resolve(args: argparse.Namespace) -> Resolved:
@@ -216,25 +225,38 @@ def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
     attr = prefix.replace("-", "_")
     if getattr(args, attr + "key_provider") != "local":
         raise ValueError(f"--generate-kek goes with --{prefix}key-provider local")
-    Path(args.generate_kek).parent.mkdir(parents=True, exist_ok=True)
+    make_folder(Path(args.generate_kek).parent)
     _write_secret(args.generate_kek, generate_kek())
+    _warn_if_in_git(Path(args.generate_kek))
     setattr(args, attr + "kek_file", args.generate_kek)
+
+
+def _warn_if_in_git(path: Path) -> None:
+    """A KEK inside a git work tree is one ``git add .`` from a commit: say so (the file is already written)."""
+    path = path.resolve()
+    tree = next((folder for folder in path.parents if (folder / ".git").exists()), None)
+    if tree is None:
+        return
+    git = shutil.which("git")
+    ignored = (
+        git is not None and subprocess.run([git, "-C", str(tree), "check-ignore", "-q", str(path)]).returncode == 0
+    )
+    print(
+        f"warning: the key-encryption key {path} is inside the git work tree {tree}"
+        + ("" if ignored else " and git does not ignore it")
+        + "; keep it outside any repository (or in a secret store)",
+        file=sys.stderr,
+    )
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command == "init":
-        if Path(args.keyring).exists():
-            print(
-                f"error: {args.keyring} exists; refusing to overwrite a keyring (key loss is data loss)",
-                file=sys.stderr,
-            )
-            return 2
+        refuse_existing(args.keyring)  # before a KEK file is made for nothing; checked again under the lock
         if args.generate_kek:
             _generate_kek_into(args)
         provider = provider_from_args(args)
         provider.check()
-        keyring = Keyring.generate()
-        save_keyring(args.keyring, keyring, provider)
+        keyring = create_keyring(args.keyring, provider)
         print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
         return 0
     if args.keys_command == "rewrap":
@@ -248,6 +270,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
         keyring = restore_keyring(args.source, provider, args.keyring)
         print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
         return 0
+    if args.keys_command == "rotate":
+        keyring, kid = update_keyring(args.keyring, provider, lambda ring: ring.rotate())
+        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
+        return 0
     keyring = load_keyring(args.keyring, provider)
     if args.keys_command == "retire":
         from proxy.migrate.commands import every_type, retire
@@ -257,13 +283,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return asyncio.run(
             retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
         )
-    if args.keys_command == "rotate":
-        kid = keyring.rotate()
-        save_keyring(args.keyring, keyring, provider)
-        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
-    else:
-        for kid in keyring.key_ids:
-            print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
+    for kid in keyring.key_ids:
+        print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
     return 0
 
 
@@ -348,6 +369,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(f"# configuration file: {resolved.config_file or '(none)'}; precedence: flag > env > file > default")
     for name, value, source in rows:
         print(f"{name.ljust(width)}  {value or '-'}  [{source}]")
+    missing = missing_required(resolved.settings())
+    if missing:  # what serve would refuse to start without
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -421,7 +446,10 @@ def main(argv: list[str] | None = None) -> None:
             from proxy.demo import run_demo
 
             code = run_demo(keep_running=args.keep_running)
-    except (PolicyError, KeyringError, StoreError, FileExistsError, ValueError) as exc:
+    except (PolicyError, KeyringError, StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except OSError as exc:  # permissions, missing folders, a full disk, a directory where a file goes
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         code = 2
     sys.exit(code)

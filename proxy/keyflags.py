@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from proxy.crypto.keycache import CacheBounds
 from proxy.crypto.providers import SETTINGS, KeyProvider, build_provider
+from proxy.settings import http_url
 
 # flag (without --) -> (provider type, setting)
 _FLAGS: dict[str, tuple[str, str]] = {
@@ -39,6 +40,17 @@ _HELP = {
 }
 
 
+_URL_FLAGS = frozenset({"aws-kms-endpoint", "vault-addr"})
+
+
+def url_arg(value: str) -> str:
+    """argparse type for a URL flag: the check of :func:`proxy.settings.http_url`, as a usage error (exit 2)."""
+    try:
+        return http_url(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _env_name(flag: str) -> str:
     return "FHIRCRYPT_" + flag.upper().replace("-", "_")
 
@@ -52,7 +64,12 @@ def add_provider_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         help="where the key-encryption key lives (default local)",
     )
     for flag in _FLAGS:
-        p.add_argument(f"--{prefix}{flag}", default=os.environ.get(_env_name(prefix + flag)), help=_HELP.get(flag))
+        p.add_argument(
+            f"--{prefix}{flag}",
+            default=os.environ.get(_env_name(prefix + flag)),
+            type=url_arg if flag in _URL_FLAGS else None,
+            help=_HELP.get(flag),
+        )
 
 
 def provider_config(args: argparse.Namespace, prefix: str = "") -> dict[str, object]:

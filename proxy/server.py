@@ -25,9 +25,10 @@ import sys
 from proxy import gctune
 from proxy.crypto.keycache import KeyCache
 from proxy.keyflags import provider_from_settings, settings_bounds
+from proxy.oserrors import os_error_line
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.policy.loader import PolicyError
-from proxy.settings import Settings
+from proxy.settings import OPTIONS, Settings, missing_required
 
 log = logging.getLogger("fhircrypt")
 
@@ -36,9 +37,9 @@ def check_startup(settings: Settings) -> str | None:
     """What makes this configuration unusable, in words (for exit code 2), or None."""
     from proxy.web.tls import check_files
 
-    for name in ("upstream", "policy"):
-        if not getattr(settings, name):
-            return f"--{name} (or FHIRCRYPT_{name.upper()}, or '{name}' in the config file) is required"
+    missing = missing_required(settings)
+    if missing:
+        return missing
     if settings.auth == "jwt" and (not settings.audience or not (settings.oidc_issuer or settings.jwks_url)):
         return (
             "--auth jwt needs --audience and --oidc-issuer or --jwks-url (--auth none is a development "
@@ -46,7 +47,21 @@ def check_startup(settings: Settings) -> str | None:
         )
     if settings.workers < 1:
         return "--workers must be at least 1"
-    return check_files(settings)
+    return check_files(settings) or _unreadable(settings)
+
+
+def _unreadable(settings: Settings) -> str | None:
+    """The first file option that cannot be opened, named with the reason (the TLS library's own
+    errors name no path, and a missing file found later would end in a traceback)."""
+    for opt in OPTIONS:
+        value = getattr(settings, opt.name, None) if opt.path else None
+        if value:
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                return f"{opt.flag}: {os_error_line(exc)}"
+    return None
 
 
 def load_keys(settings: Settings) -> KeyCache:
@@ -116,10 +131,13 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
 async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
     from aiohttp import web
 
+    from proxy.web.drain import drain, grace
     from proxy.web.httperrors import FhirErrorsRunner
     from proxy.web.readiness import READINESS
 
-    runner = FhirErrorsRunner(app, access_log=None, handle_signals=False)
+    # aiohttp's shutdown_timeout is only the backstop for connections left after our own drain
+    margin = grace(settings.shutdown_timeout)
+    runner = FhirErrorsRunner(app, access_log=None, handle_signals=False, shutdown_timeout=margin)
     await runner.setup()
     site = web.TCPSite(
         runner,
@@ -127,17 +145,16 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         settings.port,
         ssl_context=tls.listener if tls else None,
         reuse_port=reuse_port or None,
-        shutdown_timeout=settings.shutdown_timeout,
     )
     await site.start()
     runners = [runner]
     if settings.ops_port is not None:
         from proxy.web.app import ops_app
 
-        ops = FhirErrorsRunner(ops_app(app), access_log=None, handle_signals=False)
+        ops = FhirErrorsRunner(ops_app(app), access_log=None, handle_signals=False, shutdown_timeout=margin)
         await ops.setup()
         await web.TCPSite(ops, settings.ops_host, settings.ops_port, reuse_port=reuse_port or None).start()
-        runners.append(ops)  # after the FHIR listener: /readyz says 'draining' while requests finish
+        runners.append(ops)  # closed after the drain: /readyz says 'draining' while requests finish
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,7 +167,16 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
         "draining: no new connections, waiting for requests in flight",
         extra={"event": "draining", "deadline_s": settings.shutdown_timeout},
     )
-    for each in runners:  # close the listener, wait up to shutdown_timeout for requests, close the rest
+    # One deadline in total (the orchestrator's grace period is sized on it): close the listener and
+    # every connection after its current request, wait until the deadline less a margin, cut what is
+    # left, then close the (idle) connections
+    for each in runner.sites:
+        await each.stop()
+    runner.server.pre_shutdown()
+    cut = await drain(app, settings.shutdown_timeout - margin, margin / 2)
+    if cut:
+        log.warning("requests cut at the drain deadline", extra={"event": "requests-cut", "count": cut})
+    for each in runners:
         await each.cleanup()
     log.info("stopped", extra={"event": "stopped"})
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -101,6 +102,26 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def http_url(value: Any) -> str:
+    """An absolute http(s) URL with a host and a port in range: checked at start-up, so a URL
+    without a scheme fails with the option named instead of answering 500 on every request."""
+    text = str(value).strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("use an absolute http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not belong in a URL (they end up in logs); use the _FILE settings")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the URL's port must be a number from 1 to 65535")
+    return text
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -123,6 +144,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     path: bool = False  # a file path: relative paths in the config file are relative to the file
     secret: bool = False  # never a flag or an inline file value: env, env _FILE, or the file's <name>_file key
+    required: bool = False  # serve refuses to start without it
 
     @property
     def flag(self) -> str:
@@ -134,10 +156,14 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("upstream", "FHIR base URL of the upstream server"),
-    Option("policy", "policy file (YAML)", path=True),
+    Option("upstream", "FHIR base URL of the upstream server", parse=http_url, required=True),
+    Option("policy", "policy file (YAML)", path=True, required=True),
     Option("listen", "HOST:PORT to listen on", "127.0.0.1:8080", _listen),
-    Option("public_base_url", "the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)"),
+    Option(
+        "public_base_url",
+        "the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)",
+        parse=http_url,
+    ),
     Option("workers", "worker processes sharing the port (SO_REUSEPORT)", 1, int),
     Option("shutdown_timeout", "seconds SIGTERM waits for in-flight requests", 25.0, float),
     Option("keyring", "keyring file", ".fhircrypt/keyring.json", path=True),
@@ -154,8 +180,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pkcs11_key_label", "pkcs11: label of the AES key on the token"),
     Option("aws_kms_key_id", "aws-kms: key id, ARN or alias/NAME"),
     Option("aws_kms_region", "aws-kms: region"),
-    Option("aws_kms_endpoint", "aws-kms: endpoint URL (VPC endpoint, tests)"),
-    Option("vault_addr", "vault: Vault address, e.g. https://vault:8200"),
+    Option("aws_kms_endpoint", "aws-kms: endpoint URL (VPC endpoint, tests)", parse=http_url),
+    Option("vault_addr", "vault: Vault address, e.g. https://vault:8200", parse=http_url),
     Option("vault_mount", "vault: Transit mount point (default transit)"),
     Option("vault_key", "vault: Transit key name"),
     Option("vault_namespace", "vault: namespace (Vault Enterprise)"),
@@ -195,16 +221,16 @@ OPTIONS: tuple[Option, ...] = (
         "jwt",
         choices=("jwt", "none"),
     ),
-    Option("oidc_issuer", "OpenID provider (discovery)"),
-    Option("jwks_url", "JWKS URL (instead of discovery)"),
+    Option("oidc_issuer", "OpenID provider (discovery)", parse=http_url),
+    Option("jwks_url", "JWKS URL (instead of discovery)", parse=http_url),
     Option("audience", "the aud claim tokens must carry"),
     Option("token_issuer", "the iss claim (default: discovered)"),
     Option("clock_skew", "seconds of clock skew allowed on token times", 60.0, float),
-    Option("introspection_url", "RFC 7662 endpoint for opaque tokens"),
+    Option("introspection_url", "RFC 7662 endpoint for opaque tokens", parse=http_url),
     Option("introspection_client_id", "client id for introspection", "fhircrypt"),
     Option("introspection_secret", "client secret for introspection", secret=True),
     Option("audit_trail", "audit trail (from fhircrypt audit init)", path=True),
-    Option("audit_fhir", "also POST every AuditEvent to this FHIR base"),
+    Option("audit_fhir", "also POST every AuditEvent to this FHIR base", parse=http_url),
     Option("audit_fhir_token", "bearer token for audit_fhir", secret=True),
     Option(
         "audit_mode",
@@ -356,6 +382,15 @@ def _resolve_secret(opt: Option, environ: Mapping[str, str], data: dict, config_
         path = path if path.is_absolute() or base is None else base / path
         return Value(_read_secret(str(path), f"{config_file}: {file_key}"), f"file {config_file} ({file_key})")
     return Value(None, "default")
+
+
+def missing_required(settings: Settings) -> str | None:
+    """'upstream and policy are required (…)' for the required options that are not set, or None."""
+    missing = [o for o in OPTIONS if o.required and not getattr(settings, o.name)]
+    if not missing:
+        return None
+    where = "; ".join(f"{o.flag}, {o.env} or '{o.name}' in the config file" for o in missing)
+    return f"{' and '.join(o.name for o in missing)} {'is' if len(missing) == 1 else 'are'} required ({where})"
 
 
 def kek_source(resolved: Resolved, environ: Mapping[str, str]) -> str:

@@ -179,3 +179,22 @@ def test_audit_init_and_verify_commands(tmp_path):
     trail.write_text("\n".join([lines[0], lines[2]]) + "\n")
     broken = run_cli("audit", "verify", str(trail), "--key-file", str(key))
     assert broken.returncode == 1 and "BROKEN at record 1" in broken.stdout
+
+
+def test_keys_init_warns_when_it_writes_the_kek_inside_a_git_work_tree(tmp_path):
+    repo, outside = tmp_path / "repo", tmp_path / "elsewhere"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    inside = run_cli("keys", "init", "--keyring", str(repo / "ring.json"), "--generate-kek", str(repo / "kek.txt"))
+    assert inside.returncode == 0, inside.stderr
+    assert f"inside the git work tree {repo} and git does not ignore it" in inside.stderr
+    (repo / ".gitignore").write_text("kek*.txt\n")
+    ignored = run_cli("keys", "init", "--keyring", str(repo / "r2.json"), "--generate-kek", str(repo / "kek2.txt"))
+    assert ignored.returncode == 0 and "warning:" in ignored.stderr and "does not ignore" not in ignored.stderr
+    quiet = run_cli("keys", "init", "--keyring", str(outside / "ring.json"), "--generate-kek", str(outside / "kek.txt"))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_files_the_readme_commands_write_are_ignored_by_git():
+    written = ["kek.txt", "keyring.json", "keyring.json.lock", "audit-k0.key", "audit.jsonl", "audit.jsonl.state"]
+    out = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == written

@@ -70,7 +70,7 @@ def test_config_show_prints_sources_and_redacts_secrets(tmp_path):
     config = tmp_path / "c.yaml"
     secret = tmp_path / "token"
     secret.write_text("tok-9f8e7d6c5b4a\n")
-    config.write_text(f"upstream: https://fhir.example/R4\naudit_fhir_token_file: {secret}\n")
+    config.write_text(f"upstream: https://fhir.example/R4\npolicy: policy.yaml\naudit_fhir_token_file: {secret}\n")
     kek = "a" * 64
     out = run_cli(
         "config",
@@ -92,3 +92,70 @@ def test_config_show_prints_sources_and_redacts_secrets(tmp_path):
     for value in (kek, "tok-9f8e7d6c5b4a", "p4ss-w0rd"):
         assert value not in out.stdout + out.stderr
     assert set(rows) == {o.name for o in OPTIONS} | {"kek"}
+
+
+URL_OPTIONS = (
+    "upstream",
+    "public_base_url",
+    "oidc_issuer",
+    "jwks_url",
+    "introspection_url",
+    "audit_fhir",
+    "aws_kms_endpoint",
+    "vault_addr",
+)
+
+
+@pytest.mark.parametrize("name", URL_OPTIONS)
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("127.0.0.1:8103/fhir/R4", "absolute http:// or https:// URL"),
+        ("ftp://files.example/fhir", "absolute http:// or https:// URL"),
+        ("http:///fhir/R4", "no host"),
+        ("http://fhir.example:99999/R4", "port must be a number from 1 to 65535"),
+        ("http://fhir.example:http/R4", "port must be a number from 1 to 65535"),
+        ("https://user:s3cret@fhir.example/R4", "credentials do not belong in a URL"),
+    ],
+)
+def test_every_url_option_is_checked_at_start_up_and_named(name, url, message):
+    env = "FHIRCRYPT_" + name.upper()
+    with pytest.raises(ConfigError, match=f"^{name} \\(env {env}\\): .*{message}") as err:
+        resolve({}, {env: url})
+    assert "s3cret" not in str(err.value)
+    assert resolve({}, {env: "https://fhir.example:8443/R4"})[name] == "https://fhir.example:8443/R4"
+
+
+def test_serve_and_the_operator_tools_refuse_an_upstream_without_a_scheme():
+    served = run_cli("serve", "--upstream", "127.0.0.1:8103/fhir/R4", "--policy", "policies/satusehat.yaml")
+    assert served.returncode == 2 and served.stderr.strip() == (
+        "error: upstream (flag --upstream): use an absolute http:// or https:// URL"
+    )
+    for command in (["keys", "retire", "k1"], ["reencrypt", "--policy", "policies/satusehat.yaml"]):
+        out = run_cli(*command, "--upstream", "127.0.0.1:8103/fhir/R4")
+        assert out.returncode == 2 and "argument --upstream: use an absolute http:// or https:// URL" in out.stderr
+    vault = run_cli("keys", "list", "--key-provider", "vault", "--vault-addr", "vault:8200")
+    assert vault.returncode == 2 and "argument --vault-addr: use an absolute" in vault.stderr
+
+
+def test_config_show_with_nothing_set_names_the_required_options_and_exits_2():
+    out = run_cli("config", "show", env={"FHIRCRYPT_UPSTREAM": "", "FHIRCRYPT_POLICY": "", "FHIRCRYPT_CONFIG": ""})
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: upstream and policy are required (--upstream, FHIRCRYPT_UPSTREAM or")
+    assert out.stdout.splitlines()[1].split() == ["upstream", "-", "[default]"]  # the table is still shown
+    only_policy = run_cli("config", "show", "--upstream", "https://fhir.example/R4")
+    assert only_policy.returncode == 2 and "error: policy is required" in only_policy.stderr
+
+
+def test_serve_help_shows_each_default_and_environment_variable():
+    out = run_cli("serve", "--help")
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert out.returncode == 0
+    for fragment in (
+        "--upstream UPSTREAM FHIR base URL of the upstream server [required; env FHIRCRYPT_UPSTREAM]",
+        "[default 127.0.0.1:8080; env FHIRCRYPT_LISTEN]",
+        "[default 25.0; env FHIRCRYPT_SHUTDOWN_TIMEOUT]",
+        "[default jwt; env FHIRCRYPT_AUTH]",
+        "[default True; env FHIRCRYPT_VALIDATE]",
+    ):
+        assert fragment in text, fragment

@@ -8,7 +8,8 @@ import socket
 
 import pytest
 
-from tests.conftest import ROOT
+from proxy.web.app import create_app, ops_app
+from tests.conftest import ROOT, make_settings, unit_policy
 from tests.serving import Served, make_keyring
 
 NIK = "3175042903870007"
@@ -68,3 +69,44 @@ def test_a_well_formed_request_still_reaches_the_handler(served):
     assert status == 502  # the handler ran: it tried the (unreachable) upstream and said so as FHIR
     assert json.loads(body)["resourceType"] == "OperationOutcome"
     assert headers["x-request-id"]
+
+
+def _get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
+    return _exchange(port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+
+def test_every_answer_names_the_server_without_versions(served):
+    answers = {
+        "unparseable": _exchange(served.port, MALFORMED["space in the query"]),
+        "upstream down": _get(served.port, "/fhir/R4/Patient/x"),
+        "not a route": _get(served.port, "/nowhere"),
+        "liveness": _get(served.port, "/healthz"),
+        "readiness": _get(served.port, "/readyz"),
+    }
+    assert {name: status for name, (status, _, _) in answers.items()} == {
+        "unparseable": 400,
+        "upstream down": 502,
+        "not a route": 404,
+        "liveness": 200,
+        "readiness": 503,
+    }
+    assert {name: headers.get("server") for name, (_, headers, _) in answers.items()} == dict.fromkeys(
+        answers, "fhircrypt"
+    )
+
+
+async def test_the_ops_listener_names_the_server_too(aiohttp_client, keyring):
+    app = create_app(make_settings("http://127.0.0.1:9/fhir/R4"), unit_policy(), keyring)
+    client = await aiohttp_client(ops_app(app))
+    for path in ("/healthz", "/metrics", "/nowhere"):
+        resp = await client.get(path)
+        assert resp.headers["Server"] == "fhircrypt", path
+
+
+def test_an_unreachable_upstream_is_logged_with_its_host_and_error_class_only(served):
+    status, _, _ = _get(served.port, "/fhir/R4/Patient?_id=q7secret")
+    assert status == 502
+    event = served.wait_for("upstream-unreachable")[-1]
+    assert event["upstream"] == "127.0.0.1:9"
+    assert event["error"] == "ClientConnectorError (ConnectionRefusedError)"
+    assert "q7secret" not in json.dumps(event) and "/fhir" not in json.dumps(event)

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import ssl
+import time
 
 import orjson
 import pytest
@@ -89,8 +90,10 @@ def _refused(port: int) -> bool:
 async def slow_upstream(aiohttp_server):
     """A FHIR endpoint that holds each request until the test releases it: a request in flight on demand."""
     arrived, release = asyncio.Event(), asyncio.Event()
+    held: list[web.Request] = []  # the requests the upstream holds now
 
     async def organization(request):
+        held.append(request)
         arrived.set()
         await release.wait()
         return web.json_response({"resourceType": "Organization", "id": "o1"}, content_type="application/fhir+json")
@@ -98,11 +101,11 @@ async def slow_upstream(aiohttp_server):
     app = web.Application()
     app.router.add_get("/fhir/R4/Organization/o1", organization)
     server = await aiohttp_server(app)
-    return str(server.make_url("/fhir/R4")), arrived, release
+    return str(server.make_url("/fhir/R4")), arrived, release, held
 
 
 async def test_sigterm_drains_requests_in_flight_and_refuses_new_connections(start, slow_upstream):
-    base, arrived, release = slow_upstream
+    base, arrived, release, _ = slow_upstream
     served = start("--shutdown-timeout", "60", FHIRCRYPT_UPSTREAM=base)
     await asyncio.to_thread(served.wait_for, "listening")
     pending = asyncio.create_task(asyncio.to_thread(served.get, "/fhir/R4/Organization/o1"))
@@ -117,17 +120,28 @@ async def test_sigterm_drains_requests_in_flight_and_refuses_new_connections(sta
     await asyncio.to_thread(served.wait_for, "stopped")
 
 
-async def test_the_drain_deadline_closes_what_has_not_finished(start, slow_upstream):
-    base, arrived, release = slow_upstream
-    served = start("--shutdown-timeout", "1", FHIRCRYPT_UPSTREAM=base)
-    await asyncio.to_thread(served.wait_for, "listening")
-    pending = asyncio.create_task(asyncio.to_thread(served.get, "/fhir/R4/Organization/o1"))
-    await arrived.wait()
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_drain_deadline_is_one_shutdown_timeout_in_total_and_cut_requests_are_logged_as_cut(
+    start, slow_upstream, workers
+):
+    base, _, release, held = slow_upstream
+    served = start("--shutdown-timeout", "3", "--workers", str(workers), FHIRCRYPT_UPSTREAM=base)
+    await asyncio.to_thread(served.wait_for, "listening", workers)
+    pending = [asyncio.create_task(asyncio.to_thread(served.get, "/fhir/R4/Organization/o1")) for _ in range(2)]
+    while len(held) < 2:  # both are waiting for the upstream's answer
+        await asyncio.sleep(0.01)
+    sent = time.monotonic()
     served.signal(signal.SIGTERM)
     assert await asyncio.to_thread(served.proc.wait, 60) == 0  # it did not wait for the upstream
-    with pytest.raises(OSError):  # the connection was closed without an answer
-        await pending
+    took = time.monotonic() - sent
+    assert 2.0 <= took <= 3.0, f"exited {took:.2f} s after SIGTERM with --shutdown-timeout 3"
+    for each in pending:
+        with pytest.raises(OSError):  # the connection was closed without an answer
+            await each
     release.set()
+    requests = [e for e in served.events() if e.get("event") == "request"]
+    assert [(e["status"], e.get("cut")) for e in requests] == [(0, "no answer was sent")] * 2
+    assert sum(e["count"] for e in served.events() if e.get("event") == "requests-cut") == 2
 
 
 def test_sighup_reloads_the_policy_and_rejects_one_that_does_not_compile(start, clean_upstream, tmp_path):

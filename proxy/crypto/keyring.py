@@ -20,19 +20,29 @@ Each key is wrapped with the context ``{"fhircrypt-keyring": id, "fhircrypt-key"
 providers bind to the ciphertext. ``id`` was added without a format change: older
 keyrings have none and get one on their next write (old readers ignore it; the MAC
 covers it); the ``local`` provider ignores the context, so such keyrings still load.
+
+Every change of a keyring file (create, rotate, retire, rewrap, restore) happens under an
+exclusive lock across processes (``flock`` on ``<keyring>.lock`` beside it) and re-reads the
+file under the lock: two rotations at once then add two distinct keys instead of one
+silently overwriting the other (a key a running proxy may already have written records under).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -44,6 +54,8 @@ from proxy.crypto.urlsign import UrlSigner
 
 FORMAT = "fhircrypt-keyring/1"
 KEY_ID = re.compile(r"^k[1-9][0-9]{0,5}$")
+LOCK_TIMEOUT = 30.0  # seconds a keyring change waits for another one (a change takes well under a second)
+T = TypeVar("T")
 
 
 class KeyUsageExhausted(KeyringError):
@@ -232,24 +244,99 @@ def _now() -> str:
 def load_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
     """Read, check the provider (clear errors such as a wrong PIN first), unwrap and verify."""
     provider.check()
+    return Keyring.from_document(_read_document(path), provider)
+
+
+def _read_document(path: str | Path) -> dict:
     try:
-        doc = json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text())
     except OSError as exc:
         raise KeyringError(f"cannot read keyring {path}: {exc.strerror}") from None
     except json.JSONDecodeError:
         raise KeyringError(f"keyring {path} is not JSON") from None
-    return Keyring.from_document(doc, provider)
 
 
 def save_keyring(path: str | Path, keyring: Keyring, provider: KeyProvider) -> None:
+    """Write a keyring nobody else changes (tests, the demo); commands use the locked functions below."""
     _write_atomic(Path(path), keyring.to_document(provider))
+
+
+@contextlib.contextmanager
+def keyring_lock(path: str | Path, timeout: float = LOCK_TIMEOUT, new: bool = False) -> Iterator[None]:
+    """Hold the exclusive writer lock of the keyring at ``path`` (``<path>.lock``), waiting at most
+    ``timeout`` seconds. The lock is released when the process ends, however it ends. ``new``: the
+    file may be created, so a missing folder is made (a typo in a path to change makes none)."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    if new:
+        make_folder(path.parent)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        raise KeyringError(f"keyring {path}: the folder {path.parent} does not exist") from None
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise KeyringError(
+                        f"keyring {path} is being changed by another process ({lock} still held after "
+                        f"{timeout:g} s); nothing was changed, try again"
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def refuse_existing(path: str | Path) -> None:
+    if Path(path).exists():
+        raise KeyringError(f"{path} exists; refusing to overwrite a keyring (key loss is data loss)")
+
+
+def create_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
+    """A new keyring at ``path``; never replaces one (key loss is data loss), even one created meanwhile."""
+    with keyring_lock(path, new=True):
+        refuse_existing(path)
+        keyring = Keyring.generate()
+        save_keyring(path, keyring, provider)
+    return keyring
+
+
+def update_keyring(
+    path: str | Path, provider: KeyProvider, change: Callable[[Keyring], T], timeout: float = LOCK_TIMEOUT
+) -> tuple[Keyring, T]:
+    """Apply ``change`` to the keyring as it is on disk now, under the lock, and write it back.
+
+    Whatever the caller loaded earlier may be stale (another process rotated meanwhile): the
+    change is always made to what is read under the lock, so no other writer's key is lost.
+    """
+    with keyring_lock(path, timeout):
+        keyring = load_keyring(path, provider)
+        result = change(keyring)
+        save_keyring(path, keyring, provider)
+    return keyring, result
+
+
+def make_folder(folder: Path) -> None:
+    """Create a missing folder (and its parents). A file in its place is reported as what it is
+    ('Not a directory'), not as mkdir's misleading 'File exists'."""
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _write_atomic(path: Path, doc: dict) -> None:
     """Write atomically (temp file + rename) with mode 0600, so a crash never leaves half a keyring."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     data = json.dumps(doc, indent=2).encode() + b"\n"
-    fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".keyring-", dir=path.parent)
+    except OSError as exc:
+        raise _naming(exc, path) from None
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
@@ -257,10 +344,18 @@ def _write_atomic(path: Path, doc: dict) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _naming(exc, path) from None
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """The same error about the file being written: not the random temporary name, nor none (a full
+    disk fails a write, which names no file)."""
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def rewrap_keyring(
@@ -271,11 +366,12 @@ def rewrap_keyring(
     The new file is written only after it has been read back through ``target`` and found to
     hold exactly the same keys, and then atomically (to ``out``, default in place).
     """
-    keyring = load_keyring(path, source)
-    doc = keyring.to_document(target)
-    if not keyring.same_keys(Keyring.from_document(doc, target)):
-        raise KeyringError("the rewrapped keyring does not read back with the same keys; nothing was written")
-    _write_atomic(Path(out or path), doc)
+    with keyring_lock(out or path, new=out is not None):
+        keyring = load_keyring(path, source)
+        doc = keyring.to_document(target)
+        if not keyring.same_keys(Keyring.from_document(doc, target)):
+            raise KeyringError("the rewrapped keyring does not read back with the same keys; nothing was written")
+        _write_atomic(Path(out or path), doc)
     return keyring
 
 
@@ -285,11 +381,13 @@ def backup_keyring(path: str | Path, provider: KeyProvider, out: str | Path) -> 
     The copy holds wrapped keys only, like the keyring itself: it is useless without the KEK,
     which is backed up separately. An existing file is never overwritten.
     """
-    keyring = load_keyring(path, provider)
-    if Path(out).exists():
-        raise KeyringError(f"{out} exists; refusing to overwrite a backup")
-    doc = json.loads(Path(path).read_text())
-    _write_atomic(Path(out), doc)
+    provider.check()
+    doc = _read_document(path)  # read once: the copy is the keyring that was verified
+    keyring = Keyring.from_document(doc, provider)
+    with keyring_lock(out, new=True):
+        if Path(out).exists():
+            raise KeyringError(f"{out} exists; refusing to overwrite a backup")
+        _write_atomic(Path(out), doc)
     if not keyring.same_keys(load_keyring(out, provider)):
         raise KeyringError("the backup does not read back with the same keys")
     return keyring
@@ -298,18 +396,21 @@ def backup_keyring(path: str | Path, provider: KeyProvider, out: str | Path) -> 
 def restore_keyring(backup: str | Path, provider: KeyProvider, path: str | Path) -> Keyring:
     """Put a verified backup in place. Refuses when the keyring in place holds a key the backup lacks
     (restoring a backup older than the last rotation would lose every resource written since)."""
-    restored = load_keyring(backup, provider)
-    if Path(path).exists():
-        try:
-            current = load_keyring(path, provider)
-        except KeyringError:
-            current = None  # damaged or unreadable: the backup is what replaces it
-        if current is not None:
-            lost = sorted(set(current.key_ids) - set(restored.key_ids), key=lambda k: int(k[1:]))
-            if lost:
-                raise KeyringError(
-                    f"the backup lacks key(s) {', '.join(lost)} that the keyring in place holds; "
-                    "restoring it would make what they encrypted unreadable"
-                )
-    _write_atomic(Path(path), json.loads(Path(backup).read_text()))
+    provider.check()
+    doc = _read_document(backup)  # read once: what is put in place is the backup that was verified
+    restored = Keyring.from_document(doc, provider)
+    with keyring_lock(path, new=True):  # the keyring in place is judged as it is now, not before a concurrent rotation
+        if Path(path).exists():
+            try:
+                current = load_keyring(path, provider)
+            except KeyringError:
+                current = None  # damaged or unreadable: the backup is what replaces it
+            if current is not None:
+                lost = sorted(set(current.key_ids) - set(restored.key_ids), key=lambda k: int(k[1:]))
+                if lost:
+                    raise KeyringError(
+                        f"the backup lacks key(s) {', '.join(lost)} that the keyring in place holds; "
+                        "restoring it would make what they encrypted unreadable"
+                    )
+        _write_atomic(Path(path), doc)
     return restored

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from proxy.crypto.kek import KeyProvider
-from proxy.crypto.keyring import Keyring, save_keyring
+from proxy.crypto.keyring import Keyring, update_keyring
 from proxy.migrate.assess import Plan, State, envelope_key_ids
 from proxy.migrate.checkpoint import Checkpoint
 from proxy.migrate.run import WRITTEN, KeyUsage, Options, Reencryption, Tally, walk
@@ -208,8 +208,8 @@ async def retire(
             file=sys.stderr,
         )
         return 1
-    keyring.retire(kid)
-    save_keyring(keyring_path, keyring, provider)
+    # under the lock, on the keyring as it is now: a key rotated in during the scan is kept
+    keyring, _ = update_keyring(keyring_path, provider, lambda ring: ring.retire(kid))
     scope = (
         f"nor any of {tally.total('versions')} version(s) in _history"
         if with_history

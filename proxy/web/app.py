@@ -37,7 +37,7 @@ from proxy.transform.bodies import decrypt_body, serialise_for_client
 from proxy.transform.interactions import Interaction, classify
 from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.search import Searcher
-from proxy.web import bulk, metrics
+from proxy.web import bulk, drain, metrics
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, authorize, watch_canaries
 from proxy.web.auditing import Exchange, record, reference_of, references_in
@@ -54,6 +54,7 @@ from proxy.web.upstream import read_limited, upstream_call, upstream_resource
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
+CUT = 0  # the status logged, counted and audited ('no HTTP outcome') for a request cut before its answer
 CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
 
 
@@ -320,6 +321,9 @@ async def handle(request: web.Request) -> web.StreamResponse:
     except bulk.StreamAborted:
         status = 502
         raise  # the response has started: aiohttp cuts the connection, so the client never sees a clean end
+    except asyncio.CancelledError:  # cut (the drain deadline): no answer was sent, so no HTTP status
+        status = CUT
+        raise
     except FhirError as err:
         status = err.status
         if err.status >= 400:
@@ -357,7 +361,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
             )
         _measure(rt, it, status, exchange, time.perf_counter() - started)
         log.info(
-            "request",
+            "request cut before its answer" if status == CUT else "request",
             extra={
                 "event": "request",
                 "request_id": request_id,
@@ -365,6 +369,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 "interaction": it.label() if it else None,
                 "resource_type": it.resource_type if it else None,
                 "status": status,
+                **({"cut": "no answer was sent"} if status == CUT else {}),
                 "ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
@@ -425,6 +430,7 @@ def ops_app(app: web.Application) -> web.Application:
     """Probes and metrics on their own plain-HTTP port (``ops_listen``): kubelets and Prometheus need no
     client certificate, and FHIR clients cannot read operational data off the FHIR port."""
     ops = web.Application()
+    ops.on_response_prepare.append(hdr.name_the_server)
     ops[RUNTIME], ops[READINESS] = app[RUNTIME], app[READINESS]
     _add_probes(ops, app[RUNTIME].settings.metrics)
     return ops
@@ -450,7 +456,9 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), lambda: rt.keyring, cache)
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
-    app = web.Application(client_max_size=settings.max_body)
+    app = web.Application(client_max_size=settings.max_body, middlewares=[drain.track])
+    app.on_response_prepare.append(hdr.name_the_server)
+    app[drain.IN_FLIGHT] = set()
     app[RUNTIME] = rt
     app[READINESS] = Readiness()
     if settings.auth == "jwt":

@@ -36,6 +36,7 @@ RESPONSE_HEADERS = (
     "Vary",
     "X-Progress",
 )
+SERVER = "fhircrypt"  # the Server header of every answer: no product versions for an attacker to match
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
@@ -90,3 +91,8 @@ def client_response_headers(upstream: CIMultiDictProxy[str], rewrite) -> CIMulti
         for value in upstream.getall(name, ()):
             out.add(name, rewrite(value) if name in ("Location", "Content-Location") else value)
     return out
+
+
+async def name_the_server(request, response) -> None:
+    """``on_response_prepare``: aiohttp's default ``Server: Python/3.x aiohttp/3.y`` discloses versions."""
+    response.headers["Server"] = SERVER

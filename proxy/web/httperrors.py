@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.outcome import FhirError
+from proxy.web.headers import SERVER
 
 _MESSAGES = {
     400: ("invalid", "the HTTP request could not be parsed (request line, URL or headers)"),
@@ -38,6 +39,7 @@ def outcome_response(status: int) -> web.Response:
         body=orjson.dumps(FhirError(status, code, text).outcome()),
         content_type="application/fhir+json",
         charset="utf-8",
+        headers={"Server": SERVER},  # no app, so no on_response_prepare: the header is set here
     )
     resp.force_close()
     return resp
@@ -70,6 +72,9 @@ class _Handlers:
         handler = self._server()
         handler.__class__ = _FhirErrorsHandler
         return handler
+
+    def __getattr__(self, name: str) -> Any:  # the rest is the server's own (pre_shutdown, connections, ...)
+        return getattr(self._server, name)
 
 
 class FhirErrorsRunner(web.AppRunner):
