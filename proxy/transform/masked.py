@@ -155,6 +155,8 @@ def written_groups(resource: dict, rp: ResourcePolicy) -> dict[str, frozenset[st
     """The covered elements a write sets (not masked), by path, with their groups - for write rules."""
     out: dict[str, frozenset[str]] = {}
     for el in rp.content_elements:
+        if el.closing is not None:
+            continue  # closed defaults keep what the policy does not name from the server, not from writers
         for parent, path in _parents(resource, el.nav, strict=True):
             names = [n for n, _ in el.choices] if el.choices else [el.terminal.key]
             for name in names:

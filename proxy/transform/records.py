@@ -83,6 +83,8 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
     A value of the wrong JSON type raises ShapeError when writing (``strict``); when
     reading it is removed, since it cannot be anything the proxy wrote.
     """
+    if nav and nav[0].key not in resource:  # most locations are absent (a type's 18 reference paths): no lists
+        return []
     if len(nav) == 1 and not nav[0].recurse:  # the common case (identifier.where(...).value): one scan
         out: list[tuple[dict, str]] = []
         _children(resource, "", nav[0].key, nav[0].criteria, strict, out, nav[0].unlisted)

@@ -125,6 +125,13 @@ def rewrite(
         texts = [(spec, query_tokens(spec, item.replace("\\,", ","), where, raw, modifier)) for spec in specs]
         matching = [(spec, t) for spec, t in texts if t is not None]
         if not matching:  # e.g. identifier=<system that is not encrypted>|value
+            if item.startswith("|"):
+                raise _refuse(
+                    where,
+                    raw,
+                    "cannot search '|value' (no system) where identifiers are encrypted: "
+                    "the value would reach the server in plaintext",
+                )
             system, bar, _ = item.rpartition("|")
             if closing and not (bar and all(canonical(system) in c.listed for c in closing)):
                 raise _refuse(
@@ -132,13 +139,6 @@ def rewrite(
                     raw,
                     "names an identifier system the policy does not list (identifiers.unlisted_systems): "
                     "its values are encrypted without a blind index, and the value would reach the server",
-                )
-            if item.startswith("|"):
-                raise _refuse(
-                    where,
-                    raw,
-                    "cannot search '|value' (no system) where identifiers are encrypted: "
-                    "the value would reach the server in plaintext",
                 )
             if sp.code != "identifier":
                 raise _refuse(where, raw, "mixes encrypted and clear values, which cannot be searched together")
@@ -208,7 +208,12 @@ def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where:
     if ref_param is None or ref_param.type != "reference":
         raise _refuse(where, raw, f"does not start with a reference parameter of {rtype}")
     targets = [type_modifier] if type_modifier else list(ref_param.targets)
-    results = [(t, _inner(t, inner, inner_modifier or None, value, ctx, where, raw)) for t in targets]
+    # one of several targets without the inner parameter cannot match through the chain: nothing to rewrite there
+    results = [
+        (t, _inner(t, inner, inner_modifier or None, value, ctx, where, raw))
+        for t in targets
+        if len(targets) == 1 or search_param(t, inner) is not None
+    ]
     touched = [(t, r) for t, r in results if r is not None]
     if not touched:
         return raw, value
