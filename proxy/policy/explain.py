@@ -52,11 +52,15 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
             names = ", ".join(e.field_id.removeprefix("display:") for e in displays) if show_display else len(displays)
             lines.append(f"  + Reference.display of: {names}")
         if closing:
-            lines.append(f"  + unlisted identifier systems / extension URLs closed at: {len(closing)} locations")
+            lines.append(
+                f"  + closed defaults (unlisted identifier systems, extension URLs) at locations: {len(closing)}"
+            )
     if display_only:
+        on = policy.closure.identifiers != "allow" or policy.closure.extensions != "allow"
+        closing = " (and the closed defaults)" if on else ""
         lines += [
             "",
-            f"only Reference.display, narrative and closed defaults encrypted ({len(display_only)} types): "
+            f"only Reference.display and narrative{closing} encrypted ({len(display_only)} types): "
             + ", ".join(display_only),
         ]
     if policy.findings:
