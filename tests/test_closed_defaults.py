@@ -7,15 +7,19 @@ must end encrypted, refused or forwarded as configured; what the upstream stores
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
 import orjson
 import pytest
 
+from proxy.crypto.keyring import Keyring
 from proxy.policy.closed import canonical
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.policy.loader import PolicyError
+from proxy.transform.masked import has_masked, merge_masked
+from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
 from tests.conftest import FHIR_JSON, ROOT, assert_no_plaintext
 from tests.test_auth import AUDIENCE, Issuer, bearer
 
@@ -316,3 +320,18 @@ def test_the_shipped_policies_close_both_defaults_and_fail_strict_only_on_their_
         assert result.returncode == 1
         assert "identifiers under systems the policy does not name: encrypt" in result.stdout
         assert "extensions the policy does not name: encrypt" in result.stdout
+
+
+def test_a_masked_unlisted_value_written_back_is_restored_from_the_stored_version():
+    """The masked write-back path (merge_masked) finds closed-default slots like listed ones."""
+    policy = variant("encrypt", "encrypt")
+    rp = policy.for_type("Patient")
+    ring = Keyring.generate()
+    original = {**patient_unknown_bpjs(), "extension": patient_religion()["extension"]}
+    stored = copy.deepcopy(original)
+    encrypt_resource(stored, rp, ring)
+    masked = copy.deepcopy(stored)
+    decrypt_resource(masked, rp, ring, frozenset({"insurance"}), policy.unenveloped, ReadReport())
+    assert has_masked(masked, rp) and BPJS not in orjson.dumps(masked).decode()
+    assert merge_masked(masked, copy.deepcopy(original), rp) == []
+    assert masked.pop("meta") == {} and masked == original  # (the label's emptied meta is the caller's)
