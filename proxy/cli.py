@@ -208,6 +208,7 @@ def _parser() -> argparse.ArgumentParser:
     check = policy_sub.add_parser("check", help="compile a policy and explain what it encrypts")
     check.add_argument("file")
     check.add_argument("--show-display", action="store_true", help="list every covered Reference.display")
+    check.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too, e.g. in CI")
 
     demo = sub.add_parser("demo", help="run the demo on the embedded test upstream")
     demo.add_argument("--keep-running", action="store_true", help="leave proxy and upstream running afterwards")
@@ -358,7 +359,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
 def cmd_policy(args: argparse.Namespace) -> int:
     policy = compile_file(args.file)
     print(explain(policy, args.show_display))
-    return 0
+    return 1 if args.strict and any(f.severity == "warning" for f in policy.findings) else 0
 
 
 def cmd_config(args: argparse.Namespace) -> int:

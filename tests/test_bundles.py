@@ -145,7 +145,7 @@ async def test_batch_searches_and_reads_are_rewritten_and_their_results_decrypte
         "entry": [
             {"request": {"method": "GET", "url": f"Patient?identifier={NIK_SYSTEM}|{NIK}"}},
             {"request": {"method": "GET", "url": f"Patient/{created['id']}"}},
-            {"request": {"method": "GET", "url": "Patient?identifier=nobody|0000"}},
+            {"request": {"method": "GET", "url": f"Patient?identifier={NIK_SYSTEM}|0000000000000000"}},  # finds nothing
         ],
     }
     resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)

@@ -27,6 +27,7 @@ APP_A = {"scope": "patient/*.cruds", "patient": "pat-a"}
 BILLING = {"realm_access": {"roles": ["billing"]}, "scope": "user/*.cruds"}
 CLERK = {"realm_access": {"roles": ["registration"]}, "scope": "user/*.cruds"}
 PHYSICIAN = {"realm_access": {"roles": ["physician"]}, "scope": "user/*.cruds"}
+NIK_SYSTEM = "https://fhir.kemkes.go.id/id/nik"
 
 
 @pytest.fixture
@@ -99,7 +100,11 @@ async def test_a_patient_app_cannot_patch_its_own_condition_into_another_chart(p
         ("Patient/pat-b", "Patient/pat-a", "Condition.subject.reference"),  # one own reference is not enough
         ("Patient/pat-a", "Patient/pat-b", "Condition.asserter.reference"),
         ("Patient/pat-a", "urn:uuid:0c5a5b0e-6c8b-4b0a-9f43-6b3f1f6f1d3e", "Condition.asserter.reference"),
-        ("Patient/pat-a", "Patient?identifier=x|1", "Condition.asserter.reference"),
+        (
+            "Patient/pat-a",
+            "Patient?identifier=https://fhir.kemkes.go.id/id/nik|3174015507880001",
+            "Condition.asserter.reference",
+        ),
     ],
 )
 async def test_every_compartment_reference_of_a_patient_app_write_is_its_own_patient(

@@ -39,8 +39,9 @@ def touched_elements(rp: ResourcePolicy, sp: SearchParam) -> list[CompiledElemen
     paths = element_paths(sp)
     if paths is None:
         return None
-    # Reference.display copies are read by no search parameter (only by :text and _text, refused)
-    elements = [e for e in rp.content_elements if not e.display_copy]
+    # Reference.display copies and Reference.identifier are read by no search parameter (only by
+    # :text, _text and :identifier, which are refused)
+    elements = [e for e in rp.content_elements if not e.searchless]
     return [e for e in elements if any(touches(p, e) for p in paths)]
 
 

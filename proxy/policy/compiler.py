@@ -15,9 +15,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy.policy import closed
 from proxy.policy import definitions as defs
 from proxy.policy.access import AccessPolicy, compile_access
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
+from proxy.policy.lint import Finding, lint_document
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.operations import OperationRule, compile_operations
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
@@ -59,6 +61,7 @@ class Hop:
     key: str
     criteria: tuple[tuple[str, str], ...] = ()
     recurse: tuple[tuple[str, ...], ...] = ()
+    unlisted: closed.Unlisted | None = None  # a catch-all: only items whose system/url the policy does not name
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,24 @@ class CompiledElement:
     def is_primitive(self) -> bool:
         return self.kind is Kind.PRIMITIVE
 
+    @property
+    def closing(self) -> closed.Unlisted | None:
+        """The catch-all rule when this element closes unlisted identifiers or extensions."""
+        return self.terminal.unlisted or (self.nav[-1].unlisted if self.nav else None)
+
+    @property
+    def refuses(self) -> bool:
+        """A catch-all under ``refuse``: writes holding what it matches are refused, nothing is sealed."""
+        closing = self.closing
+        return closing is not None and closing.action == "refuse"
+
+    @property
+    def searchless(self) -> bool:
+        """Read by no search parameter: Reference.display copies and identifiers inside references
+        (only ``:identifier`` searches reach those, and they are refused)."""
+        closing = self.closing
+        return self.display_copy or (closing is not None and closing.reference)
+
 
 @dataclass(frozen=True)
 class ResourcePolicy:
@@ -95,7 +116,7 @@ class ResourcePolicy:
     @property
     def search_sensitive(self) -> bool:
         """True when search parameters of this type may touch encrypted data."""
-        return any(not e.display_copy for e in self.content_elements)
+        return any(not e.searchless for e in self.content_elements)
 
     @property
     def groups(self) -> frozenset[str]:
@@ -110,7 +131,7 @@ class CompiledPolicy:
     groups: dict[str, str]
     resources: dict[str, ResourcePolicy]
     unenveloped: str
-    warnings: tuple[str, ...] = field(default=())
+    findings: tuple[Finding, ...] = field(default=())  # what policy check reports (severity, code, message)
     access: AccessPolicy | None = None  # who may decrypt which groups (None: no rules; nothing decrypts)
     canaries: frozenset[str] = frozenset()  # honeytoken references ("Patient/x") whose decryption alerts
     canary_action: str = "alert"  # or "block": also refuse the caller from then on
@@ -118,6 +139,11 @@ class CompiledPolicy:
     bulk_presigned: str = "refuse"  # Bulk export files the upstream serves without a token: or "proxy"
     external_attachments: str = "allow"  # Attachment.url to another host in writes: or "refuse"
     per_patient_keys: bool = False  # keys.per_patient: one key per patient, for crypto-shredding
+    closure: closed.Closure = field(default_factory=closed.Closure)  # identifiers/extensions not named
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(f.message for f in self.findings)
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
@@ -175,6 +201,8 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "bulk",
             "keys",
             "attachments",
+            "identifiers",
+            "extensions",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -186,7 +214,6 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
     unenveloped = _choice(ctx, defaults, "unenveloped", UNENVELOPED_MODES, "mask")
 
     resources: dict[str, ResourcePolicy] = {}
-    warnings: list[str] = []
     res_doc = doc.get("resources") or Node()
     if not isinstance(res_doc, Node):
         raise ctx.fail(doc, "resources", "must be a mapping of resource type to settings")
@@ -213,14 +240,29 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
     if "reference_display" in doc:
         _add_reference_display(ctx, doc, groups, resources, narrative_default)
 
+    findings: list[Finding] = []
     for rp in resources.values():
         for el in rp.content_elements:
-            warnings.extend(f"{rp.type}.{el.source}: {w}" for w in index_warnings(el))
+            findings.extend(
+                Finding("info", "index-frequency", f"{rp.type}.{el.source}: {w}") for w in index_warnings(el)
+            )
             if el.kind is Kind.CHOICE:
-                warnings.append(
-                    f"{rp.type}.{el.source}: the choice type stays visible at rest "
-                    "(only value[x] can be masked with dataAbsentReason)"
+                findings.append(
+                    Finding(
+                        "info",
+                        "choice-type-visible",
+                        f"{rp.type}.{el.source}: the choice type stays visible at rest "
+                        "(only value[x] can be masked with dataAbsentReason)",
+                    )
                 )
+    closure = _compile_closure(ctx, doc, groups, resources)
+    for rtype, rp in list(resources.items()):
+        catch_alls, open_paths = closed.close(rtype, list(rp.content_elements), closure, compile_path)
+        findings.extend(Finding("warning", "closed.partly-open", w) for w in open_paths)
+        if catch_alls:
+            narrative = tuple(e for e in rp.elements if e.field_id == NARRATIVE_ID)
+            resources[rtype] = dataclasses.replace(rp, elements=(*rp.content_elements, *catch_alls, *narrative))
+    findings += lint_document(doc, closure)
     return CompiledPolicy(
         name=str(doc["name"]),
         source=source,
@@ -228,7 +270,8 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         groups=groups,
         resources=resources,
         unenveloped=unenveloped,
-        warnings=tuple(warnings),
+        findings=tuple(findings),
+        closure=closure,
         access=compile_access(doc.get("access"), source, groups),
         operations=compile_operations(doc.get("operations"), source),
         bulk_presigned=_block_choice(ctx, doc, "bulk", "presigned", ("refuse", "proxy")),
@@ -617,6 +660,58 @@ def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
     if not isinstance(refs, list) or not all(isinstance(r, str) and _REFERENCE.match(r) for r in refs):
         raise ctx.fail(spec, "resources", "must list references like Patient/canary-1")
     return {"canaries": frozenset(refs), "canary_action": _choice(ctx, spec, "action", ("alert", "block"), "alert")}
+
+
+def _compile_closure(
+    ctx: _Ctx, doc: Node, groups: dict[str, str], resources: dict[str, ResourcePolicy]
+) -> closed.Closure:
+    """``identifiers`` and ``extensions``: what happens to systems and URLs the policy does not name.
+
+    Without the blocks both stay ``allow`` (policies written before them keep their behaviour;
+    ``policy check`` warns). Two spellings of one system or URL (case, trailing slash,
+    percent-escapes) are an error: at run time they are the same, so the policy is ambiguous.
+    """
+    settings: dict = {}
+    blocks = (
+        ("identifiers", "unlisted_systems", "identifier", "system"),
+        ("extensions", "unlisted", "extension", "url"),
+    )
+    for block, mode_key, prefix, criterion in blocks:
+        spec = doc.get(block)
+        clear: list = []
+        if spec is not None:
+            _check_keys(ctx, spec, block, allowed={mode_key, "group", "clear"})
+            mode = _choice(ctx, spec, mode_key, closed.MODES, "encrypt")
+            group = spec.get("group")
+            if mode == "encrypt" and group is None:
+                raise ctx.fail(spec, mode_key, "encrypt needs a group (who may read what it encrypts)")
+            if group is not None and group not in groups:
+                raise ctx.fail(spec, "group", f"unknown group '{group}' (declare it under groups)")
+            clear = spec.get("clear", [])
+            if not isinstance(clear, list) or not all(isinstance(c, str) and c for c in clear):
+                raise ctx.fail(spec, "clear", "must list systems or URLs")
+            settings[block], settings[f"{prefix}_group"] = mode, group
+            settings["clear_systems" if criterion == "system" else "clear_urls"] = frozenset(
+                map(closed.canonical, clear)
+            )
+        literals = [(f"{block}.clear", c) for c in clear]
+        literals += [
+            (f"resources.{rp.type}: {el.source}", v)
+            for rp in resources.values()
+            for el in rp.content_elements
+            for hop in (*el.nav, el.terminal)
+            for k, v in hop.criteria
+            if k == criterion
+        ]
+        clash = closed.collisions(literals)
+        if clash:
+            raise ctx.fail(
+                spec if spec is not None else doc,
+                mode_key if spec is not None else "resources",
+                f"{clash[0]}: '{clash[2]}' and '{clash[1]}' are the same {criterion} (compared without "
+                "case, trailing slash and percent-escapes); spell it once",
+            )
+    return closed.Closure(**settings)
 
 
 def _compile_keys(ctx: _Ctx, doc: Node) -> bool:

@@ -25,12 +25,16 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
             if policy.per_patient_keys
             else "the keyring's master key"
         ),
+        "identifiers under systems the policy does not name: "
+        + _closure(policy.closure.identifiers, policy.closure.identifier_group),
+        "extensions the policy does not name: " + _closure(policy.closure.extensions, policy.closure.extension_group),
         "",
     ]
     display_only = []
     for rtype, rp in sorted(policy.resources.items()):
-        explicit = [e for e in rp.content_elements if not e.display_copy]
+        explicit = [e for e in rp.content_elements if not e.display_copy and e.closing is None]
         displays = [e for e in rp.content_elements if e.display_copy]
+        closing = [e for e in rp.content_elements if e.closing is not None]
         if not explicit:
             display_only.append(rtype)
             continue
@@ -47,11 +51,24 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
         if displays:
             names = ", ".join(e.field_id.removeprefix("display:") for e in displays) if show_display else len(displays)
             lines.append(f"  + Reference.display of: {names}")
+        if closing:
+            lines.append(
+                f"  + closed defaults (unlisted identifier systems, extension URLs) at locations: {len(closing)}"
+            )
     if display_only:
+        on = policy.closure.identifiers != "allow" or policy.closure.extensions != "allow"
+        closing = " (and the closed defaults)" if on else ""
         lines += [
             "",
-            f"only Reference.display and narrative encrypted ({len(display_only)} types): " + ", ".join(display_only),
+            f"only Reference.display and narrative{closing} encrypted ({len(display_only)} types): "
+            + ", ".join(display_only),
         ]
-    if policy.warnings:
-        lines += ["", "warnings:"] + [f"  - {w}" for w in policy.warnings]
+    if policy.findings:
+        lines += ["", "findings:"] + [f"  - {f.severity} [{f.code}] {f.message}" for f in policy.findings]
     return "\n".join(lines)
+
+
+def _closure(mode: str, group: str | None) -> str:
+    if mode == "encrypt":
+        return f"encrypt (group {group}, no blind index)"
+    return {"refuse": "refuse the write (400)", "allow": "allow: stored in the clear"}[mode]

@@ -23,6 +23,7 @@ from proxy.transform.records import (
     Grants,
     ReadReport,
     ShapeError,
+    UnlistedRefused,
     decrypt_resource,
     encrypt_resource,
     scrub_markers,
@@ -87,8 +88,15 @@ def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
 
 
 def shape_refusal(where: str, exc: ShapeError) -> FhirError:
-    """A covered location holding the wrong JSON type: a 400 naming the path, never the value."""
+    """A covered location holding the wrong JSON type, or (under ``refuse``) an identifier system or
+    extension URL the policy does not name: a 400 naming the path (and that system), never the value."""
     path = f"{where}.{exc.path}"
+    if isinstance(exc, UnlistedRefused):
+        named = f"'{exc.named[:200]}'" if exc.named is not None else "none"
+        setting = "identifiers.unlisted_systems" if exc.what.startswith("identifier") else "extensions.unlisted"
+        return FhirError(
+            400, "security", f"{path}: {exc.what} {named} is not named by the policy ({setting}: refuse)", [path]
+        )
     return FhirError(400, "structure", f"{path}: unexpected JSON type for an encrypted element", [path])
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from proxy.policy.compiler import CompiledElement, Kind, ResourcePolicy
 from proxy.transform import markers as mk
-from proxy.transform.records import _join, _matches, _parents
+from proxy.transform.records import _admits, _join, _parents
 
 _DAR = [mk.dar_masked()]
 
@@ -99,8 +99,8 @@ class _Merge:
             return
         theirs = other.get(key) if other and type(other.get(key)) is list else []
         for i, item in enumerate(value):
-            if _masked(item, el.keep) and _matches(item, el.terminal.criteria):
-                if i < len(theirs) and type(theirs[i]) is dict and _matches(theirs[i], el.terminal.criteria):
+            if _masked(item, el.keep) and _admits(item, el.terminal):
+                if i < len(theirs) and type(theirs[i]) is dict and _admits(theirs[i], el.terminal):
                     value[i] = theirs[i]
                     self.restored += 1
                 else:

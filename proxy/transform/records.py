@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import KeyShredded
+from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
@@ -25,6 +26,17 @@ class ShapeError(ValueError):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+
+class UnlistedRefused(ShapeError):
+    """A write holds an identifier system or extension URL the policy does not name, under ``refuse``.
+
+    ``named`` is that system or URL (not PHI: the value is); the value is never carried.
+    """
+
+    def __init__(self, path: str, what: str, named: object) -> None:
+        super().__init__(path)
+        self.what, self.named = what, named if type(named) is str else None
 
 
 @dataclass
@@ -46,11 +58,23 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
+_CANONICAL_KEYS = frozenset({"system", "url"})
+
+
 def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
-    for k, v in criteria:  # noqa: SIM110 - a loop avoids a generator per call on the hot path
-        if item.get(k) != v:
+    """Whether ``item``'s fields equal the where() literals; systems and URLs compare canonically
+    (``.../id/NIK`` is the NIK system: it is encrypted and indexed as the policy spells it)."""
+    for k, v in criteria:
+        got = item.get(k)
+        if got != v and not (k in _CANONICAL_KEYS and same_uri(got, v)):
             return False
     return True
+
+
+def _admits(item: dict, hop: Hop) -> bool:
+    """``item`` is selected by ``hop``: its where() criteria hold and, on a catch-all, the policy
+    does not name its system or URL."""
+    return _matches(item, hop.criteria) and (hop.unlisted is None or hop.unlisted.admits(item))
 
 
 def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[dict, str]]:
@@ -59,15 +83,17 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
     A value of the wrong JSON type raises ShapeError when writing (``strict``); when
     reading it is removed, since it cannot be anything the proxy wrote.
     """
+    if nav and nav[0].key not in resource:  # most locations are absent (a type's 18 reference paths): no lists
+        return []
     if len(nav) == 1 and not nav[0].recurse:  # the common case (identifier.where(...).value): one scan
         out: list[tuple[dict, str]] = []
-        _children(resource, "", nav[0].key, nav[0].criteria, strict, out)
+        _children(resource, "", nav[0].key, nav[0].criteria, strict, out, nav[0].unlisted)
         return out
     level = [(resource, "")]
     for hop in nav:
         nxt: list[tuple[dict, str]] = []
         for obj, path in level:
-            _children(obj, path, hop.key, hop.criteria, strict, nxt)
+            _children(obj, path, hop.key, hop.criteria, strict, nxt, hop.unlisted)
         if hop.recurse:
             pending = list(nxt)
             while pending:
@@ -77,7 +103,10 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
                     for i, key in enumerate(keys):
                         step: list[tuple[dict, str]] = []
                         for o, p in found:
-                            _children(o, p, key, hop.criteria if i == len(keys) - 1 else (), strict, step)
+                            last = i == len(keys) - 1
+                            _children(
+                                o, p, key, hop.criteria if last else (), strict, step, hop.unlisted if last else None
+                            )
                         found = step
                     nxt.extend(found)
                     pending.extend(found)
@@ -86,9 +115,15 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
 
 
 def _children(
-    obj: dict, path: str, key: str, criteria: tuple[tuple[str, str], ...], strict: bool, out: list[tuple[dict, str]]
+    obj: dict,
+    path: str,
+    key: str,
+    criteria: tuple[tuple[str, str], ...],
+    strict: bool,
+    out: list[tuple[dict, str]],
+    unlisted: Unlisted | None = None,
 ) -> None:
-    """Append the objects under ``obj[key]`` that match ``criteria``."""
+    """Append the objects under ``obj[key]`` that match ``criteria`` (and ``unlisted``, on a catch-all)."""
     value = obj.get(key)
     if value is None:
         return
@@ -96,14 +131,15 @@ def _children(
     if type(value) is list:
         for i, item in enumerate(value):
             if type(item) is dict:
-                if not criteria or _matches(item, criteria):
+                if (not criteria or _matches(item, criteria)) and (unlisted is None or unlisted.admits(item)):
                     out.append((item, f"{p}[{i}]"))
             elif item is not None:
                 if strict:
                     raise ShapeError(f"{p}[{i}]")
                 value[i] = None
     elif type(value) is dict and not criteria:
-        out.append((value, p))
+        if unlisted is None or unlisted.admits(value):
+            out.append((value, p))
     else:
         if strict:
             raise ShapeError(p)
@@ -182,7 +218,7 @@ class _Sealer:
                     continue
                 if type(item) is not dict:
                     raise ShapeError(f"{p}[{i}]")
-                if _matches(item, el.terminal.criteria):
+                if _admits(item, el.terminal):
                     value[i] = self._complex_form(item, f"{p}[{i}]", el)
         elif type(value) is dict:
             parent[key] = self._complex_form(value, p, el)
@@ -223,6 +259,9 @@ class _Sealer:
         parent[el.terminal.key] = form
 
     def element(self, resource: dict, el: CompiledElement) -> None:
+        if el.refuses:
+            _refuse_unlisted(resource, el)
+            return
         for parent, path in _parents(resource, el.nav, strict=True):
             kind = el.kind
             if kind is Kind.PRIMITIVE:
@@ -244,6 +283,21 @@ class _Sealer:
         if type(item) is not dict:
             raise ShapeError(path)
         return self._complex_form(item, path, el)
+
+
+def _refuse_unlisted(resource: dict, el: CompiledElement) -> None:
+    """Under ``refuse``: the first identifier value (or extension) the catch-all would have sealed."""
+    closing = el.closing
+    for parent, path in _parents(resource, el.nav, strict=True):
+        if closing is el.terminal.unlisted:  # extensions: the items themselves
+            items = parent.get(el.terminal.key)
+            for i, item in enumerate(items if type(items) is list else ()):
+                if type(item) is not dict:
+                    raise ShapeError(f"{_join(path, el.terminal.key)}[{i}]")
+                if _admits(item, el.terminal):
+                    raise UnlistedRefused(f"{_join(path, el.terminal.key)}[{i}]", "extension URL", item.get("url"))
+        elif el.terminal.key in parent or "_" + el.terminal.key in parent:  # identifiers: a value is present
+            raise UnlistedRefused(path, "identifier system", parent.get("system"))
 
 
 def encrypt_resource(
@@ -406,6 +460,8 @@ def _find_complex(
 
 
 def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
+    if el.refuses:
+        return  # nothing was sealed under refuse
     kind = el.kind
     key = el.terminal.key
     for parent, path in _parents(resource, el.nav, strict=False) if el.nav else ((resource, ""),):
@@ -419,9 +475,8 @@ def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
             if not el.repeating:
                 _find_complex(parent, key, p, el.keep, el, out)
             elif type(value) is list:
-                criteria = el.terminal.criteria
                 for i, item in enumerate(value):
-                    if item is not None and (type(item) is not dict or _matches(item, criteria)):
+                    if item is not None and (type(item) is not dict or _admits(item, el.terminal)):
                         _find_complex(value, i, f"{p}[{i}]", el.keep, el, out)
             else:
                 del parent[key]

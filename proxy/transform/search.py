@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.affects import touched_elements
+from proxy.policy.closed import canonical, same_uri
 from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
 from proxy.policy.searchparams import SearchParam, search_param
 from proxy.transform import markers as mk
@@ -63,7 +64,7 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
     norm = NORMALISERS[spec.normalize]
     system, bar, code = value.rpartition("|") if "|" in value else ("", "", value)
     if spec.token_system is not None:
-        if bar and system != spec.token_system:
+        if bar and not same_uri(system, spec.token_system):
             return None  # another system (or none): this encrypted identifier cannot match
         return [f"{spec.token_system}|{norm(code)}" if code else f"{spec.token_system}|*"]
     if bar and spec.value_type in ("code", "string", "uri"):
@@ -95,7 +96,10 @@ def rewrite(
         return None
     specs: list[IndexSpec] = []
     owners: dict[str, CompiledElement] = {}
+    closing = [el.closing for el in touched if el.closing is not None]  # identifiers under unlisted systems
     for el in touched:
+        if el.closing is not None:
+            continue
         spec = next((s for s in el.indexes if s.param == sp.code), None)
         if spec is None:
             raise _refuse(
@@ -127,6 +131,14 @@ def rewrite(
                     raw,
                     "cannot search '|value' (no system) where identifiers are encrypted: "
                     "the value would reach the server in plaintext",
+                )
+            system, bar, _ = item.rpartition("|")
+            if closing and not (bar and all(canonical(system) in c.listed for c in closing)):
+                raise _refuse(
+                    where,
+                    raw,
+                    "names an identifier system the policy does not list (identifiers.unlisted_systems): "
+                    "its values are encrypted without a blind index, and the value would reach the server",
                 )
             if sp.code != "identifier":
                 raise _refuse(where, raw, "mixes encrypted and clear values, which cannot be searched together")
@@ -200,7 +212,12 @@ def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where:
     if ref_param is None or ref_param.type != "reference":
         raise _refuse(where, raw, f"does not start with a reference parameter of {rtype}")
     targets = [type_modifier] if type_modifier else list(ref_param.targets)
-    results = [(t, _inner(t, inner, inner_modifier or None, value, ctx, where, raw)) for t in targets]
+    # one of several targets without the inner parameter cannot match through the chain: nothing to rewrite there
+    results = [
+        (t, _inner(t, inner, inner_modifier or None, value, ctx, where, raw))
+        for t in targets
+        if len(targets) == 1 or search_param(t, inner) is not None
+    ]
     touched = [(t, r) for t, r in results if r is not None]
     if not touched:
         return raw, value

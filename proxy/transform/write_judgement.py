@@ -188,7 +188,7 @@ def judge_groups(result: dict, stored: dict | None, policy: CompiledPolicy, acce
             continue
         for el in rp.content_elements:
             if not el.groups <= access.writable:
-                _judge_element(mine, theirs, el, access, path)
+                _judge_element(mine, theirs, el, access, path, closing=el.closing is not None)
     for dropped, path in _dropped_contained(result, stored, where):
         rp = policy.resources.get(dropped.get("resourceType"))  # type: ignore[arg-type]
         for el in rp.content_elements if rp is not None else ():
@@ -196,16 +196,23 @@ def judge_groups(result: dict, stored: dict | None, policy: CompiledPolicy, acce
                 raise _refusal(path, el, access, "remove")
 
 
-def _judge_element(mine: dict, theirs: dict | None, el: CompiledElement, access: WriteAccess, where: str) -> None:
+def _judge_element(
+    mine: dict, theirs: dict | None, el: CompiledElement, access: WriteAccess, where: str, closing: bool = False
+) -> None:
+    """``closing``: a closed-default catch-all (identifiers under unlisted systems, unlisted extensions).
+    It keeps such values from the server, not from writers: any writer may set or change them (a
+    pharmacist's own prescription number), but what a caller could not read is still put back."""
     ours = _occurrences(mine, el, strict=True)
     stored = _occurrences(theirs, el, strict=False) if theirs is not None else {}
     for place, value in ours.items():
+        if closing:
+            break
         if place not in stored:
             raise _refusal(_place_path(where, place), el, access, "set")
         if stored[place] != value:
             raise _refusal(_place_path(where, place), el, access, "change")
     missing = [place for place in stored if place not in ours]
-    if not missing:
+    if not missing or (closing and el.groups <= access.readable):
         return
     if el.groups <= access.readable:  # it saw them: leaving them out is removing them
         raise _refusal(_place_path(where, missing[0]), el, access, "remove")
