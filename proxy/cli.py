@@ -25,6 +25,7 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     save_keyring,
 )
+from proxy.crypto.providers.base import describe_text
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args
 from proxy.keystore.base import StoreError
@@ -235,7 +236,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         provider.check()
         keyring = Keyring.generate()
         save_keyring(args.keyring, keyring, provider)
-        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
+        wrapper = describe_text(provider.describe())
+        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
         return 0
     if args.keys_command == "rewrap":
         return cmd_rewrap(args)
@@ -273,12 +275,14 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         _generate_kek_into(args, "to-")
     target = provider_from_args(args, "to-")
     if target.describe() == source.describe():
-        raise ValueError(f"the target key-encryption key is the one the keyring uses now ({source.describe()})")
+        raise ValueError(
+            f"the target key-encryption key is the one the keyring uses now ({describe_text(source.describe())})"
+        )
     target.check()
     keyring = rewrap_keyring(args.keyring, source, target, args.out)
     print(
         f"rewrapped {args.out or args.keyring}: keys {', '.join(keyring.key_ids)} (primary {keyring.primary_id}) "
-        f"now wrapped by {target.describe()}; stored resources are unchanged"
+        f"now wrapped by the {describe_text(target.describe())}; stored resources are unchanged"
     )
     return 0
 

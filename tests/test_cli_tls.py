@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import ssl
 import stat
 import subprocess
@@ -38,6 +40,8 @@ def test_keys_init_rotate_list_never_print_key_material(tmp_path):
     assert stat.S_IMODE(kek.stat().st_mode) == 0o600 and stat.S_IMODE(ring.stat().st_mode) == 0o600
     secret = kek.read_text().strip()
     assert secret not in out.stdout + out.stderr
+    kek_id = json.loads(ring.read_text())["provider"]["kek_id"]
+    assert out.stdout == f"created {ring}: primary key k1, wrapped by the local KEK (kek_id {kek_id})\n"
     again = run_cli("keys", "init", "--keyring", str(ring), "--kek-file", str(kek))
     assert again.returncode == 2 and "refusing to overwrite" in again.stderr
     rotated = run_cli("keys", "rotate", "--keyring", str(ring), env={"FHIRCRYPT_KEK": secret})
@@ -46,6 +50,9 @@ def test_keys_init_rotate_list_never_print_key_material(tmp_path):
     assert listed.stdout.split() == ["k1", "k2", "(primary)"]
     wrong = run_cli("keys", "list", "--keyring", str(ring), env={"FHIRCRYPT_KEK": "A" * 64})
     assert wrong.returncode == 2 and "wrong key-encryption key" in wrong.stderr
+    # readable lines naming both KEKs, not Python dicts
+    assert f"the keyring is wrapped by the local KEK (kek_id {kek_id}), but the local KEK (kek_id " in wrong.stderr
+    assert not re.search(r"[{}]|': '", out.stdout + wrong.stderr)
 
 
 def test_policy_check_explains_or_names_the_error(tmp_path):
