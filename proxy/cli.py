@@ -201,8 +201,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.add_argument("--show-display", action="store_true", help="list every covered Reference.display")
 
-    demo = sub.add_parser("demo", help="run the demo on the embedded test upstream")
-    demo.add_argument("--keep-running", action="store_true", help="leave proxy and upstream running afterwards")
     return parser
 
 
@@ -419,12 +417,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_reencrypt(args)
         elif args.command == "config":
             code = cmd_config(args)
-        elif args.command == "probe":
-            code = cmd_probe(args)
         else:
-            from proxy.demo import run_demo
-
-            code = run_demo(keep_running=args.keep_running)
+            code = cmd_probe(args)
     except (PolicyError, KeyringError, StoreError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -161,15 +161,6 @@ async def test_https_upstream_is_verified_against_the_configured_ca(proxy_for, a
     assert resp.status == 502
 
 
-def test_the_readme_demo_runs_and_finds_no_plaintext_at_the_server():
-    out = run_cli("demo")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "APPLICATION SEES (through fhircrypt)" in out.stdout and "FHIR SERVER STORES" in out.stdout
-    assert "scan of everything the FHIR server stores: 0 of" in out.stdout
-    for kind in ("Patient/", "Observation/", "Condition/", "MedicationRequest/"):
-        assert f"═══ {kind}" in out.stdout
-
-
 def test_audit_init_and_verify_commands(tmp_path):
     trail, key = tmp_path / "audit.jsonl", tmp_path / "audit.key"
     out = run_cli("audit", "init", "--trail", str(trail), "--key-file", str(key))
