@@ -62,35 +62,37 @@ def leaks(
 
 
 def summary(written: list[Written], needles: Mapping[str, list[str]], found: Mapping[str, list[str]]) -> str:
-    head = ("resource", "encrypted elements", "search tokens", "PHI values sent", "found at server")
-    rows = [
+    """One row per resource, a total, and the at-rest scan's verdict."""
+    counts = [
         (
-            w.reference[: w.reference.index("/") + 9] + "…",
-            str(encrypted_elements(w.stored)),
-            str(search_tokens(w.stored)),
-            str(len(needles.get(w.source, []))) if w.source else "-",
-            str(len(found.get(w.source, []))) if w.source else "-",
+            encrypted_elements(w.stored),
+            search_tokens(w.stored),
+            len(needles.get(w.source, [])) if w.source else None,
+            len(found.get(w.source, [])) if w.source else None,
         )
         for w in written
     ]
-    sent, leaked = sum(len(needles.get(w.source, [])) for w in written), sum(len(v) for v in found.values())
-    rows.append(
-        ("total", *(str(sum(int(r[i]) for r in rows)) for i in (1, 2)), str(sent), str(leaked))  # type: ignore[misc]
-    )
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    lines = [
-        "  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in [head, *rows]
+    total = tuple(sum(c[i] or 0 for c in counts) for i in range(4))
+    names = [w.reference[: w.reference.index("/") + 9] + "…" for w in written]
+    table = [("resource", "encrypted elements", "search tokens", "PHI values sent", "found at server")]
+    table += [
+        (name, *("-" if n is None else str(n) for n in c))
+        for name, c in zip([*names, "total"], [*counts, total], strict=True)
     ]
-    lines.insert(1, "  " + "  ".join("─" * w for w in widths))
-    lines.insert(len(lines) - 1, lines[1])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = [
+        "  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in table
+    ]
+    rule = "  " + "  ".join("─" * w for w in widths)
+    lines = [lines[0], rule, *lines[1:-1], rule, lines[-1]]
     named = "; ".join(f"{source}: {', '.join(v)}" for source, v in found.items() if v)
     scan = (
-        f"\nAt-rest scan of everything the FHIR server stores, every version (but for the hospital's directory: "
-        f"Organization, Practitioner, Location): {leaked} of {sent} plaintext PHI values found"
-        f"{': ' + named if named else ''}.\n"
+        f"At-rest scan of everything the FHIR server stores, every version (but for the hospital's directory: "
+        f"Organization, Practitioner, Location): {total[3]} of {total[2]} plaintext PHI values found"
+        f"{': ' + named if named else ''}."
     )
-    return "\n".join(lines) + "\n" + scan
+    return "\n".join(lines) + "\n\n" + scan + "\n"
 
 
 def _shorten(value: object, limit: int) -> object:
