@@ -29,6 +29,7 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     update_keyring,
 )
+from proxy.crypto.providers.base import describe_text
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args, url_arg
 from proxy.keystore.base import StoreError
@@ -210,8 +211,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--show-display", action="store_true", help="list every covered Reference.display")
     check.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too, e.g. in CI")
 
-    demo = sub.add_parser("demo", help="run the demo on the embedded test upstream")
-    demo.add_argument("--keep-running", action="store_true", help="leave proxy and upstream running afterwards")
     return parser
 
 
@@ -258,7 +257,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         provider = provider_from_args(args)
         provider.check()
         keyring = create_keyring(args.keyring, provider)
-        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by {provider.describe()}")
+        wrapper = describe_text(provider.describe())
+        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
         return 0
     if args.keys_command == "rewrap":
         return cmd_rewrap(args)
@@ -295,12 +295,14 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         _generate_kek_into(args, "to-")
     target = provider_from_args(args, "to-")
     if target.describe() == source.describe():
-        raise ValueError(f"the target key-encryption key is the one the keyring uses now ({source.describe()})")
+        raise ValueError(
+            f"the target key-encryption key is the one the keyring uses now ({describe_text(source.describe())})"
+        )
     target.check()
     keyring = rewrap_keyring(args.keyring, source, target, args.out)
     print(
         f"rewrapped {args.out or args.keyring}: keys {', '.join(keyring.key_ids)} (primary {keyring.primary_id}) "
-        f"now wrapped by {target.describe()}; stored resources are unchanged"
+        f"now wrapped by the {describe_text(target.describe())}; stored resources are unchanged"
     )
     return 0
 
@@ -441,12 +443,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_reencrypt(args)
         elif args.command == "config":
             code = cmd_config(args)
-        elif args.command == "probe":
-            code = cmd_probe(args)
         else:
-            from proxy.demo import run_demo
-
-            code = run_demo(keep_running=args.keep_running)
+            code = cmd_probe(args)
     except (PolicyError, KeyringError, StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -111,3 +111,40 @@ def assert_no_plaintext(stored: Iterable[dict], needles: Iterable[str]) -> None:
 
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+# ---------------------------------------------------------------- markers (registered in pyproject.toml)
+# The pure core (crypto, policy, transform) is tested without servers, processes or sockets: `./dev test -m unit`
+# runs those tests in seconds. A test of these files that asks for a server fixture is integration all the same.
+UNIT_FILES = frozenset(
+    {
+        "test_blindindex.py",
+        "test_compartment.py",
+        "test_core_fast_paths.py",
+        "test_crypto.py",
+        "test_decimals.py",
+        "test_policy.py",
+        "test_records.py",
+        "test_reencrypt_manifest.py",
+        "test_searchparams.py",
+        "test_validation_messages.py",
+    }
+)
+SERVER_FIXTURES = frozenset(
+    {"upstream", "clean_upstream", "proxy_for", "aiohttp_client", "aiohttp_server", "softhsm", "kms", "vault"}
+)
+SLOW_FILES = frozenset({"test_bench_smoke.py", "test_adv_soak.py"})  # whole benchmark or soak runs
+SLOW_CORE_FILES = frozenset({"test_adv_properties_core.py"})  # the core, but minutes of generated resources
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is ``unit`` or ``integration``, but for the slow core properties; long runs are also ``slow``."""
+    for item in items:
+        name = item.path.name
+        if name in SLOW_CORE_FILES:
+            item.add_marker(pytest.mark.slow)
+            continue
+        servers = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.unit if name in UNIT_FILES and not servers else pytest.mark.integration)
+        if name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError
+from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError, describe_text
 from proxy.crypto.urlsign import UrlSigner
 
 FORMAT = "fhircrypt-keyring/1"
@@ -201,7 +201,9 @@ class Keyring:
         except ProviderError as exc:
             if exc.code == "unwrap-failed" and recorded != configured:
                 raise ProviderError(
-                    exc.code, f"{exc} (keyring wrapped by {recorded}, configured {configured})"
+                    exc.code,
+                    f"{exc}: the keyring is wrapped by the {describe_text(recorded)}, "
+                    f"but the {describe_text(configured)} is configured",
                 ) from None
             raise
 

@@ -1,8 +1,9 @@
 """Read-only access to the R4 element table (``r4_elements.json``).
 
 The table is derived from the official R4 StructureDefinitions by
-``scripts/derive_r4_elements.py``; it is loaded once and only used while compiling a
-policy, never on the request path.
+``scripts/derive_r4_elements.py``; it is loaded once. The policy compiler reads it in full;
+the request path only looks things up in it (resource types, attachment locations, and the
+expected type named in a validation refusal).
 """
 
 from __future__ import annotations

@@ -85,6 +85,10 @@ def prepare_body(
 def check_target(it: Interaction, resource: dict, where: str) -> None:
     """A created or updated resource must be of the type (and for an update, have the id) its URL names."""
     rtype = resource.get("resourceType")
+    if rtype is None:
+        raise FhirError(
+            400, "required", f"{where}: resourceType is missing (expected {it.resource_type})", ["resourceType"]
+        )
     if rtype != it.resource_type:
         raise FhirError(
             400, "invalid", f"{where}: resourceType does not match the URL ({it.resource_type})", ["resourceType"]

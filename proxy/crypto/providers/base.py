@@ -55,6 +55,12 @@ class KeyProvider(Protocol):
         ...
 
 
+def describe_text(described: Mapping[str, str]) -> str:
+    """A provider description for people: ``local KEK (kek_id 83673d91f7293209)``, not a Python dict."""
+    details = ", ".join(f"{k} {v}" for k, v in described.items() if k != "type")
+    return f"{described.get('type', 'local')} KEK" + (f" ({details})" if details else "")
+
+
 def associated_data(context: Mapping[str, str] | None) -> bytes:
     """Canonical bytes of a wrap context, for providers that take AEAD associated data."""
     body = json.dumps(dict(context or {}), sort_keys=True, separators=(",", ":"))
