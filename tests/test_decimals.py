@@ -23,8 +23,8 @@ from proxy.migrate.commands import Connection, reencrypt
 from proxy.migrate.run import Options
 from proxy.policy.compiler import compile_file
 from proxy.transform import jsonnum
-from proxy.transform.bodies import decrypt_body, serialise_for_client
-from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
+from proxy.transform.bodies import all_groups, decrypt_body, serialise_for_client
+from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from tests.conftest import FHIR_JSON, ROOT, assert_no_plaintext
 from tests.test_bulk import _local, _manifest
 
@@ -144,7 +144,7 @@ def test_a_number_keeps_its_text_inside_the_ciphertext_and_an_old_ciphertext_sti
         stored = jsonnum.dumps(resource)
         assert b'"value":1.5' not in stored  # ciphertexts hold dots, so the bare digits may occur
         back, report = jsonnum.loads(stored), ReadReport()
-        decrypt_resource(back, rp, ring, None, policy.unenveloped, report)
+        decrypt_resource(back, rp, ring, ALL_GROUPS, policy.unenveloped, report)
         assert not report.failures and expected in jsonnum.dumps(back)
 
 
@@ -156,7 +156,7 @@ def test_a_clear_decimal_from_the_upstream_reaches_the_client_as_stored():
         b'"status":"final","referenceRange":[{"low":{"value":2.00},"high":{"value":1e1}}]}}]}'
     )
     payload, report = jsonnum.loads(raw), ReadReport()
-    decrypt_body(payload, policy, Keyring.generate(), None, report)
+    decrypt_body(payload, policy, Keyring.generate(), all_groups, report)
     out = serialise_for_client(payload, report, "search")
     assert b'"low":{"value":2.00}' in out and b'"high":{"value":1e1}' in out
 

@@ -35,7 +35,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
-from proxy.transform.bodies import decrypt_body, encrypt_for_write, nested_resources
+from proxy.transform.bodies import all_groups, decrypt_body, encrypt_for_write, nested_resources
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.records import ReadReport
 
@@ -115,7 +115,7 @@ def _decrypted(stored: dict, policy: CompiledPolicy, keyring: Keyring) -> tuple[
     """The resource with every covered element decrypted, or None and the reason it does not verify."""
     work = copy.deepcopy(stored)
     report = ReadReport()
-    decrypt_body(work, policy, keyring, None, report)
+    decrypt_body(work, policy, keyring, all_groups, report)
     if report.failures:
         return None, report.failures[0].split(": ", 1)[-1] if ": " in report.failures[0] else report.failures[0]
     if _has_markers(work):

@@ -19,6 +19,7 @@ from proxy.transform.indexes import index_identifiers
 from proxy.transform.markers import CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.masked import has_masked_label
 from proxy.transform.records import (
+    ALL_GROUPS,
     Grants,
     ReadReport,
     ShapeError,
@@ -92,25 +93,33 @@ def shape_refusal(where: str, exc: ShapeError) -> FhirError:
 
 
 GrantsFor = Callable[[dict], Grants]  # the groups the caller may decrypt in one (still encrypted) resource
+
+
+def all_groups(resource: dict) -> Grants:
+    """Every group for every resource: for readers who hold the keys anyway (``--auth none``, offline tools)."""
+    return ALL_GROUPS
+
+
 Wrap = tuple[str, bytes] | None  # (key id, key) wrapping a record's data key; None: the keyring's primary
 WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
 
 
 def decrypt_body(
-    body: dict, policy: CompiledPolicy, keyring: KeyLookup, grants_for: GrantsFor | None, report: ReadReport
+    body: dict, policy: CompiledPolicy, keyring: KeyLookup, grants_for: GrantsFor, report: ReadReport
 ) -> None:
     """Decrypt (or mask) every covered resource anywhere in a response body, in place.
 
-    ``grants_for`` None decrypts everything (development mode). It is asked before the
+    ``grants_for`` is required (``all_groups`` decrypts everything). It is asked before the
     resource is decrypted, so it may only look at what stays in the clear (type, ids,
     references - enough for patient compartments).
     """
+    if not callable(grants_for):
+        raise TypeError("decrypt_body needs the reader's grants (a GrantsFor)")
     for resource in (body, *(r for r, _ in nested_resources(body, ""))):
         rtype = resource.get("resourceType")
         rp = policy.resources.get(rtype) if type(rtype) is str else None
         if rp is not None:
-            grants = grants_for(resource) if grants_for is not None else None
-            decrypt_resource(resource, rp, keyring, grants, policy.unenveloped, report)
+            decrypt_resource(resource, rp, keyring, grants_for(resource), policy.unenveloped, report)
 
 
 _MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())

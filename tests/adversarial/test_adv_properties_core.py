@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import compile_file
-from proxy.transform.bodies import decrypt_body, encrypt_for_write
+from proxy.transform.bodies import all_groups, decrypt_body, encrypt_for_write
 from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.records import ReadReport
 from tests.adversarial.fhir_strategies import covered_needles, covered_resource
@@ -66,7 +66,7 @@ def test_every_covered_type_round_trips_exactly_and_stores_no_covered_value(poli
     assert not [n for n in needles if n in at_rest], "covered value at rest"
 
     report = ReadReport()
-    decrypt_body(stored, policy, KEYRING, None, report)
+    decrypt_body(stored, policy, KEYRING, all_groups, report)
     assert not report.failures
     assert stored == resource
     # byte for byte (NFC stays NFC, NFD stays NFD); JSON key order carries no meaning
@@ -102,7 +102,7 @@ def test_a_changed_ciphertext_never_decrypts(data):
     replacement = "A" if text[pos] != "A" else "B"
     tampered = orjson.loads(text[:pos] + replacement + text[pos + 1 :])
     report = ReadReport()
-    decrypt_body(tampered, policy, KEYRING, None, report)
+    decrypt_body(tampered, policy, KEYRING, all_groups, report)
     assert report.failures, "a changed ciphertext was accepted"
     seen = orjson.dumps(tampered).decode()
     assert CIPHERTEXT_URL not in seen
