@@ -9,7 +9,7 @@ from aiohttp import web
 from proxy.auth.caller import caller_from_claims
 from proxy.auth.tokens import TokenError
 from proxy.outcome import FhirError
-from proxy.transform.bodies import GrantsFor
+from proxy.transform.bodies import GrantsFor, all_groups
 from proxy.transform.interactions import Interaction
 from proxy.web.auditing import Exchange
 from proxy.web.runtime import Runtime
@@ -26,10 +26,11 @@ def _unauthorized(description: str, invalid: bool) -> FhirError:
 
 async def authorize(
     rt: Runtime, request: web.Request, it: Interaction, request_id: str, exchange: Exchange
-) -> GrantsFor | None:
-    """The caller's decryption rights; 401 without a valid bearer token (except for metadata)."""
+) -> GrantsFor:
+    """The caller's decryption rights; 401 without a valid bearer token (except for metadata).
+    The only place in the proxy that grants every group: with --auth none, and nowhere else."""
     if rt.verifier is None:
-        return None  # --auth none: development mode, everything decrypts
+        return all_groups  # --auth none: development mode, everything decrypts
     if it.kind == "capabilities":
         return _NOTHING
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -79,16 +80,16 @@ def _certificate_claims(rt: Runtime, request: web.Request) -> dict | None:
     return rt.identities.claims_for(der) if der else None
 
 
-def watch_canaries(rt: Runtime, grants_for: GrantsFor | None, hits: list[str]) -> GrantsFor | None:
+def watch_canaries(rt: Runtime, grants_for: GrantsFor, hits: list[str]) -> GrantsFor:
     """Wrap the caller's grants: note each honeytoken resource that is about to be decrypted for it."""
     canaries = rt.policy.canaries
     if not canaries:
         return grants_for
 
     def watched(resource: dict):
-        groups = grants_for(resource) if grants_for is not None else None
+        groups = grants_for(resource)
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if ref in canaries and (groups is None or groups):
+        if ref in canaries and groups:  # ALL_GROUPS is true, an empty frozenset false
             hits.append(ref)
         return groups
 

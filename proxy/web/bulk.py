@@ -1,9 +1,11 @@
 """Bulk Data export through the proxy: kick-off, status polling and NDJSON files streamed and decrypted.
 
-The upstream chooses the status and file URLs (its own paths, or an object store). The
-client gets signed proxy links instead (``[base]/$fhircrypt-link/<kind>/<token>``, see
-``proxy.crypto.urlsign``), so every poll and every file goes through the proxy, which
-follows only links it minted. Files are decrypted line by line while they stream.
+The upstream chooses the status and file URLs. The client gets signed proxy links instead
+(``[base]/$fhircrypt-link/<kind>/<token>``, see ``proxy.crypto.urlsign``), so every poll and
+every file goes through the proxy, which follows only links it minted, and only to the
+upstream's own origin (the upstream client refuses any other: a hostile upstream cannot send
+the proxy elsewhere). Every answer, files and relayed errors alike, is decrypted for the caller's
+grants and no further. Files are decrypted line by line while they stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from proxy.outcome import FhirError
 from proxy.transform import bulk, jsonnum
@@ -24,7 +25,7 @@ from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import read_limited, upstream_call, upstream_resource
+from proxy.web.upstream import upstream_resource
 
 log = logging.getLogger("fhircrypt")
 LINKS = "$fhircrypt-link"
@@ -38,6 +39,9 @@ class StreamAborted(Exception):
 
 
 def _link(rt: Runtime, kind: str, url: str) -> str:
+    """A signed proxy link to ``url``, which must be on the upstream's origin (else 502, nothing minted)."""
+    assert rt.client is not None
+    url = str(rt.client.resolve(url))
     return f"{rt.public_base}/{LINKS}/{kind}/{rt.keyring.link_signer.sign(f'{kind} {url}')}"
 
 
@@ -48,23 +52,17 @@ def _target(rt: Runtime, kind: str, token: str) -> str:
     return signed[len(kind) + 1 :]
 
 
-def _headers(rt: Runtime, request: web.Request, request_id: str, with_token: bool = True) -> dict[str, str]:
-    headers = hdr.upstream_request_headers(
-        request.headers, request_id, request.remote, request.scheme, request.host, False
+def _headers(request: web.Request, request_id: str) -> dict[str, str]:
+    return dict(
+        hdr.upstream_request_headers(request.headers, request_id, request.remote, request.scheme, request.host, False)
     )
-    if not with_token:
-        headers.popall("Authorization", None)
-    return dict(headers)
 
 
-def _tls(rt: Runtime, upstream: bool) -> dict:
-    """The upstream's SNI name for its own URLs; a pre-signed link's host is someone else's."""
-    name = rt.settings.upstream_server_name
-    return {"server_hostname": name} if upstream and name else {}
-
-
-def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange) -> web.Response:
-    """An upstream answer that is not a manifest or a file: an OperationOutcome, decrypted like any body."""
+def _relay(
+    rt: Runtime, status: int, raw: bytes, out_headers, grants_for: GrantsFor, exchange: Exchange, request_id: str
+) -> web.Response:
+    """An upstream answer that is not a manifest or a file (an OperationOutcome, or whatever a hostile
+    upstream sends): decrypted for the caller's grants like any body, never beyond them."""
     if not raw:
         return web.Response(status=status, headers=out_headers)
     try:
@@ -73,13 +71,24 @@ def _relay(rt: Runtime, status: int, raw: bytes, out_headers, exchange: Exchange
         payload = None
     if type(payload) is not dict:
         raise FhirError(502, "structure", f"the upstream answered the export request with {status} and no FHIR JSON")
-    decrypt_body(payload, rt.policy, rt.read_keys, None, exchange.report)
+    hits: list[str] = []
+    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, grants_for, hits), exchange.report)
+    if len(exchange.references) < MAX_REFERENCES:
+        exchange.references.extend(references_in(payload))
+    if hits:
+        alarm(rt, exchange, hits, request_id)
     body = serialise_for_client(payload, exchange.report, "export")
     return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
 async def kickoff(
-    rt: Runtime, request: web.Request, segments: list[str], params, request_id: str, exchange: Exchange
+    rt: Runtime,
+    request: web.Request,
+    segments: list[str],
+    params,
+    grants_for: GrantsFor,
+    request_id: str,
+    exchange: Exchange,
 ) -> web.Response:
     """``$export`` at system, Patient or Group level; the status URL comes back as a proxy link."""
     if request.method != "GET":
@@ -91,14 +100,15 @@ async def kickoff(
     if "?" in request.raw_path:
         exchange.forwarded_query = request.raw_path.split("?", 1)[1]
         url += "?" + exchange.forwarded_query
-    async with upstream_call(
-        rt.session, "GET", URL(url, encoded=True), headers=_headers(rt, request, request_id), **_tls(rt, True)
+    assert rt.client is not None
+    async with rt.client.request(
+        "GET", url, headers=_headers(request, request_id), caller_authorization=request.headers.get("Authorization")
     ) as resp:
-        raw = await read_limited(resp.content, rt.settings.max_response) or b""
+        raw = await rt.client.read(resp) or b""
         status, location = resp.status, resp.headers.get("Content-Location")
         out_headers = {"X-Request-ID": request_id}
     if status != 202:
-        return _relay(rt, status, raw, out_headers, exchange)
+        return _relay(rt, status, raw, out_headers, grants_for, exchange, request_id)
     if not location:
         raise FhirError(502, "structure", "the upstream accepted the export without a status URL")
     out_headers["Content-Location"] = _link(rt, _STATUS, location)
@@ -110,7 +120,7 @@ async def follow(
     request: web.Request,
     kind: str,
     token: str,
-    grants_for: GrantsFor | None,
+    grants_for: GrantsFor,
     request_id: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
@@ -118,7 +128,7 @@ async def follow(
     if kind == _STATUS:
         if request.method not in ("GET", "DELETE"):
             raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export status link")
-        return await _status(rt, request, _target(rt, kind, token), request_id, exchange)
+        return await _status(rt, request, _target(rt, kind, token), grants_for, request_id, exchange)
     if kind in (_FILE, _OPEN):
         if request.method != "GET":
             raise FhirError(405, "not-supported", f"{request.method} is not allowed on an export file link")
@@ -127,12 +137,15 @@ async def follow(
     raise FhirError(404, "not-found", "unknown or expired export link")
 
 
-async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, exchange: Exchange):
-    headers = _headers(rt, request, request_id) | {"Accept": "application/json"}
-    async with upstream_call(
-        rt.session, request.method, URL(url, encoded=True), headers=headers, **_tls(rt, True)
+async def _status(
+    rt: Runtime, request: web.Request, url: str, grants_for: GrantsFor, request_id: str, exchange: Exchange
+):
+    assert rt.client is not None
+    headers = _headers(request, request_id) | {"Accept": "application/json"}
+    async with rt.client.request(
+        request.method, url, headers=headers, caller_authorization=request.headers.get("Authorization")
     ) as resp:
-        raw = await read_limited(resp.content, rt.settings.max_response)
+        raw = await rt.client.read(resp)
         status, up_headers = resp.status, resp.headers
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream's export manifest exceeds the response size limit")
@@ -141,7 +154,7 @@ async def _status(rt: Runtime, request: web.Request, url: str, request_id: str, 
     out_headers.popall("Location", None)
     out_headers["X-Request-ID"] = request_id
     if status != 200 or request.method != "GET":
-        return _relay(rt, status, raw, out_headers, exchange)
+        return _relay(rt, status, raw, out_headers, grants_for, exchange, request_id)
     try:
         manifest = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -161,23 +174,30 @@ async def _file(
     request: web.Request,
     url: str,
     with_token: bool,
-    grants_for: GrantsFor | None,
+    grants_for: GrantsFor,
     request_id: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
-    """Stream one NDJSON file, each line decrypted for the caller; memory holds one chunk and one line."""
-    headers = _headers(rt, request, request_id, with_token) | {"Accept": f"{NDJSON}, application/ndjson"}
+    """Stream one NDJSON file, each line decrypted for the caller; memory holds one chunk and one line.
+    A pre-signed file (``with_token`` False) is fetched with no credential at all."""
+    assert rt.client is not None
+    headers = _headers(request, request_id) | {"Accept": f"{NDJSON}, application/ndjson"}
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=rt.settings.connect_timeout, sock_read=rt.settings.upstream_timeout
     )
     hits: list[str] = []
     grants = watch_canaries(rt, grants_for, hits)
-    async with upstream_call(
-        rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout, **_tls(rt, with_token)
+    async with rt.client.request(
+        "GET",
+        url,
+        headers=headers,
+        timeout=timeout,
+        caller_authorization=request.headers.get("Authorization"),
+        with_credentials=with_token,
     ) as resp:
         if resp.status != 200:
-            raw = await read_limited(resp.content, rt.settings.max_response) or b""
-            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, exchange)
+            raw = await rt.client.read(resp) or b""
+            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, grants_for, exchange, request_id)
         if hdr.media_type(resp.headers.get("Content-Type")) not in bulk.NDJSON_TYPES:
             raise FhirError(502, "not-supported", "the upstream's export file is not NDJSON")
         out = web.StreamResponse(status=200, headers={"X-Request-ID": request_id, "Content-Type": NDJSON})
@@ -211,7 +231,7 @@ async def _file(
     return out
 
 
-async def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor | None, exchange: Exchange) -> bytes:
+async def _decrypt_lines(rt: Runtime, lines: list[bytes], grants: GrantsFor, exchange: Exchange) -> bytes:
     out = []
     for line in lines:
         resource = upstream_resource(line, "an export file line is")

@@ -18,23 +18,18 @@ from proxy.transform.bodies import encrypt_for_write, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.masked import has_masked, merge_masked, written_groups
 from proxy.transform.operations import resources_to_encrypt
-from proxy.transform.records import ReadReport, ShapeError, decrypt_resource
+from proxy.transform.records import ALL_GROUPS, ReadReport, ShapeError, decrypt_resource
 from proxy.web import headers as hdr
-from proxy.web.upstream import read_limited, upstream_call
 
 
 async def stored_version(rt, it: Interaction, request_id: str, authorization: str | None) -> dict | None:
     """The current version at the upstream as stored (encrypted), or None when there is none.
 
-    It is read with the client's own Authorization, so the upstream's access control applies."""
-    url = f"{rt.upstream_base}/{it.resource_type}/{it.id}"
+    Read through the upstream client: with the proxy's credential, or the caller's when forwarded."""
+    url = f"{it.resource_type}/{it.id}"
     headers = {"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}
-    if authorization:
-        headers["Authorization"] = authorization
-    server_name = rt.settings.upstream_server_name
-    tls = {"server_hostname": server_name} if server_name else {}
-    async with upstream_call(rt.session, "GET", url, headers=headers, **tls) as resp:
-        status, raw = resp.status, await read_limited(resp.content, rt.settings.max_response)
+    async with rt.client.request("GET", url, headers=headers, caller_authorization=authorization) as resp:
+        status, raw = resp.status, await rt.client.read(resp)
     if status in (404, 410):
         return None
     try:
@@ -53,7 +48,9 @@ def _decrypted(rt, it: Interaction, stored: dict | None) -> tuple[dict, str | No
             409, "conflict", f"{it.resource_type}/{it.id} has no stored version to restore its masked elements from"
         )
     report = ReadReport()
-    decrypt_resource(stored, rt.policy.resources[it.resource_type], rt.read_keys, None, rt.policy.unenveloped, report)
+    decrypt_resource(
+        stored, rt.policy.resources[it.resource_type], rt.read_keys, ALL_GROUPS, rt.policy.unenveloped, report
+    )
     _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(
@@ -186,7 +183,7 @@ async def apply_patch(
     report = ReadReport()
     rp = rt.policy.resources[it.resource_type]
     await rt.prefetch_patient_keys(view)
-    decrypt_resource(view, rp, rt.read_keys, grants_for(view) if grants_for else None, rt.policy.unenveloped, report)
+    decrypt_resource(view, rp, rt.read_keys, grants_for(view), rt.policy.unenveloped, report)
     _refuse_shredded(it, report)
     if report.failures:
         raise FhirError(409, "conflict", f"{it.resource_type}/{it.id}: the stored version fails verification")
