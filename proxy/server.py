@@ -35,6 +35,7 @@ log = logging.getLogger("fhircrypt")
 def check_startup(settings: Settings) -> str | None:
     """What makes this configuration unusable, in words (for exit code 2), or None."""
     from proxy.web.tls import check_files
+    from proxy.web.upstream import upstream_problem
 
     for name in ("upstream", "policy"):
         if not getattr(settings, name):
@@ -46,7 +47,7 @@ def check_startup(settings: Settings) -> str | None:
         )
     if settings.workers < 1:
         return "--workers must be at least 1"
-    return check_files(settings)
+    return check_files(settings) or upstream_problem(settings)
 
 
 def load_keys(settings: Settings) -> KeyCache:

@@ -21,10 +21,11 @@ from aiohttp import web
 
 from proxy.migrate.upstream import Upstream, UpstreamDown
 from proxy.outcome import FhirError
+from proxy.server import check_startup
 from proxy.transform.bodies import all_groups, decrypt_body, encrypt_for_write
 from proxy.transform.records import ReadReport, decrypt_resource
 from proxy.upstream.client import UpstreamClient
-from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, make_settings
 from tests.test_auth import AUDIENCE, NOTHING, OTHER, PATIENT, _plain, bearer, issuer  # noqa: F401 - fixture
 
 ASYNC = {"Prefer": "respond-async"}
@@ -393,3 +394,30 @@ def test_every_group_is_granted_in_the_web_shell_only_for_auth_none_and_the_writ
                 assert not (isinstance(grants, ast.Constant) and grants.value is None), f"{path.name}:{node.lineno}"
     assert used == EVERY_GROUP_ALLOWED
     assert Path(WEB / "access.py").read_text().count("all_groups") == 2  # the import and the --auth none branch
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"upstream_auth": "bearer"}, "upstream_auth bearer needs FHIRCRYPT_UPSTREAM_TOKEN_FILE"),
+        ({"upstream_auth": "bearer", "upstream_token": " "}, "the upstream bearer token is empty"),
+        (
+            {
+                "upstream_auth": "client-credentials",
+                "upstream_token_url": "https://idp/token",
+                "upstream_client_id": "p",
+            },
+            "upstream_auth client-credentials needs",
+        ),
+        (
+            {"audit_fhir": "https://fhir.example/audit", "audit_fhir_token": "t"},
+            "audit_fhir is on the upstream's origin",
+        ),
+        ({"audit_fhir": "https://audit.example/fhir", "audit_fhir_token": "t"}, None),
+        ({"upstream_auth": "bearer", "upstream_token": "t", "forward_caller_token": True}, None),
+    ],
+)
+def test_serve_refuses_an_unusable_upstream_credential_at_start_up(extra, problem):
+    found = check_startup(make_settings("https://fhir.example/fhir/R4", policy="p.yaml", **extra))
+    assert found == problem if problem is None else problem in found
+    assert "t" not in (found or "").split()  # secrets are never quoted

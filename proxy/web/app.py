@@ -47,7 +47,14 @@ from proxy.web.readiness import READINESS, Readiness, readiness
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.tls import upstream_context
-from proxy.web.upstream import client_for, drop_foreign_links, leads_elsewhere, read_limited, upstream_resource
+from proxy.web.upstream import (
+    client_for,
+    drop_foreign_links,
+    leads_elsewhere,
+    read_limited,
+    upstream_problem,
+    upstream_resource,
+)
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
@@ -435,10 +442,11 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), lambda: rt.keyring, cache)
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
+    problem = upstream_problem(settings)
+    if problem:
+        raise ValueError(problem)
     rt.client = client_for(settings)
     audit_upstream = bool(settings.audit_fhir) and rt.client.owns(settings.audit_fhir)
-    if audit_upstream and settings.audit_fhir_token:
-        raise ValueError("audit_fhir is on the upstream's origin: it gets upstream_auth's credential, not a token")
     app = web.Application(client_max_size=settings.max_body)
     app[RUNTIME] = rt
     app[READINESS] = Readiness()

@@ -15,7 +15,7 @@ from proxy.upstream.client import UpstreamClient, read_limited
 from proxy.upstream.credentials import ClientCredentials, Credential, StaticBearer
 from proxy.web.tls import upstream_context
 
-__all__ = ["client_for", "credential_for", "read_limited", "upstream_resource"]
+__all__ = ["client_for", "credential_for", "read_limited", "upstream_problem", "upstream_resource"]
 
 
 def credential_for(settings: Settings) -> Credential | None:
@@ -37,6 +37,17 @@ def credential_for(settings: Settings) -> Credential | None:
             settings.upstream_scope,
             timeout=settings.upstream_timeout,
         )
+    return None
+
+
+def upstream_problem(settings: Settings) -> str | None:
+    """What makes the upstream connection's configuration unusable, in words (start-up exit code 2), or None."""
+    try:
+        client = client_for(settings)
+    except ValueError as exc:
+        return str(exc)
+    if settings.audit_fhir and settings.audit_fhir_token and client.owns(settings.audit_fhir):
+        return "audit_fhir is on the upstream's origin: it gets upstream_auth's credential, not audit_fhir_token"
     return None
 
 
