@@ -228,6 +228,9 @@ async def test_redirects_and_foreign_links_are_neither_followed_nor_passed_on(sc
     body = await resp.json()
     assert resp.status == 200 and body["link"] == [{"relation": "self", "url": f"{PUBLIC_BASE}/Patient?_count=1"}]
     assert "Location" not in resp.headers and resp.headers["Content-Location"] == f"{PUBLIC_BASE}/Patient/x"
+    hostile.answer("status/1", 500, page)  # a relayed export answer gets the same treatment
+    relayed = await (await client.get(_local(kicked.headers["Content-Location"]), headers=token)).json()
+    assert relayed["link"] == [{"relation": "self", "url": f"{PUBLIC_BASE}/Patient?_count=1"}]
     hostile.answer("Patient/pat-a/$everything", 500, page)
     resp = await client.get("/fhir/R4/Patient/pat-a/$everything", headers=bearer(issuer.token(**NOBODY)))
     body = await resp.json()
@@ -336,6 +339,28 @@ async def test_client_credentials_token_is_cached_refreshed_and_refusals_are_502
     outcome = await resp.json()
     assert resp.status == 502 and outcome["resourceType"] == "OperationOutcome" and endpoint.refused == 1
     assert "wrong" not in str(outcome) and clean_upstream.requests() == []
+
+
+async def test_a_token_the_upstream_refuses_is_fetched_again(aiohttp_server, proxy_for, satusehat, encrypted):
+    endpoint, hostile = TokenEndpoint(lifetime=3600), Hostile(encrypted)
+    url = str((await aiohttp_server(endpoint.app())).make_url("/token"))
+    hostile.base = str((await aiohttp_server(hostile.app())).make_url("/fhir/R4"))
+    client = await proxy_for(
+        hostile.base,
+        satusehat,
+        upstream_auth="client-credentials",
+        upstream_token_url=url,
+        upstream_client_id="fhircrypt-proxy",
+        upstream_client_secret="s3cret",
+        upstream_scope="system/*.cruds",
+    )
+    hostile.answer("Patient", 401, {"resourceType": "OperationOutcome", "issue": []})
+    assert (await client.get("/fhir/R4/Patient")).status == 401
+    hostile.answer("Patient", 200, {"resourceType": "Bundle", "type": "searchset"})
+    assert (await client.get("/fhir/R4/Patient")).status == 200
+    assert (await client.get("/fhir/R4/Patient")).status == 200
+    assert endpoint.issued == ["tok-1", "tok-2"]
+    assert [auth for _, auth in hostile.seen] == ["Bearer tok-1", "Bearer tok-2", "Bearer tok-2"]
 
 
 def test_upstream_client_resolves_only_urls_on_the_upstreams_origin():

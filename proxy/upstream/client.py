@@ -166,16 +166,17 @@ class UpstreamClient:
         url = self.resolve(target)
         out: CIMultiDict[str] = CIMultiDict(headers or {})
         out.popall("Authorization", None)
-        if with_credentials:
-            authorization = await self._authorization(caller_authorization)
-            if authorization:
-                out["Authorization"] = authorization
+        authorization = await self._authorization(caller_authorization) if with_credentials else None
+        if authorization:
+            out["Authorization"] = authorization
         if self.server_name:
             kwargs.setdefault("server_hostname", self.server_name)
         session = self.open().session
         assert session is not None
         try:
             async with session.request(method, url, allow_redirects=False, headers=out, **kwargs) as resp:
+                if resp.status == 401 and self.credential is not None and authorization != caller_authorization:
+                    self.credential.refused()  # the proxy's own token was refused: the next request gets a new one
                 yield resp
         except TimeoutError:
             raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None

@@ -28,6 +28,10 @@ class Credential(Protocol):
         """The ``Authorization`` header value for the next upstream request."""
         ...
 
+    def refused(self) -> None:
+        """The upstream answered 401 to this credential: a cached token is fetched again next time."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -41,6 +45,9 @@ class StaticBearer:
 
     async def authorization(self) -> str:
         return self._header
+
+    def refused(self) -> None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -78,6 +85,9 @@ class ClientCredentials:
                 self._header, lifetime = await self._fetch()
                 self._refresh_at = self._clock() + max(lifetime - 60.0, lifetime / 2)
         return self._header
+
+    def refused(self) -> None:
+        self._header, self._refresh_at = None, float("-inf")  # revoked or rotated early at the provider
 
     async def _fetch(self) -> tuple[str, float]:
         refused = FhirError(502, "transient", "the proxy could not obtain its token for the upstream")

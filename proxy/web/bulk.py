@@ -25,7 +25,7 @@ from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import upstream_resource
+from proxy.web.upstream import drop_foreign_links, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 LINKS = "$fhircrypt-link"
@@ -77,7 +77,9 @@ def _relay(
         exchange.references.extend(references_in(payload))
     if hits:
         alarm(rt, exchange, hits, request_id)
+    drop_foreign_links(payload, rt.upstream_base)  # and links into the upstream's base lead to the proxy:
     body = serialise_for_client(payload, exchange.report, "export")
+    body = body.replace(rt.upstream_base.encode(), rt.public_base.encode())
     return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
