@@ -283,6 +283,24 @@ async def test_the_upstream_gets_the_proxys_token_and_never_the_callers(
     assert sent == {"default": {None}, "bearer": {"Bearer proxy-token-1"}, "forward": {f"Bearer {caller}"}}
 
 
+async def test_an_audit_repository_on_the_upstream_gets_the_proxys_credential(proxy_for, clean_upstream, satusehat):
+    client = await proxy_for(
+        clean_upstream.base_url,
+        satusehat,
+        upstream_auth="bearer",
+        upstream_token="proxy-token-1",
+        audit_fhir=clean_upstream.base_url,
+        audit_mode="continue",
+    )
+    assert (await client.get("/fhir/R4/Patient", headers=bearer("not-checked-with-auth-none"))).status == 200
+    for _ in range(100):
+        posts = [r for r in clean_upstream.requests() if r["url"].endswith("/AuditEvent")]
+        if posts:
+            break
+        await asyncio.sleep(0.05)
+    assert posts and {r["headers"].get("authorization") for r in clean_upstream.requests()} == {"Bearer proxy-token-1"}
+
+
 class TokenEndpoint:
     """A small OAuth2 token endpoint (client credentials, client_secret_basic) issuing short-lived tokens."""
 
