@@ -15,10 +15,13 @@ import copy
 from pathlib import Path
 from urllib.parse import parse_qs
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 
+from proxy.crypto.keyring import load_keyring
+from proxy.crypto.providers.local import LocalKeyProvider, parse_kek
 from proxy.migrate.upstream import Upstream, UpstreamDown
 from proxy.outcome import FhirError
 from proxy.server import check_startup
@@ -26,6 +29,7 @@ from proxy.transform.bodies import all_groups, decrypt_body, encrypt_for_write
 from proxy.transform.records import ReadReport, decrypt_resource
 from proxy.upstream.client import UpstreamClient
 from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, make_settings
+from tests.serving import Served, make_keyring
 from tests.test_auth import AUDIENCE, NOTHING, OTHER, PATIENT, _plain, bearer, issuer  # noqa: F401 - fixture
 
 ASYNC = {"Prefer": "respond-async"}
@@ -299,6 +303,41 @@ async def test_an_audit_repository_on_the_upstream_gets_the_proxys_credential(pr
             break
         await asyncio.sleep(0.05)
     assert posts and {r["headers"].get("authorization") for r in clean_upstream.requests()} == {"Bearer proxy-token-1"}
+
+
+async def test_observation_1_through_a_real_fhircrypt_serve(tmp_path, aiohttp_server, issuer, satusehat):  # noqa: F811
+    """Issue 14, observation 1, as reproduced: a real ``fhircrypt serve`` with JWT auth in front of an upstream
+    that answers the kick-off with 500 and a resource, then names a status URL on another port."""
+    ring, kek = make_keyring(tmp_path)
+    keyring = load_keyring(ring, LocalKeyProvider(parse_kek(kek.read_text())))
+    stored = copy.deepcopy(PATIENT)
+    encrypt_for_write(stored, satusehat, keyring, validate=False)
+    counter, hostile = Counter(), Hostile(orjson.loads(orjson.dumps(stored)))
+    counter.base = str((await aiohttp_server(counter.app())).make_url("")).rstrip("/")
+    hostile.base = str((await aiohttp_server(hostile.app())).make_url("/fhir/R4"))
+    (tmp_path / "upstream-token").write_text("proxy-token-9\n")
+    served = Served(
+        ["--upstream", hostile.base, "--policy", str(ROOT / "policies" / "satusehat.yaml"),
+         "--oidc-issuer", issuer.url, "--audience", AUDIENCE,
+         "--upstream-auth", "bearer", "--upstream-token-file", str(tmp_path / "upstream-token")],
+        {"FHIRCRYPT_KEYRING": str(ring), "FHIRCRYPT_KEK_FILE": str(kek)},
+    )  # fmt: skip
+    callers = {who: issuer.token(**claims) for who, (claims, _) in SEES.items()}
+    try:
+        await asyncio.to_thread(served.wait_for, "listening")
+        async with aiohttp.ClientSession() as http:
+            hostile.answer("$export", 500, hostile.stored)
+            for who, token in callers.items():
+                async with http.get(served.url("/fhir/R4/$export"), headers={**ASYNC, **bearer(token)}) as resp:
+                    assert resp.status == 500
+                    assert {k: v for k, v in _plain(await resp.json()).items() if k in SEES[who][1]} == SEES[who][1]
+            hostile.answer("$export", 202, **{"Content-Location": f"{counter.base}/status/1"})
+            async with http.get(served.url("/fhir/R4/$export"), headers={**ASYNC, **bearer(callers["nobody"])}) as resp:
+                assert resp.status == 502
+    finally:
+        assert await asyncio.to_thread(served.stop) == 0
+    assert counter.received == []
+    assert {auth for _, auth in hostile.seen} == {"Bearer proxy-token-9"}
 
 
 class TokenEndpoint:
