@@ -33,7 +33,7 @@ from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
-from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
+from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from proxy.transform.validation import validate_resource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ class _Fixture:
         self.at_rest = orjson.dumps(at_rest)
         check = orjson.loads(self.at_rest)
         report = ReadReport()
-        decrypt_resource(check, self.rp, self.keyring, None, self.policy.unenveloped, report)
+        decrypt_resource(check, self.rp, self.keyring, ALL_GROUPS, self.policy.unenveloped, report)
         if report.failures or check != orjson.loads(self.plain):
             raise RuntimeError(f"the at-rest Patient does not decrypt to the original: {report.failures}")
         self.encrypted_elements = report.decrypted
@@ -89,12 +89,12 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
 
     def decrypt(items: list) -> None:
         for r in items:
-            decrypt_resource(r, rp, ring, None, unenv, ReadReport())
+            decrypt_resource(r, rp, ring, ALL_GROUPS, unenv, ReadReport())
 
     def decrypt_path(items: list) -> None:
         for raw in items:
             r = body_loads(raw)
-            decrypt_resource(r, rp, ring, None, unenv, ReadReport())
+            decrypt_resource(r, rp, ring, ALL_GROUPS, unenv, ReadReport())
             body_dumps(r)
 
     def encrypt(items: list) -> None:

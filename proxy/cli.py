@@ -80,10 +80,14 @@ def _upstream_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per configuration option; secrets have none (they come from files or the environment)."""
+    """One flag per configuration option; a secret only as ``--<name>-file`` (a path, never the value)."""
+    p.allow_abbrev = False  # else --upstream-token <value> would be taken for --upstream-token-file <path>
     p.add_argument("--config", help=f"YAML configuration file (or {CONFIG_ENV})")
     for opt in OPTIONS:
         if opt.secret:
+            p.add_argument(
+                opt.flag + "-file", dest=opt.name + "_file", default=None, help=f"file holding the {opt.help}"
+            )
             continue
         # default=None tells a flag given from one left out (the model resolves env, file, default); the help
         # shows the default and the environment variable, as ArgumentDefaultsHelpFormatter cannot here
@@ -96,7 +100,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resolve(args: argparse.Namespace) -> Resolved:
-    flags = {opt.name: getattr(args, opt.name) for opt in OPTIONS if not opt.secret}
+    dests = [opt.name + "_file" if opt.secret else opt.name for opt in OPTIONS]
+    flags = {dest: getattr(args, dest) for dest in dests}
     return resolve(flags, os.environ, args.config)
 
 

@@ -36,6 +36,7 @@ log = logging.getLogger("fhircrypt")
 def check_startup(settings: Settings) -> str | None:
     """What makes this configuration unusable, in words (for exit code 2), or None."""
     from proxy.web.tls import check_files
+    from proxy.web.upstream import upstream_problem
 
     missing = missing_required(settings)
     if missing:
@@ -47,7 +48,7 @@ def check_startup(settings: Settings) -> str | None:
         )
     if settings.workers < 1:
         return "--workers must be at least 1"
-    return check_files(settings) or _unreadable(settings)
+    return check_files(settings) or _unreadable(settings) or upstream_problem(settings)
 
 
 def _unreadable(settings: Settings) -> str | None:

@@ -43,6 +43,13 @@ class Settings:
     upstream_client_cert: str | None = None  # the proxy's client certificate towards the upstream (mTLS)
     upstream_client_key: str | None = None
     upstream_server_name: str | None = None  # SNI and the name the upstream certificate must carry
+    upstream_auth: str = "none"  # the proxy's own credential upstream: none, bearer or client-credentials
+    upstream_token: str | None = None  # bearer: FHIRCRYPT_UPSTREAM_TOKEN[_FILE] or --upstream-token-file
+    upstream_token_url: str | None = None  # client-credentials: the OAuth2 token endpoint
+    upstream_client_id: str | None = None
+    upstream_client_secret: str | None = None  # FHIRCRYPT_UPSTREAM_CLIENT_SECRET[_FILE] or its --...-file flag
+    upstream_scope: str | None = None
+    forward_caller_token: bool = False  # send the caller's Authorization upstream instead (docs/threat-model.md)
     auth: str = "jwt"  # "none" is the development mode that decrypts every group for every caller
     oidc_issuer: str | None = None  # OpenID provider (discovery) for --auth jwt
     jwks_url: str | None = None  # or a JWKS URL directly
@@ -143,7 +150,7 @@ class Option:
     parse: Callable[[Any], Any] = str
     choices: tuple[str, ...] | None = None
     path: bool = False  # a file path: relative paths in the config file are relative to the file
-    secret: bool = False  # never a flag or an inline file value: env, env _FILE, or the file's <name>_file key
+    secret: bool = False  # never a flag or an inline file value: --<name>-file, env, env _FILE, or <name>_file
     required: bool = False  # serve refuses to start without it
 
     @property
@@ -212,6 +219,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("upstream_client_cert", "client certificate towards the upstream (PEM)", path=True),
     Option("upstream_client_key", "private key of upstream_client_cert (PEM)", path=True),
     Option("upstream_server_name", "SNI name the upstream certificate must carry (default: the URL's host)"),
+    Option(
+        "upstream_auth",
+        "the proxy's own credential towards the upstream: none, bearer (upstream_token) or client-credentials",
+        "none",
+        choices=("none", "bearer", "client-credentials"),
+    ),
+    Option("upstream_token", "bearer token for upstream_auth bearer", secret=True),
+    Option("upstream_token_url", "OAuth2 token endpoint for upstream_auth client-credentials"),
+    Option("upstream_client_id", "client id for upstream_auth client-credentials"),
+    Option("upstream_client_secret", "client secret for upstream_auth client-credentials", secret=True),
+    Option("upstream_scope", "scope requested for upstream_auth client-credentials"),
+    Option("forward_caller_token", "send the caller's token upstream (the upstream can replay it)", False, parse_bool),
     Option("upstream_timeout", "seconds for one upstream exchange", 30.0, float),
     Option("connect_timeout", "seconds to connect to the upstream", 5.0, float),
     Option("upstream_connections", "pooled upstream connections per worker", 100, int),
@@ -348,7 +367,7 @@ def resolve(
     values: dict[str, Value] = {}
     for opt in OPTIONS:
         if opt.secret:
-            values[opt.name] = _resolve_secret(opt, environ, data, config_file, base)
+            values[opt.name] = _resolve_secret(opt, flags, environ, data, config_file, base)
             continue
         if flags.get(opt.name) is not None:
             raw, source = flags[opt.name], f"flag {opt.flag}"
@@ -371,8 +390,13 @@ def resolve(
     return Resolved(values, config_file)
 
 
-def _resolve_secret(opt: Option, environ: Mapping[str, str], data: dict, config_file: str | None, base) -> Value:
+def _resolve_secret(
+    opt: Option, flags: Mapping[str, Any], environ: Mapping[str, str], data: dict, config_file: str | None, base
+) -> Value:
     file_key, file_env = opt.name + "_file", opt.env + "_FILE"
+    if flags.get(file_key):
+        flag = f"{opt.flag}-file"
+        return Value(_read_secret(str(flags[file_key]), flag), f"flag {flag}")
     if environ.get(file_env):
         return Value(_read_secret(environ[file_env], file_env), f"env {file_env}")
     if environ.get(opt.env):

@@ -838,7 +838,7 @@ async def test_fhir_poster_delivers_in_order_through_outages(aiohttp_server):
     events = [_event(i) for i in range(6)]
     async with ClientSession() as session:
         poster = FhirAuditPoster(
-            session, str(server.make_url("/fhir/")), headers={"Authorization": "Bearer audit-token"}
+            session.request, str(server.make_url("/fhir/")), headers={"Authorization": "Bearer audit-token"}
         )
         sink = await AsyncAuditSink(poster, name="fhir", retry_initial=0.001, retry_max=0.01).start()
         for ev in events:
@@ -851,7 +851,7 @@ async def test_fhir_poster_delivers_in_order_through_outages(aiohttp_server):
 
 async def test_fhir_poster_unreachable_server_keeps_records(unused_tcp_port):
     async with ClientSession() as session:
-        poster = FhirAuditPoster(session, f"http://127.0.0.1:{unused_tcp_port}/fhir", timeout=1)
+        poster = FhirAuditPoster(session.request, f"http://127.0.0.1:{unused_tcp_port}/fhir", timeout=1)
         with pytest.raises(AuditWriteError) as err:
             await poster.write_batch([_event(0), _event(1)])
         assert err.value.written == 0

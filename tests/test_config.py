@@ -61,9 +61,12 @@ def test_secrets_come_from_files_or_the_environment_and_have_no_flags(tmp_path):
     resolved = resolve({}, env, str(config))
     assert resolved["audit_fhir_token"] == "s3cr3t-value" and resolved["introspection_secret"] == "from-env"
     secrets = {o.name for o in OPTIONS if o.secret}
-    assert secrets == {"introspection_secret", "audit_fhir_token"}
+    assert secrets == {"introspection_secret", "audit_fhir_token", "upstream_token", "upstream_client_secret"}
     out = run_cli("serve", "--introspection-secret", "x")
     assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+    flagged = resolve({"upstream_token_file": str(secret)}, {"FHIRCRYPT_UPSTREAM_TOKEN": "from-env"})
+    assert flagged["upstream_token"] == "s3cr3t-value"  # --upstream-token-file: a path on the command line
+    assert flagged.values["upstream_token"].source == "flag --upstream-token-file"
 
 
 def test_config_show_prints_sources_and_redacts_secrets(tmp_path):

@@ -11,7 +11,7 @@ from proxy.auth.caller import Caller
 from proxy.auth.decision import key_holder, unscoped
 from proxy.policy.access import CallerGrants
 from proxy.transform import markers as mk
-from proxy.transform.records import ReadReport, ShapeError, decrypt_resource, encrypt_resource
+from proxy.transform.records import ALL_GROUPS, ReadReport, ShapeError, decrypt_resource, encrypt_resource
 from tests.conftest import unit_policy
 
 POLICY = unit_policy()
@@ -65,7 +65,7 @@ def encrypted(resource: dict, keyring) -> dict:
     return orjson.loads(orjson.dumps(stored))  # what a server stores and returns
 
 
-def read(stored: dict, keyring, grants=None) -> tuple[dict, ReadReport]:
+def read(stored: dict, keyring, grants=ALL_GROUPS) -> tuple[dict, ReadReport]:
     out, report = copy.deepcopy(stored), ReadReport()
     decrypt_resource(out, POLICY.for_type(out["resourceType"]), keyring, grants, POLICY.unenveloped, report)
     return out, report
@@ -222,7 +222,7 @@ def test_nested_sections_are_encrypted_at_every_depth(keyring, satusehat):
     encrypt_resource(stored, rp, keyring)
     assert "Wibisono" not in orjson.dumps(stored).decode()
     report = ReadReport()
-    decrypt_resource(stored, rp, keyring, None, "mask", report)
+    decrypt_resource(stored, rp, keyring, ALL_GROUPS, "mask", report)
     assert stored == composition and not report.failures
 
 
@@ -237,14 +237,14 @@ def test_reordering_policy_entries_keeps_records_readable(keyring):
     lines[first], lines[first + 1] = lines[first + 1], lines[first]
     reordered = unit_policy("\n".join(lines))
     report = ReadReport()
-    decrypt_resource(stored, reordered.for_type("Patient"), keyring, None, "mask", report)
+    decrypt_resource(stored, reordered.for_type("Patient"), keyring, ALL_GROUPS, "mask", report)
     assert stored == PATIENT and not report.failures
 
 
 def test_unenveloped_allow_returns_the_resource_untouched(keyring):
     legacy = copy.deepcopy(PATIENT)
     report = ReadReport()
-    decrypt_resource(legacy, POLICY.for_type("Patient"), keyring, None, "allow", report)
+    decrypt_resource(legacy, POLICY.for_type("Patient"), keyring, ALL_GROUPS, "allow", report)
     assert legacy == PATIENT and not report.failures
 
 
@@ -269,7 +269,7 @@ def test_generated_displays_below_a_whole_element_still_cover_the_other_items(ke
     text = orjson.dumps(stored).decode()
     assert "Dukcapil" not in text and "Harapan" not in text and "RM-1" in text
     report = ReadReport()
-    decrypt_resource(stored, rp, keyring, None, "mask", report)
+    decrypt_resource(stored, rp, keyring, ALL_GROUPS, "mask", report)
     assert stored == patient and not report.failures
 
 

@@ -174,6 +174,7 @@ class Relay:
         self.session: aiohttp.ClientSession | None = None
         self.puts = 0
         self.server: TestServer | None = None
+        self.base = ""
 
     async def handle(self, request: web.Request) -> web.Response:
         if request.method == "PUT":
@@ -194,6 +195,8 @@ class Relay:
                 if "lastUpdated" in r.get("meta", {}):
                     r["meta"]["lastUpdated"] = r["meta"]["lastUpdated"][:19] + "Z"
             body = orjson.dumps(doc)
+        # the upstream's links name the relay, as a proxy's would: a link to another origin is never followed
+        body = body.replace(self.upstream_base.encode(), self.base.encode())
         return web.Response(status=resp.status, body=body, content_type="application/fhir+json")
 
     async def __aenter__(self) -> str:
@@ -202,7 +205,8 @@ class Relay:
         self.server = TestServer(app)
         self.session = aiohttp.ClientSession()
         await self.server.start_server()
-        return str(self.server.make_url("/fhir/R4"))
+        self.base = str(self.server.make_url("/fhir/R4"))
+        return self.base
 
     async def __aexit__(self, *exc) -> None:
         await self.server.close()

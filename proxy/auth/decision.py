@@ -32,6 +32,7 @@ from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.policy.compartment import compartment_params, compartment_types
 from proxy.transform.interactions import Interaction
+from proxy.transform.records import ALL_GROUPS, Grants
 
 _READS = frozenset({"read", "vread", "search", "history"})
 _WRITES = {"create": "create", "update": "update", "patch": "update", "delete": "delete"}  # SMART v2 c, u, d
@@ -52,7 +53,7 @@ class Decision:
         everything: bool,
         constraint: tuple[str, str] | None,
         searchable: frozenset[str] | None,
-        watch: Callable[[dict, frozenset[str] | None], None] | None,
+        watch: Callable[[dict, Grants], None] | None,
         made_by: object,
     ) -> None:
         if made_by is not _MADE_HERE:
@@ -63,11 +64,12 @@ class Decision:
         self.constraint = constraint  # (parameter, value) ANDed to a search, or None
         self.searchable = searchable  # groups the caller may search by; None: every group
 
-    def groups(self, resource: dict) -> frozenset[str] | None:
+    def groups(self, resource: dict) -> Grants:
         """The groups decrypted in ``resource`` (still encrypted: only clear data is looked at);
-        None: every group (development mode)."""
+        ``ALL_GROUPS`` only in development mode and for the key holder."""
+        groups: Grants
         if self._everything:
-            groups = None
+            groups = ALL_GROUPS
         elif self._grants is None:
             groups = frozenset()
         else:
@@ -93,7 +95,7 @@ class Decision:
             return False
         return rtype not in _compartment_types() or grants.in_own_compartment(resource)
 
-    def watched(self, watch: Callable[[dict, frozenset[str] | None], None]) -> Decision:
+    def watched(self, watch: Callable[[dict, Grants], None]) -> Decision:
         """The same decision, telling ``watch`` about every resource it decides groups for (canaries)."""
         return Decision(self._grants, self._everything, self.constraint, self.searchable, watch, _MADE_HERE)
 

@@ -1,21 +1,24 @@
 """The migration's HTTP client to the FHIR server: rate-limited, with bounded retries of transient errors.
 
 The migration talks to the upstream directly (it holds the keys and runs inside the
-hospital); an optional bearer token for the upstream comes from the environment. A
-request that still fails after the retries raises ``UpstreamDown``: the run stops
-without advancing its checkpoint past the page in flight, so resuming repeats it.
+hospital), through the same :class:`proxy.upstream.client.UpstreamClient` as the proxy: only
+the upstream's own origin is requested (a paging link elsewhere stops the run), with an
+optional bearer token from the environment. A request that still fails after the retries
+raises ``UpstreamDown``: the run stops without advancing its checkpoint past the page in
+flight, so resuming repeats it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 
-import aiohttp
 import orjson
 from aiolimiter import AsyncLimiter
 
+from proxy.outcome import FhirError
 from proxy.transform import jsonnum
+from proxy.upstream.client import UpstreamClient, upstream_tls
+from proxy.upstream.credentials import StaticBearer
 
 FHIR_JSON = "application/fhir+json"
 TRANSIENT = frozenset({429, 500, 502, 503, 504})
@@ -38,37 +41,33 @@ class Upstream:
     ) -> None:
         self.base = base.rstrip("/")
         self._limiter = AsyncLimiter(rate, 1.0) if rate else None
-        self._headers = {"Accept": FHIR_JSON}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._ssl: ssl.SSLContext | bool = True
-        if self.base.startswith("https://"):
-            self._ssl = ssl.create_default_context(cafile=ca_file)
-            self._ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._client = UpstreamClient(
+            self.base,
+            tls=upstream_tls(self.base, ca_file),
+            credential=StaticBearer(token) if token else None,
+            timeout=timeout,
+            connections=connections,
+        )
         self._attempts = attempts
-        self._connections = connections
-        self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Upstream:
-        connector = aiohttp.TCPConnector(limit=self._connections, ssl=self._ssl)
-        self._session = aiohttp.ClientSession(timeout=self._timeout, connector=connector)
+        self._client.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.close()
 
     async def request(
         self, method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict | None]:
         """One request (absolute URL or a path under the base); returns the status and the JSON body."""
-        if not url.startswith(("http://", "https://")):
-            url = f"{self.base}/{url}"
-        hdrs = {**self._headers, **(headers or {})}
+        try:
+            target = self._client.resolve(url)
+        except FhirError as exc:
+            raise UpstreamDown(f"{method}: {exc}") from None
+        hdrs = {"Accept": FHIR_JSON, **(headers or {})}
         if body is not None:
             hdrs["Content-Type"] = FHIR_JSON
-        assert self._session is not None, "use Upstream as an async context manager"
         status = 0
         for attempt in range(self._attempts):
             if attempt:
@@ -76,9 +75,11 @@ class Upstream:
             if self._limiter is not None:
                 await self._limiter.acquire()
             try:
-                async with self._session.request(method, url, data=body, headers=hdrs) as resp:
-                    status, raw = resp.status, await resp.read()
-            except (aiohttp.ClientError, TimeoutError):
+                async with self._client.request(method, target, data=body, headers=hdrs) as resp:
+                    status, raw = resp.status, await self._client.read(resp)
+                if raw is None:
+                    raise UpstreamDown(f"{method} {url.split('?', 1)[0]}: the answer exceeds the response size limit")
+            except FhirError:
                 status = 0
                 continue
             if status in TRANSIENT:

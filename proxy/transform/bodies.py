@@ -100,7 +100,6 @@ def shape_refusal(where: str, exc: ShapeError) -> FhirError:
     return FhirError(400, "structure", f"{path}: unexpected JSON type for an encrypted element", [path])
 
 
-GrantsFor = Callable[[dict], Grants]  # the groups the caller may decrypt in one (still encrypted) resource
 Wrap = tuple[str, bytes] | None  # (key id, key) wrapping a record's data key; None: the keyring's primary
 WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
 

@@ -17,7 +17,20 @@ from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
 
-Grants = frozenset[str] | None  # None: every group (development mode without authentication)
+
+class AllGroups:
+    """The grant of every group. A distinct type, not ``None``: a forgotten or missing grants argument
+    fails (``TypeError``) instead of decrypting everything. Only ``ALL_GROUPS`` exists; it is passed where
+    nobody but the operator can be the reader (``--auth none``, offline tools, the write merge)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "ALL_GROUPS"
+
+
+ALL_GROUPS = AllGroups()
+Grants = frozenset[str] | AllGroups  # the groups one resource may be decrypted to for the reader
 
 
 class ShapeError(ValueError):
@@ -593,7 +606,10 @@ def decrypt_resource(
     Nothing that fails verification is returned as data: a bad envelope or record MAC
     masks every covered element of the record; a bad element ciphertext masks that
     element; plaintext found where only ciphertext can be is removed.
+    ``grants`` is required: a frozenset of groups, or ``ALL_GROUPS``; anything else is a ``TypeError``.
     """
+    if not isinstance(grants, frozenset) and grants is not ALL_GROUPS:
+        raise TypeError("decrypt_resource needs the reader's grants (a frozenset of groups or ALL_GROUPS)")
     where = f"{rp.type}/{resource.get('id', '?')}"
     envelopes, tagged = _take_markers(resource, rp.envelope_in_meta)
     strip_index_identifiers(resource)
@@ -622,10 +638,10 @@ def decrypt_resource(
             _mask(slot)
             masked += 1
             continue
-        if grants is not None and not slot.el.groups <= grants:
+        if grants is not ALL_GROUPS and not slot.el.groups <= grants:  # type: ignore[operator]
             _mask(slot)
             masked += 1
-            report.masked_groups |= slot.el.groups - grants
+            report.masked_groups |= slot.el.groups - grants  # type: ignore[operator]
             continue
         try:
             _restore(slot, cipher.open(slot.el.field_id, slot.path, slot.ct))

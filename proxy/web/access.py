@@ -86,9 +86,9 @@ def watch_canaries(rt: Runtime, decision: Decision, hits: list[str]) -> Decision
     if not canaries:
         return decision
 
-    def watch(resource: dict, groups: frozenset[str] | None) -> None:
+    def watch(resource: dict, groups: object) -> None:
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if ref in canaries and (groups is None or groups):
+        if ref in canaries and groups:  # ALL_GROUPS is true, an empty frozenset false
             hits.append(ref)
 
     return decision.watched(watch)

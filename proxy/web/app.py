@@ -50,7 +50,14 @@ from proxy.web.readiness import READINESS, Readiness, readiness
 from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.runtime import RUNTIME, Runtime
 from proxy.web.tls import upstream_context
-from proxy.web.upstream import read_limited, upstream_call, upstream_resource
+from proxy.web.upstream import (
+    client_for,
+    drop_foreign_links,
+    leads_elsewhere,
+    read_limited,
+    upstream_problem,
+    upstream_resource,
+)
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
 log = logging.getLogger("fhircrypt")
@@ -99,7 +106,9 @@ def _segments(rt: Runtime, request: web.Request) -> list[str]:
 def _rewrite_urls(rt: Runtime):
     up, pub = rt.upstream_base, rt.public_base.rstrip("/")
 
-    def rewrite(value: str) -> str:
+    def rewrite(value: str) -> str | None:
+        if leads_elsewhere(value, up):
+            return None
         return pub + value[len(up) :] if value.startswith(up) else value
 
     return rewrite
@@ -116,7 +125,7 @@ async def _forward(
     decision: Decision,
     exchange: Exchange,
 ) -> web.Response:
-    assert rt.session is not None
+    assert rt.client is not None
     url = rt.upstream_base + "/" + "/".join(segments)
     if forwarding.query is not None:
         if forwarding.query:
@@ -139,15 +148,10 @@ async def _forward(
     method = forwarding.method or request.method
     sent = time.perf_counter()
     try:
-        async with upstream_call(
-            rt.session,
-            method,
-            URL(url, encoded=True),
-            data=body,
-            headers=headers,
-            server_hostname=rt.settings.upstream_server_name,
+        async with rt.client.request(
+            method, url, data=body, headers=headers, caller_authorization=request.headers.get("Authorization")
         ) as resp:
-            raw = await read_limited(resp.content, rt.settings.max_response)
+            raw = await rt.client.read(resp)
             status, up_headers = resp.status, resp.headers
             ctype = hdr.media_type(resp.headers.get("Content-Type"))
     finally:
@@ -196,6 +200,7 @@ async def _answer(
     exchange.references = references_in(payload)
     if hits:
         alarm(rt, exchange, hits, request_id)
+    drop_foreign_links(payload, rt.upstream_base)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     if forwarding.raw_binary and status == 200:
@@ -396,27 +401,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def upstream_session(settings: Settings) -> aiohttp.ClientSession:
-    """The pooled session to the upstream, with the TLS of the moment (rebuilt on SIGHUP)."""
-    timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout, connect=settings.connect_timeout)
-    connector = aiohttp.TCPConnector(limit=settings.upstream_connections, ssl=upstream_context(settings) or True)
-    return aiohttp.ClientSession(
-        timeout=timeout, connector=connector, auto_decompress=True, skip_auto_headers=("Accept-Encoding",)
-    )
-
-
 def apply_reload(app: web.Application, policy: CompiledPolicy) -> None:
-    """Swap in a newly compiled policy, the identities file and a new upstream session (with the TLS
-    files as they are now). Requests already running keep the runtime they started with."""
+    """Swap in a newly compiled policy, the identities file and a new upstream pool (with the TLS files
+    as they are now). Requests already running keep the runtime they started with."""
     rt = app[RUNTIME]
     identities = CertificateIdentities.load(rt.settings.client_identities) if rt.settings.client_identities else None
-    old = rt.session
-    rt.session = upstream_session(rt.settings)
+    if rt.client is not None:
+        rt.client.reload(upstream_context(rt.settings))
     rt.policy, rt.identities = policy, identities
-    if old is not None:  # close the old pool once no request can still be using it (or at shutdown)
-        rt.retired_sessions.append(old)
-        loop = asyncio.get_running_loop()
-        loop.call_later(rt.settings.upstream_timeout + 1, lambda: loop.create_task(old.close()))
 
 
 def _add_probes(app: web.Application, with_metrics: bool) -> None:
@@ -442,6 +434,17 @@ def default_public_base(settings: Settings) -> str:
     return f"{scheme}://{host}:{settings.port}{URL(settings.upstream).path.rstrip('/')}"
 
 
+def _audit_poster(settings: Settings, client, outside, on_upstream_origin: bool) -> FhirAuditPoster | None:
+    """The FHIR audit destination: on the upstream's origin through the upstream client (its credential),
+    elsewhere through its own session with ``audit_fhir_token``."""
+    if not settings.audit_fhir:
+        return None
+    if on_upstream_origin:
+        return FhirAuditPoster(client.request, settings.audit_fhir)
+    auth = {"Authorization": f"Bearer {settings.audit_fhir_token}"} if settings.audit_fhir_token else None
+    return FhirAuditPoster(outside.request, settings.audit_fhir, headers=auth)
+
+
 def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCache) -> web.Application:
     """``keys``: a :class:`KeyCache` (re-verified in the background) or a fixed :class:`Keyring`."""
     rt = Runtime(
@@ -456,6 +459,11 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         rt.patient_keys = PatientKeyService(open_store(settings.patient_key_store), lambda: rt.keyring, cache)
     elif policy.per_patient_keys:
         raise ValueError("the policy sets keys.per_patient: configure a patient key store (--patient-key-store)")
+    problem = upstream_problem(settings)
+    if problem:
+        raise ValueError(problem)
+    rt.client = client_for(settings)
+    audit_upstream = bool(settings.audit_fhir) and rt.client.owns(settings.audit_fhir)
     app = web.Application(client_max_size=settings.max_body, middlewares=[drain.track])
     app.on_response_prepare.append(hdr.name_the_server)
     app[drain.IN_FLIGHT] = set()
@@ -486,17 +494,17 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
         rt.identities = CertificateIdentities.load(settings.client_identities)
 
     async def session_ctx(app: web.Application):
-        rt.session = upstream_session(settings)
-        # system CAs for the identity provider and the audit server: neither is the upstream
-        outside = aiohttp.ClientSession() if rt.verifier or settings.audit_fhir else None
+        assert rt.client is not None
+        rt.client.open()
+        # system CAs for the identity provider and an audit server that is not the upstream
+        outside = aiohttp.ClientSession() if rt.verifier or (settings.audit_fhir and not audit_upstream) else None
         trail = AuditTrail(settings.audit_trail).open() if settings.audit_trail else None
         try:
             if rt.verifier and outside:
                 await rt.verifier.start(outside)  # no keys, no start: the proxy fails closed
                 if rt.introspector:
                     rt.introspector.start(outside)
-            auth = {"Authorization": f"Bearer {settings.audit_fhir_token}"} if settings.audit_fhir_token else None
-            poster = FhirAuditPoster(outside, settings.audit_fhir, headers=auth) if settings.audit_fhir else None
+            poster = _audit_poster(settings, rt.client, outside, audit_upstream)
             targets = [t for t in (trail, poster) if t]
             for target in targets:
                 sink = AsyncAuditSink(target, max_backlog=settings.audit_max_backlog, mode=settings.audit_mode)
@@ -508,8 +516,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
                 await sink.close()
             if trail is not None:
                 trail.close()
-            for session in (*rt.retired_sessions, rt.session):
-                await session.close()
+            await rt.client.close()
             if outside:
                 await outside.close()
             if rt.patient_keys is not None:

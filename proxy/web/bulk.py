@@ -1,9 +1,11 @@
 """Bulk Data export through the proxy: kick-off, status polling and NDJSON files streamed and decrypted.
 
-The upstream chooses the status and file URLs (its own paths, or an object store). The
-client gets signed proxy links instead (``[base]/$fhircrypt-link/<kind>/<token>``, see
-``proxy.crypto.urlsign``), so every poll and every file goes through the proxy, which
-follows only links it minted. Files are decrypted line by line while they stream.
+The upstream chooses the status and file URLs. The client gets signed proxy links instead
+(``[base]/$fhircrypt-link/<kind>/<token>``, see ``proxy.crypto.urlsign``), so every poll and
+every file goes through the proxy, which follows only links it minted, and only to the
+upstream's own origin (the upstream client refuses any other: a hostile upstream cannot send
+the proxy elsewhere). Every answer, files and relayed errors alike, is decrypted for the caller's
+grants and no further. Files are decrypted line by line while they stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import logging
 import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from proxy.auth.decision import Decision
 from proxy.outcome import FhirError
@@ -25,7 +26,7 @@ from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import read_limited, upstream_call, upstream_resource
+from proxy.web.upstream import drop_foreign_links, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 LINKS = "$fhircrypt-link"
@@ -39,6 +40,9 @@ class StreamAborted(Exception):
 
 
 def _link(rt: Runtime, kind: str, url: str) -> str:
+    """A signed proxy link to ``url``, which must be on the upstream's origin (else 502, nothing minted)."""
+    assert rt.client is not None
+    url = str(rt.client.resolve(url))
     return f"{rt.public_base}/{LINKS}/{kind}/{rt.keyring.link_signer.sign(f'{kind} {url}')}"
 
 
@@ -49,23 +53,17 @@ def _target(rt: Runtime, kind: str, token: str) -> str:
     return signed[len(kind) + 1 :]
 
 
-def _headers(rt: Runtime, request: web.Request, request_id: str, with_token: bool = True) -> dict[str, str]:
-    headers = hdr.upstream_request_headers(
-        request.headers, request_id, request.remote, request.scheme, request.host, False
+def _headers(request: web.Request, request_id: str) -> dict[str, str]:
+    return dict(
+        hdr.upstream_request_headers(request.headers, request_id, request.remote, request.scheme, request.host, False)
     )
-    if not with_token:
-        headers.popall("Authorization", None)
-    return dict(headers)
 
 
-def _tls(rt: Runtime, upstream: bool) -> dict:
-    """The upstream's SNI name for its own URLs; a pre-signed link's host is someone else's."""
-    name = rt.settings.upstream_server_name
-    return {"server_hostname": name} if upstream and name else {}
-
-
-def _relay(rt: Runtime, status: int, raw: bytes, out_headers, decision: Decision, exchange: Exchange) -> web.Response:
-    """An upstream answer that is not a manifest or a file: judged and decrypted for the caller like any body."""
+def _relay(
+    rt: Runtime, status: int, raw: bytes, out_headers, decision: Decision, exchange: Exchange, request_id: str
+) -> web.Response:
+    """An upstream answer that is not a manifest or a file (an OperationOutcome, or whatever a hostile
+    upstream sends): decrypted for the caller's grants like any body, never beyond them."""
     if not raw:
         return web.Response(status=status, headers=out_headers)
     try:
@@ -74,9 +72,16 @@ def _relay(rt: Runtime, status: int, raw: bytes, out_headers, decision: Decision
         payload = None
     if type(payload) is not dict:
         raise FhirError(502, "structure", f"the upstream answered the export request with {status} and no FHIR JSON")
+    hits: list[str] = []
     decision.screen(payload, EXPORT)
-    decrypt_body(payload, rt.policy, rt.read_keys, decision, exchange.report)
+    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), exchange.report)
+    if len(exchange.references) < MAX_REFERENCES:
+        exchange.references.extend(references_in(payload))
+    if hits:
+        alarm(rt, exchange, hits, request_id)
+    drop_foreign_links(payload, rt.upstream_base)  # and links into the upstream's base lead to the proxy:
     body = serialise_for_client(payload, exchange.report, "export")
+    body = body.replace(rt.upstream_base.encode(), rt.public_base.encode())
     return web.Response(status=status, body=body, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
 
@@ -99,14 +104,15 @@ async def kickoff(
     if "?" in request.raw_path:
         exchange.forwarded_query = request.raw_path.split("?", 1)[1]
         url += "?" + exchange.forwarded_query
-    async with upstream_call(
-        rt.session, "GET", URL(url, encoded=True), headers=_headers(rt, request, request_id), **_tls(rt, True)
+    assert rt.client is not None
+    async with rt.client.request(
+        "GET", url, headers=_headers(request, request_id), caller_authorization=request.headers.get("Authorization")
     ) as resp:
-        raw = await read_limited(resp.content, rt.settings.max_response) or b""
+        raw = await rt.client.read(resp) or b""
         status, location = resp.status, resp.headers.get("Content-Location")
         out_headers = {"X-Request-ID": request_id}
     if status != 202:
-        return _relay(rt, status, raw, out_headers, decision, exchange)
+        return _relay(rt, status, raw, out_headers, decision, exchange, request_id)
     if not location:
         raise FhirError(502, "structure", "the upstream accepted the export without a status URL")
     out_headers["Content-Location"] = _link(rt, _STATUS, location)
@@ -136,11 +142,12 @@ async def follow(
 
 
 async def _status(rt: Runtime, request: web.Request, url: str, decision: Decision, request_id: str, exchange: Exchange):
-    headers = _headers(rt, request, request_id) | {"Accept": "application/json"}
-    async with upstream_call(
-        rt.session, request.method, URL(url, encoded=True), headers=headers, **_tls(rt, True)
+    assert rt.client is not None
+    headers = _headers(request, request_id) | {"Accept": "application/json"}
+    async with rt.client.request(
+        request.method, url, headers=headers, caller_authorization=request.headers.get("Authorization")
     ) as resp:
-        raw = await read_limited(resp.content, rt.settings.max_response)
+        raw = await rt.client.read(resp)
         status, up_headers = resp.status, resp.headers
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream's export manifest exceeds the response size limit")
@@ -149,7 +156,7 @@ async def _status(rt: Runtime, request: web.Request, url: str, decision: Decisio
     out_headers.popall("Location", None)
     out_headers["X-Request-ID"] = request_id
     if status != 200 or request.method != "GET":
-        return _relay(rt, status, raw, out_headers, decision, exchange)
+        return _relay(rt, status, raw, out_headers, decision, exchange, request_id)
     try:
         manifest = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -173,19 +180,26 @@ async def _file(
     request_id: str,
     exchange: Exchange,
 ) -> web.StreamResponse:
-    """Stream one NDJSON file, each line decrypted for the caller; memory holds one chunk and one line."""
-    headers = _headers(rt, request, request_id, with_token) | {"Accept": f"{NDJSON}, application/ndjson"}
+    """Stream one NDJSON file, each line decrypted for the caller; memory holds one chunk and one line.
+    A pre-signed file (``with_token`` False) is fetched with no credential at all."""
+    assert rt.client is not None
+    headers = _headers(request, request_id) | {"Accept": f"{NDJSON}, application/ndjson"}
     timeout = aiohttp.ClientTimeout(
         total=None, sock_connect=rt.settings.connect_timeout, sock_read=rt.settings.upstream_timeout
     )
     hits: list[str] = []
     watched = watch_canaries(rt, decision, hits)
-    async with upstream_call(
-        rt.session, "GET", URL(url, encoded=True), headers=headers, timeout=timeout, **_tls(rt, with_token)
+    async with rt.client.request(
+        "GET",
+        url,
+        headers=headers,
+        timeout=timeout,
+        caller_authorization=request.headers.get("Authorization"),
+        with_credentials=with_token,
     ) as resp:
         if resp.status != 200:
-            raw = await read_limited(resp.content, rt.settings.max_response) or b""
-            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, decision, exchange)
+            raw = await rt.client.read(resp) or b""
+            return _relay(rt, resp.status, raw, {"X-Request-ID": request_id}, decision, exchange, request_id)
         if hdr.media_type(resp.headers.get("Content-Type")) not in bulk.NDJSON_TYPES:
             raise FhirError(502, "not-supported", "the upstream's export file is not NDJSON")
         out = web.StreamResponse(status=200, headers={"X-Request-ID": request_id, "Content-Type": NDJSON})
@@ -220,7 +234,6 @@ async def _file(
 
 
 async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, exchange: Exchange) -> bytes:
-    """Each line judged on its own: a resource the caller may not see is left out of the file."""
     out = []
     for line in lines:
         resource = upstream_resource(line, "an export file line is")

@@ -11,8 +11,8 @@ import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
+# Authorization is not here: the upstream client sends the proxy's own credential (proxy.upstream.client)
 REQUEST_HEADERS = (
-    "Authorization",
     "If-Match",
     "If-None-Match",
     "If-Modified-Since",
@@ -89,7 +89,9 @@ def client_response_headers(upstream: CIMultiDictProxy[str], rewrite) -> CIMulti
     out: CIMultiDict[str] = CIMultiDict()
     for name in RESPONSE_HEADERS:
         for value in upstream.getall(name, ()):
-            out.add(name, rewrite(value) if name in ("Location", "Content-Location") else value)
+            value = rewrite(value) if name in ("Location", "Content-Location") else value
+            if value is not None:  # None: a location the proxy will not send the client to
+                out.add(name, value)
     return out
 
 

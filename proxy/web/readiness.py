@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
+from proxy.outcome import FhirError
 from proxy.web.runtime import RUNTIME, Runtime
 
 
@@ -41,26 +42,25 @@ class Readiness:
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 
 
+_PROBE_FAILURES = {"timeout": "timeout", "security": "tls error"}
+
+
 async def _probe(rt: Runtime) -> str:
-    """Any HTTP answer below 500 from ``/metadata`` means the FHIR server is there (401 included)."""
-    if rt.session is None:
+    """Any HTTP answer below 500 from ``/metadata`` means the FHIR server is there (401 included).
+    Sent through the upstream client, so with the proxy's own credential, never a caller's."""
+    if rt.client is None:
         return "not started"
     try:
-        async with rt.session.get(
-            rt.upstream_base + "/metadata",
-            params={"_summary": "true"},
+        async with rt.client.request(
+            "GET",
+            "metadata?_summary=true",
             headers={"Accept": "application/fhir+json"},
             timeout=aiohttp.ClientTimeout(total=min(rt.settings.upstream_timeout, 5.0)),
-            server_hostname=rt.settings.upstream_server_name,
         ) as resp:
             await resp.read()
             return "ok" if resp.status < 500 else f"status {resp.status}"
-    except TimeoutError:
-        return "timeout"
-    except aiohttp.ClientSSLError:
-        return "tls error"
-    except aiohttp.ClientError:
-        return "unreachable"
+    except FhirError as exc:
+        return _PROBE_FAILURES.get(exc.reason, "unreachable")
 
 
 def _keys(rt: Runtime) -> str:

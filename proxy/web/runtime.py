@@ -1,11 +1,10 @@
-"""What every request handler shares: settings, policy, keys, the upstream session, verifiers, audit sinks."""
+"""What every request handler shares: settings, policy, keys, the upstream client, verifiers, audit sinks."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -17,6 +16,7 @@ from proxy.crypto.keycache import KeyCache
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
+from proxy.upstream.client import UpstreamClient
 from proxy.web.patientkeys import PatientKeyService
 
 
@@ -27,13 +27,12 @@ class Runtime:
     keys: KeyCache
     upstream: URL
     public_base: str
-    session: aiohttp.ClientSession | None = None
+    client: UpstreamClient | None = None  # every upstream request goes through it (proxy.upstream.client)
     verifier: JwtVerifier | None = None  # None: --auth none (development mode)
     introspector: Introspector | None = None  # opaque tokens (RFC 7662), when configured
     audit: list[AsyncAuditSink] = dataclasses.field(default_factory=list)  # the trail and/or a FHIR server
     blocked_subjects: set[str] = dataclasses.field(default_factory=set)  # canary tripped (this replica)
     identities: CertificateIdentities | None = None  # client certificate subjects mapped to callers
-    retired_sessions: list[aiohttp.ClientSession] = dataclasses.field(default_factory=list)  # replaced by reloads
     patient_keys: PatientKeyService | None = None  # per-patient keys (crypto-shredding), when configured
 
     def snapshot(self) -> Runtime:

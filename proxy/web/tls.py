@@ -1,7 +1,7 @@
 """TLS on both sides of the proxy: a modern server configuration, mutual TLS, and reloading certificates.
 
 Only TLS 1.2 and 1.3 are offered; TLS 1.2 is limited to forward-secret AEAD suites (ECDHE with
-AES-GCM or ChaCha20-Poly1305), as in Mozilla's "intermediate" profile minus the DHE suites.
+AES-GCM or ChaCha20-Poly1305): ``proxy.tlsprofile``.
 
 Reloading: the listening socket keeps one SSLContext for its whole life, and every handshake is
 switched (through the SNI callback, which OpenSSL calls for each ClientHello, with or without a
@@ -16,21 +16,15 @@ import logging
 import ssl
 
 from proxy.settings import Settings
+from proxy.tlsprofile import harden
+from proxy.upstream.client import upstream_tls
 
 log = logging.getLogger("fhircrypt")
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!SHA1"
 _CLIENT_AUTH = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
 
-def _harden(ctx: ssl.SSLContext) -> ssl.SSLContext:
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_ciphers(TLS12_CIPHERS)
-    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-    return ctx
-
-
 def _server_context(settings: Settings) -> ssl.SSLContext:
-    ctx = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
     ctx.verify_mode = _CLIENT_AUTH[settings.tls_client_auth]
     if settings.tls_client_ca:
@@ -65,12 +59,9 @@ def server_tls(settings: Settings) -> ServerTLS | None:
 def upstream_context(settings: Settings) -> ssl.SSLContext | None:
     """Towards an https upstream: verified against ``upstream_ca`` (or the system CAs), hostname checked,
     with the proxy's client certificate when the upstream asks for one."""
-    if not settings.upstream.startswith("https://"):
-        return None
-    ctx = _harden(ssl.create_default_context(cafile=settings.upstream_ca))
-    if settings.upstream_client_cert:
-        ctx.load_cert_chain(settings.upstream_client_cert, settings.upstream_client_key)
-    return ctx
+    return upstream_tls(
+        settings.upstream, settings.upstream_ca, settings.upstream_client_cert, settings.upstream_client_key
+    )
 
 
 def check_files(settings: Settings) -> str | None:

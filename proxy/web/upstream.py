@@ -1,59 +1,89 @@
-"""Calls to the upstream: transport failures become OperationOutcomes, bodies are read with a bound."""
+"""The proxy's upstream client built from its settings, and reading FHIR JSON from upstream answers.
+
+Every upstream request of the proxy goes through the one :class:`proxy.upstream.client.UpstreamClient`
+that ``client_for`` builds (same origin only, the proxy's own credential, TLS, limits).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import AsyncIterator
-
-import aiohttp
 import orjson
-from yarl import URL
 
 from proxy.outcome import FhirError
+from proxy.settings import Settings
 from proxy.transform import jsonnum
+from proxy.upstream.client import UpstreamClient, read_limited
+from proxy.upstream.credentials import ClientCredentials, Credential, StaticBearer
+from proxy.web.tls import upstream_context
 
-log = logging.getLogger("fhircrypt")
-
-
-async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
-    """The whole stream, or None as soon as it exceeds ``limit`` bytes."""
-    chunks, total = [], 0
-    async for chunk in stream.iter_chunked(1 << 16):
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+__all__ = ["client_for", "credential_for", "read_limited", "upstream_problem", "upstream_resource"]
 
 
-@contextlib.asynccontextmanager
-async def upstream_call(session: aiohttp.ClientSession, method: str, url, **kwargs) -> AsyncIterator:
-    """``session.request`` whose timeouts and connection errors (also while reading) are 504/502."""
+def credential_for(settings: Settings) -> Credential | None:
+    """The proxy's own credential for the upstream (``upstream_auth``); a ValueError names what is missing."""
+    if settings.upstream_auth == "bearer":
+        if not settings.upstream_token:
+            raise ValueError("upstream_auth bearer needs FHIRCRYPT_UPSTREAM_TOKEN_FILE (or --upstream-token-file)")
+        return StaticBearer(settings.upstream_token)
+    if settings.upstream_auth == "client-credentials":
+        if not (settings.upstream_token_url and settings.upstream_client_id and settings.upstream_client_secret):
+            raise ValueError(
+                "upstream_auth client-credentials needs upstream_token_url, upstream_client_id "
+                "and FHIRCRYPT_UPSTREAM_CLIENT_SECRET_FILE"
+            )
+        return ClientCredentials(
+            settings.upstream_token_url,
+            settings.upstream_client_id,
+            settings.upstream_client_secret,
+            settings.upstream_scope,
+            timeout=settings.upstream_timeout,
+        )
+    return None
+
+
+def upstream_problem(settings: Settings) -> str | None:
+    """What makes the upstream connection's configuration unusable, in words (start-up exit code 2), or None."""
     try:
-        async with session.request(method, url, allow_redirects=False, **kwargs) as resp:
-            yield resp
-    except TimeoutError as exc:
-        _log_failure(url, exc)
-        raise FhirError(504, "timeout", "the upstream FHIR server did not answer in time") from None
-    except aiohttp.ClientError as exc:
-        _log_failure(url, exc)
-        raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
+        client = client_for(settings)
+    except ValueError as exc:
+        return str(exc)
+    if settings.audit_fhir and settings.audit_fhir_token and client.owns(settings.audit_fhir):
+        return "audit_fhir is on the upstream's origin: it gets upstream_auth's credential, not audit_fhir_token"
+    return None
 
 
-def _log_failure(url, exc: BaseException) -> None:
-    """Which upstream failed and how, for the operator: host, port and error class only (the
-    path and query may hold PHI or blind-index tokens; the client gets no host at all)."""
-    target = URL(url)
-    cause = getattr(exc, "os_error", None)  # aiohttp's connector errors wrap the OSError (refused, DNS, ...)
-    log.warning(
-        "upstream unreachable",
-        extra={
-            "event": "upstream-unreachable",
-            "upstream": f"{target.host}:{target.port}",
-            "error": type(exc).__name__ + (f" ({type(cause).__name__})" if cause is not None else ""),
-        },
+def client_for(settings: Settings) -> UpstreamClient:
+    return UpstreamClient(
+        settings.upstream,
+        tls=upstream_context(settings),
+        server_name=settings.upstream_server_name,
+        credential=credential_for(settings),
+        forward_caller_token=settings.forward_caller_token,
+        timeout=settings.upstream_timeout,
+        connect_timeout=settings.connect_timeout,
+        connections=settings.upstream_connections,
+        max_response=settings.max_response,
     )
+
+
+def leads_elsewhere(value: str, upstream_base: str) -> bool:
+    """An absolute URL outside the upstream's FHIR base: the proxy cannot rewrite it to its own base, so a
+    client following it (with its token) would leave the proxy for wherever the upstream pointed."""
+    lowered = value.lower()
+    inside = value == upstream_base or value.startswith((upstream_base + "/", upstream_base + "?"))
+    return lowered.startswith(("http:", "https:", "//")) and not inside
+
+
+def drop_foreign_links(payload: dict, upstream_base: str) -> None:
+    """Remove a Bundle's navigation links (next, previous, ...) that lead elsewhere (``leads_elsewhere``)."""
+    links = payload.get("link") if payload.get("resourceType") == "Bundle" else None
+    if type(links) is list:
+        kept = [
+            k
+            for k in links
+            if not (type(k) is dict and type(k.get("url")) is str and leads_elsewhere(k["url"], upstream_base))
+        ]
+        if len(kept) != len(links):
+            payload["link"] = kept
 
 
 def upstream_resource(raw: bytes, what: str = "the upstream answered with") -> dict:

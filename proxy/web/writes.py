@@ -27,21 +27,16 @@ from proxy.transform.write_judgement import (
     restore_masked,
 )
 from proxy.web import headers as hdr
-from proxy.web.upstream import read_limited, upstream_call
 
 
 async def stored_version(rt, it: Interaction, request_id: str, authorization: str | None) -> dict | None:
     """The current version at the upstream as stored (encrypted), or None when there is none.
 
-    It is read with the client's own Authorization, so the upstream's access control applies."""
-    url = f"{rt.upstream_base}/{it.resource_type}/{it.id}"
+    Read through the upstream client: with the proxy's credential, or the caller's when forwarded."""
+    url = f"{it.resource_type}/{it.id}"
     headers = {"Accept": hdr.FHIR_JSON, "X-Request-ID": request_id}
-    if authorization:
-        headers["Authorization"] = authorization
-    server_name = rt.settings.upstream_server_name
-    tls = {"server_hostname": server_name} if server_name else {}
-    async with upstream_call(rt.session, "GET", url, headers=headers, **tls) as resp:
-        status, raw = resp.status, await read_limited(resp.content, rt.settings.max_response)
+    async with rt.client.request("GET", url, headers=headers, caller_authorization=authorization) as resp:
+        status, raw = resp.status, await rt.client.read(resp)
     if status in (404, 410):
         return None
     try:

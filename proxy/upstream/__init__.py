@@ -1,0 +1,1 @@
+"""The one client to the upstream FHIR server: same-origin URLs only, its own TLS and credentials."""
