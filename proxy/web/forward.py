@@ -1,0 +1,144 @@
+"""Forward a prepared request through the one upstream client, and transform the answer for the caller.
+
+The answer is judged by the request's access decision before anything is decrypted (resources the
+caller may not see are removed or refused), decrypted or masked resource by resource, stripped of
+the proxy's artefacts and of links that lead away from the upstream, and rewritten to the proxy's
+own base.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from aiohttp import web
+
+from proxy.outcome import FhirError
+from proxy.transform import guard, subset
+from proxy.transform.bodies import decrypt_body, serialise_for_client
+from proxy.web import headers as hdr
+from proxy.web import metrics
+from proxy.web.access import alarm, watch_canaries
+from proxy.web.auditing import reference_of, references_in
+from proxy.web.binaries import binary_content
+from proxy.web.call import Call
+from proxy.web.discovery import secure_capabilities
+from proxy.web.patientkeys import PATIENT_KEY_MARK
+from proxy.web.runtime import Runtime
+from proxy.web.upstream import drop_foreign_links, leads_elsewhere, upstream_resource
+
+log = logging.getLogger("fhircrypt")
+
+
+def _rewrite_urls(rt: Runtime):
+    up, pub = rt.upstream_base, rt.public_base.rstrip("/")
+
+    def rewrite(value: str) -> str | None:
+        if leads_elsewhere(value, up):
+            return None
+        return pub + value[len(up) :] if value.startswith(up) else value
+
+    return rewrite
+
+
+def _upstream_url(call: Call) -> str:
+    """The upstream URL: the rewritten query when the proxy took it over, else the client's as sent."""
+    request, forwarding, exchange = call.request, call.forwarding, call.exchange
+    url = call.rt.upstream_base + "/" + "/".join(call.segments)
+    if forwarding is not None and forwarding.query is not None:
+        if forwarding.query:
+            exchange.forwarded_query = guard.encode_query(forwarding.query)
+            url += "?" + exchange.forwarded_query
+    elif request.query_string:
+        exchange.forwarded_query = request.raw_path.split("?", 1)[1]
+        url += "?" + exchange.forwarded_query
+    return url
+
+
+async def forward(call: Call) -> web.Response:
+    rt, request, it, exchange, forwarding = call.rt, call.request, call.interaction, call.exchange, call.forwarding
+    assert rt.client is not None and forwarding is not None
+    url = _upstream_url(call)
+    headers = hdr.upstream_request_headers(
+        request.headers, call.request_id, request.remote, request.scheme, request.host, call.body is not None
+    )
+    if it.kind == "search" and request.method == "POST":
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if it.kind == "patch" and forwarding.method is None:
+        headers["Content-Type"] = "application/json-patch+json"
+    if forwarding.if_none_exist is not None:
+        headers["If-None-Exist"] = forwarding.if_none_exist
+    if forwarding.if_match is not None:
+        headers["If-Match"] = forwarding.if_match
+    method = forwarding.method or request.method
+    sent = time.perf_counter()
+    try:
+        async with rt.client.request(
+            method, url, data=call.body, headers=headers, caller_authorization=request.headers.get("Authorization")
+        ) as resp:
+            raw = await rt.client.read(resp)
+            status, up_headers = resp.status, resp.headers
+            ctype = hdr.media_type(resp.headers.get("Content-Type"))
+    finally:
+        exchange.upstream_seconds = time.perf_counter() - sent
+        metrics.UPSTREAM_LATENCY.labels(it.label()).observe(exchange.upstream_seconds)
+    if raw is None:
+        raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
+    location = reference_of(up_headers.get("Location") or up_headers.get("Content-Location"))
+    if location is not None:  # a create or update answered without a body (Prefer: return=minimal)
+        exchange.targets.append(location)
+    out_headers = hdr.client_response_headers(up_headers, _rewrite_urls(rt))
+    out_headers["X-Request-ID"] = call.request_id
+    if not raw:
+        return web.Response(status=status, headers=out_headers)
+    if ctype not in hdr.JSON_TYPES:
+        raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
+    payload = upstream_resource(raw)
+    try:
+        return await _answer(call, forwarding, payload, raw, status, out_headers)
+    except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
+        raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None
+
+
+async def _answer(
+    call: Call, forwarding: guard.Forwarding, payload: dict, raw: bytes, status: int, out_headers
+) -> web.Response:
+    """Judge and decrypt an upstream answer for the caller, apply what the proxy took over, serialise it."""
+    rt, it, decision, exchange = call.rt, call.interaction, call.decided, call.exchange
+    report = exchange.report
+    hits: list[str] = []
+    if PATIENT_KEY_MARK in raw:
+        await rt.prefetch_patient_keys(payload)
+    if it.kind == "capabilities" and rt.verifier is not None and payload.get("resourceType") == "CapabilityStatement":
+        secure_capabilities(payload, rt.verifier.openid_configuration)
+    decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
+    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
+    exchange.references = references_in(payload)
+    if hits:
+        alarm(rt, exchange, hits, call.request_id)
+    drop_foreign_links(payload, rt.upstream_base)
+    if forwarding.subset is not None and status < 300:
+        subset.apply_to_body(payload, forwarding.subset)
+    if forwarding.raw_binary and status == 200:
+        content_type, data = binary_content(payload, report)
+        return web.Response(status=200, body=data, headers=out_headers, content_type=content_type)
+    out = serialise_for_client(payload, report, it.label())
+    out = out.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
+    if report.failures:
+        out_headers["X-Fhircrypt-Integrity"] = f"failed; issues={len(report.failures)}"
+        log.warning(
+            "integrity",
+            extra={
+                "event": "integrity-failure",
+                "request_id": call.request_id,
+                "interaction": it.label(),
+                "resource_type": it.resource_type,
+                "failures": report.failures[:20],
+            },
+        )
+    if report.masked:
+        out_headers["X-Fhircrypt-Masked"] = str(report.masked)
+    if report.shredded:
+        out_headers["X-Fhircrypt-Shredded"] = str(report.shredded)
+    return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
