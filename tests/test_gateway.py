@@ -200,9 +200,11 @@ async def test_audit_records_name_every_target_and_have_their_own_ids(jwt_proxy,
     }
     resp = await proxy.post("/fhir/R4", data=orjson.dumps(batch), headers=physician | FHIR_JSON)
     assert resp.status == 200, await resp.text()
+    gone = await proxy.delete(f"/fhir/R4/Patient?identifier={NIK}|3578016001900004", headers=physician)
+    assert gone.status in (200, 204), await gone.text()
     await proxy.server.close()  # flushes the trail
     events = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
-    assert len(events) == 4
+    assert len(events) == 5
     first, second = events[:2]
     assert first["id"] != second["id"]  # the same client-chosen X-Request-ID, two records
     for event in (first, second):
@@ -210,6 +212,7 @@ async def test_audit_records_name_every_target_and_have_their_own_ids(jwt_proxy,
     named = [[e["what"]["reference"] for e in ev["entity"] if "reference" in e.get("what", {})] for ev in events]
     assert new_org in named[2]
     assert {"Condition/cond-a", "Observation/obs-a"} <= set(named[3])
+    assert "Patient/pat-b" in named[4]  # a conditional delete names what it deleted
 
 
 async def test_smart_discovery_and_the_capability_statement_name_the_proxys_authorization(proxy, issuer):
@@ -221,3 +224,13 @@ async def test_smart_discovery_and_the_capability_statement_name_the_proxys_auth
     statement = await (await proxy.get("/fhir/R4/metadata")).json()
     security = statement["rest"][0]["security"]
     assert security["service"][0]["coding"][0]["code"] == "SMART-on-FHIR"
+
+
+async def test_deleting_any_type_needs_a_delete_scope(proxy, issuer, stored):
+    reader = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    org = {"resourceType": "Organization", "id": "org-x", "name": "Klinik"}
+    writer = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.cruds"))
+    assert (await proxy.put("/fhir/R4/Organization/org-x", data=orjson.dumps(org), headers=writer | FHIR_JSON)).ok
+    resp = await proxy.delete("/fhir/R4/Organization/org-x", headers=reader)
+    assert resp.status == 403, await resp.text()
+    assert (await proxy.get("/fhir/R4/Organization/org-x", headers=reader)).status == 200

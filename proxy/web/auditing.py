@@ -123,7 +123,8 @@ def record(
     caller = exchange.caller
     agent = _agent(caller, remote)
     named = [f"{it.resource_type}/{it.id}"] if it is not None and it.id and it.resource_type else []
-    resources = list(dict.fromkeys([*named, *exchange.targets, *exchange.references]))[:MAX_REFERENCES]
+    named_all = dict.fromkeys([*named, *exchange.targets, *exchange.references])  # ids the upstream chose too:
+    resources = [ref for ref in named_all if _REFERENCE.match(ref)][:MAX_REFERENCES]  # one bad id loses no record
     action = _ACTIONS.get(it.kind, "R") if it else "E"
     try:
         event = audit_event(

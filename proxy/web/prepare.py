@@ -16,6 +16,7 @@ from proxy.transform.markers import CIPHERTEXT_URL
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web import metrics
+from proxy.web.auditing import MAX_REFERENCES
 from proxy.web.bundles import deleted_by, prepare_bundle
 from proxy.web.call import Call
 from proxy.web.requests import PatchOps, prepare_body
@@ -45,6 +46,8 @@ async def prepare_request(call: Call) -> None:
     rt, request, it = call.rt, call.request, call.interaction
     if it.kind == "delete" and rt.verifier is not None:
         await check_scope(rt, it, call.exchange.grants, "delete", None, call.request_id, _authorization(call))
+    if it.kind == "delete" and it.conditional:
+        call.exchange.targets.extend(await _matching(call))
     if request.method in ("POST", "PUT", "PATCH"):
         await _prepare_body(call, await _read_body(request, rt.settings.max_body))
     elif request.can_read_body:
@@ -80,6 +83,25 @@ async def _prepare_body(call: Call, raw: bytes) -> None:
         call.body = prepared
     if call.body is not None and it.resource_type in rt.policy.resources:
         metrics.ELEMENTS.labels("encrypted").inc(call.body.count(CIPHERTEXT_BYTES))
+
+
+async def _matching(call: Call) -> list[str]:
+    """The resources a conditional delete is about to delete, for its audit record (a delete's answer
+    names none): the same rewritten criteria, searched first, ids only. Nothing of it reaches the caller."""
+    assert call.forwarding is not None and call.rt.client is not None
+    it, client = call.interaction, call.rt.client
+    query = [*(call.forwarding.query or ()), ("_elements", "id"), ("_count", str(MAX_REFERENCES))]
+    url = f"{it.resource_type}?{guard.encode_query(query)}"
+    headers = {"Accept": hdr.FHIR_JSON, "X-Request-ID": call.request_id}
+    async with client.request("GET", url, headers=headers, caller_authorization=_authorization(call)) as resp:
+        raw = await client.read(resp) if resp.status == 200 else None
+    try:
+        bundle = jsonnum.loads(raw) if raw else {}
+    except ValueError:
+        bundle = {}
+    entries = bundle.get("entry") if type(bundle) is dict else None
+    found = (e.get("resource") for e in entries or () if type(e) is dict)
+    return [f"{it.resource_type}/{r['id']}" for r in found if type(r) is dict and type(r.get("id")) is str]
 
 
 def _authorization(call: Call) -> str | None:
