@@ -103,6 +103,7 @@ async def test_conditional_create_by_nik_finds_the_encrypted_patient(client, cle
     first = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
     second = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
     assert (first.status, second.status) == (201, 200), await second.text()
+    assert first.headers["Location"].startswith(f"{PUBLIC_BASE}/Patient/")  # HAPI's base rewritten
     assert (await first.json())["id"] == (await second.json())["id"]
     stored = clean_hapi.dump()
     assert [r["resourceType"] for r in stored] == ["Patient"]
@@ -148,6 +149,42 @@ async def test_search_results_match_plaintext_hapi_including_chains_and_includes
             resource = entry["resource"]
             assert resource == originals[resource["resourceType"], resource["id"]] | {"meta": resource["meta"]}
     assert_no_plaintext(clean_hapi.dump(), [*SECRETS, "D50.9", "E11.9"])
+
+
+@pytest.mark.parametrize(
+    ("whole", "middle"),
+    [("name=rahayu", "name=ahayu"), ("family=santoso", "family=ntoso"), ("given=siti", "given=iti")],
+)
+async def test_string_search_is_a_prefix_match_on_hapi_as_through_the_proxy(client, clean_hapi, whole, middle):
+    """HAPI matches strings from the start of a word (Medplum's repository matches anywhere): the
+    proxy's name indexes are prefixes, so through the proxy a name search finds what HAPI finds."""
+    for patient in PATIENTS:
+        assert clean_hapi.request("PUT", f"/Patient/{patient['id']}", patient)[0] == 201
+    assert _entries(clean_hapi.request("GET", f"/Patient?{whole}")[1])
+    assert _entries(clean_hapi.request("GET", f"/Patient?{middle}")[1]) == []
+    clean_hapi.reset()
+    for patient in PATIENTS:
+        await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+    assert _entries(await _through_proxy(client, f"/fhir/R4/Patient?{whole}"))
+    assert _entries(await _through_proxy(client, f"/fhir/R4/Patient?{middle}")) == []
+
+
+async def test_hapi_refuses_a_reference_to_a_resource_it_does_not_hold(client, clean_hapi):
+    """Medplum stores a reference to nothing; HAPI refuses the write (referential integrity), and the
+    proxy passes HAPI's OperationOutcome on (it names the reference, not a value): SATUSEHAT-style
+    clients must write what they refer to first, or send one transaction."""
+    observation = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": "Hb"},
+        "subject": {"reference": "Patient/absent"},
+        "valueQuantity": {"value": 9.8, "unit": "g/dL"},
+    }
+    resp = await client.post("/fhir/R4/Observation", data=orjson.dumps(observation), headers=FHIR_JSON)
+    assert resp.status in (400, 404, 422), await resp.text()
+    outcome = await resp.json()
+    assert outcome["resourceType"] == "OperationOutcome" and "Patient/absent" in orjson.dumps(outcome).decode()
+    assert clean_hapi.dump() == []
 
 
 @pytest.mark.parametrize("query", ["Patient?_count=2", "Patient?gender=male&_count=1", "Patient?name=santoso&_count=1"])
