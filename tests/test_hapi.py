@@ -8,6 +8,7 @@ HAPI stores (every version) straight through its REST API. Runs with ``./dev tes
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.parse
 
@@ -15,7 +16,8 @@ import orjson
 import pytest
 
 from proxy.policy.compiler import compile_file
-from tests.conftest import FHIR_JSON, FIXTURES, PUBLIC_BASE, ROOT, assert_no_plaintext
+from tests.conftest import FHIR_JSON, FIXTURES, PUBLIC_BASE, ROOT, assert_no_plaintext, load_fixture
+from tests.test_bundles import FIXED, SCENARIO, _clean, _scenario
 from tests.test_search import NIK, PATIENTS, QUERIES, SECRETS
 from tests.test_shipped_policies import ORDER, write_every_fixture
 
@@ -72,18 +74,32 @@ async def _through_proxy(client, url: str) -> dict:
     return await resp.json()
 
 
-def _stubs(hapi, policy_name: str) -> dict[str, str]:
-    """HAPI refuses a reference to a resource it does not hold (Medplum does not check), and some
-    fixtures refer to resources that are not part of the scenario or come later: put an empty stub
-    of each referenced type in place first, straight at HAPI (stubs carry no PHI)."""
+def _put_stub(hapi, rtype: str, stub: str) -> None:
+    """An empty resource straight at HAPI (no PHI), for fixtures to refer to: HAPI refuses a reference
+    to a resource it does not hold (Medplum does not check)."""
+    status, answer = hapi.request("PUT", f"/{rtype}/{stub}", {"resourceType": rtype, "id": stub})
+    assert status in (200, 201), answer
+
+
+def _stubs(hapi, policy_name: str, names: list[str] | None = None) -> dict[str, str]:
+    """A stub for every placeholder the fixtures refer to (some are not part of the scenario, some come
+    later in it); returns the placeholder ids."""
     ids: dict[str, str] = {}
-    for name in ORDER[policy_name]:
+    for name in names or ORDER[policy_name]:
         for rtype, placeholder in PLACEHOLDER_REFERENCE.findall((FIXTURES / policy_name / name).read_text()):
-            stub = placeholder.lower().replace("_", "-")
-            status, answer = hapi.request("PUT", f"/{rtype}/{stub}", {"resourceType": rtype, "id": stub})
-            assert status in (200, 201), answer
-            ids[placeholder] = stub
+            ids[placeholder] = placeholder.lower().replace("_", "-")
+            _put_stub(hapi, rtype, ids[placeholder])
     return ids
+
+
+def _put_fixed_stubs(hapi) -> None:
+    """The organisation, practitioner and location test_bundles' scenario refers to by fixed ids."""
+    for rtype, placeholder in (
+        ("Organization", "ORGANIZATION_ID"),
+        ("Practitioner", "PRACTITIONER_ID"),
+        ("Location", "LOCATION_ID"),
+    ):
+        _put_stub(hapi, rtype, FIXED[placeholder])
 
 
 @pytest.mark.parametrize("policy_name", sorted(ORDER))
@@ -218,3 +234,85 @@ async def test_paging_through_hapis_own_links_stays_on_the_proxy(client, clean_h
             assert entry["fullUrl"] == f"{PUBLIC_BASE}/Patient/{original['id']}"
     previous = next(link["url"] for link in pages[-1]["link"] if link["relation"] == "previous")
     assert _entries(await _through_proxy(client, previous)) == _entries(pages[-2])
+
+
+async def test_a_satusehat_transaction_is_stored_encrypted_with_its_urn_links_resolved(client, clean_hapi):
+    _put_fixed_stubs(clean_hapi)
+    bundle = _scenario()
+    originals = [entry["resource"] for entry in orjson.loads(orjson.dumps(bundle))["entry"]]
+    prefer = {"Prefer": "return=representation"}  # HAPI answers a transaction with locations only otherwise
+    resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON | prefer)
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    assert [e["response"]["status"][:3] for e in answer["entry"]] == ["201"] * len(SCENARIO)
+    ids = {}
+    for original, entry in zip(originals, answer["entry"], strict=True):
+        ids[entry["resource"]["resourceType"]] = entry["resource"]["id"]
+        assert _clean(entry["resource"]) == _clean(original)  # the answer is decrypted
+        back = await _through_proxy(client, f"/fhir/R4/{entry['response']['location'].split('/_history')[0]}")
+        assert _clean(back) == _clean(original)
+    condition = await _through_proxy(client, f"/fhir/R4/Condition/{ids['Condition']}")
+    assert condition["subject"]["reference"] == f"Patient/{ids['Patient']}"
+    needles = json.loads((FIXTURES / "satusehat" / "needles.json").read_text())
+    assert_no_plaintext(clean_hapi.dump(), [n for name in SCENARIO for n in needles[name]])
+
+
+async def test_a_conditional_reference_by_nik_in_a_transaction_is_resolved_by_hapi(client, clean_hapi):
+    """Medplum leaves ``Patient?identifier=…`` references in bodies as they are; HAPI resolves them
+    when the transaction is processed. Through the proxy the NIK becomes its blind-index token, and
+    HAPI must still resolve it to the one patient it belongs to."""
+    _put_fixed_stubs(clean_hapi)
+    for patient in PATIENTS:
+        resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    observation = load_fixture("satusehat/observation-hemoglobin.json", FIXED)
+    observation["subject"] = {"reference": f"Patient?identifier={NIK}|3578016001900004"}
+    observation.pop("encounter")
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": observation, "request": {"method": "POST", "url": "Observation"}}],
+    }
+    resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    (entry,) = (await resp.json())["entry"]
+    assert "resource" not in entry  # HAPI's default for transactions: the location, not the resource
+    location = entry["response"]["location"].split("/_history")[0]
+    stored = await _through_proxy(client, f"/fhir/R4/{location}")
+    assert stored["subject"]["reference"] == "Patient/p-siti"
+    assert_no_plaintext(clean_hapi.dump(), ["3578016001900004", *SECRETS])
+
+
+async def test_history_of_a_patient_comes_back_decrypted_version_by_version(client, clean_hapi):
+    patient = PATIENTS[2]
+    versions = [patient, {**patient, "birthDate": "1987-04-13"}, {**patient, "telecom": patient["telecom"][:1]}]
+    for version in versions:
+        resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(version), headers=FHIR_JSON)
+        assert resp.status in (200, 201), await resp.text()
+    history = await _through_proxy(client, f"/fhir/R4/Patient/{patient['id']}/_history")
+    assert history["type"] == "history"
+    back = [{k: v for k, v in e["resource"].items() if k != "meta"} for e in history["entry"]]
+    assert back == versions[::-1]  # newest first, each version decrypted with its own record keys
+    assert all(link["url"].startswith(PUBLIC_BASE) for link in history["link"])
+    assert_no_plaintext(clean_hapi.dump(), [*SECRETS, "1987-04-13"])
+
+
+async def test_everything_through_the_proxy_returns_the_record_decrypted(client, clean_hapi):
+    ids = _stubs(clean_hapi, "satusehat", ["patient.json", "condition.json", "observation-hemoglobin.json"])
+    written = {}
+    for name in ("patient.json", "condition.json", "observation-hemoglobin.json"):
+        resource = load_fixture(f"satusehat/{name}", ids)
+        resp = await client.post(f"/fhir/R4/{resource['resourceType']}", data=orjson.dumps(resource), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+        created = await resp.json()
+        written[created["resourceType"]] = resource
+        if name == "patient.json":
+            ids["PATIENT_ID"] = created["id"]
+    bundle = await _through_proxy(client, f"/fhir/R4/Patient/{ids['PATIENT_ID']}/$everything")
+    found = {
+        e["resource"]["resourceType"]: e["resource"] for e in bundle["entry"] if e["resource"]["id"] != "patient-id"
+    }
+    assert set(written) <= set(found), sorted(found)
+    for rtype, original in written.items():
+        assert _clean(found[rtype]) == _clean(original), rtype
+    assert "fhircrypt.dev" not in orjson.dumps(bundle).decode()
