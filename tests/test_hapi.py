@@ -17,7 +17,7 @@ import pytest
 
 from proxy.policy.compiler import compile_file
 from tests.conftest import FHIR_JSON, FIXTURES, PUBLIC_BASE, ROOT, assert_no_plaintext, load_fixture
-from tests.test_bundles import FIXED, SCENARIO, _clean, _scenario
+from tests.test_bundles import FIXED, SCENARIO, _clean, _scenario, observation_referring_by_nik
 from tests.test_search import NIK, PATIENTS, QUERIES, SECRETS
 from tests.test_shipped_policies import ORDER, write_every_fixture
 
@@ -265,14 +265,9 @@ async def test_a_conditional_reference_by_nik_in_a_transaction_is_resolved_by_ha
     for patient in PATIENTS:
         resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
         assert resp.status == 201, await resp.text()
-    observation = load_fixture("satusehat/observation-hemoglobin.json", FIXED)
-    observation["subject"] = {"reference": f"Patient?identifier={NIK}|3578016001900004"}
-    observation.pop("encounter")
-    bundle = {
-        "resourceType": "Bundle",
-        "type": "transaction",
-        "entry": [{"resource": observation, "request": {"method": "POST", "url": "Observation"}}],
-    }
+    observation = observation_referring_by_nik("3578016001900004")
+    entry = {"resource": observation, "request": {"method": "POST", "url": "Observation"}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
     resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
     assert resp.status == 200, await resp.text()
     (entry,) = (await resp.json())["entry"]
