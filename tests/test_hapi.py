@@ -17,6 +17,7 @@ import pytest
 
 from proxy.policy.compiler import compile_file
 from tests.conftest import FHIR_JSON, FIXTURES, PUBLIC_BASE, ROOT, assert_no_plaintext, load_fixture
+from tests.test_bulk import _as_sent, _local, _manifest
 from tests.test_bundles import FIXED, SCENARIO, _clean, _scenario, observation_referring_by_nik
 from tests.test_search import NIK, PATIENTS, QUERIES, SECRETS
 from tests.test_shipped_policies import ORDER, write_every_fixture
@@ -311,3 +312,25 @@ async def test_everything_through_the_proxy_returns_the_record_decrypted(client,
     for rtype, original in written.items():
         assert _clean(found[rtype]) == _clean(original), rtype
     assert "fhircrypt.dev" not in orjson.dumps(bundle).decode()
+
+
+async def test_hapis_own_bulk_export_streams_decrypted_through_proxy_links(client, clean_hapi):
+    """HAPI runs the export as a background job and serves each file as a Binary; the proxy hands out
+    its own signed status and file links and decrypts the NDJSON line by line."""
+    for patient in PATIENTS:
+        resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    manifest = await _manifest(client, "/fhir/R4/$export?_type=Patient", timeout=180)
+    assert manifest["request"].startswith(PUBLIC_BASE)
+    urls = [item["url"] for item in manifest["output"] if item["type"] == "Patient"]
+    assert urls and all(url.startswith(f"{PUBLIC_BASE}/$fhircrypt-link/file/") for url in urls)
+    lines = []
+    for url in urls:
+        resp = await client.get(_local(url))
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Content-Type"].startswith("application/fhir+ndjson")
+        lines += (await resp.text()).splitlines()
+    exported = {resource["id"]: resource for resource in map(orjson.loads, lines)}
+    assert sorted(exported) == sorted(p["id"] for p in PATIENTS)
+    for patient in PATIENTS:
+        assert _as_sent(exported[patient["id"]]) == _as_sent(patient)

@@ -1,6 +1,7 @@
 package fhircrypt.hapi;
 
 import ca.uhn.fhir.batch2.jobs.config.Batch2JobsConfig;
+import ca.uhn.fhir.batch2.maintenance.JobMaintenanceServiceImpl;
 import ca.uhn.fhir.batch2.jobs.export.BulkDataExportProvider;
 import ca.uhn.fhir.context.FhirContext;
 import ca.uhn.fhir.context.support.IValidationSupport;
@@ -37,6 +38,7 @@ import ca.uhn.fhir.rest.server.provider.ResourceProviderFactory;
 import ca.uhn.fhir.rest.server.util.ISearchParamRegistry;
 import jakarta.persistence.EntityManagerFactory;
 import org.hibernate.dialect.Dialect;
+import org.springframework.beans.factory.config.BeanPostProcessor;
 import org.springframework.beans.factory.config.ConfigurableListableBeanFactory;
 import org.springframework.boot.SpringApplication;
 import org.springframework.boot.autoconfigure.SpringBootApplication;
@@ -57,7 +59,8 @@ import javax.sql.DataSource;
  * jpaserver-starter, minus its optional modules), with settings the tests need: client-assigned
  * ids of any form, external references, deletes and $expunge (so the suite can empty the store),
  * Bulk export and Binary. Search behaviour is HAPI's default, except that cached search results are
- * not reused (a search repeated right after a write sees the write, as on most servers).
+ * not reused (a search repeated right after a write sees the write, as on most servers). Batch jobs
+ * (Bulk export) advance every 2 s instead of every minute, so an export finishes within a test.
  */
 @SpringBootApplication(exclude = {QuartzAutoConfiguration.class})
 @Import({
@@ -103,7 +106,22 @@ public class HapiTestServer {
 		settings.setDeleteExpungeEnabled(true);
 		settings.setReuseCachedSearchResultsForMillis(null);
 		settings.setFetchSizeDefaultMaximum(200);
+		settings.setJobFastTrackingEnabled(true);
 		return settings;
+	}
+
+	/** Batch2's maintenance pass (which moves jobs from step to step) every 2 s; HAPI's default is 1 min. */
+	@Bean
+	public static BeanPostProcessor fastBatchMaintenance() {
+		return new BeanPostProcessor() {
+			@Override
+			public Object postProcessAfterInitialization(Object bean, String name) {
+				if (bean instanceof JobMaintenanceServiceImpl maintenance) {
+					maintenance.setScheduledJobFrequencyMillis(2000);
+				}
+				return bean;
+			}
+		};
 	}
 
 	@Bean
