@@ -50,6 +50,8 @@ LINKED_QUERIES = [
     "Condition?code=D50.9&_include=Condition:subject",
     "Condition?_include=Condition:patient",
     f"Patient?identifier={NIK}|3578016001900004&_revinclude=Condition:subject",
+    "Patient?_sort=-_id",
+    "Patient?gender=male&_sort=-_lastUpdated,_id",
 ]
 
 
@@ -64,6 +66,10 @@ def _entries(bundle: dict) -> list[tuple[str, str, str]]:
         (e["resource"]["resourceType"], e["resource"]["id"], e.get("search", {}).get("mode", "match"))
         for e in bundle.get("entry", [])
     )
+
+
+def _order(bundle: dict) -> list[str]:
+    return [e["resource"]["id"] for e in bundle.get("entry", [])]
 
 
 def _next(bundle: dict) -> str | None:
@@ -150,7 +156,9 @@ async def test_search_results_match_plaintext_hapi_including_chains_and_includes
     for resource in PATIENTS + CONDITIONS:
         status, answer = clean_hapi.request("PUT", f"/{resource['resourceType']}/{resource['id']}", resource)
         assert status == 201, answer
-    expected = {q: _entries(clean_hapi.request("GET", f"/{q}")[1]) for q in queries}
+    answers = {q: clean_hapi.request("GET", f"/{q}")[1] for q in queries}
+    expected = {q: _entries(bundle) for q, bundle in answers.items()}
+    order = {q: _order(bundle) for q, bundle in answers.items()}
     assert all(expected[q] for q in LINKED_QUERIES), expected  # HAPI answers them: the comparison is not vacuous
     assert ("Patient", "p-budi", "include") in expected["Condition?code=D50.9&_include=Condition:subject"]
 
@@ -163,6 +171,8 @@ async def test_search_results_match_plaintext_hapi_including_chains_and_includes
     for query in queries:
         bundle = await _through_proxy(client, f"/fhir/R4/{query}")
         assert _entries(bundle) == expected[query], query
+        if "_sort=" in query:
+            assert _order(bundle) == order[query], query
         for entry in bundle.get("entry", []):  # matches and includes alike come back decrypted
             resource = entry["resource"]
             assert resource == originals[resource["resourceType"], resource["id"]] | {"meta": resource["meta"]}
