@@ -13,7 +13,7 @@ done
 if [ -f "$JAR" ] && [ -z "$(find pom.xml build.sh src -newer "$JAR" -print -quit)" ]; then
   exit 0
 fi
-echo "tests/hapi/build.sh: building the HAPI FHIR test upstream (the first build downloads ~500 MB to ~/.m2)" >&2
+echo "tests/hapi/build.sh: building the HAPI FHIR test upstream (a first build downloads ~350 MB into ~/.m2)" >&2
 started=$SECONDS
 if ! nice mvn -B -q --no-transfer-progress package -DskipTests >target.log 2>&1; then
   tail -n 60 target.log >&2
