@@ -41,7 +41,7 @@ CONDITIONS = [
         "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10", "code": "E11.9"}]},
     },
 ]
-# Searches Medplum's repository cannot answer: chains, reverse chains, _include and _revinclude.
+# Searches Medplum's repository cannot answer (chains, reverse chains, _include, _revinclude) and _sort.
 LINKED_QUERIES = [
     f"Condition?subject:Patient.identifier={NIK}|3273012903870002",
     "Condition?patient.name=budiarto",
