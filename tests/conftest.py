@@ -14,6 +14,7 @@ from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file, compile_text
 from proxy.settings import Settings
 from proxy.web.app import create_app
+from tests.hapi_server import HapiServer
 from tests.keystores import kms, softhsm, vault  # noqa: F401 (fixtures: SoftHSM2, moto_server, stand-in Vault)
 from tests.upstream_server import UpstreamServer
 
@@ -47,6 +48,26 @@ resources:
 """
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--upstream",
+        choices=("medplum", "hapi"),
+        default="medplum",
+        help="medplum (default): the suite against the Medplum test server; hapi: only the tests marked 'hapi', "
+        "against HAPI FHIR's JPA server (tests/hapi/, built and started by the suite)",
+    )
+
+
+HAPI_STATS: dict[str, float] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if HAPI_STATS:
+        terminalreporter.write_line(
+            "HAPI test upstream: started in {startup:.1f} s, {rss_mib:.0f} MiB resident at the end".format(**HAPI_STATS)
+        )
+
+
 def unit_policy(text: str = TEST_POLICY) -> CompiledPolicy:
     return compile_text(text, "unit-test.yaml")
 
@@ -73,6 +94,23 @@ def upstream():
 def clean_upstream(upstream):
     upstream.reset()
     return upstream
+
+
+@pytest.fixture(scope="session")
+def hapi():
+    """HAPI FHIR's JPA server (tests/hapi/): built if needed, started once per session; failures name the step."""
+    server = HapiServer()
+    server.start()
+    HAPI_STATS["startup"] = server.startup_seconds or 0.0
+    yield server
+    HAPI_STATS["rss_mib"] = server.rss_bytes() / 2**20
+    server.stop()
+
+
+@pytest.fixture
+def clean_hapi(hapi):
+    hapi.reset()
+    return hapi
 
 
 def make_settings(upstream_base: str, **overrides) -> Settings:
@@ -137,8 +175,16 @@ SLOW_FILES = frozenset({"test_bench_smoke.py", "test_adv_soak.py"})  # whole ben
 SLOW_CORE_FILES = frozenset({"test_adv_properties_core.py"})  # the core, but minutes of generated resources
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test is ``unit`` or ``integration``, but for the slow core properties; long runs are also ``slow``."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The HAPI half runs only when asked for (``--upstream hapi``), and then alone: a fast default loop.
+    Every test is ``unit`` or ``integration``, but for the slow core properties; long runs are also ``slow``."""
+    want_hapi = config.getoption("upstream") == "hapi"
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("hapi") is not None) == want_hapi else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
     for item in items:
         name = item.path.name
         if name in SLOW_CORE_FILES:

@@ -40,12 +40,14 @@ async def _bulk_options(upstream, **options) -> None:
             assert resp.status == 200, await resp.text()
 
 
-async def _manifest(client, kickoff: str) -> dict:
+async def _manifest(client, kickoff: str, timeout: float = 5.0) -> dict:
+    """Kick an export off through the proxy and poll its status link until the manifest comes."""
     resp = await client.get(kickoff, headers=ASYNC)
     assert resp.status == 202, await resp.text()
     status_link = resp.headers["Content-Location"]
     assert f"{PUBLIC_BASE}/$fhircrypt-link/status/" in status_link
-    for _ in range(50):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         resp = await client.get(_local(status_link))
         if resp.status == 200:
             return await resp.json()
@@ -64,9 +66,9 @@ async def _stored(client) -> tuple[dict, dict]:
 
 
 def _as_sent(resource: dict) -> dict:
-    """Without what the server assigns (id, version meta) and the reference the test fixed up."""
+    """Without what the server assigns (id, version meta, HAPI's meta.source) and the reference the test fixed up."""
     out = {k: v for k, v in resource.items() if k not in ("id", "subject")}
-    meta = {k: v for k, v in out.pop("meta", {}).items() if k not in ("versionId", "lastUpdated")}
+    meta = {k: v for k, v in out.pop("meta", {}).items() if k not in ("versionId", "lastUpdated", "source")}
     return {**out, "meta": meta} if meta else out
 
 

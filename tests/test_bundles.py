@@ -68,6 +68,14 @@ def _scenario() -> dict:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
+def observation_referring_by_nik(nik: str) -> dict:
+    """The hemoglobin Observation with a conditional reference to its patient, by NIK."""
+    observation = load_fixture("satusehat/observation-hemoglobin.json", FIXED)
+    observation["subject"] = {"reference": f"Patient?identifier={NIK_SYSTEM}|{nik}"}
+    observation.pop("encounter")
+    return observation
+
+
 def _clean(resource: dict) -> dict:
     """Without what the server assigns: id, meta and the references it resolved from urn:uuid."""
     return {k: v for k, v in resource.items() if k not in ("id", "meta", "subject", "encounter", "diagnosis")}
@@ -100,9 +108,7 @@ async def test_conditional_create_and_conditional_references_in_a_transaction_us
     created = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)
     assert created.status == 201
     patient_id = (await created.json())["id"]
-    observation = load_fixture("satusehat/observation-hemoglobin.json", FIXED)
-    observation["subject"] = {"reference": f"Patient?identifier={NIK_SYSTEM}|{NIK}"}
-    observation.pop("encounter")
+    observation = observation_referring_by_nik(NIK)
     bundle = {
         "resourceType": "Bundle",
         "type": "transaction",
