@@ -234,3 +234,15 @@ async def test_deleting_any_type_needs_a_delete_scope(proxy, issuer, stored):
     resp = await proxy.delete("/fhir/R4/Organization/org-x", headers=reader)
     assert resp.status == 403, await resp.text()
     assert (await proxy.get("/fhir/R4/Organization/org-x", headers=reader)).status == 200
+
+
+async def test_an_absolute_reference_to_another_servers_patient_is_nobodys_compartment(
+    proxy_for, clean_upstream, satusehat, jwt_proxy, issuer
+):
+    writer = await proxy_for(clean_upstream.base_url, satusehat)
+    foreign = {**CONDITION, "id": "cond-x", "subject": {"reference": "https://elsewhere.example/fhir/Patient/pat-a"}}
+    resp = await writer.put("/fhir/R4/Condition/cond-x", data=orjson.dumps(foreign), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    app = await jwt_proxy()
+    read = await app.get("/fhir/R4/Condition/cond-x", headers=bearer(issuer.token(**_app("pat-a"))))
+    assert read.status == 403 and "D50.9" not in await read.text()

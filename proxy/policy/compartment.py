@@ -39,6 +39,7 @@ from proxy.policy.searchparams import ParamPath, element_paths, search_param
 
 _ID = r"[A-Za-z0-9\-.]{1,64}"
 _PATIENT_REFERENCE = re.compile(rf"(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#]*/)?Patient/({_ID})(?:/_history/{_ID})?")
+_RELATIVE_PATIENT_REFERENCE = re.compile(rf"Patient/({_ID})(?:/_history/{_ID})?")
 _PATIENT_ID = re.compile(_ID)
 
 KeyPath = tuple[str, ...]
@@ -156,13 +157,14 @@ def unresolved_types() -> tuple[str, ...]:
 # ---------------------------------------------------------------- read path
 
 
-def patient_id(reference: str) -> str | None:
-    """``Patient/123``, ``https://x/fhir/Patient/123/_history/2`` -> ``123``; None otherwise."""
-    m = _PATIENT_REFERENCE.fullmatch(reference)
+def patient_id(reference: str, absolute: bool = True) -> str | None:
+    """``Patient/123``, ``https://x/fhir/Patient/123/_history/2`` -> ``123``; None otherwise.
+    ``absolute`` False: relative references only (an absolute URL may name a Patient on any server)."""
+    m = (_PATIENT_REFERENCE if absolute else _RELATIVE_PATIENT_REFERENCE).fullmatch(reference)
     return m.group(1) if m else None
 
 
-def _collect(resource: dict, keys: KeyPath, out: set[str]) -> None:
+def _collect(resource: dict, keys: KeyPath, out: set[str], absolute: bool) -> None:
     nodes: list = [resource]
     for key in keys:
         found: list = []
@@ -180,13 +182,15 @@ def _collect(resource: dict, keys: KeyPath, out: set[str]) -> None:
     for node in nodes:
         reference = node.get("reference")
         if isinstance(reference, str) and "Patient/" in reference:
-            pid = patient_id(reference)
+            pid = patient_id(reference, absolute)
             if pid is not None:
                 out.add(pid)
 
 
-def patient_references(resource: dict) -> set[str]:
-    """Ids of the Patients whose compartment ``resource`` is in (empty: in none)."""
+def patient_references(resource: dict, absolute: bool = True) -> set[str]:
+    """Ids of the Patients whose compartment ``resource`` is in (empty: in none). ``absolute`` False
+    counts relative references only (access decisions: ``https://elsewhere/fhir/Patient/1`` is not
+    this server's Patient 1, and membership may be missed, never invented)."""
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str) or resource_type not in table()["resources"]:
         return set()
@@ -199,10 +203,11 @@ def patient_references(resource: dict) -> set[str]:
         if isinstance(own, str) and _PATIENT_ID.fullmatch(own):
             out.add(own)
     for keys in key_paths:
-        _collect(resource, keys, out)
+        _collect(resource, keys, out, absolute)
     return out
 
 
 def in_compartment(resource: dict, patient_id: str) -> bool:
-    """Whether ``resource`` is in the compartment of Patient ``patient_id``."""
-    return patient_id in patient_references(resource)
+    """Whether ``resource`` is in the compartment of this server's Patient ``patient_id`` (for access
+    decisions: relative references only)."""
+    return patient_id in patient_references(resource, absolute=False)

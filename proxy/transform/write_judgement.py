@@ -110,7 +110,7 @@ def _foreign(reference: object, patient: str) -> str | None:
         return "a reference must be a string"
     if reference.startswith("#"):
         return None  # a contained resource: part of this one
-    pid = patient_id(reference)
+    pid = patient_id(reference, absolute=False)
     if pid is not None:
         return None if pid == patient else "refers to a patient other than the caller's"
     typed = _TYPED.fullmatch(reference)
