@@ -516,3 +516,36 @@ def test_serve_refuses_an_unusable_upstream_credential_at_start_up(extra, proble
     found = check_startup(make_settings("https://fhir.example/fhir/R4", policy=policy, **extra))
     assert found == problem if problem is None else problem in found
     assert "t" not in (found or "").split()  # secrets are never quoted
+
+
+async def test_paging_links_are_proxy_links_bound_to_the_caller_who_searched(scene, issuer):  # noqa: F811
+    """A server's next link (HAPI's ?_getpages=<handle> carries no search values to check again) is handed
+    out as a signed proxy link: followed for the same subject only, decided again, on the upstream's origin."""
+    client, hostile, counter = scene
+    page = {
+        "resourceType": "Bundle",
+        "type": "searchset",
+        "entry": [{"resource": hostile.stored}],
+        "link": [
+            {"relation": "self", "url": f"{hostile.base}/Patient?_count=1"},
+            {"relation": "next", "url": f"{hostile.base}?_getpages=handle-1&_getpagesoffset=1&_count=1"},
+        ],
+    }
+    hostile.answer("Patient", 200, page)
+    hostile.answer("/fhir/R4", 200, page)  # the page handle, as HAPI names it (the base URL with a query)
+    alice = bearer(issuer.token(sub="alice", **PHYSICIAN))
+    first = await (await client.get("/fhir/R4/Patient?_count=1", headers=alice)).json()
+    links = {link["relation"]: link["url"] for link in first["link"]}
+    assert links["self"] == f"{PUBLIC_BASE}/Patient?_count=1"
+    assert links["next"].startswith(f"{PUBLIC_BASE}/$fhircrypt-link/page/") and "_getpages" not in links["next"]
+    nxt = _local(links["next"])
+    second = await client.get(nxt, headers=alice)
+    assert second.status == 200, await second.text()
+    assert _plain((await second.json())["entry"][0]["resource"])["nik"] is True
+    assert [path for path, _ in hostile.seen].count("GET /fhir/R4") == 1  # the handle, on the upstream's base
+    for other in (bearer(issuer.token(sub="mallory", **PHYSICIAN)), bearer(issuer.token(sub="alice", **NOBODY))):
+        resp = await client.get(nxt, headers=other)
+        assert resp.status in (403, 404), await resp.text()  # another subject: unknown link; no scope: refused
+    assert (await client.get(nxt[:-2] + ("AA" if not nxt.endswith("AA") else "BB"), headers=alice)).status == 404
+    assert (await client.post(nxt, headers=alice)).status == 404
+    assert counter.received == []

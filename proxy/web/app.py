@@ -36,6 +36,7 @@ from proxy.web.call import call_of
 from proxy.web.discovery import smart_configuration_handler
 from proxy.web.forward import forward
 from proxy.web.keyrefresh import refresh_keys_ctx
+from proxy.web.paging import PAGE, open_page_link
 from proxy.web.patientkeys import PatientKeyService
 from proxy.web.prepare import guard_query, prepare_request
 from proxy.web.readiness import READINESS, Readiness, readiness
@@ -71,7 +72,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
     rt = call.rt
     call.segments = segments = _segments(rt, request)
     link = len(segments) == 3 and segments[0] == bulk.LINKS
-    call.it = it = bulk.EXPORT if link else classify(request.method, segments, bool(request.query_string))
+    page = link and segments[1] == PAGE
+    if page:  # the next page of a search: decided again for the type searched, for the same caller only
+        minted_for, it, call.upstream_url = open_page_link(rt, segments[2])
+    else:
+        it = bulk.EXPORT if link else classify(request.method, segments, bool(request.query_string))
+    call.it = it
     call.decision = await authorize(rt, request, it, call.request_id, call.exchange)
     if rt.settings.audit_mode == "fail-closed" and not all(sink.available for sink in rt.audit):
         raise FhirError(
@@ -80,6 +86,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
             "the audit trail is unavailable: requests are refused until it recovers",
             headers={"Retry-After": "5"},
         )
+    if page:
+        caller = call.exchange.caller
+        if request.method != "GET" or (rt.verifier is not None and (caller is None or caller.subject != minted_for)):
+            raise FhirError(404, "not-found", "unknown or expired paging link")  # another caller's: not revealed
+        call.forwarding = guard.Forwarding()
+        return await forward(call)
     if link:
         return await bulk.follow(rt, request, segments[1], segments[2], call.decision, call.request_id, call.exchange)
     params = guard.parse_query(request.raw_path.split("?", 1)[1] if "?" in request.raw_path else "")

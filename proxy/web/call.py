@@ -33,6 +33,7 @@ class Call:
     searcher: Searcher | None = None
     forwarding: guard.Forwarding | None = None  # what goes upstream instead of the client's query
     body: bytes | None = None  # the request body as it goes upstream (encrypted, rewritten)
+    upstream_url: str | None = None  # a proxy paging link's upstream URL, forwarded as it is
 
     @property
     def decided(self) -> Decision:

@@ -24,6 +24,7 @@ from proxy.web.auditing import reference_of, references_in
 from proxy.web.binaries import binary_content
 from proxy.web.call import Call
 from proxy.web.discovery import secure_capabilities
+from proxy.web.paging import sign_page_links
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links, leads_elsewhere, upstream_resource
@@ -45,6 +46,9 @@ def _rewrite_urls(rt: Runtime):
 def _upstream_url(call: Call) -> str:
     """The upstream URL: the rewritten query when the proxy took it over, else the client's as sent."""
     request, forwarding, exchange = call.request, call.forwarding, call.exchange
+    if call.upstream_url is not None:  # a page of an earlier search: its link as the proxy signed it
+        exchange.forwarded_query = call.upstream_url.partition("?")[2] or None
+        return call.upstream_url
     url = call.rt.upstream_base + "/" + "/".join(call.segments)
     if forwarding is not None and forwarding.query is not None:
         if forwarding.query:
@@ -118,6 +122,7 @@ async def _answer(
     if hits:
         alarm(rt, exchange, hits, call.request_id)
     drop_foreign_links(payload, rt.upstream_base)
+    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     if forwarding.raw_binary and status == 200:

@@ -1,0 +1,48 @@
+"""Paging links as proxy links bound to the caller who searched.
+
+A server's paging links (``next``, ``previous``, ``first``, ``last``) may carry no search values at
+all - HAPI's ``?_getpages=<handle>`` names a result set kept at the server - so the checks the
+proxy makes on a query (the caller's groups, its compartment) cannot be made on them again. The
+proxy therefore hands out signed links of its own instead (``[base]/$fhircrypt-link/page/<token>``,
+like Bulk export links): each names the upstream URL, the searched type and the subject of the
+caller who made the search, and is followed only for that subject, with a fresh access decision
+for that type, and only on the upstream's own origin. Every page is judged and decrypted like the
+first. The ``self`` link stays a plain link to the proxy: it repeats the (rewritten) search.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from proxy.outcome import FhirError
+from proxy.transform.interactions import Interaction
+from proxy.web.bulk import LINKS
+from proxy.web.runtime import Runtime
+
+PAGE = "page"
+_NAVIGATION = frozenset({"next", "previous", "prev", "first", "last"})
+_PAGED = frozenset({"searchset", "history"})
+
+
+def sign_page_links(rt: Runtime, payload: dict, subject: str | None, it: Interaction) -> None:
+    """Replace the navigation links of a searchset or history Bundle that point into the upstream's
+    base with proxy links bound to ``subject`` (in place); ``self`` is left alone."""
+    if payload.get("resourceType") != "Bundle" or payload.get("type") not in _PAGED:
+        return
+    links = payload.get("link")
+    for link in links if type(links) is list else ():
+        url = link.get("url") if type(link) is dict else None
+        if link and link.get("relation") in _NAVIGATION and type(url) is str and url.startswith(rt.upstream_base):
+            assert rt.client is not None
+            claim = orjson.dumps([subject, it.kind, it.level, it.resource_type, str(rt.client.resolve(url))])
+            link["url"] = f"{rt.public_base}/{LINKS}/{PAGE}/{rt.keyring.link_signer.sign(f'{PAGE} {claim.decode()}')}"
+
+
+def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str]:
+    """The subject the link was minted for, the interaction it continues and the upstream URL; 404 for a
+    link this proxy did not mint (or that expired)."""
+    signed = rt.keyring.link_signer.open(token)
+    if signed is None or not signed.startswith(PAGE + " "):
+        raise FhirError(404, "not-found", "unknown or expired paging link")
+    subject, kind, level, rtype, url = orjson.loads(signed[len(PAGE) + 1 :])
+    return subject, Interaction(kind, level, rtype), url
