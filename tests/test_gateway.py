@@ -246,3 +246,15 @@ async def test_an_absolute_reference_to_another_servers_patient_is_nobodys_compa
     app = await jwt_proxy()
     read = await app.get("/fhir/R4/Condition/cond-x", headers=bearer(issuer.token(**_app("pat-a"))))
     assert read.status == 403 and "D50.9" not in await read.text()
+
+
+async def test_the_capability_statement_offers_only_searches_the_proxy_can_answer(proxy, satusehat):
+    from proxy.policy.affects import answerable
+
+    statement = await (await proxy.get("/fhir/R4/metadata")).json()
+    offered = {r["type"]: {p["name"] for p in r.get("searchParam", [])} for r in statement["rest"][0]["resource"]}
+    patient = satusehat.resources["Patient"]
+    assert "identifier" in offered["Patient"] and answerable(patient, "identifier")  # blind-indexed
+    assert all(answerable(patient, name) for name in offered["Patient"])
+    refused = [name for name in ("address", "telecom", "phone") if not answerable(patient, name)]
+    assert refused and not set(refused) & offered["Patient"]  # encrypted without an index: not offered

@@ -52,3 +52,15 @@ def affected_params(rp: ResourcePolicy) -> dict[str, list[str]]:
         for el in touched_elements(rp, sp) or []:
             out.setdefault(el.field_id, []).append(code)
     return out
+
+
+def answerable(rp: ResourcePolicy, code: str) -> bool:
+    """Whether the proxy can answer search parameter ``code`` on ``rp``'s type at all: it reads no
+    encrypted element, or every encrypted element it reads has a blind index for it (the request guard
+    refuses the rest, so a CapabilityStatement should not offer them). The closed defaults' catch-alls
+    do not count: ``identifier`` stays offered for the listed systems, which are indexed."""
+    sp = search_params(rp.type).get(code)
+    if sp is None:
+        return True  # a control parameter or one the server defines: not the proxy's to judge here
+    touched = touched_elements(rp, sp)
+    return touched is not None and all(any(s.param == code for s in el.indexes) for el in touched if el.closing is None)

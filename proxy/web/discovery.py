@@ -13,6 +13,8 @@ import orjson
 from aiohttp import web
 
 from proxy.outcome import FhirError
+from proxy.policy.affects import answerable
+from proxy.policy.compiler import CompiledPolicy
 from proxy.web import headers as hdr
 from proxy.web.runtime import RUNTIME
 
@@ -50,8 +52,12 @@ def smart_configuration(provider: dict) -> dict:
     return config
 
 
-def secure_capabilities(statement: dict, provider: dict) -> None:
-    """Rewrite a CapabilityStatement's ``rest.security`` to the proxy's SMART authorization (in place)."""
+def secure_capabilities(statement: dict, provider: dict | None, policy: CompiledPolicy) -> None:
+    """Rewrite a CapabilityStatement to what the proxy really offers (in place): ``rest.security`` names
+    the proxy's SMART authorization (``provider``: the OpenID discovery document; None without
+    authentication), and covered types list only the search parameters the proxy can answer on
+    encrypted data (the others it refuses)."""
+    authenticated, provider = provider is not None, provider or {}
     uris = [
         {"url": name, "valueUri": provider[key]}
         for name, key in (("authorize", "authorization_endpoint"), ("token", "token_endpoint"))
@@ -65,7 +71,15 @@ def secure_capabilities(statement: dict, provider: dict) -> None:
         security["extension"] = [{"url": _OAUTH_URIS, "extension": uris}]
     for rest in statement.get("rest") or ():
         if isinstance(rest, dict):
-            rest["security"] = security
+            if authenticated:
+                rest["security"] = security
+            for resource in rest.get("resource") or ():
+                rp = policy.resources.get(resource.get("type")) if isinstance(resource, dict) else None
+                params = resource.get("searchParam") if rp is not None else None
+                if isinstance(params, list):
+                    resource["searchParam"] = [
+                        p for p in params if not isinstance(p, dict) or answerable(rp, str(p.get("name", "")))
+                    ]
 
 
 async def smart_configuration_handler(request: web.Request) -> web.Response:

@@ -114,8 +114,8 @@ async def _answer(
     hits: list[str] = []
     if PATIENT_KEY_MARK in raw:
         await rt.prefetch_patient_keys(payload)
-    if it.kind == "capabilities" and rt.verifier is not None and payload.get("resourceType") == "CapabilityStatement":
-        secure_capabilities(payload, rt.verifier.openid_configuration)
+    if it.kind == "capabilities" and payload.get("resourceType") == "CapabilityStatement":
+        secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
     decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
     exchange.references = references_in(payload)
