@@ -258,3 +258,68 @@ async def test_the_capability_statement_offers_only_searches_the_proxy_can_answe
     assert all(answerable(patient, name) for name in offered["Patient"])
     refused = [name for name in ("address", "telecom", "phone") if not answerable(patient, name)]
     assert refused and not set(refused) & offered["Patient"]  # encrypted without an index: not offered
+
+
+async def test_the_review_findings_through_a_real_fhircrypt_serve(tmp_path, clean_upstream, issuer):
+    """Issue 14's observations 2, 3, 5, 6 and 10 as reproduced: a real ``fhircrypt serve`` process with JWT
+    authentication in front of the test server, real tokens, the answers and what the server stored."""
+    import asyncio
+
+    import aiohttp
+
+    from tests.conftest import ROOT
+    from tests.serving import Served, make_keyring
+
+    ring, kek = make_keyring(tmp_path)
+    served = Served(
+        ["--upstream", clean_upstream.base_url, "--policy", str(ROOT / "policies" / "satusehat.yaml"),
+         "--oidc-issuer", issuer.url, "--audience", test_auth.AUDIENCE],
+        {"FHIRCRYPT_KEYRING": str(ring), "FHIRCRYPT_KEK_FILE": str(kek)},
+    )  # fmt: skip
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.cruds")) | FHIR_JSON
+    app_b = bearer(issuer.token(scope="patient/*.cruds", patient="pat-b")) | FHIR_JSON
+    try:
+        await asyncio.to_thread(served.wait_for, "listening")
+        async with aiohttp.ClientSession() as http:
+
+            async def call(method: str, path: str, headers: dict, body: object = None) -> tuple[int, str]:
+                data = orjson.dumps(body) if body is not None else None
+                async with http.request(method, served.url("/fhir/R4/" + path), data=data, headers=headers) as resp:
+                    return resp.status, await resp.text()
+
+            for resource in (PATIENT, OTHER, CONDITION, OTHER_CONDITION):
+                status, text = await call("PUT", f"{resource['resourceType']}/{resource['id']}", physician, resource)
+                assert status == 201, text
+            # 10: a token without a usable subject
+            assert (await call("GET", "Patient/pat-a", bearer(issuer.token(sub="", scope="user/*.rs"))))[0] == 401
+            # 2: a patient/ scope next to user/ ones widens nothing
+            billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs patient/*.rs"))
+            status, text = await call("GET", "Condition/cond-a", billing)
+            assert status == 200 and "D50.9" not in text
+            # 3: a patient app writes into another chart: by PATCH of its own record, or with itself as asserter
+            mine = {**OTHER_CONDITION, "id": "cond-b2"}
+            assert (await call("PUT", "Condition/cond-b2", app_b, mine))[0] == 201
+            patch = [{"op": "replace", "path": "/subject/reference", "value": "Patient/pat-a"}]
+            patched = await call(
+                "PATCH", "Condition/cond-b2", app_b | {"Content-Type": "application/json-patch+json"}, patch
+            )
+            assert patched[0] == 403, patched
+            sneaky = {**CONDITION, "id": None, "asserter": {"reference": "Patient/pat-b"}}
+            assert (await call("POST", "Condition", app_b, {k: v for k, v in sneaky.items() if v}))[0] == 403
+            # 6: nothing about other patients
+            app_a = bearer(issuer.token(scope="patient/*.rs", patient="pat-a"))
+            status, text = await call("GET", f"Patient?identifier={NIK}|3578016001900004", app_a)
+            assert status == 200 and "pat-b" not in text
+            status, text = await call("GET", "Condition?code=D50.9&_summary=count", app_a)
+            assert status == 200 and orjson.loads(text)["total"] == 1
+            for path in ("Patient/pat-b/$everything", "Condition/_history", "Patient/pat-b"):
+                assert (await call("GET", path, app_a))[0] == 403, path
+            # 5: a blind-index system in another letter case is no way around the group check
+            variant = f"https://fhircrypt.dev/fhir/BLIND-INDEX/Patient/nik/identifier|{'0' * 32}"
+            clerkless = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+            assert (await call("GET", f"Patient?identifier={variant}", clerkless))[0] in (400, 403)
+    finally:
+        assert await asyncio.to_thread(served.stop) == 0
+    stored = [r for r in clean_upstream.dump() if r["resourceType"] == "Condition"]
+    assert {r["subject"]["reference"] for r in stored if r["id"] == "cond-b2"} == {"Patient/pat-b"}
+    assert all("Wulandari" not in orjson.dumps(r).decode() for r in clean_upstream.dump())
