@@ -8,6 +8,7 @@ must end encrypted, refused or forwarded as configured; what the upstream stores
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 
@@ -335,3 +336,24 @@ def test_a_masked_unlisted_value_written_back_is_restored_from_the_stored_versio
     assert has_masked(masked, rp) and BPJS not in orjson.dumps(masked).decode()
     assert merge_masked(masked, copy.deepcopy(original), rp) == []
     assert masked.pop("meta") == {} and masked == original  # (the label's emptied meta is the caller's)
+
+
+def test_policy_check_names_personal_data_a_policy_leaves_clear_and_accepts_a_stated_reason(tmp_path):
+    """Types of the Patient compartment without a rule, and their HumanName/ContactPoint/Address/
+    Attachment/Annotation elements no rule covers, are warnings; ``knowingly_clear`` with a reason
+    turns one into info."""
+    without_person = re.sub(r"\n  Person:.*?\n(?=  [A-Z])", "\n", SATUSEHAT, count=1, flags=re.S)
+    assert without_person != SATUSEHAT
+    policy = compile_text(without_person, "gap.yaml")
+    clear = sorted(f.message.split(" ")[0] for f in policy.findings if f.code == "clear-phi-element")
+    assert clear == ["Person.address", "Person.name", "Person.photo", "Person.telecom"]
+    stated = without_person.replace(
+        "knowingly_clear:\n", "knowingly_clear:\n  Person: the EMR never sends Person resources\n"
+    )
+    policy = compile_text(stated, "gap.yaml")
+    assert not [f for f in policy.findings if f.code == "clear-phi-element"]
+    assert any(f.code == "knowingly-clear" and f.message.startswith("Person.name") for f in policy.findings)
+    for entry, error in (("Person: ''", "needs a reason"), ("Person.nickname: x", "not an R4 resource type")):
+        broken = without_person.replace("knowingly_clear:\n", f"knowingly_clear:\n  {entry}\n")
+        with pytest.raises(PolicyError, match=error):
+            compile_text(broken, "broken.yaml")

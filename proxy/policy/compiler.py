@@ -18,8 +18,9 @@ from pathlib import Path
 from proxy.policy import closed
 from proxy.policy import definitions as defs
 from proxy.policy.access import AccessPolicy, compile_access
+from proxy.policy.compartment import compartment_types
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
-from proxy.policy.lint import Finding, lint_document
+from proxy.policy.lint import Finding, lint_coverage, lint_document
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.operations import OperationRule, compile_operations
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
@@ -203,6 +204,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "attachments",
             "identifiers",
             "extensions",
+            "knowingly_clear",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -263,6 +265,8 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             narrative = tuple(e for e in rp.elements if e.field_id == NARRATIVE_ID)
             resources[rtype] = dataclasses.replace(rp, elements=(*rp.content_elements, *catch_alls, *narrative))
     findings += lint_document(doc, closure)
+    covered = {t: frozenset(_first_key(e) for e in rp.content_elements) for t, rp in resources.items()}
+    findings += lint_coverage(covered, _knowingly_clear(ctx, doc), compartment_types() | {"Patient"})
     return CompiledPolicy(
         name=str(doc["name"]),
         source=source,
@@ -279,6 +283,27 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
         per_patient_keys=_compile_keys(ctx, doc),
         **_compile_canaries(ctx, doc),
     )
+
+
+def _first_key(el: CompiledElement) -> str:
+    return (el.nav[0] if el.nav else el.terminal).key
+
+
+def _knowingly_clear(ctx: _Ctx, doc: Node) -> dict[str, str]:
+    """``knowingly_clear``: ``Type`` or ``Type.element`` -> why it may stay in the clear (policy check
+    reports it as info instead of a warning)."""
+    raw = doc.get("knowingly_clear") or Node()
+    if not isinstance(raw, Node):
+        raise ctx.fail(doc, "knowingly_clear", "must be a mapping of Type or Type.element to a reason")
+    out = {}
+    for where, reason in raw.items():
+        rtype, _, element = str(where).partition(".")
+        if rtype not in defs.resource_types() or (element and defs.element(rtype, element) is None):
+            raise ctx.fail(raw, where, "not an R4 resource type or top-level element")
+        if not isinstance(reason, str) or not reason.strip():
+            raise ctx.fail(raw, where, "needs a reason (why it may stay in the clear)")
+        out[str(where)] = reason.strip()
+    return out
 
 
 def _check_keys(ctx: _Ctx, node: object, where: str, *, allowed: set[str], required: set[str] = frozenset()) -> None:

@@ -111,3 +111,49 @@ def lint_document(doc: Node, closure: closed.Closure) -> list[Finding]:
                     )
                 )
     return out
+
+
+# Element types that hold a person's identity or free text about them wherever they occur: a top-level
+# element of one of these types on a type of the Patient compartment is PHI unless the policy says why not.
+PHI_TYPES = frozenset({"HumanName", "ContactPoint", "Address", "Attachment", "Annotation"})
+
+
+def lint_coverage(
+    covered: dict[str, frozenset[str]], knowingly_clear: dict[str, str], compartment: frozenset[str]
+) -> list[Finding]:
+    """Types of the Patient compartment without a rule, and their top-level elements of PHI types
+    (:data:`PHI_TYPES`) that no rule covers (``covered``: type -> first keys of its encrypted
+    elements). ``knowingly_clear`` (``Type`` or ``Type.element`` -> reason) turns a finding into
+    info: the operator decided, and said why."""
+    from proxy.policy import definitions as defs
+
+    out = []
+    for rtype in sorted(compartment):
+        reason = knowingly_clear.get(rtype)
+        if rtype not in covered:
+            out.append(
+                Finding("info", "knowingly-clear", f"{rtype}: left clear: {reason}")
+                if reason
+                else Finding(
+                    "warning",
+                    "uncovered-compartment-type",
+                    f"{rtype} can hold a patient's data and the policy has no rule for it: it is stored in the clear",
+                )
+            )
+            continue
+        for key, row in defs.elements(rtype).items():
+            name = key.removesuffix("[x]")
+            if "." in key or not PHI_TYPES.intersection(row[0]) or name in covered[rtype]:
+                continue
+            why = knowingly_clear.get(f"{rtype}.{name}") or reason
+            kinds = "/".join(sorted(PHI_TYPES.intersection(row[0])))
+            out.append(
+                Finding("info", "knowingly-clear", f"{rtype}.{name}: left clear: {why}")
+                if why
+                else Finding(
+                    "warning",
+                    "clear-phi-element",
+                    f"{rtype}.{name} ({kinds}) is commonly personal data and no rule encrypts it",
+                )
+            )
+    return out
