@@ -323,3 +323,18 @@ async def test_the_review_findings_through_a_real_fhircrypt_serve(tmp_path, clea
     stored = [r for r in clean_upstream.dump() if r["resourceType"] == "Condition"]
     assert {r["subject"]["reference"] for r in stored if r["id"] == "cond-b2"} == {"Patient/pat-b"}
     assert all("Wulandari" not in orjson.dumps(r).decode() for r in clean_upstream.dump())
+
+
+async def test_operations_that_may_change_data_need_an_update_scope(proxy, issuer, stored):
+    reader = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs")) | FHIR_JSON
+    writer = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.cruds")) | FHIR_JSON
+    params = orjson.dumps({"resourceType": "Parameters", "parameter": []})
+    before = len(stored.requests())
+    for path in ("Patient/pat-a/$meta-delete", "Patient/$expunge", "$expunge"):
+        resp = await proxy.post(f"/fhir/R4/{path}", data=params, headers=reader)
+        assert resp.status == 403 and "update scope" in (await resp.json())["issue"][0]["diagnostics"], path
+    assert len(stored.requests()) == before  # refused before anything was forwarded
+    resp = await proxy.post("/fhir/R4/Patient/pat-a/$meta-delete", data=params, headers=writer)
+    assert resp.status != 403  # decided: forwarded (what the server makes of it is its own answer)
+    everything = await proxy.get("/fhir/R4/Patient/pat-a/$everything", headers=reader)  # read-only: a read scope
+    assert everything.status == 200

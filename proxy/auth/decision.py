@@ -194,11 +194,14 @@ def unscoped(grants: CallerGrants | None) -> Decision:
     return Decision(grants, False, None, grants.groups if grants else frozenset(), None, _MADE_HERE)
 
 
-def decide(grants: CallerGrants | None, it: Interaction) -> Decision:
-    """The decision for one authenticated request; raises 403 (an OperationOutcome) when refused."""
+def decide(grants: CallerGrants | None, it: Interaction, read_only: frozenset[str] = frozenset()) -> Decision:
+    """The decision for one authenticated request; raises 403 (an OperationOutcome) when refused.
+    ``read_only``: operations the policy declares free of side effects, beside :data:`READ_ONLY_OPERATIONS`."""
     if grants is None or not grants.scopes_required or it.kind == "capabilities":
         return unscoped(grants if it.kind != "capabilities" else None)
     rtype = it.resource_type
+    if it.kind == "operation" and it.operation not in READ_ONLY_OPERATIONS | read_only:
+        _may_change(grants, it)
     if rtype is None:
         return _system_level(grants, it)
     if it.kind in _WRITES:
@@ -214,6 +217,29 @@ def decide(grants: CallerGrants | None, it: Interaction) -> Decision:
     if it.kind == "operation" and it.operation == "export" and not _population(grants):
         raise _refused("Bulk export needs a user/ or system/ read scope on all resource types", f"{rtype}/$export")
     return Decision(grants, False, None, _searchable(grants, rtype), None, _MADE_HERE)
+
+
+# R4 operations whose definitions say affectsState: false (a read scope is enough for them)
+READ_ONLY_OPERATIONS = frozenset(
+    {
+        "everything", "validate", "lastn", "stats", "match", "meta", "document", "expand", "lookup",
+        "validate-code", "translate", "subsumes", "closure", "evaluate-measure", "data-requirements",
+        "care-gaps", "collect-data", "questionnaire", "populate", "find", "versions", "summary", "export",
+    }
+)  # fmt: skip
+
+
+def _may_change(grants: CallerGrants, it: Interaction) -> None:
+    """An operation that may change what the server stores (``$expunge``, ``$meta-add``, a custom one)
+    needs an update scope on its type - on every type (``*``) at the system level - not a read scope."""
+    rtype = it.resource_type or "*"
+    if not any(s.update and s.resource_type in ("*", rtype) for s in grants.caller.scopes):
+        where = f"{it.resource_type}/${it.operation}" if it.resource_type else f"${it.operation}"
+        raise _refused(
+            f"${it.operation} may change stored data: it needs an update scope on {rtype} (or the policy "
+            "declares it read_only)",
+            where,
+        )
 
 
 def _confined(grants: CallerGrants, it: Interaction, rtype: str) -> Decision:

@@ -10,6 +10,7 @@ from proxy.auth.caller import caller_from_claims
 from proxy.auth.decision import Decision, decide, development, unscoped
 from proxy.auth.tokens import TokenError
 from proxy.outcome import FhirError
+from proxy.policy.operations import read_only
 from proxy.transform.interactions import Interaction
 from proxy.web.auditing import Exchange
 from proxy.web.runtime import Runtime
@@ -67,7 +68,7 @@ async def authorize(
                 "client_id": caller.client_id,
             },
         )
-    return decide(grants, it)
+    return decide(grants, it, read_only(rt.policy.operations))
 
 
 def _certificate_claims(rt: Runtime, request: web.Request) -> dict | None:

@@ -18,6 +18,7 @@ from dataclasses import replace
 from proxy.auth.decision import Decision, decide
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
+from proxy.policy.operations import read_only
 from proxy.transform.bundles import Entry, parse_bundle, rewrite_request
 from proxy.transform.search import Searcher
 from proxy.transform.search_urls import rewrite_search_urls
@@ -48,7 +49,7 @@ async def prepare_bundle(
         entry_decision = decision
         if grants is not None and restricted:
             try:
-                entry_decision = decide(grants, it)
+                entry_decision = decide(grants, it, read_only(rt.policy.operations))
             except FhirError as exc:
                 raise exc.located(f"{entry.where}.request") from None
         entry_searcher = replace(searcher, searchable=entry_decision.searchable)
