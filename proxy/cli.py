@@ -386,7 +386,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     if args.ndjson:
         return scan_ndjson(args.ndjson, scan, out)
     conn = dataclasses.replace(_connection(args), timeout=args.timeout)
-    opts = Options(types=tuple(args.types or every_type()), workers=max(1, args.workers), page_size=args.page_size)
+    opts = Options(tuple(args.types or every_type()), workers=max(1, args.workers), page_size=max(1, args.page_size))
     return asyncio.run(scan_upstream(conn, scan, opts, args.checkpoint, out))
 
 
