@@ -1,4 +1,4 @@
-"""python -m demo [--full] [--keep-running] [--port N] [--upstream-port N]
+"""python -m demo [--full] [--keep-running] [--port N] [--upstream-port N] [--coverage FILE.html]
 
 Starts the test FHIR server, a development keyring and fhircrypt with
 policies/satusehat.yaml, writes a SATUSEHAT-style transaction of sample resources
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 from demo.scenario import ROOT, run
 
@@ -24,6 +25,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, help="proxy port (default: 8080 with --keep-running, else a free port)")
     p.add_argument("--upstream-port", type=int, help="test server port (default: 8103 with --keep-running, else free)")
+    p.add_argument(
+        "--coverage",
+        metavar="FILE.html",
+        type=Path,
+        help="then scan the server with fhircrypt coverage: HTML report to FILE.html, JSON next to it",
+    )
     return p
 
 
@@ -33,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     port = default_proxy if args.port is None else args.port
     upstream_port = default_upstream if args.upstream_port is None else args.upstream_port
     try:
-        return asyncio.run(run(ROOT, port, upstream_port, full=args.full, keep_running=args.keep_running))
+        return asyncio.run(
+            run(ROOT, port, upstream_port, full=args.full, keep_running=args.keep_running, coverage=args.coverage)
+        )
     except KeyboardInterrupt:
         return 0
 

@@ -22,8 +22,11 @@ import aiohttp
 from aiohttp import web
 
 from demo import report
+from proxy.coverage.command import Outputs, Scan, scan_upstream
 from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
 from proxy.crypto.providers.local import generate_kek, load_local_kek
+from proxy.migrate.commands import Connection
+from proxy.migrate.run import Options
 from proxy.policy.compiler import compile_text
 from proxy.settings import Settings
 from proxy.web.app import create_app
@@ -130,7 +133,9 @@ async def _write(http: aiohttp.ClientSession, proxy: str, upstream: str, organiz
     return written
 
 
-async def run(root: Path, port: int, upstream_port: int, *, full: bool, keep_running: bool) -> int:
+async def run(
+    root: Path, port: int, upstream_port: int, *, full: bool, keep_running: bool, coverage: Path | None = None
+) -> int:
     keyring = dev_keyring(root / ".fhircrypt" / "demo")
     needles = json.loads((FIXTURES / "needles.json").read_text())
     upstream = await UpstreamServer(port=upstream_port).start_async()
@@ -161,6 +166,10 @@ async def run(root: Path, port: int, upstream_port: int, *, full: bool, keep_run
         width = shutil.get_terminal_size((160, 40)).columns
         print(report.summary(written, needles, leaks))
         print(report.sides(written, width) if full else report.excerpt(written, width))
+        if coverage is not None:  # what the policy leaves in the clear on the demo's data (docs/coverage-example.html)
+            types = tuple(sorted({w.reference.split("/")[0] for w in written} | {"Organization"}))
+            out = Outputs(str(coverage.with_suffix(".json")), str(coverage))
+            await scan_upstream(Connection(upstream.base_url), Scan(policy), Options(types=types), None, out)
         if keep_running:
             patient = next(w.reference for w in written if w.reference.startswith("Patient/"))
             print(report.try_it(proxy, upstream.base_url, patient, NIK))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -209,6 +210,18 @@ def _parser() -> argparse.ArgumentParser:
     reencrypt.add_argument("--page-size", type=int, default=100, help="resources per search page")
     _kek_args(reencrypt)
 
+    coverage = sub.add_parser(
+        "coverage", help="read-only scan: what the server stores encrypted, masked or in the clear, by element path"
+    )
+    _upstream_args(coverage)
+    coverage.add_argument("--policy", default=_env("policy"), help="show what this policy covers (optional)")
+    coverage.add_argument("--types", nargs="+", help="only these types (default: every R4 resource type)")
+    coverage.add_argument("--checkpoint", help="resume from / record progress in this file")
+    coverage.add_argument("--page-size", type=int, default=100, help="resources per search page")
+    coverage.add_argument("--timeout", type=float, default=60.0, help="seconds per request before retrying")
+    coverage.add_argument("--html", help="write the self-contained HTML report to this file")
+    coverage.add_argument("--ndjson", nargs="+", metavar="FILE", help="read Bulk export files instead of --upstream")
+
     policy = sub.add_parser("policy", help="work with policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="compile a policy and explain what it encrypts")
@@ -363,6 +376,20 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     return asyncio.run(reencrypt(conn, plan, opts, args.checkpoint, args.report))
 
 
+def cmd_coverage(args: argparse.Namespace) -> int:
+    from proxy.coverage.command import Outputs, Scan, scan_ndjson, scan_upstream
+    from proxy.migrate.commands import every_type
+    from proxy.migrate.run import Options
+
+    scan = Scan(compile_file(args.policy) if args.policy else None)
+    out = Outputs(args.report, args.html)
+    if args.ndjson:
+        return scan_ndjson(args.ndjson, scan, out)
+    conn = dataclasses.replace(_connection(args), timeout=args.timeout)
+    opts = Options(tuple(args.types or every_type()), workers=max(1, args.workers), page_size=max(1, args.page_size))
+    return asyncio.run(scan_upstream(conn, scan, opts, args.checkpoint, out))
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     policy = compile_file(args.file)
     print(explain(policy, args.show_display))
@@ -446,6 +473,8 @@ def main(argv: list[str] | None = None) -> None:
             code = cmd_serve(args)
         elif args.command == "reencrypt":
             code = cmd_reencrypt(args)
+        elif args.command == "coverage":
+            code = cmd_coverage(args)
         elif args.command == "config":
             code = cmd_config(args)
         else:

@@ -36,9 +36,12 @@ class Connection:
     rate: float | None = None
     token: str | None = None  # bearer token for the upstream, from the environment only
     ca_file: str | None = None
+    timeout: float = 60.0  # seconds per request attempt
 
     def open(self, workers: int) -> Upstream:
-        return Upstream(self.upstream, self.rate, self.token, self.ca_file, connections=max(workers, 2))
+        return Upstream(
+            self.upstream, self.rate, self.token, self.ca_file, timeout=self.timeout, connections=max(workers, 2)
+        )
 
 
 def remaining(tally: Tally) -> dict[str, dict[str, int]]:

@@ -68,11 +68,20 @@ class Options:
 Handler = Callable[[dict], Awaitable[None]]
 
 
-async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Handler, label: str, tally: Tally) -> None:
+async def walk(
+    up: Upstream,
+    opts: Options,
+    checkpoint: Checkpoint,
+    handle: Handler,
+    label: str,
+    tally: Tally,
+    postfix: Callable[[], dict] | None = None,
+) -> None:
     """Every type's pages in turn; each page's resources concurrently; the checkpoint saved once a page is done.
 
     The progress bar (a terminal only) counts resources read against the server's totals,
-    starting from what a resumed checkpoint already covered, with the writes and failures so far.
+    starting from what a resumed checkpoint already covered, with ``postfix`` (by default the
+    writes and failures so far).
     """
     totals = [await up.count(t) for t in opts.types]
     total = None if None in totals else sum(t for t in totals if t is not None)
@@ -85,9 +94,7 @@ async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Hand
         async def one(resource: dict) -> None:
             async with sem:
                 await handle(resource)
-            bar.set_postfix(
-                written=sum(tally.total(w) for w in WRITTEN.values()), failed=tally.total("failed"), refresh=False
-            )
+            bar.set_postfix(postfix() if postfix else _writes(tally), refresh=False)
             bar.update(1)
 
         for rtype in opts.types:
@@ -100,6 +107,10 @@ async def walk(up: Upstream, opts: Options, checkpoint: Checkpoint, handle: Hand
                     raise failed.exceptions[0] from None
                 checkpoint.cursors[rtype] = cursor
                 checkpoint.save()
+
+
+def _writes(tally: Tally) -> dict:
+    return {"written": sum(tally.total(w) for w in WRITTEN.values()), "failed": tally.total("failed")}
 
 
 class Reencryption:

@@ -7,6 +7,8 @@ to look, so nothing walks the whole tree.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
@@ -504,6 +506,38 @@ def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
             _find_choice_masked(parent, path, el, out)
         else:
             _find_narrative(parent, path, el, out)
+
+
+def covered_locations(resource: dict, rp: ResourcePolicy) -> set[str]:
+    """Concrete paths (``identifier[1].value``, ``name[0]``, ``valueQuantity``) of every occurrence in
+    ``resource`` that the policy covers, sealed or still in the clear, found by the same walk as reads.
+
+    For ``fhircrypt coverage``: a clear value under one of these paths is covered by the policy (the
+    proxy would encrypt or refuse it); any other is left clear by the policy. Works on a copy, since the
+    read walk normalises what it finds. Catch-alls under ``refuse`` count as covered (the proxy refuses
+    what they match), so they are walked as if they sealed.
+    """
+    work = copy.deepcopy(resource)
+    out: list[_Slot] = []
+    for el in rp.elements:
+        _find(work, _sealing(el) if el.refuses else el, out)
+    found: set[str] = set()
+    for slot in out:
+        if slot.el.kind is Kind.CHOICE_MASKED:  # "value[x]": the choice names actually present
+            stem = slot.path[: -len(slot.el.terminal.key) - 3]
+            found.update(stem + name for name in slot.extra[2])  # type: ignore[index]
+        found.add(slot.path)
+    return found
+
+
+def _sealing(el: CompiledElement) -> CompiledElement:
+    """``el``, a catch-all under ``refuse``, as the same catch-all under ``encrypt``."""
+    unlisted = el.closing
+    assert unlisted is not None
+    sealing = dataclasses.replace(unlisted, action="encrypt")
+    if el.terminal.unlisted is unlisted:
+        return dataclasses.replace(el, terminal=dataclasses.replace(el.terminal, unlisted=sealing))
+    return dataclasses.replace(el, nav=(*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=sealing)))
 
 
 def _find_choice_masked(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
