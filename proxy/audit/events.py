@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from proxy import fhirgrammar as fg
 from proxy.transform.markers import CANONICAL
 
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
@@ -82,10 +82,6 @@ _WRITE_ACTIONS = frozenset("CUD")
 
 # What may appear in the identifying inputs. Anything else is refused: the builder is the last
 # place where a value that is not an id could be kept out of the trail.
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-_RECORD_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_ID = 256  # subjects, client ids, addresses: ids from tokens and sockets, never free text
 
 _ACT_REASON_DISPLAY = {"ETREAT": "Emergency Treatment", "BTG": "break the glass"}
@@ -125,7 +121,7 @@ def _identity(value: str | None, what: str) -> str | None:
 def _names(values: list[str] | tuple[str, ...], what: str) -> list[str]:
     out: list[str] = []
     for v in values:
-        if not isinstance(v, str) or not _NAME.match(v):
+        if not isinstance(v, str) or not fg.CODE.match(v):
             raise ValueError(f"audit: {what} must be names or codes (letters, digits, '.', '_', '-')")
         if v not in out:
             out.append(v)
@@ -258,9 +254,9 @@ def audit_event(
         raise ValueError("audit: interaction must be a restful-interaction code")
     if not isinstance(status, int) or isinstance(status, bool):
         raise ValueError("audit: status must be an HTTP status code")
-    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not fg.REQUEST_ID.match(request_id):
         raise ValueError("audit: request_id must be a short id")
-    if record_id is not None and not _RECORD_ID.match(record_id):
+    if record_id is not None and not fg.ID.match(record_id):
         raise ValueError("audit: record_id must be a FHIR id")
     if not isinstance(integrity_failures, int) or isinstance(integrity_failures, bool) or integrity_failures < 0:
         raise ValueError("audit: integrity_failures must be a count")
@@ -271,7 +267,7 @@ def audit_event(
         raise ValueError("audit: source_observer is required")
     refs: list[str] = []
     for ref in resources:
-        if not isinstance(ref, str) or not _REFERENCE.match(ref):
+        if not isinstance(ref, str) or not fg.VERSIONED_REFERENCE.match(ref):
             raise ValueError("audit: resources must be references like 'Patient/123'")
         if ref not in refs:
             refs.append(ref)

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import getpass
 import os
-import re
 import sys
 from datetime import UTC, date, datetime
 
+from proxy import fhirgrammar as fg
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import PatientKeyError, open_reference, patient_tag, seal_reference
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientKeyStore, now
 from proxy.policy.compartment import patient_id
 
-REASON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 OPERATOR_ENV = "FHIRCRYPT_OPERATOR"
 USAGE = (
     "usage: fhircrypt shred Patient/<id> [--reason CODE] | "
@@ -46,7 +45,7 @@ def _patient(reference: str) -> str:
 
 def _reason(value: str | None, default: str | None = None) -> str:
     value = value or default
-    if value is None or not REASON.match(value):
+    if value is None or not fg.CODE.match(value):
         raise UsageError("--reason must be a code (letters, digits, '.', '_', '-'; at most 64), not free text")
     return value
 
@@ -54,7 +53,7 @@ def _reason(value: str | None, default: str | None = None) -> str:
 def operator(explicit: str | None) -> str:
     """Who runs the command, for the tombstone: --by, FHIRCRYPT_OPERATOR or the OS user."""
     who = explicit or os.environ.get(OPERATOR_ENV) or getpass.getuser()
-    if not REASON.match(who):
+    if not fg.CODE.match(who):
         raise UsageError("--by must be an account name (letters, digits, '.', '_', '-')")
     return who
 

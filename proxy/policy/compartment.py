@@ -34,12 +34,11 @@ import re
 from functools import cache
 from importlib import resources
 
+from proxy import fhirgrammar as fg
 from proxy.policy import definitions as defs
 from proxy.policy.searchparams import ParamPath, element_paths, search_param
 
-_ID = r"[A-Za-z0-9\-.]{1,64}"
-_PATIENT_REFERENCE = re.compile(rf"(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#]*/)?Patient/({_ID})(?:/_history/{_ID})?")
-_PATIENT_ID = re.compile(_ID)
+_PATIENT_REFERENCE = re.compile(rf"{fg.BASE_RE}Patient/({fg.ID_RE}){fg.HISTORY_RE}")
 
 KeyPath = tuple[str, ...]
 
@@ -196,7 +195,7 @@ def patient_references(resource: dict) -> set[str]:
     out: set[str] = set()
     if resource_type == "Patient":
         own = resource.get("id")
-        if isinstance(own, str) and _PATIENT_ID.fullmatch(own):
+        if isinstance(own, str) and fg.ID.match(own):
             out.add(own)
     for keys in key_paths:
         _collect(resource, keys, out)

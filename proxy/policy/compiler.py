@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy import fhirgrammar as fg
 from proxy.policy import closed
 from proxy.policy import definitions as defs
 from proxy.policy.access import AccessPolicy, compile_access
@@ -647,9 +648,6 @@ def _block_choice(ctx: _Ctx, doc: Node, block: str, key: str, options: tuple[str
     return _choice(ctx, spec, key, options, options[0])
 
 
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
-
-
 def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
     """Honeytokens: resources nobody has a reason to read, whose decryption reveals a stolen token."""
     spec = doc.get("canaries")
@@ -657,7 +655,7 @@ def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
         return {}
     _check_keys(ctx, spec, "canaries", required={"resources"}, allowed={"resources", "action"})
     refs = spec["resources"]
-    if not isinstance(refs, list) or not all(isinstance(r, str) and _REFERENCE.match(r) for r in refs):
+    if not isinstance(refs, list) or not all(isinstance(r, str) and fg.REFERENCE.match(r) for r in refs):
         raise ctx.fail(spec, "resources", "must list references like Patient/canary-1")
     return {"canaries": frozenset(refs), "canary_action": _choice(ctx, spec, "action", ("alert", "block"), "alert")}
 

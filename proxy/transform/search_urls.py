@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import re
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
 from proxy.transform import guard
 from proxy.transform.search import Searcher
 
 _SEARCH_URL = re.compile(
-    r"(?P<prefix>(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#\s]*/)?(?P<type>[A-Z][A-Za-z]{0,63})(?:/_search)?)\?(?P<query>[^#\s]*)"
+    rf"(?P<prefix>(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#\s]*/)?(?P<type>{fg.TYPE_RE})(?:/_search)?)\?(?P<query>[^#\s]*)"
 )
 
 

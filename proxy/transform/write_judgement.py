@@ -38,6 +38,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.compartment import in_compartment, patient_id, reference_key_paths
 from proxy.policy.compiler import CompiledElement, CompiledPolicy, Kind
@@ -46,9 +47,7 @@ from proxy.transform.masked import has_masked, merge_masked
 from proxy.transform.records import _join, _matches, _parents
 
 # Type/id, optionally absolute and versioned: a reference to a resource of a known type
-_TYPED = re.compile(
-    r"(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#]*/)?([A-Z][A-Za-z]{0,63})/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?"
-)
+_TYPED = re.compile(rf"{fg.BASE_RE}({fg.TYPE_RE})/{fg.ID_RE}{fg.HISTORY_RE}")
 
 
 @dataclass(frozen=True)

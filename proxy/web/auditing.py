@@ -14,6 +14,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
+from proxy import fhirgrammar as fg
 from proxy.audit.events import Agent, audit_event
 from proxy.audit.trail import AsyncAuditSink, AuditUnavailable
 from proxy.auth.caller import Caller
@@ -24,10 +25,8 @@ from proxy.transform.records import ReadReport
 
 log = logging.getLogger("fhircrypt")
 _ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "search": "E", "operation": "E", "batch": "E"}
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
-_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$")
-_FHIR_USER = re.compile(r"^(?:.*/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_LOCATION = re.compile(rf"(?:^|/)({fg.TYPE_RE}/{fg.ID_RE}){fg.HISTORY_RE}/?$")
+_FHIR_USER = re.compile(rf"^(?:.*/)?{fg.TYPE_RE}/{fg.ID_RE}$")
 MAX_REFERENCES = 200
 OBSERVER = f"fhircrypt@{socket.gethostname()}"
 
@@ -61,7 +60,7 @@ def references_in(payload: dict) -> list[str]:
         if type(resource.get("id")) is not str:
             continue
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if _REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
+        if fg.REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
             out.append(ref)
         if len(out) >= MAX_REFERENCES:
             break
@@ -98,7 +97,7 @@ def _agent(caller: Caller | None, remote: str | None) -> Agent:
         and caller.fhir_user.isprintable()
         and _FHIR_USER.match(caller.fhir_user)
         else None,
-        roles=tuple(sorted(r for r in caller.roles if _NAME.match(r))),
+        roles=tuple(sorted(r for r in caller.roles if fg.CODE.match(r))),
         network_address=remote,
         token_id=name(jti) if isinstance(jti, str) else None,
     )
@@ -137,7 +136,7 @@ def record(
             query=exchange.forwarded_query,
             decrypted_groups=sorted(exchange.report.decrypted_groups),
             masked_groups=sorted(exchange.report.masked_groups),
-            purpose_of_use=[p for p in (caller.purpose_of_use if caller else ()) if _NAME.match(p)],
+            purpose_of_use=[p for p in (caller.purpose_of_use if caller else ()) if fg.CODE.match(p)],
             break_glass=exchange.break_glass,
             integrity_failures=len(exchange.report.failures),
             policy=policy,

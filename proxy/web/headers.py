@@ -7,9 +7,9 @@ Hop-by-hop headers never cross.
 
 from __future__ import annotations
 
-import re
-
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import fhirgrammar as fg
 
 # Authorization is not here: the upstream client sends the proxy's own credential (proxy.upstream.client)
 REQUEST_HEADERS = (
@@ -37,7 +37,6 @@ RESPONSE_HEADERS = (
     "X-Progress",
 )
 SERVER = "fhircrypt"  # the Server header of every answer: no product versions for an attacker to match
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 
@@ -47,7 +46,7 @@ def media_type(value: str | None) -> str:
 
 
 def safe_request_id(value: str | None) -> str | None:
-    return value if value and _REQUEST_ID.match(value) else None
+    return value if value and fg.REQUEST_ID.match(value) else None
 
 
 def accepts_json(accept: str | None) -> bool:
