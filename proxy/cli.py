@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 from proxy import __version__
-from proxy.crypto.kek import KeyringError, generate_kek
 from proxy.crypto.keyring import (
     backup_keyring,
     create_keyring,
@@ -29,7 +28,8 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     update_keyring,
 )
-from proxy.crypto.providers.base import describe_text
+from proxy.crypto.providers.base import KeyringError, describe_text
+from proxy.crypto.providers.local import generate_kek
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args, url_arg
 from proxy.keystore.base import StoreError

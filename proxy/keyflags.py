@@ -94,33 +94,6 @@ def provider_from_args(
     return build_provider(provider_config(args, prefix), env)
 
 
-def add_cache_args(p: argparse.ArgumentParser) -> None:
-    """The key cache's bounds (string defaults: argparse converts them, so a bad variable is a usage error)."""
-    defaults = CacheBounds()
-    p.add_argument(
-        "--key-refresh-interval",
-        type=float,
-        default=os.environ.get("FHIRCRYPT_KEY_REFRESH_INTERVAL", str(defaults.refresh_interval)),
-        help="seconds between background re-verifications of the keyring with the key provider",
-    )
-    p.add_argument(
-        "--key-cache-max-age",
-        type=float,
-        default=os.environ.get("FHIRCRYPT_KEY_CACHE_MAX_AGE", str(defaults.max_age)),
-        help="seconds the cached keys keep serving after the provider last verified them (outage tolerance)",
-    )
-    p.add_argument(
-        "--key-max-wraps",
-        type=int,
-        default=os.environ.get("FHIRCRYPT_KEY_MAX_WRAPS", str(defaults.max_wraps)),
-        help="data keys one master key may wrap in this process before writes are refused (rotate first)",
-    )
-
-
-def cache_bounds(args: argparse.Namespace) -> CacheBounds:
-    return CacheBounds(args.key_refresh_interval, args.key_cache_max_age, args.key_max_wraps)
-
-
 def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
     """The provider ``serve`` uses: the same settings as the flags, from the configuration model."""
     kind = settings.key_provider

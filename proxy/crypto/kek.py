@@ -1,7 +1,7 @@
 """Key-encryption keys: the root that wraps the keyring.
 
-The providers live in :mod:`proxy.crypto.providers`; this module keeps the names the rest
-of the code (and older imports) use for the interface and the ``local`` provider.
+The providers live in :mod:`proxy.crypto.providers` (``base`` and ``local``): import from there.
+This alias remains only for ``proxy/web/app.py``'s import; remove it when that import moves.
 """
 
 from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError

@@ -81,10 +81,6 @@ class CompiledElement:
     indexes: tuple[IndexSpec, ...] = ()  # blind indexes that keep search parameters working
 
     @property
-    def is_primitive(self) -> bool:
-        return self.kind is Kind.PRIMITIVE
-
-    @property
     def closing(self) -> closed.Unlisted | None:
         """The catch-all rule when this element closes unlisted identifiers or extensions."""
         return self.terminal.unlisted or (self.nav[-1].unlisted if self.nav else None)
@@ -148,10 +144,6 @@ class CompiledPolicy:
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
-
-    @property
-    def covered_types(self) -> frozenset[str]:
-        return frozenset(self.resources)
 
 
 class _Ctx:

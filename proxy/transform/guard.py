@@ -105,7 +105,7 @@ def parse_query(query_string: str) -> list[tuple[str, str]]:
         raise FhirError(400, "invalid", "the query string cannot be parsed") from None
 
 
-def check_format(params: list[tuple[str, str]], is_write: bool) -> None:
+def check_format(params: list[tuple[str, str]]) -> None:
     for name, value in params:
         if name == "_format" and value.split(";")[0].strip().lower() not in JSON_FORMATS:
             raise FhirError(
@@ -202,7 +202,7 @@ def check_request(
 ) -> Forwarding:
     """Raise FhirError for anything that could send plaintext of a covered element upstream;
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
-    check_format(params, it.is_write)
+    check_format(params)
     rtype = it.resource_type
     subset = None
     subsettable = it.kind in ("search", "read", "vread", "history") and not it.conditional
