@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from proxy import __version__
 from proxy.crypto.keyring import (
@@ -41,6 +42,9 @@ from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
 from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, missing_required, parse_bool, resolve
+
+if TYPE_CHECKING:
+    from proxy.migrate.commands import Connection
 
 log = logging.getLogger("fhircrypt")
 
@@ -68,7 +72,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patient-key-ttl",
         type=float,
-        default=float(_env("patient_key_ttl", "60")),
+        default=float(_env("patient_key_ttl") or "60"),
         help="seconds a replica may use a cached patient key: a shred reaches every replica within this",
     )
 
@@ -108,7 +112,7 @@ def _resolve(args: argparse.Namespace) -> Resolved:
     return resolve(flags, os.environ, args.config)
 
 
-Subparsers = argparse._SubParsersAction  # the type add_subparsers returns (argparse names no public one)
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
 
 
 class _FirstWord(argparse.Action):
@@ -448,7 +452,7 @@ def cmd_keys_rewrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(args: argparse.Namespace):
+def _connection(args: argparse.Namespace) -> Connection:
     from proxy.migrate.commands import Connection, every_type
 
     if not args.upstream:

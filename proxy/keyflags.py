@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from proxy.crypto.keycache import CacheBounds
 from proxy.crypto.providers import SETTINGS, KeyProvider, build_provider
-from proxy.settings import http_url
+from proxy.settings import Settings, http_url
 
 # flag (without --) -> (provider type, setting)
 _FLAGS: dict[str, tuple[str, str]] = {
@@ -67,7 +67,7 @@ def add_provider_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         p.add_argument(
             f"--{prefix}{flag}",
             default=os.environ.get(_env_name(prefix + flag)),
-            type=url_arg if flag in _URL_FLAGS else None,
+            type=url_arg if flag in _URL_FLAGS else str,
             help=_HELP.get(flag),
         )
 
@@ -94,7 +94,7 @@ def provider_from_args(
     return build_provider(provider_config(args, prefix), env)
 
 
-def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
+def provider_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
     """The provider ``serve`` uses: the same settings as the flags, from the configuration model."""
     kind = settings.key_provider
     config: dict[str, object] = {"type": kind}
@@ -105,5 +105,5 @@ def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -
     return build_provider(config, dict(os.environ if environ is None else environ))
 
 
-def settings_bounds(settings) -> CacheBounds:
+def settings_bounds(settings: Settings) -> CacheBounds:
     return CacheBounds(settings.key_refresh_interval, settings.key_cache_max_age, settings.key_max_wraps)

@@ -37,6 +37,7 @@ import base64
 import ipaddress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from proxy import fhirgrammar as fg
 from proxy.transform.markers import CANONICAL
@@ -103,7 +104,7 @@ class Agent:
     token_id: str | None = None
 
 
-def _coding(system: str, code: str, display: str | None = None) -> dict:
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
     out = {"system": system, "code": code}
     if display:
         out["display"] = display
@@ -146,7 +147,7 @@ def _instant(recorded: datetime | None) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _network(address: str) -> dict:
+def _network(address: str) -> dict[str, Any]:
     # R4 AuditEventAgentNetworkType: 1 machine name, 2 IP address, 5 URI.
     if "://" in address:
         return {"address": address, "type": "5"}
@@ -157,7 +158,7 @@ def _network(address: str) -> dict:
     return {"address": address, "type": "2"}
 
 
-def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: str) -> list[dict]:
+def _agents(action: str, agent: Agent, purposes: list[dict[str, Any]], source_observer: str) -> list[dict[str, Any]]:
     subject = _identity(agent.subject, "agent subject")
     client_id = _identity(agent.client_id, "agent client_id")
     fhir_user = _identity(agent.fhir_user, "agent fhir_user")
@@ -166,15 +167,15 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
     roles = _names(agent.roles, "agent roles")
     has_user = subject is not None or fhir_user is not None
 
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     if has_user:
         user_type = ("AUT", "author (originator)") if action in _WRITE_ACTIONS else ("IRCP", "information recipient")
-        who: dict = {}
+        who: dict[str, Any] = {}
         if fhir_user is not None:
             who["reference"] = fhir_user
         if subject is not None:
             who["identifier"] = {"value": subject}
-        user: dict = {
+        user: dict[str, Any] = {
             "type": {
                 "coding": [
                     _coding(PARTICIPATION_TYPE, *user_type),
@@ -194,7 +195,7 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
             user["purposeOfUse"] = purposes
         out.append(user)
 
-    client: dict = {
+    client: dict[str, Any] = {
         "type": {
             "coding": [
                 _coding(DCM, "110153", "Source Role ID"),
@@ -219,7 +220,7 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
     return out
 
 
-def _resource_entity(reference: str) -> dict:
+def _resource_entity(reference: str) -> dict[str, Any]:
     if reference.startswith("Patient/"):
         etype, role = _coding(ENTITY_TYPE, "1", "Person"), _coding(OBJECT_ROLE, "1", "Patient")
     else:
@@ -245,7 +246,7 @@ def audit_event(
     policy: str,
     source_observer: str,
     recorded: datetime | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Build the AuditEvent (an R4 JSON dict) for one interaction. Raises ValueError on any input
     that is not an id, a reference, a name or a code - see the module docstring for the codes."""
     if action not in ACTIONS:
@@ -283,7 +284,7 @@ def audit_event(
     if break_glass:
         subtype.append(_coding(FHIRCRYPT_SUBTYPE, "break-glass", "Break-glass access (high severity)"))
 
-    entities: list[dict] = []
+    entities: list[dict[str, Any]] = []
     if query:
         if not isinstance(query, str):
             raise ValueError("audit: query must be the forwarded query string")
@@ -311,7 +312,7 @@ def audit_event(
         }
     )
 
-    event: dict = {"resourceType": "AuditEvent"}
+    event: dict[str, Any] = {"resourceType": "AuditEvent"}
     if record_id is not None:  # the proxy's own: a caller chooses X-Request-ID, so that cannot name the record
         event["id"] = record_id
     if break_glass:

@@ -29,10 +29,9 @@ table) is treated as in no compartment at all (see :func:`unresolved_types`; non
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
-from importlib import resources
+from typing import Any
 
 from proxy import fhirgrammar as fg
 from proxy.policy import definitions as defs
@@ -44,9 +43,8 @@ KeyPath = tuple[str, ...]
 
 
 @cache
-def table() -> dict:
-    raw = resources.files("proxy.policy").joinpath("r4_patient_compartment.json").read_bytes()
-    return json.loads(raw)
+def table() -> dict[str, Any]:
+    return defs.packaged_table("r4_patient_compartment.json")
 
 
 def compartment_types() -> frozenset[str]:
@@ -84,7 +82,7 @@ def _json_keys(resource_type: str, param_path: ParamPath) -> KeyPath | None:
         types = list(row[0])
         if key.endswith("[x]"):
             chosen = param_path.choice_type if param_path.choice_step == i else ("Reference" if i == last else None)
-            if chosen not in types:
+            if chosen is None or chosen not in types:
                 return None
             keys.append(defs.choice_json_name(name, chosen))
             types = [chosen]
@@ -161,10 +159,10 @@ def patient_id(reference: str) -> str | None:
     return m.group(1) if m else None
 
 
-def _collect(resource: dict, keys: KeyPath, out: set[str]) -> None:
-    nodes: list = [resource]
+def _collect(resource: dict[str, Any], keys: KeyPath, out: set[str]) -> None:
+    nodes: list[Any] = [resource]
     for key in keys:
-        found: list = []
+        found: list[Any] = []
         for node in nodes:
             value = node.get(key)
             if value is None:
@@ -184,7 +182,7 @@ def _collect(resource: dict, keys: KeyPath, out: set[str]) -> None:
                 out.add(pid)
 
 
-def patient_references(resource: dict) -> set[str]:
+def patient_references(resource: dict[str, Any]) -> set[str]:
     """Ids of the Patients whose compartment ``resource`` is in (empty: in none)."""
     resource_type = resource.get("resourceType")
     if not isinstance(resource_type, str) or resource_type not in table()["resources"]:
@@ -202,6 +200,6 @@ def patient_references(resource: dict) -> set[str]:
     return out
 
 
-def in_compartment(resource: dict, patient_id: str) -> bool:
+def in_compartment(resource: dict[str, Any], patient_id: str) -> bool:
     """Whether ``resource`` is in the compartment of Patient ``patient_id``."""
     return patient_id in patient_references(resource)

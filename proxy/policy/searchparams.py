@@ -26,11 +26,10 @@ without an expression such as ``_text``, ``_content``, ``_query``, ``_has``) yie
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from typing import Any
 
 from proxy.policy import definitions as defs
 from proxy.policy.paths import RESOLVE, SEARCH, Child, OfType, PathSyntaxError, Step, closing_paren, parse_path
@@ -79,12 +78,11 @@ class ParamPath:
 
 
 @cache
-def table() -> dict:
-    raw = resources.files("proxy.policy").joinpath("r4_search_params.json").read_bytes()
-    return json.loads(raw)
+def table() -> dict[str, Any]:
+    return defs.packaged_table("r4_search_params.json")
 
 
-def _param(code: str, row: list, resource_type: str) -> SearchParam:
+def _param(code: str, row: list[Any], resource_type: str) -> SearchParam:
     expressions = tuple(re.sub(r"^(\(*)Resource\b", rf"\g<1>{resource_type}", e) for e in row[1])
     targets = row[2] if len(row) > 2 else ()
     if targets == "*":

@@ -13,6 +13,7 @@ import re
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from proxy import fhirgrammar as fg
 from proxy.audit.events import Agent, audit_event
@@ -46,7 +47,7 @@ class Exchange:
     upstream_seconds: float = 0.0  # waiting for the upstream's answer (metrics: proxy overhead)
 
 
-def references_in(payload: dict) -> list[str]:
+def references_in(payload: dict[str, Any]) -> list[str]:
     """``Type/id`` of the resources a response carried (the body, Bundle entries, contained) and of
     those a batch or transaction response only points at (``entry.response.location``)."""
     out = []

@@ -7,6 +7,9 @@ Hop-by-hop headers never cross.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import fhirgrammar as fg
@@ -84,16 +87,16 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], rewrite) -> CIMultiDict[str]:
+def client_response_headers(upstream: CIMultiDictProxy[str], rewrite: Callable[[str], str | None]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name in RESPONSE_HEADERS:
         for value in upstream.getall(name, ()):
-            value = rewrite(value) if name in ("Location", "Content-Location") else value
-            if value is not None:  # None: a location the proxy will not send the client to
-                out.add(name, value)
+            sent = rewrite(value) if name in ("Location", "Content-Location") else value
+            if sent is not None:  # None: a location the proxy will not send the client to
+                out.add(name, sent)
     return out
 
 
-async def name_the_server(request, response) -> None:
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: aiohttp's default ``Server: Python/3.x aiohttp/3.y`` discloses versions."""
     response.headers["Server"] = SERVER
