@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from proxy import __version__
 from proxy.crypto.keyring import (
@@ -129,9 +129,9 @@ class _FirstWord(argparse.Action):
         dest: str,
         parsers: dict[str, argparse.ArgumentParser],
         fallback: argparse.ArgumentParser,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(option_strings, dest, nargs=argparse.REMAINDER, **kwargs)  # type: ignore[arg-type]
+        super().__init__(option_strings, dest, nargs=argparse.REMAINDER, **kwargs)
         self.parsers, self.fallback = parsers, fallback
 
     def __call__(
