@@ -16,11 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from proxy import __version__
-from proxy.crypto.kek import KeyringError, generate_kek
 from proxy.crypto.keyring import (
+    Keyring,
     backup_keyring,
     create_keyring,
     load_keyring,
@@ -30,15 +32,20 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     update_keyring,
 )
-from proxy.crypto.providers.base import describe_text
+from proxy.crypto.providers.base import KeyringError, describe_text
+from proxy.crypto.providers.local import generate_kek
 from proxy.envsecrets import read_secret
 from proxy.keyflags import add_provider_args, provider_from_args, url_arg
+from proxy.keystore import cli as shred_cli
 from proxy.keystore.base import StoreError
 from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
 from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, missing_required, parse_bool, resolve
+
+if TYPE_CHECKING:
+    from proxy.migrate.commands import Connection
 
 log = logging.getLogger("fhircrypt")
 
@@ -66,7 +73,7 @@ def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patient-key-ttl",
         type=float,
-        default=float(_env("patient_key_ttl", "60")),
+        default=float(_env("patient_key_ttl") or "60"),
         help="seconds a replica may use a cached patient key: a shred reaches every replica within this",
     )
 
@@ -106,31 +113,81 @@ def _resolve(args: argparse.Namespace) -> Resolved:
     return resolve(flags, os.environ, args.config)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fhircrypt", description="Encrypting reverse proxy for FHIR R4")
-    parser.add_argument("--version", action="version", version=f"fhircrypt {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
 
+
+class _FirstWord(argparse.Action):
+    """Hand the rest of the line to the parser its first word names, or to ``fallback`` when it names none.
+
+    ``shred Patient/<id>`` and ``shred hold add Patient/<id>`` share a command word; argparse's
+    subcommands cannot fall back to a positional form, so this action chooses the parser and
+    argparse parses the rest (usage errors exit 2 with that parser's usage).
+    """
+
+    def __init__(
+        self,
+        option_strings: list[str],
+        dest: str,
+        parsers: dict[str, argparse.ArgumentParser],
+        fallback: argparse.ArgumentParser,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(option_strings, dest, nargs=argparse.REMAINDER, **kwargs)
+        self.parsers, self.fallback = parsers, fallback
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        words = list(values) if isinstance(values, list) else []
+        if not words:
+            parser.error(f"expected {self.metavar}")
+        chosen = self.parsers.get(words[0])
+        if chosen is not None:
+            chosen.parse_args(words[1:], namespace)
+        else:
+            self.fallback.parse_args(words, namespace)
+
+
+def _serve(sub: Subparsers) -> None:
     serve = sub.add_parser("serve", help="run the proxy")
     _config_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+
+def _config(sub: Subparsers) -> None:
     config = sub.add_parser("config", help="the effective configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="every option, its value and where it came from (secrets redacted)")
     _config_args(show)
+    show.set_defaults(func=cmd_config)
+
+
+def _probe(sub: Subparsers) -> None:
     probe = sub.add_parser("probe", help="exit 0 when the local proxy answers /healthz (container HEALTHCHECK)")
     probe.add_argument("--ready", action="store_true", help="ask /readyz instead")
     _config_args(probe)
+    probe.set_defaults(func=cmd_probe)
 
+
+def _audit(sub: Subparsers) -> None:
     audit = sub.add_parser("audit", help="the tamper-evident audit trail")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
-    audit_init = audit_sub.add_parser("init", help="create a trail and its initial key (give the key to the auditor)")
-    audit_init.add_argument("--trail", required=True, help="the JSON-lines trail to create")
-    audit_init.add_argument("--key-file", required=True, help="where to write the initial key (mode 0600)")
-    audit_verify = audit_sub.add_parser("verify", help="check a trail; names the first broken record")
-    audit_verify.add_argument("trail")
-    audit_verify.add_argument("--key-file", required=True, help="the initial key written by audit init")
-    audit_verify.add_argument("--state", help="the writer's state file: also detects records cut from the end")
+    init = audit_sub.add_parser("init", help="create a trail and its initial key (give the key to the auditor)")
+    init.add_argument("--trail", required=True, help="the JSON-lines trail to create")
+    init.add_argument("--key-file", required=True, help="where to write the initial key (mode 0600)")
+    init.set_defaults(func=cmd_audit_init)
+    verify = audit_sub.add_parser("verify", help="check a trail; names the first broken record")
+    verify.add_argument("trail")
+    verify.add_argument("--key-file", required=True, help="the initial key written by audit init")
+    verify.add_argument("--state", help="the writer's state file: also detects records cut from the end")
+    verify.set_defaults(func=cmd_audit_verify)
 
+
+def _keys(sub: Subparsers) -> None:
     keys = sub.add_parser("keys", help="manage the local keyring")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create a new keyring")
@@ -140,10 +197,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="also create a new random key-encryption key in FILE (mode 0600; never printed)",
     )
+    init.set_defaults(func=cmd_keys_init)
     rotate = keys_sub.add_parser("rotate", help="add a new primary key; old keys keep decrypting")
     _kek_args(rotate)
+    rotate.set_defaults(func=cmd_keys_rotate)
     listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
     _kek_args(listing)
+    listing.set_defaults(func=cmd_keys_list)
     rewrap = keys_sub.add_parser(
         "rewrap", help="wrap the keyring under another key-encryption key or provider (resources untouched)"
     )
@@ -153,29 +213,17 @@ def _parser() -> argparse.ArgumentParser:
     rewrap.add_argument(
         "--generate-kek", metavar="FILE", help="--to-key-provider local: create the new KEK in FILE (mode 0600)"
     )
-
+    rewrap.set_defaults(func=cmd_keys_rewrap)
     backup = keys_sub.add_parser("backup", help="copy the wrapped keyring to FILE after proving it opens")
     _kek_args(backup)
     backup.add_argument("--out", required=True, help="the backup file (never overwritten; mode 0600)")
+    backup.set_defaults(func=cmd_keys_backup)
     restore = keys_sub.add_parser(
         "restore", help="put a verified backup in place of --keyring (refuses to drop keys the current one holds)"
     )
     _kek_args(restore)
     restore.add_argument("--from", dest="source", required=True, help="the backup file")
-
-    shred = sub.add_parser(
-        "shred",
-        help="crypto-shred a patient (destroy its keys) or manage the legal-hold list",
-        description="fhircrypt shred Patient/<id> [--reason CODE] | shred hold add Patient/<id> --until DATE "
-        "--reason CODE | shred hold remove Patient/<id> | shred hold list",
-    )
-    shred.add_argument("words", nargs="+", metavar="Patient/<id> | hold add|remove|list [Patient/<id>]")
-    shred.add_argument("--reason", help="a reason code, e.g. erasure-request, retention-expired, litigation")
-    shred.add_argument("--until", help="hold add: the last day of the hold (YYYY-MM-DD)")
-    shred.add_argument("--by", help="who runs it, for the tombstone (default FHIRCRYPT_OPERATOR or the OS user)")
-    _store_args(shred)
-    _kek_args(shred)
-
+    restore.set_defaults(func=cmd_keys_restore)
     retire = keys_sub.add_parser(
         "retire", help="remove a key once a scan of the upstream proves no stored resource still uses it"
     )
@@ -186,7 +234,66 @@ def _parser() -> argparse.ArgumentParser:
         "--history", action="store_true", help="also scan every version in _history (refuses while any uses the key)"
     )
     _kek_args(retire)
+    retire.set_defaults(func=cmd_keys_retire)
 
+
+def _with_keyring(run: Callable[[argparse.Namespace, Keyring], int]) -> Callable[[argparse.Namespace], int]:
+    """A shred command: the keyring first (the store names patients only by tags keyed with it)."""
+    return lambda args: run(args, load_keyring(args.keyring, provider_from_args(args)))
+
+
+def _shred(sub: Subparsers) -> None:
+    """``shred Patient/<id>`` or ``shred hold add|remove|list``: every form needs the keyring and the store."""
+
+    def patient(p: argparse.ArgumentParser) -> None:
+        p.add_argument("patient", metavar="Patient/<id>")
+
+    def stores(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace, Keyring], int]) -> None:
+        _store_args(p)
+        _kek_args(p)
+        p.set_defaults(func=_with_keyring(run))
+
+    def who(p: argparse.ArgumentParser, reason: str) -> None:
+        p.add_argument("--reason", help=reason)
+        p.add_argument("--by", help="who runs it, for the tombstone (default FHIRCRYPT_OPERATOR or the OS user)")
+
+    erase = argparse.ArgumentParser(
+        prog="fhircrypt shred", description="crypto-shred a patient: destroy its keys (refused while on legal hold)"
+    )
+    patient(erase)
+    who(erase, "a reason code, e.g. erasure-request (the default), retention-expired")
+    stores(erase, shred_cli.shred)
+
+    hold = argparse.ArgumentParser(prog="fhircrypt shred hold", description="the legal-hold list")
+    hold_sub = hold.add_subparsers(dest="hold_command", required=True)
+    add = hold_sub.add_parser("add", help="refuse shredding a patient until a day")
+    patient(add)
+    add.add_argument("--until", help="the last day of the hold (YYYY-MM-DD)")
+    who(add, "a reason code, e.g. litigation, uu-retention")
+    stores(add, shred_cli.hold_add)
+    remove = hold_sub.add_parser("remove", help="end a patient's hold")
+    patient(remove)
+    stores(remove, shred_cli.hold_remove)
+    listing = hold_sub.add_parser("list", help="every hold (patients shown to whoever has the keyring)")
+    stores(listing, shred_cli.hold_list)
+
+    parser = sub.add_parser(
+        "shred",
+        help="crypto-shred a patient (destroy its keys) or manage the legal-hold list",
+        description="fhircrypt shred Patient/<id> [--reason CODE] | shred hold add Patient/<id> --until DATE "
+        "--reason CODE | shred hold remove Patient/<id> | shred hold list",
+    )
+    parser.add_argument(
+        "form",
+        action=_FirstWord,
+        parsers={"hold": hold},
+        fallback=erase,
+        metavar="Patient/<id> | hold {add,remove,list}",
+        help="see fhircrypt shred Patient/x -h and fhircrypt shred hold -h",
+    )
+
+
+def _reencrypt(sub: Subparsers) -> None:
     reencrypt = sub.add_parser(
         "reencrypt",
         help="encrypt plaintext and re-encrypt old keys/policies in place on the upstream (operator tool)",
@@ -209,7 +316,10 @@ def _parser() -> argparse.ArgumentParser:
     reencrypt.add_argument("--shard", help="i/N: do only shard i of N (e.g. $(JOB_COMPLETION_INDEX)/8)")
     reencrypt.add_argument("--page-size", type=int, default=100, help="resources per search page")
     _kek_args(reencrypt)
+    reencrypt.set_defaults(func=cmd_reencrypt)
 
+
+def _coverage(sub: Subparsers) -> None:
     coverage = sub.add_parser(
         "coverage", help="read-only scan: what the server stores encrypted, masked or in the clear, by element path"
     )
@@ -221,14 +331,39 @@ def _parser() -> argparse.ArgumentParser:
     coverage.add_argument("--timeout", type=float, default=60.0, help="seconds per request before retrying")
     coverage.add_argument("--html", help="write the self-contained HTML report to this file")
     coverage.add_argument("--ndjson", nargs="+", metavar="FILE", help="read Bulk export files instead of --upstream")
+    coverage.set_defaults(func=cmd_coverage)
 
+
+def _policy(sub: Subparsers) -> None:
     policy = sub.add_parser("policy", help="work with policy files")
     policy_sub = policy.add_subparsers(dest="policy_command", required=True)
     check = policy_sub.add_parser("check", help="compile a policy and explain what it encrypts")
     check.add_argument("file")
     check.add_argument("--show-display", action="store_true", help="list every covered Reference.display")
     check.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too, e.g. in CI")
+    check.set_defaults(func=cmd_policy)
 
+
+# One function per command: it adds its parser(s) and names the function that runs each with set_defaults(func=...).
+COMMANDS: tuple[Callable[[Subparsers], None], ...] = (
+    _serve,
+    _config,
+    _probe,
+    _audit,
+    _keys,
+    _shred,
+    _reencrypt,
+    _coverage,
+    _policy,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fhircrypt", description="Encrypting reverse proxy for FHIR R4")
+    parser.add_argument("--version", action="version", version=f"fhircrypt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -267,47 +402,56 @@ def _warn_if_in_git(path: Path) -> None:
     )
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    if args.keys_command == "init":
-        refuse_existing(args.keyring)  # before a KEK file is made for nothing; checked again under the lock
-        if args.generate_kek:
-            _generate_kek_into(args)
-        provider = provider_from_args(args)
-        provider.check()
-        keyring = create_keyring(args.keyring, provider)
-        wrapper = describe_text(provider.describe())
-        print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
-        return 0
-    if args.keys_command == "rewrap":
-        return cmd_rewrap(args)
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    refuse_existing(args.keyring)  # before a KEK file is made for nothing; checked again under the lock
+    if args.generate_kek:
+        _generate_kek_into(args)
     provider = provider_from_args(args)
-    if args.keys_command == "backup":
-        keyring = backup_keyring(args.keyring, provider, args.out)
-        print(f"backed up {args.keyring} to {args.out}: keys {', '.join(keyring.key_ids)}, verified to open")
-        return 0
-    if args.keys_command == "restore":
-        keyring = restore_keyring(args.source, provider, args.keyring)
-        print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
-        return 0
-    if args.keys_command == "rotate":
-        keyring, kid = update_keyring(args.keyring, provider, lambda ring: ring.rotate())
-        print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
-        return 0
-    keyring = load_keyring(args.keyring, provider)
-    if args.keys_command == "retire":
-        from proxy.migrate.commands import every_type, retire
+    provider.check()
+    keyring = create_keyring(args.keyring, provider)
+    wrapper = describe_text(provider.describe())
+    print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
+    return 0
 
-        types = tuple(args.types) if args.types else every_type()
-        conn = _connection(args)
-        return asyncio.run(
-            retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
-        )
+
+def cmd_keys_backup(args: argparse.Namespace) -> int:
+    keyring = backup_keyring(args.keyring, provider_from_args(args), args.out)
+    print(f"backed up {args.keyring} to {args.out}: keys {', '.join(keyring.key_ids)}, verified to open")
+    return 0
+
+
+def cmd_keys_restore(args: argparse.Namespace) -> int:
+    keyring = restore_keyring(args.source, provider_from_args(args), args.keyring)
+    print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    keyring, kid = update_keyring(args.keyring, provider_from_args(args), lambda ring: ring.rotate())
+    print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
+    return 0
+
+
+def cmd_keys_retire(args: argparse.Namespace) -> int:
+    from proxy.migrate.commands import every_type, retire
+
+    provider = provider_from_args(args)
+    keyring = load_keyring(args.keyring, provider)
+    types = tuple(args.types) if args.types else every_type()
+    conn = _connection(args)
+    return asyncio.run(
+        retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
+    )
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    keyring = load_keyring(args.keyring, provider_from_args(args))
     for kid in keyring.key_ids:
         print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
     return 0
 
 
-def cmd_rewrap(args: argparse.Namespace) -> int:
+def cmd_keys_rewrap(args: argparse.Namespace) -> int:
     source = provider_from_args(args)
     if args.generate_kek:
         _generate_kek_into(args, "to-")
@@ -325,7 +469,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _connection(args: argparse.Namespace):
+def _connection(args: argparse.Namespace) -> Connection:
     from proxy.migrate.commands import Connection, every_type
 
     if not args.upstream:
@@ -390,6 +534,19 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return asyncio.run(scan_upstream(conn, scan, opts, args.checkpoint, out))
 
 
+def cmd_audit_init(args: argparse.Namespace) -> int:
+    from proxy.audit.cli import init_trail
+
+    init_trail(args.trail, args.key_file)
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from proxy.audit.cli import verify_trail
+
+    return verify_trail(args.trail, args.key_file, args.state)
+
+
 def cmd_policy(args: argparse.Namespace) -> int:
     policy = compile_file(args.file)
     print(explain(policy, args.show_display))
@@ -450,35 +607,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "audit":
-            from proxy.audit.cli import init_trail, verify_trail
-
-            if args.audit_command == "init":
-                init_trail(args.trail, args.key_file)
-                code = 0
-            else:
-                code = verify_trail(args.trail, args.key_file, args.state)
-        elif args.command == "keys":
-            code = cmd_keys(args)
-        elif args.command == "policy":
-            code = cmd_policy(args)
-        elif args.command == "shred":
-            from proxy.keystore.cli import run_shred
-
-            keyring = load_keyring(args.keyring, provider_from_args(args))
-            code = run_shred(
-                args.words, keyring, args.patient_key_store, args.reason, args.until, args.by, args.patient_key_ttl
-            )
-        elif args.command == "serve":
-            code = cmd_serve(args)
-        elif args.command == "reencrypt":
-            code = cmd_reencrypt(args)
-        elif args.command == "coverage":
-            code = cmd_coverage(args)
-        elif args.command == "config":
-            code = cmd_config(args)
-        else:
-            code = cmd_probe(args)
+        code = args.func(args)
     except (PolicyError, KeyringError, StoreError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

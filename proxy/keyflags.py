@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from proxy.crypto.keycache import CacheBounds
 from proxy.crypto.providers import SETTINGS, KeyProvider, build_provider
-from proxy.settings import http_url
+from proxy.settings import Settings, http_url
 
 # flag (without --) -> (provider type, setting)
 _FLAGS: dict[str, tuple[str, str]] = {
@@ -67,7 +67,7 @@ def add_provider_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
         p.add_argument(
             f"--{prefix}{flag}",
             default=os.environ.get(_env_name(prefix + flag)),
-            type=url_arg if flag in _URL_FLAGS else None,
+            type=url_arg if flag in _URL_FLAGS else str,
             help=_HELP.get(flag),
         )
 
@@ -94,34 +94,7 @@ def provider_from_args(
     return build_provider(provider_config(args, prefix), env)
 
 
-def add_cache_args(p: argparse.ArgumentParser) -> None:
-    """The key cache's bounds (string defaults: argparse converts them, so a bad variable is a usage error)."""
-    defaults = CacheBounds()
-    p.add_argument(
-        "--key-refresh-interval",
-        type=float,
-        default=os.environ.get("FHIRCRYPT_KEY_REFRESH_INTERVAL", str(defaults.refresh_interval)),
-        help="seconds between background re-verifications of the keyring with the key provider",
-    )
-    p.add_argument(
-        "--key-cache-max-age",
-        type=float,
-        default=os.environ.get("FHIRCRYPT_KEY_CACHE_MAX_AGE", str(defaults.max_age)),
-        help="seconds the cached keys keep serving after the provider last verified them (outage tolerance)",
-    )
-    p.add_argument(
-        "--key-max-wraps",
-        type=int,
-        default=os.environ.get("FHIRCRYPT_KEY_MAX_WRAPS", str(defaults.max_wraps)),
-        help="data keys one master key may wrap in this process before writes are refused (rotate first)",
-    )
-
-
-def cache_bounds(args: argparse.Namespace) -> CacheBounds:
-    return CacheBounds(args.key_refresh_interval, args.key_cache_max_age, args.key_max_wraps)
-
-
-def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
+def provider_from_settings(settings: Settings, environ: Mapping[str, str] | None = None) -> KeyProvider:
     """The provider ``serve`` uses: the same settings as the flags, from the configuration model."""
     kind = settings.key_provider
     config: dict[str, object] = {"type": kind}
@@ -132,5 +105,5 @@ def provider_from_settings(settings, environ: Mapping[str, str] | None = None) -
     return build_provider(config, dict(os.environ if environ is None else environ))
 
 
-def settings_bounds(settings) -> CacheBounds:
+def settings_bounds(settings: Settings) -> CacheBounds:
     return CacheBounds(settings.key_refresh_interval, settings.key_cache_max_age, settings.key_max_wraps)

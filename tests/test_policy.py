@@ -6,7 +6,7 @@ import pytest
 
 from proxy.policy.compiler import Kind, compile_text
 from proxy.policy.loader import PolicyError
-from proxy.policy.paths import Child, OfType, PathSyntaxError, Where, parse_path
+from proxy.policy.paths import RESOLVE, SEARCH, Child, OfType, PathSyntaxError, Where, parse_path
 from tests.conftest import unit_policy
 
 HEADER = """fhircrypt-policy: 1
@@ -36,6 +36,31 @@ def test_path_parser_supports_the_documented_subset():
     for bad in ("name..given", "name.", ".name", "name.where(system)", "name.first()", "name.where(a='b'"):
         with pytest.raises(PathSyntaxError):
             parse_path(bad)
+
+
+def test_one_path_parser_reads_policies_and_search_parameters():
+    """Policies and R4 search expressions share tokens, literals and parentheses; each dialect adds its own forms."""
+    for search_only in ("entry[0].resource", "value.as(Quantity)", "subject.where(resolve() is Patient)"):
+        with pytest.raises(PathSyntaxError):
+            parse_path(search_only)
+    assert parse_path("entry[0].resource", SEARCH) == [Child("entry"), Child("resource")]
+    assert parse_path("value.as(Quantity)", SEARCH) == parse_path("value.ofType(Quantity)")
+    assert parse_path("subject.where(resolve() is Patient)", SEARCH) == [
+        Child("subject"),
+        Where(((RESOLVE, "Patient"),)),
+    ]
+    with pytest.raises(PathSyntaxError):
+        parse_path("extension('http://x')", SEARCH)  # not a search parameter form: the parameter is unknown
+    quoted = "identifier.where(system='a)b\\'c').value"  # a ')' and an escaped quote inside the literal
+    assert (
+        parse_path(quoted, SEARCH)
+        == parse_path(quoted)
+        == [
+            Child("identifier"),
+            Where((("system", "a)b'c"),)),
+            Child("value"),
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -176,7 +201,10 @@ def test_different_types_of_one_choice_are_separate_elements():
         ("  graphql: {body: encrypt}\n", "operations.graphql: not a configurable operation name"),
         ("  validate: {body: maybe}\n", "operations.validate.body: must be one of uncovered, encrypt"),
         ("  validate: {parameters: [1]}\n", "operations.validate.parameters: must be a list of parameter names"),
-        ("  validate: {forward: true}\n", "operations.validate: must be a mapping with parameters, body and/or refuse"),
+        (
+            "  validate: {forward: true}\n",
+            "operations.validate: must be a mapping with parameters, body, refuse and/or read_only",
+        ),
     ],
 )
 def test_the_operations_block_is_checked(block, message):

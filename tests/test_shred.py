@@ -13,7 +13,6 @@ import orjson
 import pytest
 
 from proxy.cli import main
-from proxy.crypto.kek import LocalKeyProvider
 from proxy.crypto.keyring import Keyring, save_keyring
 from proxy.crypto.patientkeys import (
     KeyShredded,
@@ -26,6 +25,7 @@ from proxy.crypto.patientkeys import (
     patient_tag,
     seal_patient_key,
 )
+from proxy.crypto.providers.local import LocalKeyProvider
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientShredded, StoredKey, now
 from proxy.policy.explain import explain

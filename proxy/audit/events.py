@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.transform.markers import CANONICAL
 
 AUDIT_EVENT_TYPE = "http://terminology.hl7.org/CodeSystem/audit-event-type"
@@ -82,10 +83,6 @@ _WRITE_ACTIONS = frozenset("CUD")
 
 # What may appear in the identifying inputs. Anything else is refused: the builder is the last
 # place where a value that is not an id could be kept out of the trail.
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
-_RECORD_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _MAX_ID = 256  # subjects, client ids, addresses: ids from tokens and sockets, never free text
 
 _ACT_REASON_DISPLAY = {"ETREAT": "Emergency Treatment", "BTG": "break the glass"}
@@ -107,7 +104,7 @@ class Agent:
     token_id: str | None = None
 
 
-def _coding(system: str, code: str, display: str | None = None) -> dict:
+def _coding(system: str, code: str, display: str | None = None) -> dict[str, Any]:
     out = {"system": system, "code": code}
     if display:
         out["display"] = display
@@ -125,7 +122,7 @@ def _identity(value: str | None, what: str) -> str | None:
 def _names(values: list[str] | tuple[str, ...], what: str) -> list[str]:
     out: list[str] = []
     for v in values:
-        if not isinstance(v, str) or not _NAME.match(v):
+        if not isinstance(v, str) or not fg.CODE.match(v):
             raise ValueError(f"audit: {what} must be names or codes (letters, digits, '.', '_', '-')")
         if v not in out:
             out.append(v)
@@ -150,7 +147,7 @@ def _instant(recorded: datetime | None) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _network(address: str) -> dict:
+def _network(address: str) -> dict[str, Any]:
     # R4 AuditEventAgentNetworkType: 1 machine name, 2 IP address, 5 URI.
     if "://" in address:
         return {"address": address, "type": "5"}
@@ -161,7 +158,7 @@ def _network(address: str) -> dict:
     return {"address": address, "type": "2"}
 
 
-def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: str) -> list[dict]:
+def _agents(action: str, agent: Agent, purposes: list[dict[str, Any]], source_observer: str) -> list[dict[str, Any]]:
     subject = _identity(agent.subject, "agent subject")
     client_id = _identity(agent.client_id, "agent client_id")
     fhir_user = _identity(agent.fhir_user, "agent fhir_user")
@@ -170,15 +167,15 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
     roles = _names(agent.roles, "agent roles")
     has_user = subject is not None or fhir_user is not None
 
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     if has_user:
         user_type = ("AUT", "author (originator)") if action in _WRITE_ACTIONS else ("IRCP", "information recipient")
-        who: dict = {}
+        who: dict[str, Any] = {}
         if fhir_user is not None:
             who["reference"] = fhir_user
         if subject is not None:
             who["identifier"] = {"value": subject}
-        user: dict = {
+        user: dict[str, Any] = {
             "type": {
                 "coding": [
                     _coding(PARTICIPATION_TYPE, *user_type),
@@ -198,7 +195,7 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
             user["purposeOfUse"] = purposes
         out.append(user)
 
-    client: dict = {
+    client: dict[str, Any] = {
         "type": {
             "coding": [
                 _coding(DCM, "110153", "Source Role ID"),
@@ -223,7 +220,7 @@ def _agents(action: str, agent: Agent, purposes: list[dict], source_observer: st
     return out
 
 
-def _resource_entity(reference: str) -> dict:
+def _resource_entity(reference: str) -> dict[str, Any]:
     if reference.startswith("Patient/"):
         etype, role = _coding(ENTITY_TYPE, "1", "Person"), _coding(OBJECT_ROLE, "1", "Patient")
     else:
@@ -249,7 +246,7 @@ def audit_event(
     policy: str,
     source_observer: str,
     recorded: datetime | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Build the AuditEvent (an R4 JSON dict) for one interaction. Raises ValueError on any input
     that is not an id, a reference, a name or a code - see the module docstring for the codes."""
     if action not in ACTIONS:
@@ -258,9 +255,9 @@ def audit_event(
         raise ValueError("audit: interaction must be a restful-interaction code")
     if not isinstance(status, int) or isinstance(status, bool):
         raise ValueError("audit: status must be an HTTP status code")
-    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not fg.REQUEST_ID.match(request_id):
         raise ValueError("audit: request_id must be a short id")
-    if record_id is not None and not _RECORD_ID.match(record_id):
+    if record_id is not None and not fg.ID.match(record_id):
         raise ValueError("audit: record_id must be a FHIR id")
     if not isinstance(integrity_failures, int) or isinstance(integrity_failures, bool) or integrity_failures < 0:
         raise ValueError("audit: integrity_failures must be a count")
@@ -271,7 +268,7 @@ def audit_event(
         raise ValueError("audit: source_observer is required")
     refs: list[str] = []
     for ref in resources:
-        if not isinstance(ref, str) or not _REFERENCE.match(ref):
+        if not isinstance(ref, str) or not fg.VERSIONED_REFERENCE.match(ref):
             raise ValueError("audit: resources must be references like 'Patient/123'")
         if ref not in refs:
             refs.append(ref)
@@ -287,7 +284,7 @@ def audit_event(
     if break_glass:
         subtype.append(_coding(FHIRCRYPT_SUBTYPE, "break-glass", "Break-glass access (high severity)"))
 
-    entities: list[dict] = []
+    entities: list[dict[str, Any]] = []
     if query:
         if not isinstance(query, str):
             raise ValueError("audit: query must be the forwarded query string")
@@ -315,7 +312,7 @@ def audit_event(
         }
     )
 
-    event: dict = {"resourceType": "AuditEvent"}
+    event: dict[str, Any] = {"resourceType": "AuditEvent"}
     if record_id is not None:  # the proxy's own: a caller chooses X-Request-ID, so that cannot name the record
         event["id"] = record_id
     if break_glass:

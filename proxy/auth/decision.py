@@ -27,6 +27,7 @@ compartment (Organization, Practitioner, Medication, ...) are shared reference d
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
@@ -53,7 +54,7 @@ class Decision:
         everything: bool,
         constraint: tuple[str, str] | None,
         searchable: frozenset[str] | None,
-        watch: Callable[[dict, Grants], None] | None,
+        watch: Callable[[dict[str, Any], Grants], None] | None,
         made_by: object,
     ) -> None:
         if made_by is not _MADE_HERE:
@@ -64,7 +65,7 @@ class Decision:
         self.constraint = constraint  # (parameter, value) ANDed to a search, or None
         self.searchable = searchable  # groups the caller may search by; None: every group
 
-    def groups(self, resource: dict) -> Grants:
+    def groups(self, resource: dict[str, Any]) -> Grants:
         """The groups decrypted in ``resource`` (still encrypted: only clear data is looked at);
         ``ALL_GROUPS`` only in development mode and for the key holder."""
         groups: Grants
@@ -78,7 +79,7 @@ class Decision:
             self._watch(resource, groups)
         return groups
 
-    def visible(self, resource: dict) -> bool:
+    def visible(self, resource: dict[str, Any]) -> bool:
         """Whether the caller may see ``resource`` at all (its type and its compartment)."""
         grants = self._grants
         if self._everything or grants is None or not grants.scopes_required:
@@ -95,11 +96,11 @@ class Decision:
             return False
         return rtype not in _compartment_types() or grants.in_own_compartment(resource)
 
-    def watched(self, watch: Callable[[dict, Grants], None]) -> Decision:
+    def watched(self, watch: Callable[[dict[str, Any], Grants], None]) -> Decision:
         """The same decision, telling ``watch`` about every resource it decides groups for (canaries)."""
         return Decision(self._grants, self._everything, self.constraint, self.searchable, watch, _MADE_HERE)
 
-    def screen(self, body: dict, it: Interaction) -> int:
+    def screen(self, body: dict[str, Any], it: Interaction) -> int:
         """Remove what the caller may not see from a response body (in place); the number removed.
 
         A read of a resource the caller may not see is refused (403). Searchsets and histories lose
@@ -115,7 +116,7 @@ class Decision:
             raise _outside(body)
         return 0
 
-    def _screen_bundle(self, bundle: dict) -> int:
+    def _screen_bundle(self, bundle: dict[str, Any]) -> int:
         entries = bundle.get("entry")
         if type(entries) is not list:
             return 0
@@ -142,7 +143,7 @@ class Decision:
                 bundle.pop("total", None)
         return removed
 
-    def _screen_parameters(self, parameters: dict) -> int:
+    def _screen_parameters(self, parameters: dict[str, Any]) -> int:
         removed = 0
 
         def keep(param: object) -> bool:
@@ -166,7 +167,7 @@ class Decision:
         return removed
 
 
-def _outside(resource: dict) -> FhirError:
+def _outside(resource: dict[str, Any]) -> FhirError:
     rtype, rid = resource.get("resourceType"), resource.get("id")
     ref = f"{rtype}/{rid}" if type(rtype) is str and type(rid) is str and len(rid) <= 64 else "the resource"
     return FhirError(403, "forbidden", f"{ref} is outside what this caller may read (SMART scopes, compartment)")

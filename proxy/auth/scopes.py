@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_V2 = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.(c?r?u?d?s?)(\?.*)?$")
-_V1 = re.compile(r"^(patient|user|system)/(\*|[A-Z][A-Za-z]+)\.(read|write|\*)$")
+from proxy import fhirgrammar as fg
+
+_V2 = re.compile(rf"^(patient|user|system)/(\*|{fg.TYPE_RE})\.(c?r?u?d?s?)(\?.*)?$")
+_V1 = re.compile(rf"^(patient|user|system)/(\*|{fg.TYPE_RE})\.(read|write|\*)$")
 
 
 @dataclass(frozen=True)

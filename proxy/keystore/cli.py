@@ -8,29 +8,28 @@
 Every form needs the keyring (and its KEK): the store names patients only by their keyed
 tag, so ``Patient/<id>`` is turned into a tag, and hold references are sealed. Reasons are
 codes (``erasure-request``, ``retention-expired``, ``litigation``…), never free text, so no
-PHI ends up in the store.
+PHI ends up in the store. The command line is parsed in :mod:`proxy.cli`; each function here
+is one subcommand and gets the parsed arguments and the opened keyring.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-import re
 import sys
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 
+from proxy import fhirgrammar as fg
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import PatientKeyError, open_reference, patient_tag, seal_reference
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientKeyStore, now
 from proxy.policy.compartment import patient_id
 
-REASON = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 OPERATOR_ENV = "FHIRCRYPT_OPERATOR"
-USAGE = (
-    "usage: fhircrypt shred Patient/<id> [--reason CODE] | "
-    "shred hold add Patient/<id> --until YYYY-MM-DD --reason CODE | shred hold remove Patient/<id> | shred hold list"
-)
 
 
 class UsageError(ValueError):
@@ -46,7 +45,7 @@ def _patient(reference: str) -> str:
 
 def _reason(value: str | None, default: str | None = None) -> str:
     value = value or default
-    if value is None or not REASON.match(value):
+    if value is None or not fg.CODE.match(value):
         raise UsageError("--reason must be a code (letters, digits, '.', '_', '-'; at most 64), not free text")
     return value
 
@@ -54,32 +53,29 @@ def _reason(value: str | None, default: str | None = None) -> str:
 def operator(explicit: str | None) -> str:
     """Who runs the command, for the tombstone: --by, FHIRCRYPT_OPERATOR or the OS user."""
     who = explicit or os.environ.get(OPERATOR_ENV) or getpass.getuser()
-    if not REASON.match(who):
+    if not fg.CODE.match(who):
         raise UsageError("--by must be an account name (letters, digits, '.', '_', '-')")
     return who
 
 
-def run_shred(
-    words: list[str],
-    keyring: Keyring,
-    store_location: str | None,
-    reason: str | None,
-    until: str | None,
-    by: str | None,
-    ttl: float,
-) -> int:
-    if not store_location:
+@contextmanager
+def _store(args: Namespace) -> Iterator[PatientKeyStore]:
+    if not args.patient_key_store:
         raise UsageError("--patient-key-store (or FHIRCRYPT_PATIENT_KEY_STORE) is required")
-    store = open_store(store_location)
+    store = open_store(args.patient_key_store)
     try:
-        if words[:1] == ["hold"]:
-            return _hold(store, keyring, words[1:], reason, until, by)
-        if len(words) != 1:
-            raise UsageError(USAGE)
-        reference = words[0]
+        yield store
+    finally:
+        store.close()
+
+
+def shred(args: Namespace, keyring: Keyring) -> int:
+    """``shred Patient/<id>``: destroy the patient's keys, unless a legal hold is on (exit 3)."""
+    with _store(args) as store:
+        reference = args.patient
         tag = patient_tag(keyring, _patient(reference))
         try:
-            stone = store.shred(tag, operator(by), _reason(reason, "erasure-request"))
+            stone = store.shred(tag, operator(args.by), _reason(args.reason, "erasure-request"))
         except LegalHoldActive as hold:
             print(
                 f"error: {reference} is on legal hold until {hold.hold.until} (reason {hold.hold.reason}); "
@@ -90,7 +86,7 @@ def run_shred(
         print(
             f"shredded {reference}: {stone.keys_destroyed} key(s) destroyed at {stone.shredded_at} by "
             f"{stone.shredded_by} (reason {stone.reason}). Every replica stops decrypting its records within "
-            f"{ttl:g} s (patient key cache age)."
+            f"{args.patient_key_ttl:g} s (patient key cache age)."
         )
         unbound = store.unbound()
         if unbound:
@@ -101,15 +97,11 @@ def run_shred(
                 file=sys.stderr,
             )
         return 0
-    finally:
-        store.close()
 
 
-def _hold(
-    store: PatientKeyStore, keyring: Keyring, words: list[str], reason: str | None, until: str | None, by: str | None
-) -> int:
-    action = words[0] if words else ""
-    if action == "list" and len(words) == 1:
+def hold_list(args: Namespace, keyring: Keyring) -> int:
+    """``shred hold list``: every hold, its patient opened with the keyring when it can be."""
+    with _store(args) as store:
         for hold in store.holds():
             try:
                 who = open_reference(keyring, hold.tag, hold.patient)
@@ -117,24 +109,34 @@ def _hold(
                 who = f"(tag {hold.tag[:12]}…: sealed by another keyring)"
             print(f"{who}  until {hold.until}  reason {hold.reason}  added {hold.added_at} by {hold.added_by}")
         return 0
-    if action not in ("add", "remove") or len(words) != 2:
-        raise UsageError(USAGE)
-    reference = words[1]
-    tag = patient_tag(keyring, _patient(reference))
-    if action == "remove":
-        removed = store.remove_hold(tag)
+
+
+def hold_remove(args: Namespace, keyring: Keyring) -> int:
+    with _store(args) as store:
+        reference = args.patient
+        removed = store.remove_hold(patient_tag(keyring, _patient(reference)))
         print(f"legal hold on {reference} removed" if removed else f"{reference} has no legal hold")
         return 0
-    try:
-        end = date.fromisoformat(until or "")
-    except ValueError:
-        raise UsageError("--until YYYY-MM-DD is required (the last day of the hold)") from None
-    if end < datetime.now(UTC).date():
-        raise UsageError("--until is in the past")
-    stone = store.tombstone(tag)
-    if stone is not None:
-        raise UsageError(f"{reference} was already shredded at {stone.shredded_at}: a hold cannot bring it back")
-    sealed = seal_reference(keyring, tag, reference)
-    store.add_hold(Hold(tag, sealed, end.isoformat(), _reason(reason), operator(by), now()))
-    print(f"legal hold on {reference} until {end.isoformat()} (reason {reason}): shredding it is refused until then")
-    return 0
+
+
+def hold_add(args: Namespace, keyring: Keyring) -> int:
+    """``shred hold add``: refuse shredding the patient until the given day (not for one already shredded)."""
+    with _store(args) as store:
+        reference = args.patient
+        tag = patient_tag(keyring, _patient(reference))
+        try:
+            end = date.fromisoformat(args.until or "")
+        except ValueError:
+            raise UsageError("--until YYYY-MM-DD is required (the last day of the hold)") from None
+        if end < datetime.now(UTC).date():
+            raise UsageError("--until is in the past")
+        stone = store.tombstone(tag)
+        if stone is not None:
+            raise UsageError(f"{reference} was already shredded at {stone.shredded_at}: a hold cannot bring it back")
+        sealed = seal_reference(keyring, tag, reference)
+        reason = _reason(args.reason)
+        store.add_hold(Hold(tag, sealed, end.isoformat(), reason, operator(args.by), now()))
+        print(
+            f"legal hold on {reference} until {end.isoformat()} (reason {reason}): shredding it is refused until then"
+        )
+        return 0

@@ -31,6 +31,7 @@ request that every route obeys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from proxy.auth.caller import Caller
 from proxy.policy.loader import Node, NodeList, PolicyError
@@ -128,15 +129,15 @@ class CallerGrants:
         """The groups that apply through any of ``contexts``."""
         return frozenset().union(*(w if write else g for c, g, w in self.by_context if c in contexts))
 
-    def for_resource(self, resource: dict) -> frozenset[str]:
+    def for_resource(self, resource: dict[str, Any]) -> frozenset[str]:
         """The groups decrypted in ``resource``: ``patient/`` grants only inside the own compartment."""
         return self._groups_in(resource, "read")
 
-    def write_groups_for(self, resource: dict) -> frozenset[str]:
+    def write_groups_for(self, resource: dict[str, Any]) -> frozenset[str]:
         """The groups the caller may write in ``resource``, by the same contexts as :meth:`for_resource`."""
         return self._groups_in(resource, "write")
 
-    def _groups_in(self, resource: dict, access: str) -> frozenset[str]:
+    def _groups_in(self, resource: dict[str, Any], access: str) -> frozenset[str]:
         write = access == "write"
         if not self.scopes_required:
             return self.write_groups if write else self.groups
@@ -156,7 +157,7 @@ class CallerGrants:
         """Every scope allowing ``access`` on the type is a patient/ scope: the compartment limits it."""
         return self.scopes_required and self.contexts(resource_type, access) == {"patient"}
 
-    def in_own_compartment(self, resource: dict) -> bool:
+    def in_own_compartment(self, resource: dict[str, Any]) -> bool:
         from proxy.policy.compartment import in_compartment
 
         return bool(self.caller.patient) and in_compartment(resource, self.caller.patient)  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from proxy.policy import definitions as defs
@@ -37,7 +37,7 @@ _CACHE: dict[str, str] = {}
 _CACHE_MAX = 8192
 
 
-def _unescape(m: re.Match) -> str:
+def _unescape(m: re.Match[str]) -> str:
     ch = unquote(m.group(0))
     return ch if ch in _UNRESERVED else m.group(0).upper()
 
@@ -76,7 +76,7 @@ class Unlisted:
     action: str  # encrypt | refuse
     reference: bool = False  # an identifier inside a Reference: read by no search parameter
 
-    def admits(self, item: dict) -> bool:
+    def admits(self, item: dict[str, Any]) -> bool:
         value = item.get(self.key)
         if type(value) is not str:
             return True  # no system: not named by the policy

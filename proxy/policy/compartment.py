@@ -29,26 +29,23 @@ table) is treated as in no compartment at all (see :func:`unresolved_types`; non
 
 from __future__ import annotations
 
-import json
 import re
 from functools import cache
-from importlib import resources
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.policy import definitions as defs
 from proxy.policy.searchparams import ParamPath, element_paths, search_param
 
-_ID = r"[A-Za-z0-9\-.]{1,64}"
-_PATIENT_REFERENCE = re.compile(rf"(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#]*/)?Patient/({_ID})(?:/_history/{_ID})?")
-_RELATIVE_PATIENT_REFERENCE = re.compile(rf"Patient/({_ID})(?:/_history/{_ID})?")
-_PATIENT_ID = re.compile(_ID)
+_PATIENT_REFERENCE = re.compile(rf"{fg.BASE_RE}Patient/({fg.ID_RE}){fg.HISTORY_RE}")
+_RELATIVE_PATIENT_REFERENCE = re.compile(rf"Patient/({fg.ID_RE}){fg.HISTORY_RE}")
 
 KeyPath = tuple[str, ...]
 
 
 @cache
-def table() -> dict:
-    raw = resources.files("proxy.policy").joinpath("r4_patient_compartment.json").read_bytes()
-    return json.loads(raw)
+def table() -> dict[str, Any]:
+    return defs.packaged_table("r4_patient_compartment.json")
 
 
 def compartment_types() -> frozenset[str]:
@@ -86,7 +83,7 @@ def _json_keys(resource_type: str, param_path: ParamPath) -> KeyPath | None:
         types = list(row[0])
         if key.endswith("[x]"):
             chosen = param_path.choice_type if param_path.choice_step == i else ("Reference" if i == last else None)
-            if chosen not in types:
+            if chosen is None or chosen not in types:
                 return None
             keys.append(defs.choice_json_name(name, chosen))
             types = [chosen]
@@ -164,10 +161,10 @@ def patient_id(reference: str, absolute: bool = True) -> str | None:
     return m.group(1) if m else None
 
 
-def _collect(resource: dict, keys: KeyPath, out: set[str], absolute: bool) -> None:
-    nodes: list = [resource]
+def _collect(resource: dict[str, Any], keys: KeyPath, out: set[str], absolute: bool) -> None:
+    nodes: list[Any] = [resource]
     for key in keys:
-        found: list = []
+        found: list[Any] = []
         for node in nodes:
             value = node.get(key)
             if value is None:
@@ -187,7 +184,7 @@ def _collect(resource: dict, keys: KeyPath, out: set[str], absolute: bool) -> No
                 out.add(pid)
 
 
-def patient_references(resource: dict, absolute: bool = True) -> set[str]:
+def patient_references(resource: dict[str, Any], absolute: bool = True) -> set[str]:
     """Ids of the Patients whose compartment ``resource`` is in (empty: in none). ``absolute`` False
     counts relative references only (access decisions: ``https://elsewhere/fhir/Patient/1`` is not
     this server's Patient 1, and membership may be missed, never invented)."""
@@ -200,14 +197,14 @@ def patient_references(resource: dict, absolute: bool = True) -> set[str]:
     out: set[str] = set()
     if resource_type == "Patient":
         own = resource.get("id")
-        if isinstance(own, str) and _PATIENT_ID.fullmatch(own):
+        if isinstance(own, str) and fg.ID.match(own):
             out.add(own)
     for keys in key_paths:
         _collect(resource, keys, out, absolute)
     return out
 
 
-def in_compartment(resource: dict, patient_id: str) -> bool:
+def in_compartment(resource: dict[str, Any], patient_id: str) -> bool:
     """Whether ``resource`` is in the compartment of this server's Patient ``patient_id`` (for access
     decisions: relative references only)."""
     return patient_id in patient_references(resource, absolute=False)

@@ -13,8 +13,11 @@ import enum
 import hashlib
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.policy import closed
 from proxy.policy import definitions as defs
 from proxy.policy.access import AccessPolicy, compile_access
@@ -81,10 +84,6 @@ class CompiledElement:
     indexes: tuple[IndexSpec, ...] = ()  # blind indexes that keep search parameters working
 
     @property
-    def is_primitive(self) -> bool:
-        return self.kind is Kind.PRIMITIVE
-
-    @property
     def closing(self) -> closed.Unlisted | None:
         """The catch-all rule when this element closes unlisted identifiers or extensions."""
         return self.terminal.unlisted or (self.nav[-1].unlisted if self.nav else None)
@@ -148,10 +147,6 @@ class CompiledPolicy:
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
-
-    @property
-    def covered_types(self) -> frozenset[str]:
-        return frozenset(self.resources)
 
 
 class _Ctx:
@@ -295,7 +290,7 @@ def _knowingly_clear(ctx: _Ctx, doc: Node) -> dict[str, str]:
     raw = doc.get("knowingly_clear") or Node()
     if not isinstance(raw, Node):
         raise ctx.fail(doc, "knowingly_clear", "must be a mapping of Type or Type.element to a reason")
-    out = {}
+    out: dict[str, str] = {}
     for where, reason in raw.items():
         rtype, _, element = str(where).partition(".")
         if rtype not in defs.resource_types() or (element and defs.element(rtype, element) is None):
@@ -306,7 +301,9 @@ def _knowingly_clear(ctx: _Ctx, doc: Node) -> dict[str, str]:
     return out
 
 
-def _check_keys(ctx: _Ctx, node: object, where: str, *, allowed: set[str], required: set[str] = frozenset()) -> None:
+def _check_keys(
+    ctx: _Ctx, node: object, where: str, *, allowed: set[str], required: frozenset[str] | set[str] = frozenset()
+) -> None:
     if not isinstance(node, Node):
         raise PolicyError(ctx.source, None, where, "must be a mapping")
     for key in node:
@@ -317,7 +314,7 @@ def _check_keys(ctx: _Ctx, node: object, where: str, *, allowed: set[str], requi
 
 
 def _choice(ctx: _Ctx, node: Node, key: str, options: tuple[str, ...], default: str) -> str:
-    value = node.get(key, default)
+    value: str = node.get(key, default)
     if value not in options:
         raise ctx.fail(node, key, f"must be one of {', '.join(options)}")
     return value
@@ -511,7 +508,13 @@ class _Resolver:
             raise PathError(f"'{name}' holds resources; they follow their own type's policy")
         if name in ("extension", "modifierExtension") and not criteria:
             raise PathError("select extensions by URL: extension('https://...')")
-        common = dict(field_id=self.field_id, groups=self.groups, source=self.text, display_copy=self.display_copy)
+        element = partial(
+            CompiledElement,
+            field_id=self.field_id,
+            groups=self.groups,
+            source=self.text,
+            display_copy=self.display_copy,
+        )
         if d.is_choice:
             choices = tuple((defs.choice_json_name(_base(d), t), defs.is_primitive(t)) for t in types)
             parent = d.path.rpartition(".")[0]
@@ -523,16 +526,12 @@ class _Resolver:
                 for (cname, primitive), t in zip(choices, types, strict=True):
                     if not primitive:
                         self._check_required_children(cname, d, t, ())
-            return CompiledElement(
-                nav=self._hops, terminal=Hop(_base(d)), kind=kind, repeating=False, choices=choices, **common
-            )  # type: ignore[arg-type]
+            return element(nav=self._hops, terminal=Hop(_base(d)), kind=kind, repeating=False, choices=choices)
         (type_name,) = types
         if type_name == "Narrative":
-            return CompiledElement(nav=self._hops, terminal=Hop(name), kind=Kind.NARRATIVE, repeating=False, **common)  # type: ignore[arg-type]
+            return element(nav=self._hops, terminal=Hop(name), kind=Kind.NARRATIVE, repeating=False)
         if defs.is_primitive(type_name):
-            return CompiledElement(
-                nav=self._hops, terminal=Hop(name), kind=Kind.PRIMITIVE, repeating=d.repeating, **common
-            )  # type: ignore[arg-type]
+            return element(nav=self._hops, terminal=Hop(name), kind=Kind.PRIMITIVE, repeating=d.repeating)
         keep = tuple(k for k, _ in criteria)
         self._check_required_children(name, d, type_name, keep)
         invariant = defs.masked_invariant(self.rtype, d.path) if self.owner == self.rtype else None
@@ -552,9 +551,9 @@ class _Resolver:
                     f"'{name}' cannot be encrypted whole: it holds the reference '{refs[0]}', which "
                     "must stay in the clear; encrypt its other children instead"
                 )
-        return CompiledElement(
-            nav=self._hops, terminal=Hop(name, criteria), kind=Kind.COMPLEX, repeating=d.repeating, keep=keep, **common
-        )  # type: ignore[arg-type]
+        return element(
+            nav=self._hops, terminal=Hop(name, criteria), kind=Kind.COMPLEX, repeating=d.repeating, keep=keep
+        )
 
     def _check_required_children(self, name: str, d: defs.ElementDef, type_name: str, keep: tuple[str, ...]) -> None:
         if type_name in defs.BACKBONE_TYPES:
@@ -672,17 +671,14 @@ def _block_choice(ctx: _Ctx, doc: Node, block: str, key: str, options: tuple[str
     return _choice(ctx, spec, key, options, options[0])
 
 
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9\-.]{1,64}$")
-
-
-def _compile_canaries(ctx: _Ctx, doc: Node) -> dict:
+def _compile_canaries(ctx: _Ctx, doc: Node) -> dict[str, Any]:
     """Honeytokens: resources nobody has a reason to read, whose decryption reveals a stolen token."""
     spec = doc.get("canaries")
     if spec is None:
         return {}
     _check_keys(ctx, spec, "canaries", required={"resources"}, allowed={"resources", "action"})
     refs = spec["resources"]
-    if not isinstance(refs, list) or not all(isinstance(r, str) and _REFERENCE.match(r) for r in refs):
+    if not isinstance(refs, list) or not all(isinstance(r, str) and fg.REFERENCE.match(r) for r in refs):
         raise ctx.fail(spec, "resources", "must list references like Patient/canary-1")
     return {"canaries": frozenset(refs), "canary_action": _choice(ctx, spec, "action", ("alert", "block"), "alert")}
 
@@ -696,14 +692,14 @@ def _compile_closure(
     ``policy check`` warns). Two spellings of one system or URL (case, trailing slash,
     percent-escapes) are an error: at run time they are the same, so the policy is ambiguous.
     """
-    settings: dict = {}
+    settings: dict[str, Any] = {}
     blocks = (
         ("identifiers", "unlisted_systems", "identifier", "system"),
         ("extensions", "unlisted", "extension", "url"),
     )
     for block, mode_key, prefix, criterion in blocks:
         spec = doc.get(block)
-        clear: list = []
+        clear: list[Any] = []
         if spec is not None:
             _check_keys(ctx, spec, block, allowed={mode_key, "group", "clear"})
             mode = _choice(ctx, spec, mode_key, closed.MODES, "encrypt")

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from typing import Any
 
 BACKBONE_TYPES = frozenset({"BackboneElement", "Element"})
 
@@ -36,16 +37,20 @@ class ElementDef:
         return self.path.endswith("[x]")
 
 
+def packaged_table(name: str) -> dict[str, Any]:
+    """One of the derived R4 tables shipped in ``proxy/policy`` (written by ``scripts/derive_*``)."""
+    loaded: dict[str, Any] = json.loads(resources.files("proxy.policy").joinpath(name).read_bytes())
+    return loaded
+
+
 @cache
-def table() -> dict:
-    raw = resources.files("proxy.policy").joinpath("r4_elements.json").read_bytes()
-    return json.loads(raw)
+def table() -> dict[str, Any]:
+    return packaged_table("r4_elements.json")
 
 
 @cache
 def _masked_invariants() -> dict[str, dict[str, str]]:
-    raw = resources.files("proxy.policy").joinpath("r4_masked_invariants.json").read_bytes()
-    return json.loads(raw)
+    return packaged_table("r4_masked_invariants.json")
 
 
 def masked_invariant(resource_type: str, path: str) -> str | None:
@@ -70,10 +75,11 @@ def _primitives() -> frozenset[str]:
     return frozenset(table()["primitives"])
 
 
-def elements(owner: str) -> dict[str, list]:
+def elements(owner: str) -> dict[str, list[Any]]:
     """Element rows of a resource type or complex datatype."""
     t = table()
-    return t["resources"].get(owner) or t["types"][owner]
+    rows: dict[str, list[Any]] = t["resources"].get(owner) or t["types"][owner]
+    return rows
 
 
 def element(owner: str, path: str) -> ElementDef | None:

@@ -57,10 +57,10 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
             )
     if display_only:
         on = policy.closure.identifiers != "allow" or policy.closure.extensions != "allow"
-        closing = " (and the closed defaults)" if on else ""
+        closed_note = " (and the closed defaults)" if on else ""
         lines += [
             "",
-            f"only Reference.display and narrative{closing} encrypted ({len(display_only)} types): "
+            f"only Reference.display and narrative{closed_note} encrypted ({len(display_only)} types): "
             + ", ".join(display_only),
         ]
     if policy.findings:

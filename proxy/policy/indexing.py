@@ -20,7 +20,8 @@ identifier's or contact point's ``value`` selected by ``system``) the token arou
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from proxy.policy import definitions as defs
 from proxy.policy.searchparams import element_paths, search_param
@@ -73,7 +74,7 @@ def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
     return type_name
 
 
-def compile_indexes(rtype: str, el: CompiledElement, settings: dict) -> tuple[IndexSpec, ...]:
+def compile_indexes(rtype: str, el: CompiledElement, settings: dict[str, Any]) -> tuple[IndexSpec, ...]:
     params = settings.get("params")
     if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
         raise IndexError_("search.params must list search parameter codes")
@@ -116,7 +117,8 @@ def _spec(
     paths = element_paths(sp)
     if paths is None:
         raise IndexError_(f"the expression of '{code}' cannot be analysed")
-    common = dict(
+    spec = partial(
+        IndexSpec,
         param=code,
         param_type=sp.type,
         label=f"{rtype}/{el.field_id}/{code}",
@@ -136,17 +138,16 @@ def _spec(
                 raise IndexError_(
                     f"'{code}' reads a {value_type}; date blind indexes serve date, dateTime and instant elements only"
                 )
-            return IndexSpec(
+            return spec(
                 value_type=value_type,
                 sub_path=p.path[len(keys) :],
                 criteria=_relative_criteria(p.criteria, base, code),
-                **common,
             )
         if keys[: len(p.path)] == p.path and len(keys) == len(p.path) + 1 and keys[-1] == "value":
             outer = type_at(rtype, p.path)
             system = dict(el.nav[-1].criteria).get("system") if el.nav else None
             if outer in ("Identifier", "ContactPoint") and system is not None and sp.type == "token":
-                return IndexSpec(value_type="string", token_system=system, **common)
+                return spec(value_type="string", token_system=system)
     where = ".".join(keys)
     raise IndexError_(
         f"search parameter '{code}' does not read {rtype}.{where} (or reads it in a way a blind "

@@ -17,14 +17,14 @@ class PolicyError(ValueError):
         self.source, self.line, self.field, self.message = source, line, field, message
 
 
-class Node(dict):
+class Node(dict[str, Any]):
     """A YAML mapping that remembers the line of itself and of each key."""
 
     line: int = 0
     key_lines: dict[str, int]
 
 
-class NodeList(list):
+class NodeList(list[Any]):
     line: int = 0
 
 
@@ -45,7 +45,7 @@ class _LineLoader(yaml.SafeLoader):
             mapping.key_lines[key] = key_node.start_mark.line + 1
         return mapping
 
-    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> NodeList:  # type: ignore[override]
+    def construct_sequence(self, node: yaml.SequenceNode, deep: bool = False) -> NodeList:
         seq = NodeList(self.construct_object(child, deep=True) for child in node.value)
         seq.line = node.start_mark.line + 1
         return seq

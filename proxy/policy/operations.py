@@ -23,13 +23,11 @@ element, and Bulk export has its own handling.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from proxy import fhirgrammar as fg
 from proxy.policy.loader import Node, PolicyError
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9\-_.]{0,63}$")
-_PARAMETER = re.compile(r"^_?[A-Za-z][A-Za-z0-9\-_.]{0,63}$")
 _FIXED = frozenset({"graphql", "export"})
 BODY_MODES = ("uncovered", "encrypt")
 
@@ -52,12 +50,12 @@ def compile_operations(spec: object, source: str) -> dict[str, OperationRule]:
     for name, settings in spec.items():
         where = f"operations.{name}"
         line = spec.key_lines.get(name)
-        if not _NAME.match(name.lstrip("$")) or name.lstrip("$") in _FIXED:
+        if not fg.NAME.match(name.lstrip("$")) or name.lstrip("$") in _FIXED:
             raise PolicyError(source, line, where, "not a configurable operation name (write it without '$')")
         if not isinstance(settings, Node) or not set(settings) <= {"parameters", "body", "refuse", "read_only"}:
             raise PolicyError(source, line, where, "must be a mapping with parameters, body, refuse and/or read_only")
         params = settings.get("parameters", [])
-        if not isinstance(params, list) or not all(isinstance(p, str) and _PARAMETER.match(p) for p in params):
+        if not isinstance(params, list) or not all(isinstance(p, str) and fg.PARAMETER.match(p) for p in params):
             raise PolicyError(source, line, f"{where}.parameters", "must be a list of parameter names")
         body = settings.get("body", "uncovered")
         if body not in BODY_MODES:

@@ -1,6 +1,6 @@
-"""Parser for the FHIRPath subset used in policy files.
+"""The one parser for the FHIRPath paths the proxy reads: policy element paths and search parameters.
 
-Supported::
+Policy files (the :data:`POLICY` dialect)::
 
     name.given                                  dotted navigation
     identifier.where(system='https://...').value filter on clear sibling fields
@@ -10,6 +10,13 @@ Supported::
 
 Anything else is rejected with a message naming the column, because a policy that
 silently matched nothing would leave PHI in the clear.
+
+R4 search parameter expressions (the :data:`SEARCH` dialect, used by
+:mod:`proxy.policy.searchparams`, which handles their unions, parentheses and infix ``as``)
+add indexers ``entry[0]`` (dropped: a path covers every item), ``.as(T)`` (as ``ofType``) and
+``where(resolve() is T)`` (a :class:`Where` on the key ``resolve()``); ``extension()`` is not
+part of them. Both go through the same tokens, string literals and parentheses, so a quoting
+or nesting rule cannot differ between what a policy covers and what a search reads.
 """
 
 from __future__ import annotations
@@ -37,16 +44,36 @@ class OfType:
 
 Step = Child | Where | OfType
 
+RESOLVE = "resolve()"
+"""The criterion key of ``where(resolve() is T)``: the reference points at a resource of type T."""
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What one reader of paths accepts beyond dotted names and ``where``."""
+
+    functions: frozenset[str]
+    indexers: bool = False
+    resolve_is: bool = False
+
+
+POLICY = Dialect(frozenset({"where", "ofType", "extension", "modifierExtension"}))
+SEARCH = Dialect(frozenset({"where", "ofType", "as"}), indexers=True, resolve_is=True)
+
 _TOKEN = re.compile(
     r"""\s*(?:
-      (?P<call>(?P<fn>where|ofType|extension|modifierExtension)\()
+      (?P<call>(?P<fn>[A-Za-z]+)\()
     | (?P<name>[A-Za-z][A-Za-z0-9_]*(?:\[x\])?)
     | (?P<dot>\.)
+    | (?P<index>\[\d+\])
     )""",
     re.VERBOSE,
 )
-_STRING = re.compile(r"\s*'((?:[^'\\]|\\.)*)'\s*")
-_CRITERION = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*'((?:[^'\\]|\\.)*)'\s*")
+_LITERAL = r"'((?:[^'\\]|\\.)*)'"
+_STRING = re.compile(rf"\s*{_LITERAL}\s*")
+_CRITERION = re.compile(rf"\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*{_LITERAL}\s*")
+_TYPE_NAME = re.compile(r"\s*([A-Za-z]+)\s*")
+_RESOLVE_IS = re.compile(r"\s*resolve\(\)\s+is\s+([A-Z][A-Za-z]*)\s*")
 
 
 class PathSyntaxError(ValueError):
@@ -59,48 +86,67 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\(.)", r"\1", text)
 
 
-def _parse_call(fn: str, text: str, pos: int) -> tuple[list[Step], int]:
-    end = _find_close(text, pos)
-    inner = text[pos:end]
-    if fn in ("extension", "modifierExtension"):
-        m = _STRING.fullmatch(inner)
-        if not m:
-            raise PathSyntaxError(f"{fn}() takes one quoted URL", pos)
-        return [Child(fn), Where((("url", _unescape(m.group(1))),))], end + 1
-    if fn == "ofType":
-        if not re.fullmatch(r"\s*[A-Za-z]+\s*", inner):
-            raise PathSyntaxError("ofType() takes one type name", pos)
-        return [OfType(inner.strip())], end + 1
+def closing_paren(text: str, pos: int) -> int:
+    """Index of the ``)`` that closes the ``(`` just before ``pos`` (nested parentheses and quoted
+    strings, with their backslash escapes, skipped)."""
+    depth = 1
+    quoted = False
+    i = pos
+    while i < len(text):
+        ch = text[i]
+        if quoted and ch == "\\":
+            i += 2
+            continue
+        if ch == "'":
+            quoted = not quoted
+        elif not quoted and ch == "(":
+            depth += 1
+        elif not quoted and ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    raise PathSyntaxError("missing ')'", pos)
+
+
+def _where(inner: str, pos: int, dialect: Dialect) -> Where:
+    if dialect.resolve_is and (m := _RESOLVE_IS.fullmatch(inner)):
+        return Where(((RESOLVE, m.group(1)),))
     criteria = []
     for part in re.split(r"\band\b", inner):
         m = _CRITERION.fullmatch(part)
         if not m:
             raise PathSyntaxError("where() supports only field='literal' joined by 'and'", pos)
         criteria.append((m.group(1), _unescape(m.group(2))))
-    return [Where(tuple(criteria))], end + 1
+    return Where(tuple(criteria))
 
 
-def _find_close(text: str, pos: int) -> int:
-    quoted = False
-    i = pos
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and quoted:
-            i += 2
-            continue
-        if ch == "'":
-            quoted = not quoted
-        elif ch == ")" and not quoted:
-            return i
-        i += 1
-    raise PathSyntaxError("missing ')'", pos)
+def _parse_call(fn: str, text: str, pos: int, dialect: Dialect) -> tuple[list[Step], int]:
+    if fn not in dialect.functions:
+        raise PathSyntaxError(f"{fn}() is not supported", pos)
+    end = closing_paren(text, pos)
+    inner = text[pos:end]
+    if fn in ("extension", "modifierExtension"):
+        m = _STRING.fullmatch(inner)
+        if not m:
+            raise PathSyntaxError(f"{fn}() takes one quoted URL", pos)
+        return [Child(fn), Where((("url", _unescape(m.group(1))),))], end + 1
+    if fn in ("ofType", "as"):
+        m = _TYPE_NAME.fullmatch(inner)
+        if not m:
+            raise PathSyntaxError(f"{fn}() takes one type name", pos)
+        return [OfType(m.group(1))], end + 1
+    return [_where(inner, pos, dialect)], end + 1
 
 
-def parse_path(text: str) -> list[Step]:
-    """Parse ``text`` into steps; raises :class:`PathSyntaxError`."""
+def parse_path(text: str, dialect: Dialect = POLICY, *, continued: bool = False) -> list[Step]:
+    """Parse ``text`` into steps; raises :class:`PathSyntaxError`.
+
+    ``continued``: ``text`` goes on from a step already parsed (``.text`` after a parenthesis), so
+    it starts with ``.`` or an indexer, and may be empty."""
     steps: list[Step] = []
     pos = 0
-    expect_name = True
+    expect_name = not continued
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m:
@@ -113,15 +159,22 @@ def parse_path(text: str) -> list[Step]:
             expect_name = True
             pos = m.end()
             continue
+        if m.group("index"):
+            if expect_name or not dialect.indexers:
+                raise PathSyntaxError("unexpected character", m.start("index"))
+            pos = m.end()
+            continue
         if not expect_name:
             raise PathSyntaxError("expected '.'", pos)
         if m.group("call"):
-            new, pos = _parse_call(m.group("fn"), text, m.end())
+            new, pos = _parse_call(m.group("fn"), text, m.end(), dialect)
             steps.extend(new)
         else:
             steps.append(Child(m.group("name")))
             pos = m.end()
         expect_name = False
+    if continued and not expect_name:
+        return steps
     if not steps or expect_name:
         raise PathSyntaxError("empty or incomplete path", pos)
     return steps

@@ -6,7 +6,9 @@ once and used to decide whether a search parameter touches an element that a pol
 encrypts: :func:`element_paths` reduces a parameter's FHIRPath expressions to element
 paths relative to the resource, to be compared by prefix with the policy's paths.
 
-Only the FHIRPath shapes that R4 uses for search parameters are understood::
+Only the FHIRPath shapes that R4 uses for search parameters are understood (the paths by
+:mod:`proxy.policy.paths`, the one parser that also reads policy paths; the unions,
+parentheses and infix ``as`` around them here)::
 
     Patient.name                              dotted navigation
     Bundle.entry[0].resource                  indexers (dropped: the path covers every item)
@@ -24,13 +26,13 @@ without an expression such as ``_text``, ``_content``, ``_query``, ``_has``) yie
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from typing import Any
 
 from proxy.policy import definitions as defs
+from proxy.policy.paths import RESOLVE, SEARCH, Child, OfType, PathSyntaxError, Step, closing_paren, parse_path
 
 TYPES = ("number", "date", "string", "token", "reference", "composite", "quantity", "uri", "special")
 
@@ -76,12 +78,11 @@ class ParamPath:
 
 
 @cache
-def table() -> dict:
-    raw = resources.files("proxy.policy").joinpath("r4_search_params.json").read_bytes()
-    return json.loads(raw)
+def table() -> dict[str, Any]:
+    return defs.packaged_table("r4_search_params.json")
 
 
-def _param(code: str, row: list, resource_type: str) -> SearchParam:
+def _param(code: str, row: list[Any], resource_type: str) -> SearchParam:
     expressions = tuple(re.sub(r"^(\(*)Resource\b", rf"\g<1>{resource_type}", e) for e in row[1])
     targets = row[2] if len(row) > 2 else ()
     if targets == "*":
@@ -116,15 +117,10 @@ def search_param(resource_type: str, code: str) -> SearchParam | None:
 
 # ---------------------------------------------------------------- expressions
 
-_NAME = re.compile(r"\.([a-z][A-Za-z0-9_]*)")
-_INDEX = re.compile(r"\[\d+\]")
-_TYPE_CALL = re.compile(r"\.(?:as|ofType)\(\s*([A-Za-z]+)\s*\)")
-_WHERE = re.compile(r"\.where\(")
-_INFIX_AS = re.compile(r"\s+as\s+([A-Za-z]+)\s*$")
 _ROOT = re.compile(r"[A-Z][A-Za-z]*")
-_RELATIVE_ROOT = re.compile(r"[a-z][A-Za-z0-9_]*")
-_EQUALS = re.compile(r"\s*([a-z][A-Za-z0-9_]*)\s*=\s*'([^'\\]*)'\s*")
-_RESOLVE_IS = re.compile(r"\s*resolve\(\)\s+is\s+([A-Z][A-Za-z]*)\s*")
+_ELEMENT = re.compile(r"[a-z][A-Za-z0-9_]*")
+_CRITERION_KEY = re.compile(rf"[a-z][A-Za-z0-9_]*|{re.escape(RESOLVE)}")
+_INFIX_AS = re.compile(r"\s+as\s+([A-Za-z]+)\s*$")
 
 
 class _Unknown(Exception):
@@ -153,25 +149,6 @@ def split_union(expression: str) -> list[str]:
     return [p for p in parts if p]
 
 
-def _close(text: str, pos: int) -> int:
-    """Index of the ``)`` matching the ``(`` just before ``pos``."""
-    depth = 1
-    quoted = False
-    for i in range(pos, len(text)):
-        ch = text[i]
-        if quoted:
-            quoted = ch != "'"
-        elif ch == "'":
-            quoted = True
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i
-    raise _Unknown
-
-
 def _choice_type(name: str) -> str:
     """The FHIR spelling of a type named in ``as``/``ofType`` (R4 writes ``DateTime`` once)."""
     if defs.is_primitive(name) or name in defs.table()["types"]:
@@ -195,42 +172,21 @@ class _Builder:
         self.choice_type = _choice_type(type_name)
         self.choice_step = len(self.path) - 1
 
-    def where(self, inner: str) -> None:
-        if not self.path:
-            raise _Unknown
-        prefix = ".".join(self.path)
-        m = _RESOLVE_IS.fullmatch(inner)
-        if m:
-            self.criteria.append((f"{prefix}.resolve()", m.group(1)))
-            return
-        for part in re.split(r"\band\b", inner):
-            m = _EQUALS.fullmatch(part)
-            if not m:
-                raise _Unknown
-            self.criteria.append((f"{prefix}.{m.group(1)}", m.group(2)))
-
-    def steps(self, text: str) -> None:
-        """Consume ``.name``, ``[n]``, ``.where(..)``, ``.as(T)``/``.ofType(T)`` up to the end."""
-        pos = 0
-        while pos < len(text):
-            if m := _TYPE_CALL.match(text, pos):
-                self.select(m.group(1))
-            elif m := _WHERE.match(text, pos):
-                end = _close(text, m.end())
-                self.where(text[m.end() : end])
-                pos = end + 1
-                continue
-            elif m := _NAME.match(text, pos):
-                self.path.append(m.group(1))
-            elif m := _INDEX.match(text, pos):
-                pass
+    def apply(self, steps: list[Step]) -> ParamPath:
+        """Follow parsed steps: element names (lower case: anything else is no element), type
+        selections and ``where`` criteria keyed by the dotted path of the field they compare."""
+        for step in steps:
+            if isinstance(step, Child):
+                if not _ELEMENT.fullmatch(step.name):
+                    raise _Unknown
+                self.path.append(step.name)
+            elif isinstance(step, OfType):
+                self.select(step.type)
             else:
-                raise _Unknown
-            if m.end() < len(text) and text[m.end()] == "(":  # any other function call
-                raise _Unknown
-            pos = m.end()
-
-    def result(self) -> ParamPath:
+                if not self.path or not all(_CRITERION_KEY.fullmatch(key) for key, _ in step.criteria):
+                    raise _Unknown
+                prefix = ".".join(self.path)
+                self.criteria.extend((f"{prefix}.{key}", value) for key, value in step.criteria)
         return ParamPath(tuple(self.path), tuple(self.criteria), self.choice_type, self.choice_step)
 
 
@@ -238,26 +194,20 @@ def _parse(text: str, start: ParamPath, relative: bool) -> ParamPath:
     """Parse one union alternative: rooted at the resource type, or ``relative`` to ``start``."""
     text = text.strip()
     if text.startswith("("):
-        end = _close(text, 1)
-        builder = _Builder(_parse(text[1:end], start, relative))
-        builder.steps(text[end + 1 :].rstrip())
-        return builder.result()
+        end = closing_paren(text, 1)
+        inner = _parse(text[1:end], start, relative)
+        return _Builder(inner).apply(parse_path(text[end + 1 :].rstrip(), SEARCH, continued=True))
     if m := _INFIX_AS.search(text):
         builder = _Builder(_parse(text[: m.start()], start, relative))
         builder.select(m.group(1))
-        return builder.result()
+        return builder.apply([])
     if relative and text.startswith("%resource."):  # composite component read from the resource root
-        builder = _Builder(ParamPath(()))
-        builder.steps(text[len("%resource") :])
-        return builder.result()
-    builder = _Builder(start)
-    root = (_RELATIVE_ROOT if relative else _ROOT).match(text)
-    if root is None:
+        return _Builder(ParamPath(())).apply(parse_path(text[len("%resource") :], SEARCH, continued=True))
+    steps = parse_path(text, SEARCH)
+    root = steps[0]
+    if not isinstance(root, Child) or not (_ELEMENT if relative else _ROOT).fullmatch(root.name):
         raise _Unknown
-    if relative:
-        builder.path.append(root.group(0))
-    builder.steps(text[root.end() :])
-    return builder.result()
+    return _Builder(start).apply(steps if relative else steps[1:])
 
 
 def _parse_alternatives(expression: str, start: ParamPath, relative: bool) -> list[ParamPath]:
@@ -289,6 +239,6 @@ def element_paths(param: SearchParam) -> list[ParamPath] | None:
                 for _code, component in param.components:
                     for path in _parse_alternatives(component, start, relative=True):
                         out.append(path)
-    except _Unknown:
+    except (_Unknown, PathSyntaxError):
         return None
     return list(dict.fromkeys(out))

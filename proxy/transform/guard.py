@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.operations import OperationRule
 from proxy.policy.searchparams import search_param
@@ -41,8 +42,9 @@ _CONTROL_PARAMS = _FORMAT_PARAMS | {
     "_include",
     "_revinclude",
 }
-_DATE = r"\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?"
 _TOKEN = r"[A-Za-z0-9\-_.=]{1,200}"  # server-chosen paging handles
+_PREFIXED_DATE = re.compile(rf"^{fg.SEARCH_PREFIX_RE}{fg.DATE_RE}\Z")
+_INCLUDE = re.compile(rf"^(\*|{fg.TYPE_RE}:{fg.SEARCH_PARAM_RE}(:{fg.TYPE_RE})?)\Z")
 # What each control parameter's value may look like: anything else could be a value from a record
 # (a name in _id, a NIK in _count) and would reach the server in the clear.
 _CONTROL_VALUES = {
@@ -50,15 +52,15 @@ _CONTROL_VALUES = {
     "_offset": re.compile(r"^\d{1,9}$"),
     "_getpagesoffset": re.compile(r"^\d{1,9}$"),
     "_total": re.compile(r"^(none|estimate|accurate)$"),
-    "_since": re.compile(f"^{_DATE}$"),
-    "_at": re.compile(f"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?{_DATE}$"),
-    "_lastUpdated": re.compile(f"^(eq|ne|gt|lt|ge|le|sa|eb|ap)?{_DATE}$"),
+    "_since": fg.DATE,
+    "_at": _PREFIXED_DATE,
+    "_lastUpdated": _PREFIXED_DATE,
     "_page": re.compile(f"^{_TOKEN}$"),
     "_getpages": re.compile(f"^{_TOKEN}$"),
     "_bundletype": re.compile(r"^[a-z\-]{1,32}$"),
-    "_id": re.compile(r"^[A-Za-z0-9\-.]{1,64}(,[A-Za-z0-9\-.]{1,64})*$"),
-    "_include": re.compile(r"^(\*|[A-Z][A-Za-z]{1,63}:[a-z][A-Za-z0-9\-_.]{0,63}(:[A-Z][A-Za-z]{1,63})?)$"),
-    "_revinclude": re.compile(r"^(\*|[A-Z][A-Za-z]{1,63}:[a-z][A-Za-z0-9\-_.]{0,63}(:[A-Z][A-Za-z]{1,63})?)$"),
+    "_id": re.compile(rf"^{fg.ID_RE}(,{fg.ID_RE})*\Z"),
+    "_include": _INCLUDE,
+    "_revinclude": _INCLUDE,
     "_pretty": re.compile(r"^(true|false)$"),
 }
 
@@ -103,7 +105,7 @@ def parse_query(query_string: str) -> list[tuple[str, str]]:
         raise FhirError(400, "invalid", "the query string cannot be parsed") from None
 
 
-def check_format(params: list[tuple[str, str]], is_write: bool) -> None:
+def check_format(params: list[tuple[str, str]]) -> None:
     for name, value in params:
         if name == "_format" and value.split(";")[0].strip().lower() not in JSON_FORMATS:
             raise FhirError(
@@ -200,7 +202,7 @@ def check_request(
 ) -> Forwarding:
     """Raise FhirError for anything that could send plaintext of a covered element upstream;
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
-    check_format(params, it.is_write)
+    check_format(params)
     rtype = it.resource_type
     subset = None
     subsettable = it.kind in ("search", "read", "vread", "history") and not it.conditional
@@ -233,10 +235,6 @@ def check_request(
     return Forwarding(params if subset else None, if_none_exist, subset)
 
 
-# $everything's start and end are dates; anything else in them could be a value from the record.
-_OPERATION_DATE = re.compile(r"^\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
-
-
 def operation_rule(it: Interaction, operations: Mapping[str, OperationRule]) -> OperationRule:
     """The policy's rule for this operation (defaults when it lists none); refuses what is never allowed."""
     op = it.operation or ""
@@ -252,7 +250,7 @@ def operation_parameter_allowed(rule: OperationRule, name: str) -> bool:
 
 def check_operation_date(rule: OperationRule, name: str, value: object) -> None:
     """``start`` and ``end`` are allowed everywhere because they are dates: make sure they are."""
-    if name in ("start", "end") and not (type(value) is str and _OPERATION_DATE.match(value)):
+    if name in ("start", "end") and not (type(value) is str and fg.DATE.match(value)):
         raise FhirError(400, "invalid", f"${rule.name}: parameter '{name}' must be a date", [name])
 
 

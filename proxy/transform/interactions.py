@@ -7,15 +7,11 @@ matrix parameters and other tricks never match a valid shape.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
-
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_OPERATION = re.compile(r"^\$[A-Za-z][A-Za-z0-9\-_.]{0,63}$")
-_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 
 
 @dataclass(frozen=True)
@@ -39,19 +35,19 @@ class Interaction:
 
 
 def _type(segment: str) -> str:
-    if not _TYPE.match(segment) or segment not in resource_types():
+    if not fg.TYPE.match(segment) or segment not in resource_types():
         raise FhirError(404, "not-supported", f"'{segment[:64]}' is not an R4 resource type")
     return segment
 
 
 def _id(segment: str, what: str = "id") -> str:
-    if not _ID.match(segment):
+    if not fg.ID.match(segment):
         raise FhirError(400, "invalid", f"the {what} in the URL is not a valid FHIR id")
     return segment
 
 
 def _op(segment: str) -> str:
-    if not _OPERATION.match(segment):
+    if not fg.OPERATION.match(segment):
         raise FhirError(400, "invalid", "the operation name in the URL is not valid")
     return segment[1:]
 

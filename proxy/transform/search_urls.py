@@ -13,18 +13,20 @@ covered value is stored in a query. A string is taken for a search when it is, i
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
 from proxy.transform import guard
 from proxy.transform.search import Searcher
 
 _SEARCH_URL = re.compile(
-    r"(?P<prefix>(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#\s]*/)?(?P<type>[A-Z][A-Za-z]{0,63})(?:/_search)?)\?(?P<query>[^#\s]*)"
+    rf"(?P<prefix>(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#\s]*/)?(?P<type>{fg.TYPE_RE})(?:/_search)?)\?(?P<query>[^#\s]*)"
 )
 
 
-def rewrite_search_urls(resource: dict, searcher: Searcher, where: str) -> None:
+def rewrite_search_urls(resource: dict[str, Any], searcher: Searcher, where: str) -> None:
     """Rewrite, in place, every string of ``resource`` that is a search on a resource type."""
     stack: list[tuple[object, str]] = [(resource, where)]
     while stack:
@@ -57,7 +59,7 @@ def _rewritten(key: str, value: str, searcher: Searcher, where: str) -> str:
     return f"{found['prefix']}?{guard.encode_query(params)}"
 
 
-def _if_none_exist(request: dict, query: str, searcher: Searcher, where: str) -> str:
+def _if_none_exist(request: dict[str, Any], query: str, searcher: Searcher, where: str) -> str:
     """A stored Bundle entry's ``ifNoneExist``: a query on the type its ``url`` names."""
     url = request.get("url")
     rtype = url.split("?", 1)[0].split("/", 1)[0] if type(url) is str else None

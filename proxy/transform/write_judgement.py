@@ -37,7 +37,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
 from proxy.policy.compartment import in_compartment, patient_id, reference_key_paths
 from proxy.policy.compiler import CompiledElement, CompiledPolicy, Kind
@@ -46,9 +48,7 @@ from proxy.transform.masked import has_masked, merge_masked
 from proxy.transform.records import _join, _matches, _parents
 
 # Type/id, optionally absolute and versioned: a reference to a resource of a known type
-_TYPED = re.compile(
-    r"(?:[A-Za-z][A-Za-z0-9+.\-]*://[^?#]*/)?([A-Z][A-Za-z]{0,63})/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?"
-)
+_TYPED = re.compile(rf"{fg.BASE_RE}({fg.TYPE_RE})/{fg.ID_RE}{fg.HISTORY_RE}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class WriteAccess:
 # --------------------------------------------------------------------------- compartment
 
 
-def check_compartment(resource: dict, patient: str | None, state: str) -> None:
+def check_compartment(resource: dict[str, Any], patient: str | None, state: str) -> None:
     """Refuse (403) unless ``resource`` (``state``: "stored" or "written") lies wholly in ``patient``'s
     compartment: in it, with every compartment reference (its own and its contained resources') on
     that patient, another type or a contained resource."""
@@ -77,7 +77,7 @@ def check_compartment(resource: dict, patient: str | None, state: str) -> None:
             raise FhirError(403, "forbidden", f"{path} ({state}): {problem}", [path])
 
 
-def _compartment_references(resource: dict, where: str) -> Iterator[tuple[str, object]]:
+def _compartment_references(resource: dict[str, Any], where: str) -> Iterator[tuple[str, object]]:
     """``(path, reference)`` of every Reference element of a compartment parameter, contained resources
     included (by their own type's parameters)."""
     yield from _references_of(resource, where)
@@ -86,12 +86,12 @@ def _compartment_references(resource: dict, where: str) -> Iterator[tuple[str, o
             yield from _references_of(inner, f"{where}.contained[{i}]")
 
 
-def _references_of(resource: dict, where: str) -> Iterator[tuple[str, object]]:
+def _references_of(resource: dict[str, Any], where: str) -> Iterator[tuple[str, object]]:
     rtype = resource.get("resourceType")
     for keys in (reference_key_paths(rtype) or ()) if type(rtype) is str else ():
         nodes = [(resource, where)]
         for key in keys:
-            found = []
+            found: list[tuple[Any, str]] = []
             for node, path in nodes:
                 value, p = node.get(key), f"{path}.{key}"
                 if type(value) is list:
@@ -122,7 +122,9 @@ def _foreign(reference: object, patient: str) -> str | None:
 # --------------------------------------------------------------------------- resources paired with their stored version
 
 
-def _pairs(result: dict, stored: dict | None, where: str) -> Iterator[tuple[dict, dict | None, str]]:
+def _pairs(
+    result: dict[str, Any], stored: dict[str, Any] | None, where: str
+) -> Iterator[tuple[dict[str, Any], dict[str, Any] | None, str]]:
     """The resource and each resource nested in it, with its stored counterpart (contained: the same id)."""
     yield result, stored, where
     theirs = {
@@ -136,7 +138,9 @@ def _pairs(result: dict, stored: dict | None, where: str) -> Iterator[tuple[dict
         yield inner, theirs.get(key) if id(inner) in contained else None, path
 
 
-def _dropped_contained(result: dict, stored: dict | None, where: str) -> Iterator[tuple[dict, str]]:
+def _dropped_contained(
+    result: dict[str, Any], stored: dict[str, Any] | None, where: str
+) -> Iterator[tuple[dict[str, Any], str]]:
     """Stored contained resources the result no longer holds (by type and id)."""
     kept = {(c.get("resourceType"), c.get("id")) for c in (result.get("contained") or ()) if type(c) is dict}
     for i, c in enumerate((stored or {}).get("contained") or ()):
@@ -144,7 +148,7 @@ def _dropped_contained(result: dict, stored: dict | None, where: str) -> Iterato
             yield c, f"{where}.contained[{i}]"
 
 
-def holds_masked(resource: dict, policy: CompiledPolicy) -> bool:
+def holds_masked(resource: dict[str, Any], policy: CompiledPolicy) -> bool:
     """Whether the resource, or a resource nested in it, holds masked covered elements."""
     for mine, _, _ in _pairs(resource, None, ""):
         rp = policy.resources.get(mine.get("resourceType"))  # type: ignore[arg-type]
@@ -153,7 +157,7 @@ def holds_masked(resource: dict, policy: CompiledPolicy) -> bool:
     return False
 
 
-def restore_masked(result: dict, stored: dict, policy: CompiledPolicy, where: str) -> None:
+def restore_masked(result: dict[str, Any], stored: dict[str, Any], policy: CompiledPolicy, where: str) -> None:
     """Put every masked occurrence back from the stored version (decrypted), in place; 409 naming the
     paths where the stored version has nothing to put back."""
     missing: list[str] = []
@@ -178,7 +182,9 @@ def restore_masked(result: dict, stored: dict, policy: CompiledPolicy, where: st
 Place = tuple[str, str, int | None]  # parent path, JSON key, list index (None: not a list item)
 
 
-def judge_groups(result: dict, stored: dict | None, policy: CompiledPolicy, access: WriteAccess, where: str) -> None:
+def judge_groups(
+    result: dict[str, Any], stored: dict[str, Any] | None, policy: CompiledPolicy, access: WriteAccess, where: str
+) -> None:
     """Refuse (403) a result that sets, changes or removes what the caller may not write; put back in
     place what it omitted of groups it may not read. ``stored``: the stored version decrypted in full
     (None for a create); masked occurrences must already be restored."""
@@ -197,7 +203,12 @@ def judge_groups(result: dict, stored: dict | None, policy: CompiledPolicy, acce
 
 
 def _judge_element(
-    mine: dict, theirs: dict | None, el: CompiledElement, access: WriteAccess, where: str, closing: bool = False
+    mine: dict[str, Any],
+    theirs: dict[str, Any] | None,
+    el: CompiledElement,
+    access: WriteAccess,
+    where: str,
+    closing: bool = False,
 ) -> None:
     """``closing``: a closed-default catch-all (identifiers under unlisted systems, unlisted extensions).
     It keeps such values from the server, not from writers: any writer may set or change them (a
@@ -233,7 +244,7 @@ def _place_path(where: str, place: Place) -> str:
     return _join(where, _join(parent, key if index is None else f"{key}[{index}]"))
 
 
-def _occurrences(resource: dict, el: CompiledElement, strict: bool) -> dict[Place, object]:
+def _occurrences(resource: dict[str, Any], el: CompiledElement, strict: bool) -> dict[Place, object]:
     """Each place where ``el`` holds a value in a plaintext resource, with that value."""
     out: dict[Place, object] = {}
     for parent, path in _parents(resource, el.nav, strict):
@@ -255,7 +266,7 @@ def _occurrences(resource: dict, el: CompiledElement, strict: bool) -> dict[Plac
     return out
 
 
-def _primitive(parent: dict, path: str, key: str, repeating: bool, out: dict[Place, object]) -> None:
+def _primitive(parent: dict[str, Any], path: str, key: str, repeating: bool, out: dict[Place, object]) -> None:
     values, unders = parent.get(key), parent.get("_" + key)
     if not repeating:
         if values is not None or unders is not None:
@@ -269,7 +280,7 @@ def _primitive(parent: dict, path: str, key: str, repeating: bool, out: dict[Pla
             out[(path, key, i)] = pair
 
 
-def _complex(parent: dict, path: str, key: str, el: CompiledElement, out: dict[Place, object]) -> None:
+def _complex(parent: dict[str, Any], path: str, key: str, el: CompiledElement, out: dict[Place, object]) -> None:
     value = parent.get(key)
     if not el.repeating:
         if value is not None:
@@ -280,7 +291,7 @@ def _complex(parent: dict, path: str, key: str, el: CompiledElement, out: dict[P
             out[(path, key, i)] = item
 
 
-def _put_back(parent: dict, el: CompiledElement, place: Place, value: object) -> bool:
+def _put_back(parent: dict[str, Any], el: CompiledElement, place: Place, value: object) -> bool:
     """Put a stored occurrence back at its place in ``parent``; False when the place is taken."""
     _, key, index = place
     if el.kind is Kind.CHOICE_MASKED:
@@ -301,7 +312,7 @@ def _put_back(parent: dict, el: CompiledElement, place: Place, value: object) ->
     return True
 
 
-def _put_primitive(parent: dict, key: str, index: int | None, pair: tuple) -> bool:
+def _put_primitive(parent: dict[str, Any], key: str, index: int | None, pair: tuple[Any, Any]) -> bool:
     if index is None:
         for k, v in zip((key, "_" + key), pair, strict=True):
             if v is not None:
@@ -312,7 +323,7 @@ def _put_primitive(parent: dict, key: str, index: int | None, pair: tuple) -> bo
     if index > n or any(type(x) is list and index < len(x) and x[index] is not None for x in lists):
         return False
     for k, v in zip((key, "_" + key), pair, strict=True):
-        items = parent.get(k) if type(parent.get(k)) is list else []
+        items: list[Any] = parent[k] if type(parent.get(k)) is list else []
         items.extend([None] * (index + 1 - len(items)))
         items[index] = v
         parent[k] = items

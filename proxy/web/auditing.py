@@ -13,7 +13,9 @@ import re
 import socket
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
+from proxy import fhirgrammar as fg
 from proxy.audit.events import Agent, audit_event
 from proxy.audit.trail import AsyncAuditSink, AuditUnavailable
 from proxy.auth.caller import Caller
@@ -24,10 +26,8 @@ from proxy.transform.records import ReadReport
 
 log = logging.getLogger("fhircrypt")
 _ACTIONS = {"create": "C", "update": "U", "patch": "U", "delete": "D", "search": "E", "operation": "E", "batch": "E"}
-_REFERENCE = re.compile(r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
-_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?/?$")
-_FHIR_USER = re.compile(r"^(?:.*/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_LOCATION = re.compile(rf"(?:^|/)({fg.TYPE_RE}/{fg.ID_RE}){fg.HISTORY_RE}/?$")
+_FHIR_USER = re.compile(rf"^(?:.*/)?{fg.TYPE_RE}/{fg.ID_RE}$")
 MAX_REFERENCES = 200
 OBSERVER = f"fhircrypt@{socket.gethostname()}"
 
@@ -47,7 +47,7 @@ class Exchange:
     upstream_seconds: float = 0.0  # waiting for the upstream's answer (metrics: proxy overhead)
 
 
-def references_in(payload: dict) -> list[str]:
+def references_in(payload: dict[str, Any]) -> list[str]:
     """``Type/id`` of the resources a response carried (the body, Bundle entries, contained) and of
     those a batch or transaction response only points at (``entry.response.location``)."""
     out = []
@@ -61,7 +61,7 @@ def references_in(payload: dict) -> list[str]:
         if type(resource.get("id")) is not str:
             continue
         ref = f"{resource.get('resourceType')}/{resource.get('id')}"
-        if _REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
+        if fg.REFERENCE.match(ref) and resource.get("resourceType") not in ("Bundle", "OperationOutcome"):
             out.append(ref)
         if len(out) >= MAX_REFERENCES:
             break
@@ -98,7 +98,7 @@ def _agent(caller: Caller | None, remote: str | None) -> Agent:
         and caller.fhir_user.isprintable()
         and _FHIR_USER.match(caller.fhir_user)
         else None,
-        roles=tuple(sorted(r for r in caller.roles if _NAME.match(r))),
+        roles=tuple(sorted(r for r in caller.roles if fg.CODE.match(r))),
         network_address=remote,
         token_id=name(jti) if isinstance(jti, str) else None,
     )
@@ -124,7 +124,7 @@ def record(
     agent = _agent(caller, remote)
     named = [f"{it.resource_type}/{it.id}"] if it is not None and it.id and it.resource_type else []
     named_all = dict.fromkeys([*named, *exchange.targets, *exchange.references])  # ids the upstream chose too:
-    resources = [ref for ref in named_all if _REFERENCE.match(ref)][:MAX_REFERENCES]  # one bad id loses no record
+    resources = [ref for ref in named_all if fg.REFERENCE.match(ref)][:MAX_REFERENCES]  # one bad id loses no record
     action = _ACTIONS.get(it.kind, "R") if it else "E"
     try:
         event = audit_event(
@@ -138,7 +138,7 @@ def record(
             query=exchange.forwarded_query,
             decrypted_groups=sorted(exchange.report.decrypted_groups),
             masked_groups=sorted(exchange.report.masked_groups),
-            purpose_of_use=[p for p in (caller.purpose_of_use if caller else ()) if _NAME.match(p)],
+            purpose_of_use=[p for p in (caller.purpose_of_use if caller else ()) if fg.CODE.match(p)],
             break_glass=exchange.break_glass,
             integrity_failures=len(exchange.report.failures),
             policy=policy,

@@ -7,9 +7,12 @@ Hop-by-hop headers never cross.
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy import fhirgrammar as fg
 
 # Authorization is not here: the upstream client sends the proxy's own credential (proxy.upstream.client)
 REQUEST_HEADERS = (
@@ -37,7 +40,6 @@ RESPONSE_HEADERS = (
     "X-Progress",
 )
 SERVER = "fhircrypt"  # the Server header of every answer: no product versions for an attacker to match
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 FHIR_JSON = "application/fhir+json"
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 
@@ -47,7 +49,7 @@ def media_type(value: str | None) -> str:
 
 
 def safe_request_id(value: str | None) -> str | None:
-    return value if value and _REQUEST_ID.match(value) else None
+    return value if value and fg.REQUEST_ID.match(value) else None
 
 
 def accepts_json(accept: str | None) -> bool:
@@ -85,16 +87,16 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(upstream: CIMultiDictProxy[str], rewrite) -> CIMultiDict[str]:
+def client_response_headers(upstream: CIMultiDictProxy[str], rewrite: Callable[[str], str | None]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name in RESPONSE_HEADERS:
         for value in upstream.getall(name, ()):
-            value = rewrite(value) if name in ("Location", "Content-Location") else value
-            if value is not None:  # None: a location the proxy will not send the client to
-                out.add(name, value)
+            sent = rewrite(value) if name in ("Location", "Content-Location") else value
+            if sent is not None:  # None: a location the proxy will not send the client to
+                out.add(name, sent)
     return out
 
 
-async def name_the_server(request, response) -> None:
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: aiohttp's default ``Server: Python/3.x aiohttp/3.y`` discloses versions."""
     response.headers["Server"] = SERVER

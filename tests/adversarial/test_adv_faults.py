@@ -21,8 +21,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.crypto.kek import KeyringError, LocalKeyProvider, generate_kek, parse_kek
 from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
+from proxy.crypto.providers.base import KeyringError
+from proxy.crypto.providers.local import LocalKeyProvider, generate_kek, parse_kek
 from proxy.transform.bodies import encrypt_for_write
 from proxy.transform.markers import CIPHERTEXT_URL
 from tests.adversarial.harness import ServedProxy
