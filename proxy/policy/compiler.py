@@ -11,18 +11,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy.policy import closed
+from proxy.policy import closed, variables
 from proxy.policy import definitions as defs
+from proxy.policy import sentinel as sentinel_cfg
 from proxy.policy.access import AccessPolicy, compile_access
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
 from proxy.policy.lint import Finding, lint_document
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.operations import OperationRule, compile_operations
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
+from proxy.policy.sentinel import SentinelSettings
 
 FORMAT_VERSION = 1
 NARRATIVE_ID = "text"  # field id of the resource narrative (DomainResource.text)
@@ -123,6 +127,23 @@ class ResourcePolicy:
         return frozenset().union(*(e.groups for e in self.elements))
 
 
+class TypePolicies(dict[str, ResourcePolicy]):
+    """The covered types' rules, and the sentinel that applies to every type (covered or not).
+
+    The sentinel travels with the type table because every request-path function that checks
+    what is forwarded (``guard.check_search``, ``encrypt_for_write``) already receives it.
+    """
+
+    def __init__(self, items: Mapping[str, ResourcePolicy] = (), sentinel: SentinelSettings | None = None) -> None:
+        super().__init__(items)
+        self.sentinel = sentinel if sentinel is not None else SentinelSettings()
+
+
+def sentinel_of(resources: Mapping[str, ResourcePolicy]) -> SentinelSettings:
+    """The sentinel settings that travel with a type table (defaults for a plain dict)."""
+    return getattr(resources, "sentinel", None) or SentinelSettings()
+
+
 @dataclass(frozen=True)
 class CompiledPolicy:
     name: str
@@ -152,6 +173,16 @@ class CompiledPolicy:
     def covered_types(self) -> frozenset[str]:
         return frozenset(self.resources)
 
+    @property
+    def sentinel(self) -> SentinelSettings:
+        return sentinel_of(self.resources)
+
+    def require_configured(self) -> None:
+        """Refuse a policy whose ``${…}`` variables are not all set (``serve`` starts only with them)."""
+        unset = [f for f in self.findings if f.code == variables.UNSET]
+        if unset:
+            raise PolicyError(self.source, None, "variables", "; ".join(f.message for f in unset))
+
 
 class _Ctx:
     """Error reporting context: which file and line a value came from."""
@@ -168,20 +199,23 @@ class _Ctx:
         return PolicyError(self.source, line, key, message)
 
 
-def compile_file(path: str | Path) -> CompiledPolicy:
+def compile_file(path: str | Path, values: Mapping[str, str] | None = None) -> CompiledPolicy:
     doc, source = load_policy(path)
-    return compile_policy(doc, source, Path(path).read_bytes())
+    return compile_policy(doc, source, Path(path).read_bytes(), values)
 
 
-def compile_text(text: str, source: str = "<policy>") -> CompiledPolicy:
+def compile_text(text: str, source: str = "<policy>", values: Mapping[str, str] | None = None) -> CompiledPolicy:
     doc = load_yaml(text, source)
     if not isinstance(doc, Node):
         raise PolicyError(source, 1, "policy", "the document must be a mapping")
-    return compile_policy(doc, source, text.encode())
+    return compile_policy(doc, source, text.encode(), values)
 
 
-def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
+def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str] | None = None) -> CompiledPolicy:
+    """``values``: what ``${FHIRCRYPT_…}`` variables in the policy stand for (default: the environment);
+    an unset one stays in the text and becomes a ``variable-unset`` finding (``serve`` refuses it)."""
     ctx = _Ctx(source)
+    unresolved = variables.resolve(doc, os.environ if values is None else values)
     _check_keys(
         ctx,
         doc,
@@ -203,6 +237,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "attachments",
             "identifiers",
             "extensions",
+            "sentinel",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -263,12 +298,14 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             narrative = tuple(e for e in rp.elements if e.field_id == NARRATIVE_ID)
             resources[rtype] = dataclasses.replace(rp, elements=(*rp.content_elements, *catch_alls, *narrative))
     findings += lint_document(doc, closure)
+    findings += unresolved
+    sentinel = _compile_sentinel(ctx, doc, resources)
     return CompiledPolicy(
         name=str(doc["name"]),
         source=source,
         digest=hashlib.sha256(raw).hexdigest(),
         groups=groups,
-        resources=resources,
+        resources=TypePolicies(resources, sentinel),
         unenveloped=unenveloped,
         findings=tuple(findings),
         closure=closure,
@@ -712,6 +749,25 @@ def _compile_closure(
                 "case, trailing slash and percent-escapes); spell it once",
             )
     return closed.Closure(**settings)
+
+
+def _compile_sentinel(ctx: _Ctx, doc: Node, resources: dict[str, ResourcePolicy]) -> SentinelSettings:
+    """``sentinel``: refuse, report or off per detector; a detector not listed (or no block) reports."""
+    spec = doc.get("sentinel")
+    actions = dict.fromkeys(sentinel_cfg.DETECTORS, sentinel_cfg.DEFAULT_MODE)
+    if spec is not None:
+        _check_keys(ctx, spec, "sentinel", allowed=set(sentinel_cfg.DETECTORS))
+        for detector in sentinel_cfg.DETECTORS:
+            if spec.get(detector) == "encrypt":
+                raise ctx.fail(spec, detector, sentinel_cfg.explain_encrypt())
+            if spec.get(detector) is False:  # YAML 1.1 reads a bare off as false
+                spec[detector] = "off"
+            actions[detector] = _choice(ctx, spec, detector, sentinel_cfg.MODES, sentinel_cfg.DEFAULT_MODE)
+    keys = {
+        rtype: sentinel_cfg.name_keys(rtype, (el.source for el in rp.content_elements if not el.display_copy))
+        for rtype, rp in resources.items()
+    }
+    return SentinelSettings(actions, {rtype: k for rtype, k in keys.items() if k})
 
 
 def _compile_keys(ctx: _Ctx, doc: Node) -> bool:

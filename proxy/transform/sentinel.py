@@ -1,0 +1,220 @@
+"""The PHI sentinel: values that look like a person's identity in what the proxy forwards in the clear.
+
+A policy encrypts what it names; an EMR types a NIK into a note, a phone number into a
+display, the patient's name into an uncovered resource. The sentinel looks at every string
+the proxy is about to forward in the clear (a written resource *after* encryption, so what is
+left is exactly what the server receives; JSON Patch values; operation parameters; search
+values forwarded unchanged) with structure-aware detectors:
+
+``nik``    16 digits: a province code from Kemendagri's list, regency and district codes that
+           are not 00, a birth date DDMMYY (women: day + 40) that exists, a serial that is not 0000
+``bpjs``   13 digits beginning 000 (the JKN-KIS card number as printed on BPJS Kesehatan cards)
+``ihs``    a SATUSEHAT patient IHS number: P and 11 digits
+``phone``  an Indonesian number (08…, +62 8…, 62 8…) or an E.164 number (+ and 8-15 digits)
+``email``  an e-mail address
+``name``   a word of a name the same request carries in an element the policy encrypts
+           (a name sealed in ``Patient.name`` must not travel in clear in ``Observation.note``)
+
+Each hit is handled by the policy's ``sentinel`` setting for its detector
+(``proxy.policy.sentinel``): ``refuse`` (a 400 naming the path and the detector, never the
+value), ``report`` (forwarded; logged by detector and path, never with the value, and passed
+to the listeners: the web layer counts them in its metrics) or ``off``. This module is pure.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from proxy.outcome import FhirError
+from proxy.policy.sentinel import SentinelSettings
+from proxy.transform import markers as mk
+
+log = logging.getLogger("fhircrypt")
+
+LABELS = {
+    "nik": "an Indonesian NIK",
+    "bpjs": "a BPJS Kesehatan card number",
+    "ihs": "a SATUSEHAT IHS number",
+    "phone": "a phone number",
+    "email": "an e-mail address",
+    "name": "a name this request encrypts elsewhere",
+}
+
+# Kemendagri province codes (Permendagri 72/2019 and the 2022 Papua provinces 93-96).
+PROVINCES = frozenset(
+    {11, 12, 13, 14, 15, 16, 17, 18, 19, 21, 31, 32, 33, 34, 35, 36, 51, 52, 53, 61, 62, 63, 64, 65}
+    | {71, 72, 73, 74, 75, 76, 81, 82, 91, 92, 93, 94, 95, 96}
+)
+_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February: 29 only in years divisible by 4
+
+# Candidates; each is confirmed by its structure below. (?<![\w+]) / (?!\w): a whole token only,
+# so 16 digits inside a longer accession number or a decimal never count.
+_SIXTEEN = re.compile(r"(?<![\w.,+-])(\d{16}|\d{4}([ .-])\d{4}\2\d{4}\2\d{4}|\d{6}([ .-])\d{6}\3\d{4})(?![\w]|[.,]\d)")
+_BPJS = re.compile(r"(?<![\w.,+-])000\d{10}(?![\w]|[.,]\d)")
+_IHS = re.compile(r"(?<![\w.,+-])P\d{11}(?![\w]|[.,]\d)")
+_PHONE_ID = re.compile(r"(?<![\w+])(?:\+62[ -]?|62|0)8\d{1,3}(?:[ -]?\d{3,4}){1,3}(?!\w|[.,]\d)")
+_PHONE_E164 = re.compile(r"(?<![\w+])\+[1-9]\d{0,3}(?:[ -]?\d{2,4}){2,5}(?!\w|[.,]\d)")
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+_WORD = re.compile(r"[^\W\d_]{3,}")
+_PREFILTER = re.compile(r"\d{3}|@")  # every numeric detector needs 3 digits in a row; e-mail needs @
+_SEPARATORS = str.maketrans("", "", " .-+")
+
+
+def valid_nik(digits: str) -> bool:
+    """16 digits with the structure of a NIK: province, regency, district, birth date, serial."""
+    if len(digits) != 16 or not digits.isdigit():
+        return False
+    if int(digits[0:2]) not in PROVINCES or digits[2:4] == "00" or digits[4:6] == "00" or digits[12:] == "0000":
+        return False
+    day, month, year = int(digits[6:8]), int(digits[8:10]), int(digits[10:12])
+    if day > 40:
+        day -= 40  # women
+    if not 1 <= month <= 12 or not 1 <= day <= _DAYS[month - 1]:
+        return False
+    return not (month == 2 and day == 29 and year % 4)
+
+
+def _phone(text: str) -> bool:
+    for m in _PHONE_ID.finditer(text):
+        digits = m.group(0).translate(_SEPARATORS)
+        national = digits[2:] if digits.startswith("62") else digits[1:]
+        if 9 <= len(national) <= 12:
+            return True
+    return any(8 <= len(m.group(0).translate(_SEPARATORS)) <= 15 for m in _PHONE_E164.finditer(text))
+
+
+def detect(text: str, names: frozenset[str] = frozenset()) -> str | None:
+    """The first detector that recognises something in ``text`` (None: nothing)."""
+    if _PREFILTER.search(text):
+        for m in _SIXTEEN.finditer(text):
+            if valid_nik(m.group(0).translate(_SEPARATORS)):
+                return "nik"
+        if _BPJS.search(text):
+            return "bpjs"
+        if _IHS.search(text):
+            return "ihs"
+        if _phone(text):
+            return "phone"
+        if "@" in text and _EMAIL.search(text):
+            return "email"
+    if names:
+        for m in _WORD.finditer(text):
+            if m.group(0).casefold() in names:
+                return "name"
+    return None
+
+
+@dataclass(frozen=True)
+class Hit:
+    path: str  # FHIRPath-like location, or the parameter's name; never the value
+    detector: str
+
+
+Listener = Callable[[Hit], None]
+_LISTENERS: list[Listener] = []
+
+
+def add_listener(listener: Listener) -> None:
+    """Called with every reported hit (the web layer counts them in its metrics)."""
+    _LISTENERS.append(listener)
+
+
+def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
+    """Refuse, or report, one hit."""
+    action = cfg.action(detector)
+    if action == "off":
+        return
+    if action == "refuse":
+        raise FhirError(
+            400,
+            "security",
+            f"{path}: the value looks like {LABELS[detector]} but the policy leaves this element in the "
+            f"clear (sentinel.{detector}: refuse); encrypt the element in the policy or remove the value",
+            [path],
+        )
+    log.warning("sentinel", extra={"event": "sentinel", "detector": detector, "path": path[:300]})
+    hit = Hit(path, detector)
+    for listener in _LISTENERS:
+        listener(hit)
+
+
+def check_text(cfg: SentinelSettings, path: str, text: str, names: frozenset[str] = frozenset()) -> None:
+    detector = detect(text, names)
+    if detector is not None:
+        handle(cfg, path, detector)
+
+
+def names_of(cfg: SentinelSettings, resources: Iterable[dict]) -> frozenset[str]:
+    """Words of the names in the elements the policy encrypts, read before encryption."""
+    if cfg.action("name") == "off":
+        return frozenset()
+    words: set[str] = set()
+    for resource in resources:
+        for key in cfg.name_keys.get(resource.get("resourceType"), ()):  # type: ignore[arg-type]
+            words.update(_name_words(resource.get(key)))
+    return frozenset(words)
+
+
+def check_resources(
+    cfg: SentinelSettings, resources: list[tuple[dict, str]], names: frozenset[str] = frozenset()
+) -> None:
+    """Every clear string of the resources as they will be forwarded (after encryption, so what the
+    policy encrypts is ciphertext and everything left is what the server receives). ``names``:
+    from :func:`names_of` before encryption; words still readable in the name elements afterwards
+    (a policy that encrypts ``name.family`` only) are not secrets and are dropped."""
+    if not cfg.active:
+        return
+    if names:
+        names = names - names_of(cfg, (r for r, _ in resources))
+    for resource, where in resources:
+        _walk(resource, where, cfg, names)
+
+
+def check_value(cfg: SentinelSettings, value: object, where: str) -> None:
+    """Any JSON value forwarded as it is (a JSON Patch, an operation's parameters, a search value)."""
+    if cfg.active:
+        _walk(value, where, cfg, frozenset())
+
+
+def _name_words(value: object) -> Iterable[str]:
+    for name in value if type(value) is list else (value,):
+        if type(name) is not dict:
+            continue
+        parts = [name.get("family"), name.get("text"), *(name.get("given") or ())]
+        for part in parts:
+            if type(part) is str:
+                yield from (w.casefold() for w in _WORD.findall(part))
+
+
+# Structure, not content: ids, references, canonical URLs, codes under a system, base64 data.
+_SKIP_KEYS = frozenset({"resourceType", "id", "reference", "system", "url", "fullUrl", "meta", "data", "contentType"})
+_SKIP_KEYS |= {"profile", "versionId", "lastUpdated", "language", "ifMatch", "ifNoneMatch", "ifModifiedSince"}
+_OWN = mk.CANONICAL  # fhircrypt's envelope, ciphertext and blind-index identifiers
+
+
+def _walk(node: object, path: str, cfg: SentinelSettings, names: frozenset[str]) -> None:
+    if type(node) is str:
+        check_text(cfg, path, node, names)
+    elif type(node) is dict:
+        coded = "system" in node
+        for key, value in node.items():
+            if key in _SKIP_KEYS or (coded and key == "code"):
+                continue
+            if type(value) is str:
+                check_text(cfg, f"{path}.{key}", value, names)
+            elif type(value) in (dict, list):
+                _walk(value, f"{path}.{key}", cfg, names)
+    elif type(node) is list:
+        for i, item in enumerate(node):
+            if type(item) is dict and _own(item):
+                continue
+            _walk(item, f"{path}[{i}]", cfg, names)
+
+
+def _own(item: dict) -> bool:
+    """One of fhircrypt's own extensions or blind-index identifiers (ciphertext and tokens, not PHI)."""
+    url = item.get("url") if "url" in item else item.get("system")
+    return type(url) is str and url.startswith(_OWN)
