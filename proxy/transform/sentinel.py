@@ -141,10 +141,9 @@ def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
         listener(hit)
 
 
-def check_text(cfg: SentinelSettings, path: str, text: str, names: frozenset[str] = frozenset()) -> None:
-    detector = detect(text, names)
-    if detector is not None:
-        handle(cfg, path, detector)
+def check_text(cfg: SentinelSettings, path: str, text: str) -> None:
+    """One value forwarded as it is (a search parameter's)."""
+    _check(cfg, path, None, text, frozenset())
 
 
 def names_of(cfg: SentinelSettings, resources: Iterable[dict]) -> frozenset[str]:
@@ -193,28 +192,52 @@ def _name_words(value: object) -> Iterable[str]:
 _SKIP_KEYS = frozenset({"resourceType", "id", "reference", "system", "url", "fullUrl", "meta", "data", "contentType"})
 _SKIP_KEYS |= {"profile", "versionId", "lastUpdated", "language", "ifMatch", "ifNoneMatch", "ifModifiedSince"}
 _OWN = mk.CANONICAL  # fhircrypt's envelope, ciphertext and blind-index identifiers
+_DAR = mk.DAR_URL  # the masked marker next to each ciphertext
+
+Location = tuple | None  # (parent location, key or index): built per element, rendered only for a hit
 
 
-def _walk(node: object, path: str, cfg: SentinelSettings, names: frozenset[str]) -> None:
-    if type(node) is str:
-        check_text(cfg, path, node, names)
-    elif type(node) is dict:
-        coded = "system" in node
-        for key, value in node.items():
-            if key in _SKIP_KEYS or (coded and key == "code"):
-                continue
-            if type(value) is str:
-                check_text(cfg, f"{path}.{key}", value, names)
-            elif type(value) in (dict, list):
-                _walk(value, f"{path}.{key}", cfg, names)
-    elif type(node) is list:
-        for i, item in enumerate(node):
-            if type(item) is dict and _own(item):
-                continue
-            _walk(item, f"{path}[{i}]", cfg, names)
+def _walk(root: object, where: str, cfg: SentinelSettings, names: frozenset[str]) -> None:
+    """Every string in ``root`` except structure and fhircrypt's own markers. Iterative, and the
+    location of a string is a linked tuple turned into text only when a detector fires: the walk
+    visits every element of every write, the text is needed almost never."""
+    stack: list[tuple[object, Location]] = [(root, None)]
+    while stack:
+        node, at = stack.pop()
+        if type(node) is dict:
+            coded = "system" in node
+            for key, value in node.items():
+                kind = type(value)
+                if kind is str:
+                    if key not in _SKIP_KEYS and not (coded and key == "code"):
+                        _check(cfg, where, (at, key), value, names)
+                elif (kind is dict or kind is list) and key not in _SKIP_KEYS:
+                    stack.append((value, (at, key)))
+        elif type(node) is list:
+            for i, item in enumerate(node):
+                kind = type(item)
+                if kind is dict:
+                    marker = item.get("url") or item.get("system")
+                    if type(marker) is str and (marker == _DAR or marker.startswith(_OWN)):
+                        continue
+                    stack.append((item, (at, i)))
+                elif kind is str:
+                    _check(cfg, where, (at, i), item, names)
+                elif kind is list:
+                    stack.append((item, (at, i)))
+        elif type(node) is str:
+            _check(cfg, where, None, node, names)
 
 
-def _own(item: dict) -> bool:
-    """One of fhircrypt's own extensions or blind-index identifiers (ciphertext and tokens, not PHI)."""
-    url = item.get("url") if "url" in item else item.get("system")
-    return type(url) is str and url.startswith(_OWN)
+def _check(cfg: SentinelSettings, where: str, at: Location, text: str, names: frozenset[str]) -> None:
+    detector = detect(text, names)
+    if detector is not None:
+        handle(cfg, _render(where, at), detector)
+
+
+def _render(where: str, at: Location) -> str:
+    parts: list[str] = []
+    while at is not None:
+        at, key = at
+        parts.append(f"[{key}]" if type(key) is int else f".{key}")
+    return where + "".join(reversed(parts))
