@@ -128,6 +128,8 @@ resources:
   Observation:
     elements:
       - {path: value, group: clinical}
+operations:
+  validate: {parameters: [profile]}
 """
 
 
@@ -202,6 +204,17 @@ CASES = {
         NIK,
         "query: search parameter 'address-city'",
         "nik",
+    ),
+    "an e-mail address in an operation parameter": (
+        (
+            "POST",
+            "/fhir/R4/Flag/$validate",
+            {"resourceType": "Parameters", "parameter": [{"name": "profile", "valueString": "budi@example.co.id"}]},
+            FHIR_JSON,
+        ),
+        "budi@example.co.id",
+        "$validate.parameter[0].valueString",
+        "email",
     ),
     "a BPJS number in a JSON Patch of an uncovered type": (
         (
