@@ -34,6 +34,10 @@ IHS = "P02478375538"
         "1101010101000001",  # Aceh, 1 January 2000
         "9601012902040001",  # Papua Barat Daya (2022), 29 February 2004 (leap year)
         "5171017112990001",  # Bali; a woman born 31-12-1999
+        # SATUSEHAT's published sandbox patients (satusehat.kemkes.go.id/platform/docs/id/fhir/resources/patient)
+        "9271060312000001",
+        "9204014804000002",
+        "9104224509000003",
     ],
 )
 def test_valid_niks_are_recognised(nik):
@@ -92,6 +96,7 @@ def test_realistic_clinical_text_is_not_flagged(text):
     [
         (f"kartu BPJS {BPJS}", "bpjs"),
         (f"IHS {IHS}", "ihs"),
+        ("Nomor IHS P03647103112 (sandbox)", "ihs"),
         ("hubungi 0812-3456-7890", "phone"),
         ("telp +62 812 3456 7890", "phone"),
         ("WA 6281234567890", "phone"),
