@@ -22,7 +22,7 @@ _VARIABLE = re.compile(r"\$\{(FHIRCRYPT_[A-Z0-9_]+)\}")
 
 def resolve(doc: Node, values: Mapping[str, str]) -> list[Finding]:
     """Replace every set variable in the document's strings (in place); one finding per unset one."""
-    findings: list[Finding] = []
+    findings: list[tuple[int, Finding]] = []
     stack: list[tuple[object, str, int]] = [(doc, "", doc.line)]
     while stack:
         node, where, line = stack.pop()
@@ -36,22 +36,21 @@ def resolve(doc: Node, values: Mapping[str, str]) -> list[Finding]:
                 stack.append((value, here, at))
             elif isinstance(value, str) and "${" in value:
                 node[key] = _substitute(value, here, at, values, findings)
-    return findings
+    return [finding for _, finding in sorted(findings, key=lambda pair: pair[0])]  # in file order
 
 
-def _substitute(text: str, where: str, line: int, values: Mapping[str, str], findings: list[Finding]) -> str:
+def _substitute(
+    text: str, where: str, line: int, values: Mapping[str, str], findings: list[tuple[int, Finding]]
+) -> str:
     def one(m: re.Match) -> str:
         value = values.get(m.group(1))
         if value:
             return value
-        findings.append(
-            Finding(
-                "warning",
-                UNSET,
-                f"line {line}: {where}: ${{{m.group(1)}}} is not set - set the environment variable "
-                f"{m.group(1)} (fhircrypt serve refuses to start without it)",
-            )
+        message = (
+            f"line {line}: {where}: ${{{m.group(1)}}} is not set - set the environment variable "
+            f"{m.group(1)} (fhircrypt serve refuses to start without it)"
         )
+        findings.append((line, Finding("warning", UNSET, message)))
         return m.group(0)
 
     return _VARIABLE.sub(one, text)
