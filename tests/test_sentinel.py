@@ -378,3 +378,15 @@ def test_serve_refuses_to_start_naming_the_unset_variable(tmp_path, monkeypatch)
     settings = settings.__class__(**{**settings.__dict__, "keyring": str(ring)})
     problem = check_startup(settings)
     assert problem is not None and "FHIRCRYPT_BPJS_SYSTEM" in problem and "FHIRCRYPT_ORGANIZATION_ID" not in problem
+
+
+def test_a_location_never_carries_a_client_key_that_could_be_a_value():
+    from proxy.outcome import FhirError
+    from proxy.policy.sentinel import SentinelSettings
+    from proxy.transform.sentinel import check_value
+
+    refuse = SentinelSettings(actions={"nik": "refuse"})
+    with pytest.raises(FhirError) as caught:
+        check_value(refuse, {"ktp": {NIK_WOMAN: {"note": f"NIK {NIK}"}}}, "patch[0].value")
+    text = str(caught.value.issues[0].diagnostics) + str(caught.value.issues[0].expression)
+    assert "patch[0].value.ktp.?.note:" in text and NIK_WOMAN not in text and NIK not in text

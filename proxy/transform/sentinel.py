@@ -235,9 +235,17 @@ def _check(cfg: SentinelSettings, where: str, at: Location, text: str, names: fr
         handle(cfg, _render(where, at), detector)
 
 
+# JSON keys come from the client: one that is not shaped like a FHIR element name (letters, at most two
+# digits in a row: valueBase64Binary) could itself be a value, and the path goes into errors and logs.
+_ELEMENT_NAME = re.compile(r"_?[A-Za-z](?:[A-Za-z]|\d{1,2}(?!\d)){0,63}")
+
+
 def _render(where: str, at: Location) -> str:
     parts: list[str] = []
     while at is not None:
         at, key = at
-        parts.append(f"[{key}]" if type(key) is int else f".{key}")
+        if type(key) is int:
+            parts.append(f"[{key}]")
+        else:
+            parts.append(f".{key}" if _ELEMENT_NAME.fullmatch(key) else ".?")
     return where + "".join(reversed(parts))
