@@ -390,3 +390,16 @@ def test_a_location_never_carries_a_client_key_that_could_be_a_value():
         check_value(refuse, {"ktp": {NIK_WOMAN: {"note": f"NIK {NIK}"}}}, "patch[0].value")
     text = str(caught.value.issues[0].diagnostics) + str(caught.value.issues[0].expression)
     assert "patch[0].value.ktp.?.note:" in text and NIK_WOMAN not in text and NIK not in text
+
+
+def test_refusing_detectors_run_first_and_detectors_that_are_off_never_hide_others():
+    from proxy.outcome import FhirError
+    from proxy.policy.sentinel import SentinelSettings
+    from proxy.transform.sentinel import check_value
+
+    text = f"telp 0812-3456-7890, NIK {NIK}"
+    with pytest.raises(FhirError, match=r"sentinel\.nik: refuse"):
+        check_value(SentinelSettings(actions={"phone": "report", "nik": "refuse"}), text, "x")
+    with pytest.raises(FhirError, match=r"sentinel\.phone: refuse"):
+        check_value(SentinelSettings(actions={"nik": "off", "phone": "refuse"}), text, "x")
+    check_value(SentinelSettings(actions={"nik": "off", "email": "refuse"}), text, "x")  # nothing to refuse

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from proxy.policy import definitions as defs
 
@@ -28,6 +29,12 @@ class SentinelSettings:
 
     def action(self, detector: str) -> str:
         return self.actions.get(detector, "off")
+
+    @cached_property
+    def order(self) -> tuple[str, ...]:
+        """The detectors to run, those that refuse first: a value that is both a phone number
+        (report) and holds a NIK (refuse) is refused; detectors that are off never run."""
+        return tuple(d for mode in ("refuse", "report") for d in DETECTORS if self.action(d) == mode)
 
 
 OFF = SentinelSettings(actions=dict.fromkeys(DETECTORS, "off"))

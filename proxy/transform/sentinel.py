@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from proxy.outcome import FhirError
-from proxy.policy.sentinel import SentinelSettings
+from proxy.policy.sentinel import DETECTORS, SentinelSettings
 from proxy.transform import markers as mk
 
 log = logging.getLogger("fhircrypt")
@@ -59,7 +59,9 @@ _PHONE_ID = re.compile(r"(?<![\w+])(?:\+62[ -]?|62|0)8\d{1,3}(?:[ -]?\d{3,4}){1,
 _PHONE_E164 = re.compile(r"(?<![\w+])\+[1-9]\d{0,3}(?:[ -]?\d{2,4}){2,5}(?!\w|[.,]\d)")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 _WORD = re.compile(r"[^\W\d_]{3,}")
-_PREFILTER = re.compile(r"\d{3}|@")  # every numeric detector needs 3 digits in a row; e-mail needs @
+# What every match of a numeric detector contains (16 or 13 digits, P + 11, grouped NIKs and phone
+# numbers, +country, @): one C-level search, so dates, times, lab values and short codes skip the rest.
+_PREFILTER = re.compile(r"\d{6}|\d{4}[ .-]\d{4}|\d{3}[ -]\d{3}|\+[1-9]|@")
 _SEPARATORS = str.maketrans("", "", " .-+")
 
 
@@ -86,24 +88,30 @@ def _phone(text: str) -> bool:
     return any(8 <= len(m.group(0).translate(_SEPARATORS)) <= 15 for m in _PHONE_E164.finditer(text))
 
 
-def detect(text: str, names: frozenset[str] = frozenset()) -> str | None:
-    """The first detector that recognises something in ``text`` (None: nothing)."""
-    if _PREFILTER.search(text):
-        for m in _SIXTEEN.finditer(text):
-            if valid_nik(m.group(0).translate(_SEPARATORS)):
-                return "nik"
-        if _BPJS.search(text):
-            return "bpjs"
-        if _IHS.search(text):
-            return "ihs"
-        if _phone(text):
-            return "phone"
-        if "@" in text and _EMAIL.search(text):
-            return "email"
-    if names:
-        for m in _WORD.finditer(text):
-            if m.group(0).casefold() in names:
-                return "name"
+def _nik(text: str) -> bool:
+    return any(valid_nik(m.group(0).translate(_SEPARATORS)) for m in _SIXTEEN.finditer(text))
+
+
+_NUMERIC: dict[str, Callable[[str], object]] = {
+    "nik": _nik,
+    "bpjs": _BPJS.search,
+    "ihs": _IHS.search,
+    "phone": _phone,
+    "email": _EMAIL.search,
+}
+
+
+def detect(text: str, names: frozenset[str] = frozenset(), order: tuple[str, ...] = DETECTORS) -> str | None:
+    """The first detector of ``order`` that recognises something in ``text`` (None: nothing)."""
+    numeric = _PREFILTER.search(text) is not None
+    if not numeric and not names:
+        return None  # most strings: codes, words, dates without a long number
+    for detector in order:
+        if detector == "name":
+            if names and not names.isdisjoint(_WORD.findall(text.casefold())):
+                return detector
+        elif numeric and _NUMERIC[detector](text):
+            return detector
     return None
 
 
@@ -230,7 +238,7 @@ def _walk(root: object, where: str, cfg: SentinelSettings, names: frozenset[str]
 
 
 def _check(cfg: SentinelSettings, where: str, at: Location, text: str, names: frozenset[str]) -> None:
-    detector = detect(text, names)
+    detector = detect(text, names, cfg.order)
     if detector is not None:
         handle(cfg, _render(where, at), detector)
 
