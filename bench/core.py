@@ -13,6 +13,8 @@ Cases (µs per Patient and Patients/s per core):
 ``encrypt``         ``index_identifiers`` + ``encrypt_resource`` alone (validation off)
 ``encrypt_path``    ``jsonnum.loads``(plaintext) + index + encrypt + ``jsonnum.dumps``: what a write costs
 ``validate``        ``validate_resource`` (fhir.resources) of the plaintext: what create adds
+``sentinel``        the PHI sentinel on a write: the names of the plaintext, then every clear string
+                    of the encrypted Patient (``x_encrypt_path``: its share of a write's core cost)
 
 ``profile`` (cProfile) lists the top functions by own time of the decrypt and encrypt paths.
 """
@@ -31,7 +33,7 @@ import orjson
 
 from proxy.crypto.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file
-from proxy.transform import jsonnum
+from proxy.transform import jsonnum, sentinel
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from proxy.transform.validation import validate_resource
@@ -39,6 +41,11 @@ from proxy.transform.validation import validate_resource
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "policies" / "satusehat.yaml"
 PATIENT = ROOT / "tests" / "fixtures" / "satusehat" / "patient.json"
+# The shipped policy's deployment variables, spelled as the fixtures spell them.
+DEPLOYMENT = {
+    "FHIRCRYPT_ORGANIZATION_ID": "REPLACE-WITH-ORGANIZATION-ID",
+    "FHIRCRYPT_BPJS_SYSTEM": "https://fhir.example-hospital.id/id/bpjs",
+}
 
 
 def patient_bytes(variant: int = 0) -> bytes:
@@ -61,7 +68,7 @@ def encrypt_for_storage(resource: dict, policy: CompiledPolicy, keyring: Keyring
 
 class _Fixture:
     def __init__(self) -> None:
-        self.policy = compile_file(POLICY)
+        self.policy = compile_file(POLICY, DEPLOYMENT)
         self.rp = self.policy.resources["Patient"]
         self.keyring = Keyring.generate()
         self.plain = patient_bytes()
@@ -111,7 +118,16 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         for r in items:
             validate_resource(r)
 
+    cfg = policy.sentinel
     parsed_plain = loads(plain)
+    parsed_at_rest = loads(at_rest)
+    names = sentinel.names_of(cfg, [parsed_plain])
+
+    def sentinel_write(items: list) -> None:
+        for r in items:
+            sentinel.names_of(cfg, [parsed_plain])
+            sentinel.check_resources(cfg, [(r, "Patient")], names)
+
     return {
         "orjson": (lambda n: [plain] * n, parse_serialise),
         "orjson_at_rest": (lambda n: [at_rest] * n, parse_serialise),
@@ -120,6 +136,7 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         "encrypt": (lambda n: [loads(plain) for _ in range(n)], encrypt),
         "encrypt_path": (lambda n: [plain] * n, encrypt_path),
         "validate": (lambda n: [parsed_plain] * n, validate),
+        "sentinel": (lambda n: [parsed_at_rest] * n, sentinel_write),
     }
 
 
@@ -249,6 +266,9 @@ def run_core(rounds: int = 3, min_time: float = 0.5, profile_ops: int = 2000) ->
     base = results["orjson"]["cpu_us_per_op"]
     for r in results.values():
         r["x_orjson"] = r["cpu_us_per_op"] / base
+    results["sentinel"]["x_encrypt_path"] = (
+        results["sentinel"]["cpu_us_per_op"] / results["encrypt_path"]["cpu_us_per_op"]
+    )
     make_d, run_d = cases["decrypt_path"]
     make_e, run_e = cases["encrypt_path"]
     return {

@@ -31,6 +31,7 @@ import traceback
 import urllib.request
 from pathlib import Path
 
+from bench.core import DEPLOYMENT
 from proxy import gctune
 from proxy.gctune import DEFAULT_THRESHOLD as DEFAULT_GC_THRESHOLD
 from tests.upstream_server import stdout_lines, stop_process
@@ -111,7 +112,7 @@ def proxy_app(upstream: str, policy: str, port: int, validate: bool = True):
     if policy == "empty":
         compiled, policy_file = compile_text(EMPTY_POLICY, "empty.yaml"), "empty.yaml"
     else:
-        compiled, policy_file = compile_file(policy), policy
+        compiled, policy_file = compile_file(policy, {**DEPLOYMENT, **os.environ}), policy
     settings = Settings(
         upstream=upstream.rstrip("/"),
         policy=policy_file,
@@ -299,6 +300,7 @@ class ServeProcess(_Child):
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {
+            **DEPLOYMENT,
             **os.environ,
             "FHIRCRYPT_UPSTREAM": self.upstream,
             "FHIRCRYPT_POLICY": str(ROOT / "policies" / "satusehat.yaml"),

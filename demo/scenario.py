@@ -50,7 +50,8 @@ DIRECTORY = {
     },
     "LOCATION_ID": {"resourceType": "Location", "status": "active", "name": "Ruang Telemedisin Poli Penyakit Dalam"},
 }
-ORGANIZATION_PLACEHOLDER = "REPLACE-WITH-ORGANIZATION-ID"  # in the samples and in the shipped policy
+ORGANIZATION_PLACEHOLDER = "REPLACE-WITH-ORGANIZATION-ID"  # in the samples (the policy takes a variable)
+BPJS_SYSTEM = "https://fhir.example-hospital.id/id/bpjs"  # the system the samples write BPJS numbers under
 REFERENCE = re.compile(r"\b[A-Z][A-Za-z]+/([A-Z]+_ID)\b")  # "Patient/PATIENT_ID"
 LEFTOVER = re.compile(r"\b[A-Z]+_ID\b|REPLACE-WITH-[A-Z-]+")
 
@@ -144,9 +145,9 @@ async def run(
         async with aiohttp.ClientSession() as http:
             async with http.post(f"{upstream.base_url}/Organization", json=ORGANIZATION, headers=FHIR_JSON) as r:
                 organization_id = (await _json(r, 201, "registering the Organization"))["id"]
-            policy = compile_text(
-                (root / POLICY).read_text().replace(ORGANIZATION_PLACEHOLDER, organization_id), POLICY
-            )
+            values = {"FHIRCRYPT_ORGANIZATION_ID": organization_id, "FHIRCRYPT_BPJS_SYSTEM": BPJS_SYSTEM}
+            policy = compile_text((root / POLICY).read_text(), POLICY, values)
+            policy.require_configured()
             settings = Settings(
                 upstream=upstream.base_url,
                 policy=POLICY,

@@ -494,6 +494,7 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
         raise ValueError("--policy (or FHIRCRYPT_POLICY) is required")
     conn = _connection(args)
     policy = compile_file(args.policy)
+    policy.require_configured()  # an unset variable would rewrite those values in the clear
     if getattr(policy, "per_patient_keys", False):
         # Fail closed: reencrypt wraps data keys with the keyring's primary only. Under a policy with
         # keys.per_patient that would put patients' records beyond the reach of crypto-shredding.

@@ -48,7 +48,17 @@ def check_startup(settings: Settings) -> str | None:
         )
     if settings.workers < 1:
         return "--workers must be at least 1"
-    return check_files(settings) or _unreadable(settings) or upstream_problem(settings)
+    return check_files(settings) or _unreadable(settings) or _unconfigured(settings) or upstream_problem(settings)
+
+
+def _unconfigured(settings: Settings) -> str | None:
+    """A policy with a ``${FHIRCRYPT_…}`` variable left unset would match nothing where it is used
+    (an MRN or BPJS system) and store those values in the clear: refused, naming the variable."""
+    try:
+        compile_file(settings.policy).require_configured()
+    except PolicyError as exc:
+        return str(exc)
+    return None
 
 
 def _unreadable(settings: Settings) -> str | None:
@@ -107,6 +117,7 @@ def run_worker(settings: Settings, reuse_port: bool) -> int:
     from proxy.web.tls import server_tls
 
     policy = compile_file(settings.policy)
+    policy.require_configured()
     keys = load_keys(settings)
     keyring = keys.current()
     _warn(settings, policy)
@@ -191,6 +202,7 @@ def reload(app, settings: Settings, tls) -> bool:
 
     try:
         policy = compile_file(settings.policy)
+        policy.require_configured()
     except (PolicyError, OSError) as exc:
         metrics.RELOADS.labels("rejected").inc()
         log.error(

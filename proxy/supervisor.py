@@ -64,7 +64,7 @@ def _spawn(settings: Settings) -> int:
 
 
 def supervise(settings: Settings) -> int:
-    compile_file(settings.policy)  # fail fast (PolicyError -> exit 2) rather than N crashing workers
+    compile_file(settings.policy).require_configured()  # fail fast (exit 2) rather than N crashing workers
     metrics_path, owned = _prepare_metrics()
     import proxy.web.app  # noqa: F401 - loaded once here, shared copy-on-write by the workers
     from proxy.web.metrics import worker_exited

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,17 @@ from tests.upstream_server import UpstreamServer
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 PUBLIC_BASE = "http://proxy.test/fhir/R4"
+
+# The shipped policies' deployment variables, as the fixtures spell them (tests/fixtures/*/README.md).
+# Set in the environment so that `fhircrypt serve` and `policy check` run by tests see them too.
+DEPLOYMENT = {
+    "FHIRCRYPT_ORGANIZATION_ID": "REPLACE-WITH-ORGANIZATION-ID",
+    "FHIRCRYPT_BPJS_SYSTEM": "https://fhir.example-hospital.id/id/bpjs",
+    "FHIRCRYPT_MRN_SYSTEM": "https://fhir.example-hospital.org/sid/mrn",
+    "FHIRCRYPT_MEDICAID_SYSTEM": "https://fhir.example-hospital.org/sid/medicaid",
+}
+for _name, _value in DEPLOYMENT.items():
+    os.environ.setdefault(_name, _value)
 
 TEST_POLICY = """
 fhircrypt-policy: 1
@@ -79,7 +91,7 @@ def keyring() -> Keyring:
 
 @pytest.fixture(scope="session")
 def satusehat() -> CompiledPolicy:
-    return compile_file(ROOT / "policies" / "satusehat.yaml")
+    return compile_file(ROOT / "policies" / "satusehat.yaml", DEPLOYMENT)
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,14 @@ RELIGION = "Kristen Protestan"
 CONTAINED_BPJS = "0009876543210"
 
 
-def variant(identifiers: str, extensions: str, text: str = SATUSEHAT) -> CompiledPolicy:
-    """The shipped SATUSEHAT policy with the two closed defaults set as given."""
+SENTINEL_LINE = "sentinel: {nik: refuse, bpjs: refuse, ihs: refuse, phone: report, email: report, name: report}\n"
+
+
+def variant(identifiers: str, extensions: str, text: str = SATUSEHAT, sentinel: str = "off") -> CompiledPolicy:
+    """The shipped SATUSEHAT policy with the two closed defaults set as given (and, by default, the
+    PHI sentinel off, so that what is tested is the closed default alone: test_sentinel.py has both)."""
+    assert text.count(SENTINEL_LINE) == 1
+    text = text.replace(SENTINEL_LINE, f"sentinel: {{nik: {sentinel}, bpjs: {sentinel}, ihs: {sentinel}}}\n")
     out = text.replace("  unlisted_systems: encrypt\n", f"  unlisted_systems: {identifiers}\n")
     out = out.replace("  unlisted: encrypt\n", f"  unlisted: {extensions}\n")
     assert out.count(f"unlisted_systems: {identifiers}") == 1 and out.count(f"  unlisted: {extensions}") == 1

@@ -11,15 +11,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from proxy import fhirgrammar as fg
-from proxy.policy import closed
+from proxy.policy import closed, variables
 from proxy.policy import definitions as defs
+from proxy.policy import sentinel as sentinel_cfg
 from proxy.policy.access import AccessPolicy, compile_access
 from proxy.policy.compartment import compartment_types
 from proxy.policy.indexing import IndexError_, IndexSpec, compile_indexes, index_warnings
@@ -27,6 +30,7 @@ from proxy.policy.lint import Finding, lint_coverage, lint_document
 from proxy.policy.loader import Node, NodeList, PolicyError, load_policy, load_yaml
 from proxy.policy.operations import OperationRule, compile_operations
 from proxy.policy.paths import Child, OfType, PathSyntaxError, Step, Where, format_steps, parse_path
+from proxy.policy.sentinel import SentinelSettings
 
 FORMAT_VERSION = 1
 NARRATIVE_ID = "text"  # field id of the resource narrative (DomainResource.text)
@@ -123,6 +127,25 @@ class ResourcePolicy:
         return frozenset().union(*(e.groups for e in self.elements))
 
 
+class TypePolicies(dict[str, ResourcePolicy]):
+    """The covered types' rules, and the sentinel that applies to every type (covered or not).
+
+    The sentinel travels with the type table because every request-path function that checks
+    what is forwarded (``guard.check_search``, ``encrypt_for_write``) already receives it.
+    """
+
+    def __init__(
+        self, items: Mapping[str, ResourcePolicy] | None = None, sentinel: SentinelSettings | None = None
+    ) -> None:
+        super().__init__(items or {})
+        self.sentinel = sentinel if sentinel is not None else SentinelSettings()
+
+
+def sentinel_of(resources: Mapping[str, ResourcePolicy]) -> SentinelSettings:
+    """The sentinel settings that travel with a type table (defaults for a plain dict)."""
+    return getattr(resources, "sentinel", None) or SentinelSettings()
+
+
 @dataclass(frozen=True)
 class CompiledPolicy:
     name: str
@@ -148,6 +171,16 @@ class CompiledPolicy:
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
 
+    @property
+    def sentinel(self) -> SentinelSettings:
+        return sentinel_of(self.resources)
+
+    def require_configured(self) -> None:
+        """Refuse a policy whose ``${…}`` variables are not all set (``serve`` starts only with them)."""
+        unset = [f for f in self.findings if f.code == variables.UNSET]
+        if unset:
+            raise PolicyError(self.source, None, "variables", "; ".join(f.message for f in unset))
+
 
 class _Ctx:
     """Error reporting context: which file and line a value came from."""
@@ -164,20 +197,23 @@ class _Ctx:
         return PolicyError(self.source, line, key, message)
 
 
-def compile_file(path: str | Path) -> CompiledPolicy:
+def compile_file(path: str | Path, values: Mapping[str, str] | None = None) -> CompiledPolicy:
     doc, source = load_policy(path)
-    return compile_policy(doc, source, Path(path).read_bytes())
+    return compile_policy(doc, source, Path(path).read_bytes(), values)
 
 
-def compile_text(text: str, source: str = "<policy>") -> CompiledPolicy:
+def compile_text(text: str, source: str = "<policy>", values: Mapping[str, str] | None = None) -> CompiledPolicy:
     doc = load_yaml(text, source)
     if not isinstance(doc, Node):
         raise PolicyError(source, 1, "policy", "the document must be a mapping")
-    return compile_policy(doc, source, text.encode())
+    return compile_policy(doc, source, text.encode(), values)
 
 
-def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
+def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str] | None = None) -> CompiledPolicy:
+    """``values``: what ``${FHIRCRYPT_…}`` variables in the policy stand for (default: the environment);
+    an unset one stays in the text and becomes a ``variable-unset`` finding (``serve`` refuses it)."""
     ctx = _Ctx(source)
+    unresolved = variables.resolve(doc, os.environ if values is None else values)
     _check_keys(
         ctx,
         doc,
@@ -200,6 +236,7 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
             "identifiers",
             "extensions",
             "knowingly_clear",
+            "sentinel",
         },
     )
     if doc["fhircrypt-policy"] != FORMAT_VERSION:
@@ -262,12 +299,14 @@ def compile_policy(doc: Node, source: str, raw: bytes) -> CompiledPolicy:
     findings += lint_document(doc, closure)
     covered = {t: frozenset(_first_key(e) for e in rp.content_elements) for t, rp in resources.items()}
     findings += lint_coverage(covered, _knowingly_clear(ctx, doc), compartment_types() | {"Patient"})
+    findings += unresolved
+    sentinel = _compile_sentinel(ctx, doc, resources)
     return CompiledPolicy(
         name=str(doc["name"]),
         source=source,
         digest=hashlib.sha256(raw).hexdigest(),
         groups=groups,
-        resources=resources,
+        resources=TypePolicies(resources, sentinel),
         unenveloped=unenveloped,
         findings=tuple(findings),
         closure=closure,
@@ -733,6 +772,25 @@ def _compile_closure(
                 "case, trailing slash and percent-escapes); spell it once",
             )
     return closed.Closure(**settings)
+
+
+def _compile_sentinel(ctx: _Ctx, doc: Node, resources: dict[str, ResourcePolicy]) -> SentinelSettings:
+    """``sentinel``: refuse, report or off per detector; a detector not listed (or no block) reports."""
+    spec = doc.get("sentinel")
+    actions = dict.fromkeys(sentinel_cfg.DETECTORS, sentinel_cfg.DEFAULT_MODE)
+    if spec is not None:
+        _check_keys(ctx, spec, "sentinel", allowed=set(sentinel_cfg.DETECTORS))
+        for detector in sentinel_cfg.DETECTORS:
+            if spec.get(detector) == "encrypt":
+                raise ctx.fail(spec, detector, sentinel_cfg.explain_encrypt())
+            if spec.get(detector) is False:  # YAML 1.1 reads a bare off as false
+                spec[detector] = "off"
+            actions[detector] = _choice(ctx, spec, detector, sentinel_cfg.MODES, sentinel_cfg.DEFAULT_MODE)
+    keys = {
+        rtype: sentinel_cfg.name_keys(rtype, (el.source for el in rp.content_elements if not el.display_copy))
+        for rtype, rp in resources.items()
+    }
+    return SentinelSettings(actions, {rtype: k for rtype, k in keys.items() if k})
 
 
 def _compile_keys(ctx: _Ctx, doc: Node) -> bool:

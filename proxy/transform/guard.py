@@ -16,9 +16,10 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
+from proxy.policy.compiler import sentinel_of
 from proxy.policy.operations import OperationRule
 from proxy.policy.searchparams import search_param
-from proxy.transform import search
+from proxy.transform import search, sentinel
 from proxy.transform.interactions import Interaction
 from proxy.transform.subset import Subset
 from proxy.transform.subset import parse as parse_subset
@@ -122,7 +123,21 @@ def check_search(
     rtype: str | None, params: list[tuple[str, str]], ctx: search.Searcher, where: str
 ) -> list[tuple[str, str]]:
     """The parameters to forward: blind-index rewrites for encrypted elements, refusals for
-    anything that could carry or match plaintext of encrypted elements, the rest as is."""
+    anything that could carry or match plaintext of encrypted elements, the rest as is; the PHI
+    sentinel looks at every value forwarded unchanged (a NIK in ``address-city`` where the address
+    is clear)."""
+    out = _check_search(rtype, params, ctx, where)
+    cfg = sentinel_of(ctx.policies)
+    if cfg.active:
+        for (raw, value), sent in zip(params, out, strict=True):
+            if sent[1] is value and _param_name(raw)[0] not in _CONTROL_PARAMS:
+                sentinel.check_text(cfg, f"{where}: search parameter '{raw}'", value)
+    return out
+
+
+def _check_search(
+    rtype: str | None, params: list[tuple[str, str]], ctx: search.Searcher, where: str
+) -> list[tuple[str, str]]:
     rp = ctx.policies.get(rtype) if rtype else None
     sensitive = rtype is None or (rp is not None and rp.search_sensitive)
     out: list[tuple[str, str]] = []

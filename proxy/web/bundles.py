@@ -19,6 +19,7 @@ from proxy.auth.decision import Decision, decide
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.policy.operations import read_only
+from proxy.transform import sentinel
 from proxy.transform.bundles import Entry, parse_bundle, rewrite_request
 from proxy.transform.search import Searcher
 from proxy.transform.search_urls import rewrite_search_urls
@@ -44,7 +45,9 @@ async def prepare_bundle(
     Each entry is decided like a request of its own (:func:`proxy.auth.decision.decide`): refused
     entries refuse the Bundle, and a confined caller's searches get its compartment added."""
     authorization = request_headers.get("Authorization")
-    for entry in parse_bundle(bundle):
+    entries = parse_bundle(bundle)
+    names = sentinel.names_of(rt.policy.sentinel, (e.resource for e in entries if e.resource is not None))
+    for entry in entries:
         it = entry.interaction
         entry_decision = decision
         if grants is not None and restricted:
@@ -73,7 +76,7 @@ async def prepare_bundle(
         elif entry.resource is not None:
             check_target(it, entry.resource, f"{entry.where}.resource")
             rewrite_search_urls(entry.resource, entry_searcher, f"{entry.where}.resource")
-            extra = await prepare_write(rt, it, entry.resource, grants, restricted, headers, request_id)
+            extra = await prepare_write(rt, it, entry.resource, grants, restricted, headers, request_id, names=names)
             if "If-Match" in extra:
                 entry.entry["request"]["ifMatch"] = extra["If-Match"]
 

@@ -27,6 +27,7 @@ from prometheus_client import (
 )
 
 from proxy.crypto.providers import KeyProvider
+from proxy.transform import sentinel
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -50,6 +51,12 @@ OVERHEAD = Histogram(
 )
 ELEMENTS = Counter("fhircrypt_elements", "elements encrypted, decrypted or masked", ["operation"])
 REFUSALS = Counter("fhircrypt_refusals", "requests refused by the proxy, by OperationOutcome issue code", ["reason"])
+SENTINEL = Counter(
+    "fhircrypt_sentinel_reports",
+    "values forwarded in clear elements that a PHI sentinel detector recognised (sentinel: report), by detector",
+    ["detector"],
+)
+sentinel.add_listener(lambda hit: SENTINEL.labels(hit.detector).inc())
 INTEGRITY_FAILURES = Counter(
     "fhircrypt_integrity_failures", "encrypted elements or records that failed verification and were withheld"
 )

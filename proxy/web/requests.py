@@ -9,7 +9,7 @@ from aiohttp import web
 
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
-from proxy.transform import guard, jsonnum
+from proxy.transform import guard, jsonnum, sentinel
 from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.interactions import Interaction
 from proxy.transform.markers import mentions_reserved
@@ -108,6 +108,9 @@ def patch_document(body: bytes, it: Interaction, policy: CompiledPolicy, searche
     if it.resource_type in policy.resources:
         return PatchOps(patch)  # executed by the proxy: the server cannot patch ciphertext
     _refuse_covered_mentions(patch, policy)
+    for i, op in enumerate(patch):
+        if type(op) is dict:
+            sentinel.check_value(policy.sentinel, op.get("value"), f"the patch document[{i}].value")
     return jsonnum.dumps(patch)  # what was checked: the raw bytes may read otherwise upstream (duplicate keys)
 
 

@@ -13,7 +13,7 @@ import orjson
 from proxy.auth.decision import Decision, key_holder
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
-from proxy.transform import jsonnum
+from proxy.transform import jsonnum, sentinel
 from proxy.transform.attachments import refuse_external
 from proxy.transform.bodies import decrypt_body, encrypt_for_write, nested_resources, shape_refusal, too_deep
 from proxy.transform.interactions import Interaction
@@ -117,6 +117,7 @@ async def prepare_write(
     request_headers: Mapping[str, str],
     request_id: str,
     stored: dict | None = None,
+    names: frozenset[str] = frozenset(),
 ) -> dict[str, str]:
     """Judge a write on the resource stored after it, validate and encrypt ``resource`` in place; returns
     the headers to add upstream (an If-Match on the version the write was judged against, so a
@@ -124,7 +125,9 @@ async def prepare_write(
 
     Every route that writes a resource comes here: create, update, conditional update, the result of
     a JSON Patch (``stored`` is then the version it was applied to), each Bundle entry and the
-    resources in an operation's body."""
+    resources in an operation's body. After encryption the PHI sentinel looks at what is left in the
+    clear (``names``: words of names that other resources of the same request encrypt, e.g. the
+    Patient of a transaction)."""
     try:  # the judgement walks covered paths before validation: a wrong JSON type is a 400
         stored = await _judge(rt, it, resource, grants, restricted, request_headers, request_id, stored)
     except ShapeError as exc:
@@ -139,7 +142,10 @@ async def prepare_write(
     wrap_for = None
     if policy.per_patient_keys and rt.patient_keys is not None:
         wrap_for = await rt.patient_keys.wraps_for_write(resource, policy.resources)
+    cfg = policy.sentinel
+    names = names | sentinel.names_of(cfg, _resources_in(resource))
     encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for)
+    sentinel.check_resources(cfg, [(resource, it.resource_type or "?")], names)
     return extra
 
 
@@ -263,3 +269,4 @@ async def prepare_operation(
             await prepare_write(rt, create, resource, grants, restricted, request_headers, request_id)
         except FhirError as exc:
             raise exc.located(where) from None
+    sentinel.check_value(rt.policy.sentinel, body.get("parameter"), f"${it.operation}.parameter")

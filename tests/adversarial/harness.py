@@ -24,7 +24,7 @@ import orjson
 
 from proxy.crypto.keyring import Keyring, save_keyring
 from proxy.crypto.providers.local import LocalKeyProvider, generate_kek, parse_kek
-from tests.conftest import ROOT
+from tests.conftest import DEPLOYMENT, ROOT
 
 
 def free_port() -> int:
@@ -71,6 +71,7 @@ class ServedProxy:
             "FHIRCRYPT_KEK_FILE": str(self.dir / "kek.txt"),
             "FHIRCRYPT_AUTH": "none",
             "FHIRCRYPT_LOG_LEVEL": "info",
+            **DEPLOYMENT,  # the shipped policies' deployment variables
             **(env or {}),
         }
         self.fsize_limit = fsize_limit
