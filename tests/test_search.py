@@ -8,6 +8,7 @@ in the encrypted run the upstream must never receive a searched value.
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 import urllib.request
 
@@ -106,6 +107,14 @@ SECRETS = [
     )
 ]
 
+
+def leaked(secrets: list[str], text: str) -> list[str]:
+    """The secrets that stand in ``text`` as values of their own. A short given name ("Sri") also turns up
+    inside random base64 or base32 ciphertext now and then, so a match inside a run of such characters
+    is no leak; plaintext at the server stands between quotes, '=', '&', '|' or spaces."""
+    return [s for s in secrets if re.search(rf"(?<![A-Za-z0-9+/_-]){re.escape(s)}(?![A-Za-z0-9+/_-])", text)]
+
+
 QUERIES = [
     f"identifier={NIK}|3273012903870002",
     "identifier=3273012903870002",
@@ -182,8 +191,8 @@ async def test_search_results_match_a_plaintext_server_and_values_never_reach_it
             original = next(p for p in PATIENTS if p["id"] == entry["resource"]["id"])
             assert entry["resource"]["identifier"] == original["identifier"]  # decrypted, indexes stripped
     log = orjson.dumps(clean_upstream.requests()).decode()
-    assert not [s for s in SECRETS if s in log]
-    assert not [s for s in SECRETS if s in orjson.dumps(clean_upstream.dump()).decode()]
+    assert not leaked(SECRETS, log)
+    assert not leaked(SECRETS, orjson.dumps(clean_upstream.dump()).decode())
 
 
 async def test_paging_links_come_back_through_the_proxy(client, clean_upstream):
