@@ -14,6 +14,7 @@ import urllib.request
 import orjson
 import pytest
 
+from proxy.transform.markers import INDEX_BASE, INDEX_BASES
 from tests.conftest import FHIR_JSON, PUBLIC_BASE
 
 NIK = "https://fhir.kemkes.go.id/id/nik"
@@ -288,7 +289,8 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
     for patient in PATIENTS:
         await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
     budi = next(r for r in clean_upstream.dump() if r["id"] == "p-budi")
-    budi_tokens = {f"{i['system']}|{i['value']}" for i in budi["identifier"] if "blind-index" in i["system"]}
+    budi_tokens = {f"{i['system']}|{i['value']}" for i in budi["identifier"] if i["system"].startswith(INDEX_BASES)}
+    assert budi_tokens and all(t.startswith(INDEX_BASE) for t in budi_tokens)  # written in index format v2
     cases = {
         f"Condition?subject:Patient.identifier={NIK}|3273012903870002": "subject:Patient.identifier",
         "Condition?patient.name=budiarto": "patient:Patient.identifier",
@@ -302,7 +304,10 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
         params = urllib.parse.parse_qsl(urllib.parse.urlsplit(request["url"]).query)
         assert [name for name, _ in params] == [forwarded_name], query
         if forwarded_name.endswith("Patient.identifier"):
-            assert set(params[0][1].split(",")) <= budi_tokens, query
+            sent = params[0][1].split(",")
+            v2 = {t for t in sent if t.startswith(INDEX_BASE)}
+            assert v2 and v2 <= budi_tokens, query  # the stored v2 tokens, each OR-ed with its v1 twin
+            assert len(v2) * 2 == len(sent) and all(t.startswith(INDEX_BASES) for t in sent), query
         assert not [s for s in ("3273012903870002", "budiarto", "D50.9") if s in request["url"]]
     resp = await client.get("/fhir/R4/Encounter?subject.name=budi")  # subject: Group or Patient
     assert resp.status == 400 and "name the target type" in (await resp.json())["issue"][0]["diagnostics"]

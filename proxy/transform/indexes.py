@@ -2,8 +2,10 @@
 
 Both sides go through :func:`value_tokens`, so a search finds exactly the resources
 whose stored tokens equal the query's. Tokens are stored as extra identifiers
-``{"system": <index system>, "value": <hex HMAC>}`` that the upstream's standard
-``identifier`` token search can match; readers never see them.
+``{"system": <index system>, "value": <token>}`` that the upstream's standard
+``identifier`` token search can match; readers never see them. Writes store index format
+v2 (short system, base32 token); searches also send the v1 token, so data written before
+(until ``fhircrypt reencrypt`` has moved it) is still found.
 """
 
 from __future__ import annotations
@@ -93,16 +95,25 @@ def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
                 yield value
 
 
-def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
-    """The index identifiers for a plaintext resource (computed before it is encrypted)."""
-    out: list[dict] = []
+def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
+    """The normalised index texts of a plaintext resource, by label (what is keyed and hashed into tokens)."""
+    out: dict[str, set[str]] = {}
     for el in rp.elements:
         if not el.indexes:
             continue
         values = list(_element_values(resource, el))
         for spec in el.indexes:
-            texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
-            system = mk.BLIND_INDEX_BASE + spec.label
-            # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
-            out.extend({"system": system, "value": t} for t in sorted(indexer.tokens(spec.label, texts)))
+            out[spec.label] = {
+                tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)
+            }
+    return out
+
+
+def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
+    """The index identifiers (format v2) for a plaintext resource (computed before it is encrypted)."""
+    out: list[dict] = []
+    for label, texts in index_texts(resource, rp).items():
+        system = mk.index_system(label)
+        # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
+        out.extend({"system": system, "value": t} for t in sorted(indexer.tokens_v2(label, texts)))
     return out

@@ -26,7 +26,9 @@ from proxy.transform.normalize import EXACT, NORMALISERS, fold
 
 _DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
 _COMMA = re.compile(r"(?<!\\),")
-_TOKEN = re.compile("^" + re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-z0-9-]+\|[0-9a-f]{32}$")
+_TOKEN_V1 = re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-z0-9-]+\|[0-9a-f]{32}"
+_TOKEN_V2 = re.escape(mk.INDEX_BASE) + r"[^|/]+/[a-z0-9-]+\|[a-z2-7]{26}"
+_TOKEN = re.compile(f"^(?:{_TOKEN_V1}|{_TOKEN_V2})$")
 
 
 def _refuse(where: str, raw: str, why: str) -> FhirError:
@@ -154,8 +156,27 @@ def rewrite(
                     f"{where}: search parameter '{raw}' reads {rp.type}.{el.source}, which this caller may not decrypt",
                     [raw],
                 )
-            out.extend(f"{mk.BLIND_INDEX_BASE}{spec.label}|{ctx.indexer.token(spec.label, t)}" for t in tokens)
+            out.extend(_query_identifiers(ctx.indexer, spec.label, tokens))
     return "identifier", ",".join(out)
+
+
+def _query_identifiers(indexer: BlindIndexer, label: str, texts: list[str]) -> list[str]:
+    """The ``system|token`` values a search sends for index texts: the v2 token (what writes store) and
+    the v1 token, OR-ed, so that data written before index format v2 is found until it is re-encrypted."""
+    v2, v1 = mk.index_system(label), mk.BLIND_INDEX_BASE + label
+    return [
+        t
+        for a, b in zip(indexer.tokens_v2(label, texts), indexer.tokens(label, texts), strict=True)
+        for t in (f"{v2}|{a}", f"{v1}|{b}")
+    ]
+
+
+def _label(token: str, rtype: str) -> str:
+    """The label ``<type>/<field id>/<parameter>`` a token's system names (v1 names the type, v2 does not)."""
+    system = token.partition("|")[0]
+    if system.startswith(mk.BLIND_INDEX_BASE):
+        return system[len(mk.BLIND_INDEX_BASE) :]
+    return f"{rtype}/{system[len(mk.INDEX_BASE) :]}"
 
 
 def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where: str) -> bool:
@@ -171,7 +192,7 @@ def check_token_groups(tokens: list[str], rp: ResourcePolicy, ctx: Searcher, whe
     """Tokens name their field in their system: it must be exactly one this proxy mints for the type
     (a variant the server might still match, such as another letter case, is no token of ours), and
     the caller must be allowed to search by that field."""
-    labels = {t[len(mk.BLIND_INDEX_BASE) :].partition("|")[0] for t in tokens}
+    labels = {_label(t, rp.type) for t in tokens}
     owners = {spec.label: el for el in rp.content_elements for spec in el.indexes}
     for label in labels:
         el = owners.get(label)
