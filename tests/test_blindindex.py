@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.crypto.blindindex import BlindIndexer
+from proxy.crypto.encoding import b32_128
 from proxy.policy.indexing import IndexSpec
 from proxy.transform.indexes import value_tokens
 from proxy.transform.markers import index_system
@@ -135,3 +136,8 @@ def test_published_blind_index_v2_vectors():
         assert v["system"] == "https://fhircrypt.dev/fhir/i/" + v["label"].split("/", 1)[1]
         assert BlindIndexer(root).tokens_v2(v["label"], [v["text"]]) == [v["token"]]
         assert index_system(v["label"]) == v["system"]
+
+
+@given(st.lists(st.binary(min_size=16, max_size=16), max_size=80))
+def test_batched_base32_equals_the_standard_library(values):
+    assert b32_128(values) == [base64.b32encode(v).decode().rstrip("=").lower() for v in values]

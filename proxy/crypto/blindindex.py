@@ -14,12 +14,13 @@ unrelated tokens, and nobody without the index root can compute or brute-force t
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from collections.abc import Iterable, Iterator
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from proxy.crypto.encoding import b32_128
 
 TOKEN_HEX_CHARS = 32  # 128 bits
 
@@ -65,7 +66,7 @@ class BlindIndexer:
     def __repr__(self) -> str:
         return f"BlindIndexer(labels={len(self._macs)})"
 
-    def _digests(self, version: int, label: str, texts: Iterable[str]) -> Iterator[bytes]:
+    def digests(self, version: int, label: str, texts: Iterable[str]) -> Iterator[bytes]:
         """The first 128 bits of HMAC-SHA256 of each text. The HMAC is inlined
         (``HMAC = H(key ^ opad || H(key ^ ipad || text))``) to spare calls per token: a written
         Patient needs dozens of tokens per label."""
@@ -85,8 +86,8 @@ class BlindIndexer:
 
     def tokens(self, label: str, normalised: Iterable[str]) -> list[str]:
         """v1 tokens (lowercase hex): what searches still send for data written before index format v2."""
-        return [d.hex() for d in self._digests(1, label, normalised)]
+        return [d.hex() for d in self.digests(1, label, normalised)]
 
     def tokens_v2(self, label: str, normalised: Iterable[str]) -> list[str]:
         """v2 tokens (lowercase unpadded base32, 26 characters): what writes store."""
-        return [base64.b32encode(d).decode().rstrip("=").lower() for d in self._digests(2, label, normalised)]
+        return b32_128(list(self.digests(2, label, normalised)))

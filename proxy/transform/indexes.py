@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from proxy.crypto.blindindex import BlindIndexer
+from proxy.crypto.encoding import b32_128
 from proxy.policy.compiler import CompiledElement, IndexSpec, Kind, ResourcePolicy
 from proxy.transform import markers as mk
 from proxy.transform.normalize import NORMALISERS, date_tokens, string_tokens
@@ -111,9 +112,15 @@ def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
 
 def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
     """The index identifiers (format v2) for a plaintext resource (computed before it is encrypted)."""
-    out: list[dict] = []
+    labels, digests = [], []
     for label, texts in index_texts(resource, rp).items():
+        found = list(indexer.digests(2, label, texts))
+        labels.append((label, len(found)))
+        digests += found
+    tokens = iter(b32_128(digests))  # one batch for the whole resource: base32 costs per call, not per token
+    out: list[dict] = []
+    for label, n in labels:
         system = mk.index_system(label)
         # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
-        out.extend({"system": system, "value": t} for t in sorted(indexer.tokens_v2(label, texts)))
+        out.extend({"system": system, "value": t} for t in sorted(next(tokens) for _ in range(n)))
     return out
