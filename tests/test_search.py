@@ -14,8 +14,9 @@ import urllib.request
 import orjson
 import pytest
 
+from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.transform.markers import INDEX_BASE, INDEX_BASES
-from tests.conftest import FHIR_JSON, PUBLIC_BASE
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT
 
 NIK = "https://fhir.kemkes.go.id/id/nik"
 BPJS = "https://fhir.example-hospital.id/id/bpjs"
@@ -163,7 +164,22 @@ async def client(proxy_for, clean_upstream, satusehat):
     return await proxy_for(clean_upstream.base_url, satusehat)
 
 
-async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(client, clean_upstream):
+def satusehat_chained() -> CompiledPolicy:
+    """The shipped SATUSEHAT policy with name prefixes as chains in the name (search.chain) instead of tokens."""
+    text = (ROOT / "policies" / "satusehat.yaml").read_text()
+    old = "search: {params: [name, family, given], prefix: 3}"
+    assert old in text
+    return compile_text(text.replace(old, old[:-1] + ", chain: true}"), "satusehat-chained.yaml")
+
+
+@pytest.fixture(params=["tokens", "chain"])
+async def any_client(request, proxy_for, clean_upstream, satusehat):
+    """The proxy with names indexed by identifier tokens, and with name chains."""
+    return await proxy_for(clean_upstream.base_url, satusehat if request.param == "tokens" else satusehat_chained())
+
+
+async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(any_client, clean_upstream):
+    client = any_client
     for patient in PATIENTS:
         _direct(clean_upstream, "PUT", f"Patient/{patient['id']}", patient)
     expected = {q: (_ids(b := _direct(clean_upstream, "GET", f"Patient?{q}")), b.get("total")) for q in QUERIES}
@@ -187,7 +203,8 @@ async def test_search_results_match_a_plaintext_server_and_values_never_reach_it
     assert not [s for s in SECRETS if s in orjson.dumps(clean_upstream.dump()).decode()]
 
 
-async def test_paging_links_come_back_through_the_proxy(client, clean_upstream):
+async def test_paging_links_come_back_through_the_proxy(any_client, clean_upstream):
+    client = any_client
     for patient in PATIENTS:
         await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
     first = await (await client.get("/fhir/R4/Patient?name=budi&_count=1")).json()

@@ -11,6 +11,13 @@ An element lists the standard search parameters that must keep working on it::
     - path: birthDate
       id: birthdate
       search: {params: [birthdate], year: true}
+    - path: name
+      id: name
+      search: {params: [name, family, given], prefix: 3, chain: true}   # prefixes as a chain in the name
+
+``chain: true`` (a whole HumanName only) answers the string parameters with a chain of keyed
+prefix hashes stored in the encrypted name's own parts, instead of one identifier per prefix
+(``proxy/transform/namechain.py``); ``:exact`` keeps its identifier tokens.
 
 Each parameter is resolved against the R4 search parameter table: the parameter's
 expression must read the element, the element itself, something inside it, or (for an
@@ -19,6 +26,7 @@ identifier's or contact point's ``value`` selected by ``system``) the token arou
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,6 +57,7 @@ class IndexSpec:
     prefix_min: int | None = None  # string: prefixes of at least this length are tokens
     year: bool = False  # date: also a year token
     normalize: str = "exact"  # token codes: exact or digits
+    chain: bool = False  # string on a HumanName: prefixes as a chain in the stored name, not identifiers
 
 
 def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
@@ -84,12 +93,18 @@ def compile_indexes(rtype: str, el: CompiledElement, settings: dict) -> tuple[In
     if not isinstance(prefix, int) or prefix < 1:
         raise IndexError_("search.prefix must be a positive number of characters")
     year = bool(settings.get("year", False))
+    chain = settings.get("chain", False)
+    if chain not in (True, False):
+        raise IndexError_("search.chain must be true or false")
     if defs.element(rtype, "identifier") is None or search_param(rtype, "identifier") is None:
         raise IndexError_(f"{rtype} has no identifier element to carry blind indexes")
     if el.kind.value.startswith("choice") or el.kind.value == "narrative":
         raise IndexError_("choice elements and narratives cannot carry a blind index")
     keys = (*(h.key for h in el.nav), el.terminal.key)
-    return tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
+    if chain and (el.kind.value != "complex" or type_at(rtype, keys) != "HumanName" or "prefix" not in settings):
+        raise IndexError_("search.chain needs a whole HumanName element (e.g. path: name) and a prefix length")
+    specs = tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
+    return tuple(dataclasses.replace(s, chain=True) if chain and s.param_type == "string" else s for s in specs)
 
 
 def _relative_criteria(

@@ -16,7 +16,7 @@ from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b32_128
 from proxy.policy.compiler import CompiledElement, IndexSpec, Kind, ResourcePolicy
 from proxy.transform import markers as mk
-from proxy.transform.normalize import NORMALISERS, date_tokens, string_tokens
+from proxy.transform.normalize import EXACT, NORMALISERS, date_tokens, string_tokens
 from proxy.transform.records import _matches, _parents
 
 _STRING_PARTS = {
@@ -104,9 +104,9 @@ def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
             continue
         values = list(_element_values(resource, el))
         for spec in el.indexes:
-            out[spec.label] = {
-                tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)
-            }
+            texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+            # prefixes of a chained name live in the name itself (namechain.py); :exact stays a token
+            out[spec.label] = {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
     return out
 
 

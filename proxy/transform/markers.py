@@ -53,6 +53,7 @@ def index_system(label: str) -> str:
 
 
 _RESERVED = "fhircrypt.dev/fhir"  # CANONICAL without its scheme
+CHAIN_MARK = "fhircrypt~"  # starts every name chain (transform/namechain.py); reserved like the namespace
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -63,7 +64,8 @@ def mentions_reserved(text: str) -> bool:
     way, so that a variant the proxy does not recognise cannot match at the server either."""
     if "%" in text:
         text = unquote(text)
-    return _RESERVED in _SLASHES.sub("/", text.lower())
+    text = text.lower()
+    return _RESERVED in _SLASHES.sub("/", text) or CHAIN_MARK in text
 
 
 def shredded_tag() -> dict:
