@@ -82,6 +82,16 @@ def test_readers_get_the_name_back_or_masked_never_a_chain(chained):
     assert back["name"] == BUDI["name"] and not report.failures
 
 
+def test_an_old_versions_name_replayed_into_a_new_version_is_detected(chained):
+    ring = Keyring.generate()
+    old = _stored(BUDI, chained, ring)
+    new = _stored({**BUDI, "name": [{"family": "Santosa", "given": ["Budiarto"]}]}, chained, ring)
+    new["name"] = old["name"]  # ciphertext and chains of version 1 in version 2
+    back, report = _read(new, chained, ring, ALL_GROUPS)
+    assert report.failures and back["name"] == [mk.masked_form()]
+    assert "Santoso" not in orjson.dumps(back).decode()
+
+
 def test_chain_searches_are_checked_like_token_searches(chained):
     ring = Keyring.generate()
     everyone = Searcher(chained.resources, ring.indexer)
