@@ -17,6 +17,7 @@ from proxy.crypto.encoding import b32_128
 from proxy.policy.indexing import IndexSpec
 from proxy.transform.indexes import value_tokens
 from proxy.transform.markers import index_system
+from proxy.transform.namechain import chains
 from proxy.transform.normalize import digits, fold
 from proxy.transform.search import query_tokens
 
@@ -136,6 +137,17 @@ def test_published_blind_index_v2_vectors():
         assert v["system"] == "https://fhircrypt.dev/fhir/i/" + v["label"].split("/", 1)[1]
         assert BlindIndexer(root).tokens_v2(v["label"], [v["text"]]) == [v["token"]]
         assert index_system(v["label"]) == v["system"]
+    for c in doc["chains"]:
+        key = HKDF(hashes.SHA256(), 32, None, b"fhircrypt/v2 blind-index\x1f" + c["label"].encode()).derive(root)
+
+        def b32(text: str, key: bytes = key) -> str:
+            digest = hmac.new(key, text.encode(), hashlib.sha256).digest()[:16]
+            return base64.b32encode(digest).decode().rstrip("=").lower()
+
+        f, n = c["folded"], c["prefix"]
+        expected = "fhircrypt~" + b32(f[:n])[:20] + "".join(b32(f[:i])[:5] for i in range(n + 1, min(len(f), 64) + 1))
+        assert c["chain"] == expected and fold(c["part"]) == f
+        assert chains(BlindIndexer(root), c["label"], [f], n) == [expected]
 
 
 @given(st.lists(st.binary(min_size=16, max_size=16), max_size=80))
