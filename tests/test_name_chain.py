@@ -127,3 +127,19 @@ async def test_a_client_cannot_write_the_chain_marker(proxy_for, clean_upstream)
     resp = await client.put(f"/fhir/R4/Patient/{BUDI['id']}", data=orjson.dumps(planted), headers=FHIR_JSON)
     assert resp.status == 400
     assert clean_upstream.dump() == []
+
+
+async def test_transactions_and_conditional_creates_use_chains(proxy_for, clean_upstream):
+    client = await proxy_for(clean_upstream.base_url, satusehat_chained())
+    patient = {k: v for k, v in BUDI.items() if k != "id"}
+    entry = {"resource": patient, "request": {"method": "POST", "url": "Patient", "ifNoneExist": "family=santoso"}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [entry]}
+    for _ in range(2):  # the second transaction finds the first Patient through its chain
+        resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
+        assert resp.status == 200, await resp.text()
+    (stored,) = [r for r in clean_upstream.dump() if r["resourceType"] == "Patient"]
+    assert CHAIN.fullmatch(stored["name"][0]["family"])
+    found = await (await client.get("/fhir/R4/Patient?family=SANT&given=budiar")).json()
+    assert [e["resource"]["name"] for e in found["entry"]] == [BUDI["name"]]
+    log = orjson.dumps(clean_upstream.requests()).decode().lower()
+    assert "santoso" not in log and "budiar" not in log
