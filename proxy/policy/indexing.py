@@ -188,6 +188,12 @@ def index_warnings(el: CompiledElement) -> list[str]:
                 f"blind index '{spec.param}' with prefix {spec.prefix_min} - short prefixes are shared by "
                 "many values and reveal their distribution"
             )
+        if spec.chain and spec is next(s for s in el.indexes if s.chain):  # once per element
+            out.append(
+                "string blind indexes as a name chain - shared prefixes and part lengths are visible as with "
+                "prefix tokens, and a search may (rarely, 25-bit chunks) return a name that does not match: "
+                "results are not yet checked against the decrypted name"
+            )
         if spec.param_type == "date" and not spec.year:
             out.append(f"blind index '{spec.param}' on a date - equal days are visible as equal tokens")
     return out
