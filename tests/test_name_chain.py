@@ -103,6 +103,13 @@ def test_chain_searches_are_checked_like_token_searches(chained):
     with pytest.raises(FhirError) as refused:
         guard.check_search("Patient", [("name", chain)], billing, "q")
     assert refused.value.status == 403
+    # the same through a chain on another type (Condition?patient.name=budi and its paging links)
+    forwarded = [("patient:Patient.name", chain)]
+    assert guard.check_search("Condition", [("patient.name", "budi")], everyone, "q") == forwarded
+    assert guard.check_search("Condition", forwarded, everyone, "q") == forwarded
+    with pytest.raises(FhirError) as refused:
+        guard.check_search("Condition", forwarded, billing, "q")
+    assert refused.value.status == 403
     for value in (MARK + "budi", f"{chain},{MARK}x", "bu", "x" * 65):  # not a chain, too short, too long
         with pytest.raises(FhirError) as refused:
             guard.check_search("Patient", [("family", value)], everyone, "q")

@@ -171,8 +171,15 @@ def _rewrite_chained(
         raise _refuse(where, raw, "reads chained and token-indexed names at once, which cannot be searched together")
     out: list[str] = []
     for item in _COMMA.split(value):
-        if mk.mentions_reserved(item):
-            raise _refuse(where, raw, "uses fhircrypt's reserved name-chain marker with a value that is not a chain")
+        if mk.mentions_reserved(item):  # a chain from a paging link (the marker is reserved: never a name)
+            if not namechain.CHAIN.fullmatch(item):
+                raise _refuse(
+                    where, raw, "uses fhircrypt's reserved name-chain marker with a value that is not a chain"
+                )
+            for spec in specs:
+                _check_group(owners[spec.label], rp, ctx, where, raw)
+            out.append(item)
+            continue
         folded = fold(item.replace("\\,", ","))
         for spec in specs:
             if not folded or len(folded) < (spec.prefix_min or 1) or len(folded) > PREFIX_MAX:
@@ -222,14 +229,7 @@ def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where
     """A parameter this proxy produced (paging links carry them back): only index tokens, each of a field
     the caller may search by (a token copied from someone else's query is no way around the rule)."""
     values = _COMMA.split(value)
-    if name != "identifier":  # a chained name search coming back (CHAIN: the reserved marker, so never plaintext)
-        owners = [el for el in rp.content_elements for s in el.indexes if s.chain and s.param == name]
-        if not owners or not all(namechain.CHAIN.fullmatch(v) for v in values):
-            return False
-        for el in owners:
-            _check_group(el, rp, ctx, where, name)
-        return True
-    if not all(_TOKEN.match(v) for v in values):
+    if name != "identifier" or not all(_TOKEN.match(v) for v in values):
         return False
     check_token_groups(values, rp, ctx, where, name)
     return True
