@@ -19,7 +19,7 @@ from proxy.migrate.assess import Plan
 from proxy.migrate.commands import Connection, reencrypt
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import markers as mk
-from proxy.transform.indexes import index_texts
+from proxy.transform.indexes import spec_texts
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource
 from tests.conftest import FHIR_JSON
 from tests.test_reencrypt import Relay, current_versions, load_patients, opts, puts
@@ -32,6 +32,7 @@ OLD = {
     "name": [{"family": "Wiryasentana", "given": ["Budiarto"]}],
     "gender": "male",
     "birthDate": "1987-03-29",
+    "telecom": [{"system": "phone", "value": "081377745210"}, {"system": "email", "value": "budi@contoh.id"}],
 }
 NEW = {
     "resourceType": "Patient",
@@ -40,6 +41,7 @@ NEW = {
     "name": [{"family": "Santoso", "given": ["Budiman"]}],
     "gender": "male",
     "birthDate": "1980-04-12",
+    "telecom": [{"system": "phone", "value": "081255556666"}],
 }
 QUERIES = {
     f"identifier={NIK}|3175042903870007": ["p-old"],
@@ -50,6 +52,13 @@ QUERIES = {
     "given=budim": ["p-new"],
     "birthdate=1987": ["p-old"],
     "birthdate=1980-04-12": ["p-new"],
+    "phone=081377745210": ["p-old"],
+    "phone=phone|081255556666": ["p-new"],
+    "email=budi@contoh.id": ["p-old"],
+    "email=081377745210": [],
+    "telecom=phone|": ["p-new", "p-old"],
+    "telecom=email|": ["p-old"],
+    "telecom=081255556666": ["p-new"],
 }
 
 
@@ -72,9 +81,9 @@ def as_v1(stored: dict, policy: CompiledPolicy, ring: Keyring) -> dict:
     assert not report.failures
     old = copy.deepcopy(stored)
     old["identifier"] = [i for i in old["identifier"] if not i["system"].startswith(mk.INDEX_BASES)] + [
-        {"system": mk.BLIND_INDEX_BASE + label, "value": t}
-        for label, texts in index_texts(plain, rp).items()
-        for t in sorted(ring.indexer.tokens(label, texts))
+        {"system": mk.BLIND_INDEX_BASE + spec.label, "value": t}
+        for spec, texts in spec_texts(plain, rp)
+        for t in sorted(ring.indexer.tokens(spec.label, texts))
     ]
     return old
 
@@ -104,6 +113,10 @@ async def test_a_mix_of_v1_and_v2_indexes_reads_and_searches_and_reencrypt_moves
     await _age_to_v1(clean_upstream, satusehat, ring, {"p-old"})
     stored = {r["id"]: r for r in current_versions(clean_upstream)}
     assert _index_formats(stored["p-old"]) == {"v1"} and _index_formats(stored["p-new"]) == {"v2"}
+    # v2 answers phone= and email= from telecom's own system|value texts: no tokens of their own
+    systems = {i["system"] for i in stored["p-new"]["identifier"]}
+    assert mk.INDEX_BASE + "telecom/telecom" in systems
+    assert not systems & {mk.INDEX_BASE + "telecom/phone", mk.INDEX_BASE + "telecom/email"}
 
     async def reads_and_searches() -> None:
         for patient in (OLD, NEW):

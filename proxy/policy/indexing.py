@@ -58,6 +58,9 @@ class IndexSpec:
     year: bool = False  # date: also a year token
     normalize: str = "exact"  # token codes: exact or digits
     chain: bool = False  # string on a HumanName: prefixes as a chain in the stored name, not identifiers
+    # index format v2: a parameter that is another one of the element restricted to one system (phone,
+    # email on telecom) stores nothing of its own; it is answered with <system>|<value> under that label
+    v2_via: str | None = None
 
 
 def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
@@ -104,7 +107,29 @@ def compile_indexes(rtype: str, el: CompiledElement, settings: dict) -> tuple[In
     if chain and (el.kind.value != "complex" or type_at(rtype, keys) != "HumanName" or "prefix" not in settings):
         raise IndexError_("search.chain needs a whole HumanName element (e.g. path: name) and a prefix length")
     specs = tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
-    return tuple(dataclasses.replace(s, chain=True) if chain and s.param_type == "string" else s for s in specs)
+    specs = tuple(dataclasses.replace(s, chain=True) if chain and s.param_type == "string" else s for s in specs)
+    return tuple(dataclasses.replace(s, v2_via=_whole(s, specs)) for s in specs)
+
+
+def _whole(spec: IndexSpec, specs: tuple[IndexSpec, ...]) -> str | None:
+    """The label of a parameter of the same element that reads the same values without the
+    system filter of ``spec`` (``telecom`` for ``phone``): its ``<system>|<value>`` texts are
+    exactly what ``spec`` would store, so in index format v2 ``spec`` needs no tokens of its own."""
+    if spec.param_type != "token" or len(spec.criteria) != 1 or spec.criteria[0][0] != "system":
+        return None
+    if spec.value_type not in ("ContactPoint", "Identifier"):
+        return None
+    return next(
+        (
+            w.label
+            for w in specs
+            if w.param_type == "token"
+            and not w.criteria
+            and w.token_system is None
+            and (w.value_type, w.sub_path, w.normalize) == (spec.value_type, spec.sub_path, spec.normalize)
+        ),
+        None,
+    )
 
 
 def _relative_criteria(

@@ -96,18 +96,25 @@ def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
                 yield value
 
 
-def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
-    """The normalised index texts of a plaintext resource, by label (what is keyed and hashed into tokens)."""
-    out: dict[str, set[str]] = {}
+def spec_texts(resource: dict, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, set[str]]]:
+    """Every index spec with the normalised texts of a plaintext resource (all that index format v1 stored)."""
     for el in rp.elements:
         if not el.indexes:
             continue
         values = list(_element_values(resource, el))
         for spec in el.indexes:
-            texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
-            # prefixes of a chained name live in the name itself (namechain.py); :exact stays a token
-            out[spec.label] = {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
-    return out
+            yield spec, {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+
+
+def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
+    """The texts index format v2 stores, by label (what is keyed and hashed into tokens): not those of a
+    parameter answered under another label (``IndexSpec.v2_via``), and of a chained name only the
+    ``:exact`` texts (its prefixes live in the name itself, namechain.py)."""
+    return {
+        spec.label: {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
+        for spec, texts in spec_texts(resource, rp)
+        if spec.v2_via is None
+    }
 
 
 def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:

@@ -152,7 +152,7 @@ def rewrite(
             continue
         for spec, tokens in matching:
             _check_group(owners[spec.label], rp, ctx, where, raw)
-            out.extend(_query_identifiers(ctx.indexer, spec.label, tokens))
+            out.extend(_query_identifiers(ctx.indexer, spec, tokens))
     return "identifier", ",".join(out)
 
 
@@ -206,15 +206,16 @@ def _check_group(el: CompiledElement, rp: ResourcePolicy, ctx: Searcher, where: 
         )
 
 
-def _query_identifiers(indexer: BlindIndexer, label: str, texts: list[str]) -> list[str]:
+def _query_identifiers(indexer: BlindIndexer, spec: IndexSpec, texts: list[str]) -> list[str]:
     """The ``system|token`` values a search sends for index texts: the v2 token (what writes store) and
     the v1 token, OR-ed, so that data written before index format v2 is found until it is re-encrypted."""
-    v2, v1 = mk.index_system(label), mk.BLIND_INDEX_BASE + label
-    return [
-        t
-        for a, b in zip(indexer.tokens_v2(label, texts), indexer.tokens(label, texts), strict=True)
-        for t in (f"{v2}|{a}", f"{v1}|{b}")
-    ]
+    v1 = [f"{mk.BLIND_INDEX_BASE}{spec.label}|{t}" for t in indexer.tokens(spec.label, texts)]
+    label, own = spec.label, texts
+    if spec.v2_via is not None:  # phone=X is telecom's phone|X in index format v2
+        label, only = spec.v2_via, spec.criteria[0][1]
+        own = [f"{only}|{rest}" for system, _, rest in (t.partition("|") for t in texts) if system in ("*", only)]
+    v2 = [f"{mk.index_system(label)}|{t}" for t in indexer.tokens_v2(label, own)]
+    return v2 + v1
 
 
 def _label(token: str, rtype: str) -> str:
