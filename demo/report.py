@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from proxy.transform.markers import BLIND_INDEX_BASE, CIPHERTEXT_URL
+from proxy.transform.markers import CIPHERTEXT_URL, INDEX_BASES
 
 if TYPE_CHECKING:
     from demo.scenario import Written
@@ -48,7 +48,7 @@ def encrypted_elements(stored: dict) -> int:
 
 def search_tokens(stored: dict) -> int:
     """Blind-index identifiers: keyed tokens that let the server answer exact searches."""
-    return sum(1 for d in _walk(stored) if str(d.get("system", "")).startswith(BLIND_INDEX_BASE))
+    return sum(1 for d in _walk(stored) if str(d.get("system", "")).startswith(INDEX_BASES))
 
 
 def leaks(

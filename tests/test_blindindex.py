@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import unicodedata
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.crypto.blindindex import BlindIndexer
+from proxy.crypto.encoding import b32_128
 from proxy.policy.indexing import IndexSpec
 from proxy.transform.indexes import value_tokens
+from proxy.transform.markers import index_system
+from proxy.transform.namechain import chains
 from proxy.transform.normalize import digits, fold
 from proxy.transform.search import query_tokens
 
@@ -103,3 +111,45 @@ def test_published_blind_index_vectors():
         key = HKDF(hashes.SHA256(), 32, None, b"fhircrypt/v1 blind-index\x1f" + v["label"].encode()).derive(root)
         assert hmac.new(key, v["text"].encode(), hashlib.sha256).hexdigest()[:32] == v["token"]
         assert BlindIndexer(root).token(v["label"], v["text"]) == v["token"]
+
+
+def test_v2_tokens_are_26_lowercase_base32_characters_unrelated_to_v1():
+    a = BlindIndexer(b"\x01" * 32)
+    (token,) = a.tokens_v2("Patient/nik/identifier", ["x|3201"])
+    assert len(token) == 26 and set(token) <= set("abcdefghijklmnopqrstuvwxyz234567")
+    assert token == a.tokens_v2("Patient/nik/identifier", ["x|3201"])[0]
+    assert token != a.tokens_v2("RelatedPerson/nik/identifier", ["x|3201"])[0]
+    # another key (the version is in the HKDF info), not another encoding of the v1 digest
+    assert base64.b32decode(token.upper() + "======").hex() != a.token("Patient/nik/identifier", "x|3201")
+
+
+def test_published_blind_index_v2_vectors():
+    """tests/vectors/blind-index-v2.json, recomputed with nothing but cryptography, hmac and base64."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    doc = json.loads((Path(__file__).parent / "vectors" / "blind-index-v2.json").read_text())
+    root = bytes.fromhex(doc["index_root"])
+    for v in doc["vectors"]:
+        key = HKDF(hashes.SHA256(), 32, None, b"fhircrypt/v2 blind-index\x1f" + v["label"].encode()).derive(root)
+        digest = hmac.new(key, v["text"].encode(), hashlib.sha256).digest()[:16]
+        assert base64.b32encode(digest).decode().rstrip("=").lower() == v["token"]
+        assert v["system"] == "https://fhircrypt.dev/fhir/i/" + v["label"].split("/", 1)[1]
+        assert BlindIndexer(root).tokens_v2(v["label"], [v["text"]]) == [v["token"]]
+        assert index_system(v["label"]) == v["system"]
+    for c in doc["chains"]:
+        key = HKDF(hashes.SHA256(), 32, None, b"fhircrypt/v2 blind-index\x1f" + c["label"].encode()).derive(root)
+
+        def b32(text: str, key: bytes = key) -> str:
+            digest = hmac.new(key, text.encode(), hashlib.sha256).digest()[:16]
+            return base64.b32encode(digest).decode().rstrip("=").lower()
+
+        f, n = c["folded"], c["prefix"]
+        expected = "fhircrypt~" + b32(f[:n])[:20] + "".join(b32(f[:i])[:5] for i in range(n + 1, min(len(f), 64) + 1))
+        assert c["chain"] == expected and fold(c["part"]) == f
+        assert chains(BlindIndexer(root), c["label"], [f], n) == [expected]
+
+
+@given(st.lists(st.binary(min_size=16, max_size=16), max_size=80))
+def test_batched_base32_equals_the_standard_library(values):
+    assert b32_128(values) == [base64.b32encode(v).decode().rstrip("=").lower() for v in values]

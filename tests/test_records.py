@@ -152,6 +152,15 @@ def test_ciphertext_moved_between_resources_is_never_returned(keyring):
     _assert_nothing_returned_as_data(out, report)
 
 
+def test_an_old_versions_ciphertext_replayed_into_a_new_version_is_never_returned(keyring):
+    old = encrypted(PATIENT, keyring)
+    new = encrypted({**PATIENT, "meta": {"versionId": "2"}, "birthDate": "1972-02-03"}, keyring)
+    new["_birthDate"] = old["_birthDate"]  # same resource, same location, an earlier version's record
+    out, report = read(new, keyring)
+    _assert_nothing_returned_as_data(out, report)
+    assert "1971-02-03" not in orjson.dumps(out).decode()
+
+
 def test_deleted_encrypted_element_is_detected(keyring):
     stored = encrypted(PATIENT, keyring)
     del stored["telecom"]

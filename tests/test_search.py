@@ -15,7 +15,9 @@ import urllib.request
 import orjson
 import pytest
 
-from tests.conftest import FHIR_JSON, PUBLIC_BASE
+from proxy.policy.compiler import CompiledPolicy, compile_text
+from proxy.transform.markers import INDEX_BASE, INDEX_BASES
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT
 
 NIK = "https://fhir.kemkes.go.id/id/nik"
 BPJS = "https://fhir.example-hospital.id/id/bpjs"
@@ -171,7 +173,22 @@ async def client(proxy_for, clean_upstream, satusehat):
     return await proxy_for(clean_upstream.base_url, satusehat)
 
 
-async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(client, clean_upstream):
+def satusehat_chained() -> CompiledPolicy:
+    """The shipped SATUSEHAT policy with name prefixes as chains in the name (search.chain) instead of tokens."""
+    text = (ROOT / "policies" / "satusehat.yaml").read_text()
+    old = "search: {params: [name, family, given], prefix: 3}"
+    assert old in text
+    return compile_text(text.replace(old, old[:-1] + ", chain: true}"), "satusehat-chained.yaml")
+
+
+@pytest.fixture(params=["tokens", "chain"])
+async def any_client(request, proxy_for, clean_upstream, satusehat):
+    """The proxy with names indexed by identifier tokens, and with name chains."""
+    return await proxy_for(clean_upstream.base_url, satusehat if request.param == "tokens" else satusehat_chained())
+
+
+async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(any_client, clean_upstream):
+    client = any_client
     for patient in PATIENTS:
         _direct(clean_upstream, "PUT", f"Patient/{patient['id']}", patient)
     expected = {q: (_ids(b := _direct(clean_upstream, "GET", f"Patient?{q}")), b.get("total")) for q in QUERIES}
@@ -195,7 +212,8 @@ async def test_search_results_match_a_plaintext_server_and_values_never_reach_it
     assert not leaked(SECRETS, orjson.dumps(clean_upstream.dump()).decode())
 
 
-async def test_paging_links_come_back_through_the_proxy(client, clean_upstream):
+async def test_paging_links_come_back_through_the_proxy(any_client, clean_upstream):
+    client = any_client
     for patient in PATIENTS:
         await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
     first = await (await client.get("/fhir/R4/Patient?name=budi&_count=1")).json()
@@ -297,7 +315,8 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
     for patient in PATIENTS:
         await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
     budi = next(r for r in clean_upstream.dump() if r["id"] == "p-budi")
-    budi_tokens = {f"{i['system']}|{i['value']}" for i in budi["identifier"] if "blind-index" in i["system"]}
+    budi_tokens = {f"{i['system']}|{i['value']}" for i in budi["identifier"] if i["system"].startswith(INDEX_BASES)}
+    assert budi_tokens and all(t.startswith(INDEX_BASE) for t in budi_tokens)  # written in index format v2
     cases = {
         f"Condition?subject:Patient.identifier={NIK}|3273012903870002": "subject:Patient.identifier",
         "Condition?patient.name=budiarto": "patient:Patient.identifier",
@@ -311,7 +330,10 @@ async def test_chained_and_reverse_chained_parameters_are_rewritten_on_the_targe
         params = urllib.parse.parse_qsl(urllib.parse.urlsplit(request["url"]).query)
         assert [name for name, _ in params] == [forwarded_name], query
         if forwarded_name.endswith("Patient.identifier"):
-            assert set(params[0][1].split(",")) <= budi_tokens, query
+            sent = params[0][1].split(",")
+            v2 = {t for t in sent if t.startswith(INDEX_BASE)}
+            assert v2 and v2 <= budi_tokens, query  # the stored v2 tokens, each OR-ed with its v1 twin
+            assert len(v2) * 2 == len(sent) and all(t.startswith(INDEX_BASES) for t in sent), query
         assert not [s for s in ("3273012903870002", "budiarto", "D50.9") if s in request["url"]]
     resp = await client.get("/fhir/R4/Encounter?subject.name=budi")  # subject: Group or Patient
     assert resp.status == 400 and "name the target type" in (await resp.json())["issue"][0]["diagnostics"]

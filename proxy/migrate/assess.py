@@ -11,7 +11,8 @@ A stored resource is in one of these states (``State``):
   comparison, not by a fingerprint stored in the resource (the at-rest format stays as it
   is): decrypting with the current policy must find every covered element as ciphertext
   and leave no ciphertext it does not know, and the blind-index identifiers recomputed
-  from the plaintext must equal the stored ones. A resource written under an older policy
+  from the plaintext must equal the stored ones (so index identifiers of format v1 make a
+  resource ``old-policy``: ``reencrypt`` moves it to index format v2). A resource written under an older policy
   that covered *other* elements does not verify under the current one (its record MAC
   covers other paths), so it can only be told from tampering with that older policy
   (``previous``): when it verifies under it, it is ``old-policy``, otherwise ``failed``.
@@ -108,7 +109,7 @@ def _index_ids(resource: dict) -> list[tuple[str, str]]:
     return sorted(
         (i.get("system"), i.get("value"))
         for i in (ids if type(ids) is list else ())
-        if type(i) is dict and str(i.get("system", "")).startswith(mk.BLIND_INDEX_BASE)
+        if type(i) is dict and str(i.get("system", "")).startswith(mk.INDEX_BASES)
     )
 
 

@@ -404,7 +404,11 @@ def _compile_entry(ctx: _Ctx, rtype: str, entry: object, groups: dict[str, str],
     if not isinstance(entry["search"], Node):
         raise ctx.fail(entry, "search", "must be a mapping with params (and prefix, year, normalize)")
     _check_keys(
-        ctx, entry["search"], f"{where}.search", required={"params"}, allowed={"params", "prefix", "year", "normalize"}
+        ctx,
+        entry["search"],
+        f"{where}.search",
+        required={"params"},
+        allowed={"params", "prefix", "year", "normalize", "chain"},
     )
     try:
         return dataclasses.replace(el, indexes=compile_indexes(rtype, el, entry["search"]))

@@ -11,6 +11,13 @@ An element lists the standard search parameters that must keep working on it::
     - path: birthDate
       id: birthdate
       search: {params: [birthdate], year: true}
+    - path: name
+      id: name
+      search: {params: [name, family, given], prefix: 3, chain: true}   # prefixes as a chain in the name
+
+``chain: true`` (a whole HumanName only) answers the string parameters with a chain of keyed
+prefix hashes stored in the encrypted name's own parts, instead of one identifier per prefix
+(``proxy/transform/namechain.py``); ``:exact`` keeps its identifier tokens.
 
 Each parameter is resolved against the R4 search parameter table: the parameter's
 expression must read the element, the element itself, something inside it, or (for an
@@ -19,6 +26,7 @@ identifier's or contact point's ``value`` selected by ``system``) the token arou
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -50,6 +58,10 @@ class IndexSpec:
     prefix_min: int | None = None  # string: prefixes of at least this length are tokens
     year: bool = False  # date: also a year token
     normalize: str = "exact"  # token codes: exact or digits
+    chain: bool = False  # string on a HumanName: prefixes as a chain in the stored name, not identifiers
+    # index format v2: a parameter that is another one of the element restricted to one system (phone,
+    # email on telecom) stores nothing of its own; it is answered with <system>|<value> under that label
+    v2_via: str | None = None
 
 
 def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
@@ -85,12 +97,40 @@ def compile_indexes(rtype: str, el: CompiledElement, settings: dict[str, Any]) -
     if not isinstance(prefix, int) or prefix < 1:
         raise IndexError_("search.prefix must be a positive number of characters")
     year = bool(settings.get("year", False))
+    chain = settings.get("chain", False)
+    if chain not in (True, False):
+        raise IndexError_("search.chain must be true or false")
     if defs.element(rtype, "identifier") is None or search_param(rtype, "identifier") is None:
         raise IndexError_(f"{rtype} has no identifier element to carry blind indexes")
     if el.kind.value.startswith("choice") or el.kind.value == "narrative":
         raise IndexError_("choice elements and narratives cannot carry a blind index")
     keys = (*(h.key for h in el.nav), el.terminal.key)
-    return tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
+    if chain and (el.kind.value != "complex" or type_at(rtype, keys) != "HumanName" or "prefix" not in settings):
+        raise IndexError_("search.chain needs a whole HumanName element (e.g. path: name) and a prefix length")
+    specs = tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
+    specs = tuple(dataclasses.replace(s, chain=True) if chain and s.param_type == "string" else s for s in specs)
+    return tuple(dataclasses.replace(s, v2_via=_whole(s, specs)) for s in specs)
+
+
+def _whole(spec: IndexSpec, specs: tuple[IndexSpec, ...]) -> str | None:
+    """The label of a parameter of the same element that reads the same values without the
+    system filter of ``spec`` (``telecom`` for ``phone``): its ``<system>|<value>`` texts are
+    exactly what ``spec`` would store, so in index format v2 ``spec`` needs no tokens of its own."""
+    if spec.param_type != "token" or len(spec.criteria) != 1 or spec.criteria[0][0] != "system":
+        return None
+    if spec.value_type not in ("ContactPoint", "Identifier"):
+        return None
+    return next(
+        (
+            w.label
+            for w in specs
+            if w.param_type == "token"
+            and not w.criteria
+            and w.token_system is None
+            and (w.value_type, w.sub_path, w.normalize) == (spec.value_type, spec.sub_path, spec.normalize)
+        ),
+        None,
+    )
 
 
 def _relative_criteria(
@@ -173,6 +213,12 @@ def index_warnings(el: CompiledElement) -> list[str]:
             out.append(
                 f"blind index '{spec.param}' with prefix {spec.prefix_min} - short prefixes are shared by "
                 "many values and reveal their distribution"
+            )
+        if spec.chain and spec is next(s for s in el.indexes if s.chain):  # once per element
+            out.append(
+                "string blind indexes as a name chain - shared prefixes and part lengths are visible as with "
+                "prefix tokens, and a search may (rarely, 25-bit chunks) return a name that does not match: "
+                "results are not yet checked against the decrypted name"
             )
         if spec.param_type == "date" and not spec.year:
             out.append(f"blind index '{spec.param}' on a date - equal days are visible as equal tokens")

@@ -2,8 +2,10 @@
 
 Both sides go through :func:`value_tokens`, so a search finds exactly the resources
 whose stored tokens equal the query's. Tokens are stored as extra identifiers
-``{"system": <index system>, "value": <hex HMAC>}`` that the upstream's standard
-``identifier`` token search can match; readers never see them.
+``{"system": <index system>, "value": <token>}`` that the upstream's standard
+``identifier`` token search can match; readers never see them. Writes store index format
+v2 (short system, base32 token); searches also send the v1 token, so data written before
+(until ``fhircrypt reencrypt`` has moved it) is still found.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from proxy.crypto.blindindex import BlindIndexer
+from proxy.crypto.encoding import b32_128
 from proxy.policy.compiler import CompiledElement, IndexSpec, Kind, ResourcePolicy
 from proxy.transform import markers as mk
-from proxy.transform.normalize import NORMALISERS, date_tokens, string_tokens
+from proxy.transform.normalize import EXACT, NORMALISERS, date_tokens, string_tokens
 from proxy.transform.records import _matches, _parents
 
 _STRING_PARTS = {
@@ -93,16 +96,38 @@ def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
                 yield value
 
 
-def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
-    """The index identifiers for a plaintext resource (computed before it is encrypted)."""
-    out: list[dict] = []
+def spec_texts(resource: dict, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, set[str]]]:
+    """Every index spec with the normalised texts of a plaintext resource (all that index format v1 stored)."""
     for el in rp.elements:
         if not el.indexes:
             continue
         values = list(_element_values(resource, el))
         for spec in el.indexes:
-            texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
-            system = mk.BLIND_INDEX_BASE + spec.label
-            # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
-            out.extend({"system": system, "value": t} for t in sorted(indexer.tokens(spec.label, texts)))
+            yield spec, {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+
+
+def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
+    """The texts index format v2 stores, by label (what is keyed and hashed into tokens): not those of a
+    parameter answered under another label (``IndexSpec.v2_via``), and of a chained name only the
+    ``:exact`` texts (its prefixes live in the name itself, namechain.py)."""
+    return {
+        spec.label: {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
+        for spec, texts in spec_texts(resource, rp)
+        if spec.v2_via is None
+    }
+
+
+def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
+    """The index identifiers (format v2) for a plaintext resource (computed before it is encrypted)."""
+    labels, digests = [], []
+    for label, texts in index_texts(resource, rp).items():
+        found = list(indexer.digests(2, label, texts))
+        labels.append((label, len(found)))
+        digests += found
+    tokens = iter(b32_128(digests))  # one batch for the whole resource: base32 costs per call, not per token
+    out: list[dict] = []
+    for label, n in labels:
+        system = mk.index_system(label)
+        # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)
+        out.extend({"system": system, "value": t} for t in sorted(next(tokens) for _ in range(n)))
     return out

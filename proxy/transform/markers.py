@@ -41,9 +41,19 @@ def neutral_narrative() -> dict:
     return {"status": "generated", "div": NEUTRAL_DIV}
 
 
-BLIND_INDEX_BASE = CANONICAL + "/blind-index/"  # + <resource type>/<field id>/<search parameter>
+BLIND_INDEX_BASE = CANONICAL + "/blind-index/"  # index format v1: + <resource type>/<field id>/<search parameter>
+INDEX_BASE = CANONICAL + "/i/"  # index format v2 (written): + <field id>/<search parameter>
+INDEX_BASES = (BLIND_INDEX_BASE, INDEX_BASE)  # for str.startswith: an index identifier of either format
+
+
+def index_system(label: str) -> str:
+    """The v2 index system of a label ``<type>/<field id>/<parameter>``: the type is left out (the
+    identifier sits in a resource of that type, and the type is in the token's key), to keep it short."""
+    return INDEX_BASE + label.partition("/")[2]
+
 
 _RESERVED = "fhircrypt.dev/fhir"  # CANONICAL without its scheme
+CHAIN_MARK = "fhircrypt~"  # starts every name chain (transform/namechain.py); reserved like the namespace
 _SLASHES = re.compile(r"/{2,}")
 
 
@@ -54,7 +64,8 @@ def mentions_reserved(text: str) -> bool:
     way, so that a variant the proxy does not recognise cannot match at the server either."""
     if "%" in text:
         text = unquote(text)
-    return _RESERVED in _SLASHES.sub("/", text.lower())
+    text = text.lower()
+    return _RESERVED in _SLASHES.sub("/", text) or CHAIN_MARK in text
 
 
 def shredded_tag() -> dict:

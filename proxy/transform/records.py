@@ -11,6 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
 from proxy.crypto.keyring import Keyring
 from proxy.crypto.patientkeys import KeyShredded
@@ -18,6 +19,7 @@ from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
+from proxy.transform.namechain import chain_label, name_chains
 
 
 class AllGroups:
@@ -189,8 +191,8 @@ def _primitive_pair(value: object, under: object, path: str) -> list:
 class _Sealer:
     """Encrypts the covered elements of one resource and collects the MAC items."""
 
-    def __init__(self, cipher: RecordCipher) -> None:
-        self.cipher = cipher
+    def __init__(self, cipher: RecordCipher, indexer: BlindIndexer) -> None:
+        self.cipher, self.indexer = cipher, indexer
         self.items: list[tuple[str, str]] = []
 
     def seal(self, field_id: str, path: str, payload: object) -> str:
@@ -242,6 +244,10 @@ class _Sealer:
 
     def _complex_form(self, item: dict, path: str, el: CompiledElement) -> dict:
         form = {k: item[k] for k in el.keep if k in item}
+        chained = next((s for s in el.indexes if s.chain), None)
+        if chained is not None:  # a HumanName searched through chains in its own parts (namechain.py)
+            label = chain_label(self.cipher.resource_type, el.field_id)
+            form.update(name_chains(item, self.indexer, label, chained.prefix_min or 1))
         form.update(mk.encrypted_form(self.seal(el.field_id, path, item)))
         return form
 
@@ -323,7 +329,7 @@ def encrypt_resource(
     ``wrap`` (key id, key) wraps the data key instead of the keyring's primary: a patient key.
     Raises ShapeError when a covered location has the wrong JSON type.
     """
-    sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap))
+    sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
     for el in rp.elements:
         sealer.element(resource, el)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
@@ -610,7 +616,7 @@ def strip_index_identifiers(resource: dict) -> None:
     ids = resource.get("identifier")
     if type(ids) is not list:
         return
-    base = mk.BLIND_INDEX_BASE  # one pass, one lookup per item: a Patient carries ~76 index identifiers
+    base = mk.INDEX_BASES  # one pass, one lookup per item: a Patient carries dozens of index identifiers
     kept = [i for i in ids if type(i) is not dict or type(s := i.get("system")) is not str or not s.startswith(base)]
     if len(kept) != len(ids):
         if kept:

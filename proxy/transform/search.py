@@ -22,11 +22,15 @@ from proxy.policy.closed import canonical, same_uri
 from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
 from proxy.policy.searchparams import SearchParam, search_param
 from proxy.transform import markers as mk
-from proxy.transform.normalize import EXACT, NORMALISERS, fold
+from proxy.transform import namechain
+from proxy.transform.namechain import chain_label, chains
+from proxy.transform.normalize import EXACT, NORMALISERS, PREFIX_MAX, fold
 
 _DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
 _COMMA = re.compile(r"(?<!\\),")
-_TOKEN = re.compile("^" + re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-z0-9-]+\|[0-9a-f]{32}$")
+_TOKEN_V1 = re.escape(mk.BLIND_INDEX_BASE) + r"[A-Za-z]+/[^|]+/[a-z0-9-]+\|[0-9a-f]{32}"
+_TOKEN_V2 = re.escape(mk.INDEX_BASE) + r"[^|]+/[a-z0-9-]+\|[a-z2-7]{26}"
+_TOKEN = re.compile(f"^(?:{_TOKEN_V1}|{_TOKEN_V2})$")
 
 
 def _refuse(where: str, raw: str, why: str) -> FhirError:
@@ -112,6 +116,8 @@ def rewrite(
         owners[spec.label] = el
     if modifier is not None and not (modifier == "exact" and all(s.param_type == "string" for s in specs)):
         raise _refuse(where, raw, f"with the modifier ':{modifier}' cannot be answered on encrypted elements")
+    if modifier is None and any(s.chain for s in specs):
+        return _rewrite_chained(rp, sp, raw, value, specs, owners, ctx, where)
     out: list[str] = []
     for item in _COMMA.split(value):
         if mk.mentions_reserved(item):  # a token from a paging link, or an attempt to smuggle a value
@@ -145,25 +151,88 @@ def rewrite(
             out.append(item)
             continue
         for spec, tokens in matching:
-            el = owners[spec.label]
-            if ctx.searchable is not None and not el.groups <= ctx.searchable:
-                # searching by a value the caller may not read would reveal who has it (an existence oracle)
-                raise FhirError(
-                    403,
-                    "forbidden",
-                    f"{where}: search parameter '{raw}' reads {rp.type}.{el.source}, which this caller may not decrypt",
-                    [raw],
-                )
-            out.extend(f"{mk.BLIND_INDEX_BASE}{spec.label}|{ctx.indexer.token(spec.label, t)}" for t in tokens)
+            _check_group(owners[spec.label], rp, ctx, where, raw)
+            out.extend(_query_identifiers(ctx.indexer, spec, tokens))
     return "identifier", ",".join(out)
+
+
+def _rewrite_chained(
+    rp: ResourcePolicy,
+    sp: SearchParam,
+    raw: str,
+    value: str,
+    specs: list[IndexSpec],
+    owners: dict[str, CompiledElement],
+    ctx: Searcher,
+    where: str,
+) -> tuple[str, str]:
+    """A string search on chained names: the same parameter, each value replaced by its chain (comma = OR)."""
+    if not all(s.chain for s in specs):
+        raise _refuse(where, raw, "reads chained and token-indexed names at once, which cannot be searched together")
+    out: list[str] = []
+    for item in _COMMA.split(value):
+        if mk.mentions_reserved(item):  # a chain from a paging link (the marker is reserved: never a name)
+            if not namechain.CHAIN.fullmatch(item):
+                raise _refuse(
+                    where, raw, "uses fhircrypt's reserved name-chain marker with a value that is not a chain"
+                )
+            for spec in specs:
+                _check_group(owners[spec.label], rp, ctx, where, raw)
+            out.append(item)
+            continue
+        folded = fold(item.replace("\\,", ","))
+        for spec in specs:
+            if not folded or len(folded) < (spec.prefix_min or 1) or len(folded) > PREFIX_MAX:
+                raise _refuse(
+                    where,
+                    raw,
+                    f"needs {spec.prefix_min} to {PREFIX_MAX} characters on an encrypted name "
+                    "(other lengths are not indexed)",
+                )
+            _check_group(owners[spec.label], rp, ctx, where, raw)
+            label = chain_label(rp.type, owners[spec.label].field_id)
+            out += chains(ctx.indexer, label, [folded], spec.prefix_min or 1)
+    return sp.code, ",".join(dict.fromkeys(out))
+
+
+def _check_group(el: CompiledElement, rp: ResourcePolicy, ctx: Searcher, where: str, raw: str) -> None:
+    if ctx.searchable is not None and not el.groups <= ctx.searchable:
+        # searching by a value the caller may not read would reveal who has it (an existence oracle)
+        raise FhirError(
+            403,
+            "forbidden",
+            f"{where}: search parameter '{raw}' reads {rp.type}.{el.source}, which this caller may not decrypt",
+            [raw],
+        )
+
+
+def _query_identifiers(indexer: BlindIndexer, spec: IndexSpec, texts: list[str]) -> list[str]:
+    """The ``system|token`` values a search sends for index texts: the v2 token (what writes store) and
+    the v1 token, OR-ed, so that data written before index format v2 is found until it is re-encrypted."""
+    v1 = [f"{mk.BLIND_INDEX_BASE}{spec.label}|{t}" for t in indexer.tokens(spec.label, texts)]
+    label, own = spec.label, texts
+    if spec.v2_via is not None:  # phone=X is telecom's phone|X in index format v2
+        label, only = spec.v2_via, spec.criteria[0][1]
+        own = [f"{only}|{rest}" for system, _, rest in (t.partition("|") for t in texts) if system in ("*", only)]
+    v2 = [f"{mk.index_system(label)}|{t}" for t in indexer.tokens_v2(label, own)]
+    return v2 + v1
+
+
+def _label(token: str, rtype: str) -> str:
+    """The label ``<type>/<field id>/<parameter>`` a token's system names (v1 names the type, v2 does not)."""
+    system = token.partition("|")[0]
+    if system.startswith(mk.BLIND_INDEX_BASE):
+        return system[len(mk.BLIND_INDEX_BASE) :]
+    return f"{rtype}/{system[len(mk.INDEX_BASE) :]}"
 
 
 def is_rewritten(name: str, value: str, rp: ResourcePolicy, ctx: Searcher, where: str) -> bool:
     """A parameter this proxy produced (paging links carry them back): only index tokens, each of a field
     the caller may search by (a token copied from someone else's query is no way around the rule)."""
-    if name != "identifier" or not all(_TOKEN.match(v) for v in _COMMA.split(value)):
+    values = _COMMA.split(value)
+    if name != "identifier" or not all(_TOKEN.match(v) for v in values):
         return False
-    check_token_groups(_COMMA.split(value), rp, ctx, where, name)
+    check_token_groups(values, rp, ctx, where, name)
     return True
 
 
@@ -171,7 +240,7 @@ def check_token_groups(tokens: list[str], rp: ResourcePolicy, ctx: Searcher, whe
     """Tokens name their field in their system: it must be exactly one this proxy mints for the type
     (a variant the server might still match, such as another letter case, is no token of ours), and
     the caller must be allowed to search by that field."""
-    labels = {t[len(mk.BLIND_INDEX_BASE) :].partition("|")[0] for t in tokens}
+    labels = {_label(t, rp.type) for t in tokens}
     owners = {spec.label: el for el in rp.content_elements for spec in el.indexes}
     for label in labels:
         el = owners.get(label)
