@@ -21,8 +21,11 @@ from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.policy.loader import PolicyError
 from proxy.transform.masked import has_masked, merge_masked
 from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
+from tests import test_auth
 from tests.conftest import FHIR_JSON, ROOT, assert_no_plaintext
-from tests.test_auth import AUDIENCE, Issuer, bearer
+from tests.test_auth import AUDIENCE, bearer
+
+issuer = test_auth.issuer  # the real OpenID provider of the role matrix (a fixture)
 
 SATUSEHAT = (ROOT / "policies" / "satusehat.yaml").read_text()
 NIK_SYSTEM = "https://fhir.kemkes.go.id/id/nik"
@@ -220,14 +223,6 @@ async def test_searching_an_unlisted_system_is_refused_and_reaches_nothing(proxy
     assert clean_upstream.requests() == []
     resp = await client.get("/fhir/R4/Encounter?subject=Patient/p-ref")  # references stay searchable
     assert resp.status == 200, await resp.text()
-
-
-@pytest.fixture
-async def issuer(aiohttp_server):
-    it = Issuer()
-    server = await aiohttp_server(it.app())
-    it.url = str(server.make_url("")).rstrip("/")
-    return it
 
 
 async def test_unauthorized_readers_get_the_closed_values_masked(proxy_for, clean_upstream, issuer):
