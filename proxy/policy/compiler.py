@@ -127,25 +127,6 @@ class ResourcePolicy:
         return frozenset().union(*(e.groups for e in self.elements))
 
 
-class TypePolicies(dict[str, ResourcePolicy]):
-    """The covered types' rules, and the sentinel that applies to every type (covered or not).
-
-    The sentinel travels with the type table because every request-path function that checks
-    what is forwarded (``guard.check_search``, ``encrypt_for_write``) already receives it.
-    """
-
-    def __init__(
-        self, items: Mapping[str, ResourcePolicy] | None = None, sentinel: SentinelSettings | None = None
-    ) -> None:
-        super().__init__(items or {})
-        self.sentinel = sentinel if sentinel is not None else SentinelSettings()
-
-
-def sentinel_of(resources: Mapping[str, ResourcePolicy]) -> SentinelSettings:
-    """The sentinel settings that travel with a type table (defaults for a plain dict)."""
-    return getattr(resources, "sentinel", None) or SentinelSettings()
-
-
 @dataclass(frozen=True)
 class CompiledPolicy:
     name: str
@@ -163,6 +144,7 @@ class CompiledPolicy:
     external_attachments: str = "allow"  # Attachment.url to another host in writes: or "refuse"
     per_patient_keys: bool = False  # keys.per_patient: one key per patient, for crypto-shredding
     closure: closed.Closure = field(default_factory=closed.Closure)  # identifiers/extensions not named
+    sentinel: SentinelSettings = field(default_factory=SentinelSettings)  # PHI detectors on clear values
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -170,10 +152,6 @@ class CompiledPolicy:
 
     def for_type(self, resource_type: str) -> ResourcePolicy | None:
         return self.resources.get(resource_type)
-
-    @property
-    def sentinel(self) -> SentinelSettings:
-        return sentinel_of(self.resources)
 
     def require_configured(self) -> None:
         """Refuse a policy whose ``${…}`` variables are not all set (``serve`` starts only with them)."""
@@ -306,7 +284,8 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
         source=source,
         digest=hashlib.sha256(raw).hexdigest(),
         groups=groups,
-        resources=TypePolicies(resources, sentinel),
+        resources=resources,
+        sentinel=sentinel,
         unenveloped=unenveloped,
         findings=tuple(findings),
         closure=closure,

@@ -16,7 +16,6 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from proxy import fhirgrammar as fg
 from proxy.outcome import FhirError
-from proxy.policy.compiler import sentinel_of
 from proxy.policy.operations import OperationRule
 from proxy.policy.searchparams import search_param
 from proxy.transform import search, sentinel
@@ -127,7 +126,7 @@ def check_search(
     sentinel looks at every value forwarded unchanged (a NIK in ``address-city`` where the address
     is clear)."""
     out = _check_search(rtype, params, ctx, where)
-    cfg = sentinel_of(ctx.policies)
+    cfg = ctx.sentinel
     if cfg.active:
         for (raw, value), sent in zip(params, out, strict=True):
             if sent[1] is value and _param_name(raw)[0] not in _CONTROL_PARAMS:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
@@ -21,6 +21,7 @@ from proxy.policy.affects import touched_elements
 from proxy.policy.closed import canonical, same_uri
 from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
 from proxy.policy.searchparams import SearchParam, search_param
+from proxy.policy.sentinel import SentinelSettings
 from proxy.transform import markers as mk
 from proxy.transform import namechain
 from proxy.transform.namechain import chain_label, chains
@@ -87,6 +88,7 @@ class Searcher:
     policies: dict[str, ResourcePolicy]
     indexer: BlindIndexer
     searchable: frozenset[str] | None = None  # None: every group (development mode)
+    sentinel: SentinelSettings = field(default_factory=SentinelSettings)  # on values forwarded as they are
 
 
 def rewrite(

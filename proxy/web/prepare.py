@@ -30,7 +30,7 @@ def guard_query(call: Call, params: list[tuple[str, str]]) -> None:
     """What of the query may go upstream (search values become blind-index tokens), with the caller's
     compartment ANDed to a confined search; 406 for a non-JSON Accept (but Binary reads)."""
     rt, request, it, decision = call.rt, call.request, call.interaction, call.decided
-    call.searcher = Searcher(rt.policy.resources, rt.keyring.indexer, decision.searchable)
+    call.searcher = Searcher(rt.policy.resources, rt.keyring.indexer, decision.searchable, rt.policy.sentinel)
     forwarding = guard.check_request(it, params, request.headers, call.searcher, rt.policy.operations)
     if decision.constraint is not None:
         forwarding = dataclasses.replace(forwarding, query=[*(forwarding.query or ()), decision.constraint])
