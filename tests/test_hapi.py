@@ -362,8 +362,6 @@ def _validation_errors(hapi, resource: dict) -> list[str]:
 KNOWN_INVALID = {
     ("hipaa", "patient.json"): "whole simple extensions (HL7 patient-birthPlace, patient-mothersMaidenName) are "
     "stored as an Extension holding extensions and no value[x], which their definitions forbid",
-    ("satusehat", "patient.json"): "Patient.contact.gender is encrypted, and the validator wants a code where the "
-    "binding is required",
 }
 
 
