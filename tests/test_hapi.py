@@ -359,10 +359,7 @@ def _validation_errors(hapi, resource: dict) -> list[str]:
 
 
 # Found by the test below; see docs/interactions.md (HAPI's validator and the stored form).
-KNOWN_INVALID = {
-    ("hipaa", "patient.json"): "whole simple extensions (HL7 patient-birthPlace, patient-mothersMaidenName) are "
-    "stored as an Extension holding extensions and no value[x], which their definitions forbid",
-}
+KNOWN_INVALID: dict[tuple[str, str], str] = {}  # (policy, fixture) -> why its stored form is invalid
 
 
 @pytest.mark.parametrize(

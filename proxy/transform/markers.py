@@ -37,6 +37,23 @@ def masked_form() -> dict:
     return {"extension": [dar_masked()]}
 
 
+def value_holder(item: dict) -> str | None:
+    """Where a *simple* extension keeps the markers when the whole extension is encrypted: inside its
+    ``value[x]`` (``valueAddress`` holding only the marker extensions, ``_valueString`` for a primitive),
+    so the stored extension keeps a value as its definition requires. None for a complex extension
+    (sub-extensions, no value), whose markers stay on the extension itself."""
+    keys = [k for k in item if k.startswith("value")]
+    if len(keys) != 1 or "extension" in item:
+        return None
+    return keys[0] if type(item[keys[0]]) is dict else "_" + keys[0]
+
+
+def held_markers(item: dict, keep: tuple[str, ...]) -> str | None:
+    """The key of a stored extension's value holder (see :func:`value_holder`), or None."""
+    rest = [k for k in item if k not in keep]
+    return rest[0] if len(rest) == 1 and rest[0].lstrip("_").startswith("value") else None
+
+
 def neutral_narrative() -> dict:
     return {"status": "generated", "div": NEUTRAL_DIV}
 

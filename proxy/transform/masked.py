@@ -18,7 +18,12 @@ _DAR = [mk.dar_masked()]
 
 
 def _masked(value: object, keep: tuple[str, ...] = ()) -> bool:
-    return type(value) is dict and value.get("extension") == _DAR and set(value) <= {"extension", *keep}
+    if type(value) is not dict:
+        return False
+    if value.get("extension") == _DAR and set(value) <= {"extension", *keep}:
+        return True
+    holder = mk.held_markers(value, keep) if keep else None  # a simple extension masked inside its value[x]
+    return holder is not None and _masked(value[holder])
 
 
 def has_masked_label(resource: dict) -> bool:

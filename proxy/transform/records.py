@@ -248,7 +248,12 @@ class _Sealer:
         if chained is not None:  # a HumanName searched through chains in its own parts (namechain.py)
             label = chain_label(self.cipher.resource_type, el.field_id)
             form.update(name_chains(item, self.indexer, label, chained.prefix_min or 1))
-        form.update(mk.encrypted_form(self.seal(el.field_id, path, item)))
+        sealed = mk.encrypted_form(self.seal(el.field_id, path, item))
+        holder = mk.value_holder(item) if el.terminal.key == "extension" else None
+        if holder is not None:  # a simple extension keeps a value[x]: the markers go inside it
+            form[holder] = sealed
+        else:
+            form.update(sealed)
         return form
 
     def choice_masked(self, parent: dict, path: str, el: CompiledElement) -> None:
@@ -424,8 +429,12 @@ def _mask(slot: _Slot) -> None:
         _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
     elif shape == _COMPLEX:
         item = parent[key]  # type: ignore[index]
-        form = {k: item[k] for k in slot.extra if k in item}  # type: ignore[attr-defined]
-        form.update(mk.masked_form())
+        keep, holder = slot.extra  # type: ignore[misc]
+        form = {k: item[k] for k in keep if k in item}
+        if holder is not None:  # a simple extension: masked inside its value[x], as it was stored
+            form[holder] = mk.masked_form()
+        else:
+            form.update(mk.masked_form())
         parent[key] = form  # type: ignore[index]
     elif shape == _CHOICE_MASKED:
         _drop_ciphertext(slot)
@@ -477,7 +486,10 @@ def _find_complex(
         out.append(_Slot(el, path, None, True, _GONE))
         return
     ct = _ct_of(item)
-    out.append(_Slot(el, path, ct, ct is None, _COMPLEX, container, index, 0, keep))
+    holder = mk.held_markers(item, keep) if ct is None and el.terminal.key == "extension" else None
+    if holder is not None:
+        ct = _ct_of(item[holder])
+    out.append(_Slot(el, path, ct, ct is None, _COMPLEX, container, index, 0, (keep, holder)))
 
 
 def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
