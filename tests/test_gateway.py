@@ -338,3 +338,12 @@ async def test_operations_that_may_change_data_need_an_update_scope(proxy, issue
     assert resp.status != 403  # decided: forwarded (what the server makes of it is its own answer)
     everything = await proxy.get("/fhir/R4/Patient/pat-a/$everything", headers=reader)  # read-only: a read scope
     assert everything.status == 200
+
+
+async def test_a_patient_apps_post_search_is_confined_too(proxy, issuer, stored):
+    auth = bearer(issuer.token(**_app("pat-a"))) | {"Content-Type": "application/x-www-form-urlencoded"}
+    resp = await proxy.post("/fhir/R4/Condition/_search", data="code=D50.9", headers=auth)
+    assert resp.status == 200, await resp.text()
+    assert _ids(await resp.json()) == {"Condition/cond-a"}
+    resp = await proxy.post("/fhir/R4/Patient/_search", data="_id=pat-b", headers=auth)
+    assert resp.status == 200 and _ids(await resp.json()) == set()
