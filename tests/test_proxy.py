@@ -614,3 +614,11 @@ async def test_json_patch_on_encrypted_elements_is_executed_by_the_proxy(client,
     conditional = await client.patch("/fhir/R4/Patient?_id=x", headers=json_patch, data=orjson.dumps(ops))
     assert conditional.status == 501
     assert (await client.patch("/fhir/R4/Patient/nope", headers=json_patch, data=orjson.dumps(ops))).status == 404
+
+
+async def test_a_count_forwards_no_elements_text(client, clean_upstream):
+    """Found by the search fuzzer: with ``_summary=count`` the ``_elements`` text went upstream as sent."""
+    resp = await client.get("/fhir/R4/Patient?_elements=Wibisono&_summary=count")
+    assert resp.status == 200, await resp.text()
+    (sent,) = [r["url"] for r in clean_upstream.requests() if r["url"].startswith("/fhir/R4/Patient?")]
+    assert "Wibisono" not in sent and "_summary=count" in sent

@@ -225,6 +225,8 @@ def check_request(
         if values and values.get("_summary") != "count":
             subset = parse_subset(values.get("_summary"), values.get("_elements"))
             params = [(name, value) for name, value in params if name not in ("_summary", "_elements")]
+        elif values:  # a count returns no elements: _elements means nothing, and its text is not forwarded
+            params = [(name, value) for name, value in params if name != "_elements"]
     if_none_exist = None
     if "If-None-Exist" in headers:
         criteria = check_search(rtype, parse_query(headers["If-None-Exist"]), ctx, "If-None-Exist")
