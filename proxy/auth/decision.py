@@ -177,16 +177,19 @@ def _compartment_types() -> frozenset[str]:
     return compartment_types() | {"Patient"}
 
 
+_EVERYTHING = Decision(None, True, None, None, None, _MADE_HERE)  # immutable: one instance serves all
+
+
 def development() -> Decision:
     """``--auth none``: every group of every resource, for every caller. Never in production."""
-    return Decision(None, True, None, None, None, _MADE_HERE)
+    return _EVERYTHING
 
 
 def key_holder() -> Decision:
     """Every group, where the reader is the key holder itself, never a caller: the operator's offline
     tools (migration assessment, re-encryption) and the proxy's own write merge (the stored version a
     write is judged against and restored from; it is never returned to the caller)."""
-    return Decision(None, True, None, None, None, _MADE_HERE)
+    return _EVERYTHING
 
 
 def unscoped(grants: CallerGrants | None) -> Decision:
