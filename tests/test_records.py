@@ -325,3 +325,23 @@ def test_every_resource_in_a_searchset_is_decrypted_or_masked(keyring):
 def _granted(*groups: str) -> CallerGrants:
     """Grants of a caller whose SMART scopes are not checked: exactly these groups."""
     return CallerGrants(Caller(subject="test"), frozenset(groups), (), False, False)
+
+
+def test_text_naming_the_ciphertext_url_is_not_ciphertext():
+    """A validator's message about fhircrypt's extension (HAPI's ``$validate`` says "Unknown extension
+    https://fhircrypt.dev/…/ciphertext") is text, not an orphaned ciphertext: no integrity failure is
+    reported and the message reaches the client; a real marker outside the policy is still removed."""
+    from proxy.transform.bodies import serialise_for_client
+
+    outcome = {
+        "resourceType": "OperationOutcome",
+        "issue": [
+            {"severity": "information", "code": "processing", "diagnostics": f"Unknown extension {mk.CIPHERTEXT_URL}"}
+        ],
+    }
+    report = ReadReport()
+    assert orjson.loads(serialise_for_client(copy.deepcopy(outcome), report, "operation")) == outcome
+    assert report.failures == []
+    orphan = {"resourceType": "Basic", "extension": [{"url": mk.CIPHERTEXT_URL, "valueString": "v1.x"}]}
+    out = orjson.loads(serialise_for_client(orphan, report, "read"))
+    assert "extension" not in out and len(report.failures) == 1

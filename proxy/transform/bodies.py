@@ -159,9 +159,11 @@ def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes
     """JSON for the client after ``decrypt_body``; ciphertext the policy does not point at (an element
     removed from the policy, or placed by someone else) is removed and reported, never returned."""
     out = jsonnum.dumps(payload)
-    if _MARKERS[0] in out or _MARKERS[1] in out:
-        report.fail(where, f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
-        out = jsonnum.dumps(payload)
+    if _MARKERS[0] in out or _MARKERS[1] in out:  # a marker URL, or only text naming it (a validator's message)
+        removed = scrub_markers(payload)
+        if removed:
+            report.fail(where, f"{removed} ciphertext(s) outside the policy's elements removed")
+            out = jsonnum.dumps(payload)
     return out
 
 
