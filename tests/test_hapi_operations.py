@@ -13,7 +13,7 @@ from tests.conftest import FHIR_JSON, PUBLIC_BASE, assert_no_plaintext, leaked, 
 from tests.test_bulk import _as_sent, _local, _manifest
 from tests.test_bundles import _needles
 from tests.test_hapi import _stubs
-from tests.test_search import PATIENTS, SECRETS
+from tests.test_search import PATIENTS, SECRETS, satusehat_chained
 
 pytestmark = pytest.mark.hapi
 
@@ -86,3 +86,24 @@ async def test_a_group_export_from_hapi_comes_back_decrypted_and_only_for_the_gr
     assert outsider["id"] not in exported
     for patient in members:
         assert _as_sent(exported[patient["id"]]) == _as_sent(patient)
+
+
+@pytest.mark.parametrize("length", [12, 40, 60])
+async def test_chained_names_of_any_length_are_found_by_prefix_and_whole_on_hapi(proxy_for, clean_hapi, length):
+    """A chain grows 5 characters per character of the name part; HAPI indexes a bounded prefix of
+    each string (200 characters), so a part longer than about 37 characters has a chain HAPI only
+    partly indexes. Whole-value and prefix searches must still find the patient, and a patient whose
+    name shares only the first characters must not be returned."""
+    client = await proxy_for(clean_hapi.base_url, satusehat_chained(), upstream_timeout=120.0)
+    family = ("Wiryawangsadiningrat" * 4)[:length]
+    twin = family[:-1] + ("x" if family[-1] != "x" else "y")  # differs in the last character only
+    for pid, name in (("p-long", family), ("p-twin", twin)):
+        patient = {"resourceType": "Patient", "id": pid, "name": [{"family": name, "given": ["Ayu"]}]}
+        resp = await client.put(f"/fhir/R4/Patient/{pid}", data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    assert_no_plaintext(clean_hapi.dump(), [family, twin])
+    for query, expected in ((family, {"p-long"}), (family[:5], {"p-long", "p-twin"})):
+        resp = await client.get(f"/fhir/R4/Patient?family={query}")
+        assert resp.status == 200, await resp.text()
+        found = {e["resource"]["id"] for e in (await resp.json()).get("entry", [])}
+        assert found == expected, (length, len(query))
