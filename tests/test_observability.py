@@ -185,3 +185,21 @@ async def test_metrics_can_be_switched_off(proxy_for, clean_upstream):
     client = await proxy_for(clean_upstream.base_url, unit_policy(), metrics=False)
     resp = await client.get("/metrics")
     assert resp.status == 404  # served as a FHIR path: not a FHIR endpoint of this proxy
+
+
+async def test_identities_in_request_headers_are_not_passed_on(proxy_for, clean_upstream):
+    """A correlation id, trace state or user agent is sent upstream, logged and audited: one in which the
+    PHI sentinel's detectors recognise a NIK, a phone number or an e-mail address is replaced or dropped."""
+    client = await proxy_for(clean_upstream.base_url, unit_policy())
+    nik, phone = "3273012903870002", "+6281234567890"
+    headers = {
+        "X-Request-ID": nik,
+        "User-Agent": f"emr/2.1 (patient {phone})",
+        "tracestate": f"emr={nik}",
+        "Accept-Language": "id-ID",
+    }
+    resp = await client.get("/fhir/R4/metadata", headers=headers)
+    assert resp.status == 200 and re.fullmatch(r"[0-9a-f]{32}", resp.headers["X-Request-ID"])
+    forwarded = clean_upstream.requests()[-1]["headers"]
+    assert not [name for name, value in forwarded.items() if nik in value or phone in value]
+    assert forwarded["accept-language"] == "id-ID"  # what is no identity still passes

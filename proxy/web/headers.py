@@ -13,6 +13,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy import fhirgrammar as fg
+from proxy.transform.sentinel import detect
 
 # Authorization is not here: the upstream client sends the proxy's own credential (proxy.upstream.client)
 REQUEST_HEADERS = (
@@ -49,7 +50,11 @@ def media_type(value: str | None) -> str:
 
 
 def safe_request_id(value: str | None) -> str | None:
-    return value if value and fg.REQUEST_ID.match(value) else None
+    """The client's correlation id, if it is one: short, of id characters, and nothing the PHI sentinel
+    recognises. It is logged, audited and sent upstream, so a NIK or a phone number put there by a
+    client (or an EMR that uses the patient's number as its correlation id) is replaced by the
+    proxy's own id rather than spread."""
+    return value if value and fg.REQUEST_ID.match(value) and detect(value) is None else None
 
 
 def accepts_json(accept: str | None) -> bool:
@@ -73,7 +78,8 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name in REQUEST_HEADERS:
         for value in incoming.getall(name, ()):
-            out.add(name, value)
+            if detect(value) is None:  # a header is no place for a NIK or a phone number: not passed on
+                out.add(name, value)
     out["Accept"] = FHIR_JSON
     if has_body:
         out["Content-Type"] = FHIR_JSON + "; charset=utf-8"
