@@ -44,6 +44,7 @@ def test_valid_niks_are_recognised(nik):
     assert valid_nik(nik)
     assert detect(f"pasien NIK {nik} datang sendiri") == "nik"
     assert detect(f"{nik[:4]} {nik[4:8]} {nik[8:12]} {nik[12:]}") == "nik"  # as printed on the KTP
+    assert detect(f"NIK-{nik}") == detect(f"nik:{nik}") == detect(f"(NIK={nik})") == "nik"  # behind a label
 
 
 @pytest.mark.parametrize(
@@ -85,6 +86,8 @@ def test_invalid_niks_are_not(nik, why):
         "glukosa 0.8123456 mmol/L",
         "Urin protein +2, keton +1",
         "RM-2024-000123",
+        "order 2023-3273012903870002",  # a valid NIK structure inside a digit-dash-digit run
+        "lot 31-3273012903870002-7",
     ],
 )
 def test_realistic_clinical_text_is_not_flagged(text):
@@ -97,6 +100,8 @@ def test_realistic_clinical_text_is_not_flagged(text):
         (f"kartu BPJS {BPJS}", "bpjs"),
         (f"IHS {IHS}", "ihs"),
         ("Nomor IHS P03647103112 (sandbox)", "ihs"),
+        ("IHS-P03647103112", "ihs"),
+        (f"BPJS-{BPJS}", "bpjs"),
         ("hubungi 0812-3456-7890", "phone"),
         ("telp +62 812 3456 7890", "phone"),
         ("WA 6281234567890", "phone"),
