@@ -8,6 +8,7 @@ keeps reads fast and still reaches every resource.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from proxy.auth.decision import Decision
@@ -17,7 +18,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
-from proxy.transform.markers import CIPHERTEXT_URL, ENVELOPE_URL
+from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.masked import has_masked_label
 from proxy.transform.records import (
     Grants,
@@ -163,6 +164,25 @@ def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes
         report.fail(where, f"{scrub_markers(payload)} ciphertext(s) outside the policy's elements removed")
         out = jsonnum.dumps(payload)
     return out
+
+
+# JSON escapes that could spell a type name, fhircrypt's URL or the upstream's base so that a byte search
+# misses them (``\u0050atient``, ``https:\/\/``); the others only write quotes, backslashes and control
+# characters.
+_HIDING_ESCAPES = (b"\\u", b"\\/")
+_OWN_ARTEFACTS = CANONICAL.split("://", 1)[1].encode()  # envelope, ciphertext, tag and index systems
+_RESOURCE_TYPE = re.compile(rb'"resourceType"\s*:\s*"([^"]*)"')
+
+
+def untouched(raw: bytes, policy: CompiledPolicy) -> bool:
+    """Whether a JSON body holds nothing the policy acts on, judged on its bytes before any parse: no
+    resource of a covered type, none of fhircrypt's artefacts (ciphertext left where the policy no longer
+    points is removed only on the parsing path), and no escape that could hide either. Such a body needs
+    no decryption, masking or scrubbing and no re-serialisation. A false "no" costs only speed."""
+    if any(escape in raw for escape in _HIDING_ESCAPES) or _OWN_ARTEFACTS in raw:
+        return False
+    covered = policy.resources
+    return not covered or not any(t.decode("utf-8", "replace") in covered for t in _RESOURCE_TYPE.findall(raw))
 
 
 def encrypt_for_write(

@@ -68,6 +68,11 @@ def references_in(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(out))[:MAX_REFERENCES]
 
 
+def audited_references(rt, payload: dict[str, Any]) -> list[str]:
+    """:func:`references_in`, where an audit trail will record them (nothing else reads them)."""
+    return references_in(payload) if rt.audit else []
+
+
 def reference_of(location: object) -> str | None:
     """``Patient/123`` from a Location (``[base/]Patient/123[/_history/2]``), or None."""
     if type(location) is not str:
