@@ -185,10 +185,33 @@ def untouched(raw: bytes, policy: CompiledPolicy) -> bool:
     return not covered or not any(t.decode("utf-8", "replace") in covered for t in _RESOURCE_TYPE.findall(raw))
 
 
+def covers_any(value: object, policy: CompiledPolicy) -> bool:
+    """Whether a resource of a covered type (or with a resourceType that is not a string) appears anywhere
+    in ``value``, in any element and at any depth, so that no slot a resource could hide in is missed."""
+    covered = policy.resources
+    if not covered:
+        return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if "resourceType" in item:
+                rtype = item["resourceType"]
+                if type(rtype) is not str or rtype in covered:
+                    return True
+            stack.extend(v for v in item.values() if type(v) is dict or type(v) is list)
+        elif type(item) is list:
+            stack.extend(v for v in item if type(v) is dict or type(v) is list)
+    return False
+
+
 def encrypt_for_write(
     resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
 ) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
+
+    Validation (``validate``) is for what the server can no longer check once it is encrypted: a write
+    that holds no resource of a covered type reaches the server as sent, and the server validates it.
 
     Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
     are encrypted by their own type's policy, each with its own envelope, deepest first.
@@ -204,7 +227,7 @@ def encrypt_for_write(
             "masked, and only an update of that resource can write it back",
             [f"{rtype}.meta.security"],
         )
-    if validate:
+    if validate and covers_any(resource, policy):  # otherwise the server receives, and validates, what was sent
         validate_resource(resource)
     nested = list(nested_resources(resource, rtype if type(rtype) is str else "?"))
     top = wrap_for(resource) if wrap_for is not None else None
