@@ -61,6 +61,7 @@ def _encounter(eid: str, patient: str, **extra) -> dict:
         (b'{"resourceType":"Bundle","entry":[{"resource":{"resourceType":"Patient"}}]}', False),
         (b'{"resourceType":"\\u0050atient","id":"p1"}', False),  # an escape spells the covered type
         (b'{"resourceType":"Encounter","link":"https:\\/\\/elsewhere"}', False),  # escaped slashes hide URLs
+        (b'{"resourceType":"Encounter","text":"C:\\\\users \\"x\\""}', True),  # an escaped backslash escapes no u
         (b'{"resourceType":"Encounter","extension":[{"url":"' + mk.CIPHERTEXT_URL.encode() + b'"}]}', False),
     ],
 )
