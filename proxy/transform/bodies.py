@@ -192,7 +192,7 @@ def untouched(raw: bytes, policy: CompiledPolicy) -> bool:
     resource of a covered type, none of fhircrypt's artefacts (ciphertext left where the policy no longer
     points is removed only on the parsing path), and no escape that could hide either. Such a body needs
     no decryption, masking or scrubbing and no re-serialisation. A false "no" costs only speed."""
-    if _hiding_escape(raw) or _OWN_ARTEFACTS in raw:
+    if _OWN_ARTEFACTS in raw or _hiding_escape(raw):  # stored ciphertext: found near the start
         return False
     covered = policy.resources
     return not covered or not any(t.decode("utf-8", "replace") in covered for t in _RESOURCE_TYPE.findall(raw))
