@@ -68,9 +68,9 @@ def references_in(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(out))[:MAX_REFERENCES]
 
 
-def audited_references(rt, payload: dict[str, Any]) -> list[str]:
-    """:func:`references_in`, where an audit trail will record them (nothing else reads them)."""
-    return references_in(payload) if rt.audit else []
+def audited_references(sinks: list[AsyncAuditSink], payload: dict[str, Any]) -> list[str]:
+    """:func:`references_in` when there are audit ``sinks`` to record them (nothing else reads them)."""
+    return references_in(payload) if sinks else []
 
 
 def reference_of(location: object) -> str | None:

@@ -76,7 +76,7 @@ def _relay(
     decision.screen(payload, EXPORT)
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), exchange.report)
     if len(exchange.references) < MAX_REFERENCES:
-        exchange.references.extend(audited_references(rt, payload))
+        exchange.references.extend(audited_references(rt.audit, payload))
     if hits:
         alarm(rt, exchange, hits, request_id)
     drop_foreign_links(payload, rt.upstream_base)  # and links into the upstream's base lead to the proxy:
@@ -244,7 +244,7 @@ async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, ex
         if not decision.visible(resource):
             continue
         if len(exchange.references) < MAX_REFERENCES:
-            exchange.references.extend(audited_references(rt, resource))
+            exchange.references.extend(audited_references(rt.audit, resource))
         if as_sent:
             out.append(line.strip(_JSON_SPACE))
             continue

@@ -124,7 +124,7 @@ def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, 
     view = upstream_resource(raw, parse=orjson.loads)
     if call.decided.screen(view, it) or has_foreign_links(view, rt.upstream_base) or has_page_links(rt, view):
         return None  # the parsing path judges a fresh parse again and changes what it must
-    call.exchange.references = audited_references(rt, view)
+    call.exchange.references = audited_references(rt.audit, view)
     out = _to_public(rt, raw)
     return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
 
@@ -146,7 +146,7 @@ async def _answer(
         secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
     decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
-    exchange.references = audited_references(rt, payload)
+    exchange.references = audited_references(rt.audit, payload)
     if hits:
         alarm(rt, exchange, hits, call.request_id)
     drop_foreign_links(payload, rt.upstream_base)
