@@ -127,7 +127,11 @@ async def test_an_uncovered_write_is_left_to_the_servers_validation_a_covered_on
     assert clean_upstream.requests() == []
 
 
-async def test_a_patient_app_is_still_screened_on_an_uncovered_type(jwt_proxy, proxy_for, clean_upstream, issuer):
+async def test_a_patient_app_is_still_screened_and_audited_on_an_uncovered_type(
+    jwt_proxy, proxy_for, clean_upstream, issuer, tmp_path
+):
+    from proxy.audit.cli import init_trail
+
     writer = await proxy_for(clean_upstream.base_url, POLICY)
     for resource in (
         {"resourceType": "Patient", "id": "pat-a", "name": [{"family": "Wulandari"}]},
@@ -137,7 +141,9 @@ async def test_a_patient_app_is_still_screened_on_an_uncovered_type(jwt_proxy, p
     ):
         path = f"/fhir/R4/{resource['resourceType']}/{resource['id']}"
         assert (await writer.put(path, data=orjson.dumps(resource), headers=FHIR_JSON)).status == 201
-    app = await jwt_proxy(POLICY)
+    trail = tmp_path / "audit.jsonl"
+    init_trail(trail, tmp_path / "audit.key")
+    app = await jwt_proxy(POLICY, audit_trail=str(trail))
     auth = bearer(issuer.token(scope="patient/*.rs", patient="pat-a", fhirUser="Patient/pat-a"))
     own = await app.get("/fhir/R4/Encounter/enc-a", headers=auth)
     assert own.status == 200 and (await own.json())["id"] == "enc-a"
@@ -146,3 +152,7 @@ async def test_a_patient_app_is_still_screened_on_an_uncovered_type(jwt_proxy, p
     assert "pat-b" not in (await other.text()).replace("Encounter/enc-b", "")
     found = await (await app.get("/fhir/R4/Encounter", headers=auth)).json()
     assert [e["resource"]["id"] for e in found.get("entry", [])] == ["enc-a"]
+    await app.server.close()  # flushes the trail
+    events = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
+    named = [{e["what"]["reference"] for e in ev["entity"] if "reference" in e.get("what", {})} for ev in events]
+    assert named == [{"Encounter/enc-a"}, {"Encounter/enc-b"}, {"Encounter/enc-a"}]  # the search's answer too
