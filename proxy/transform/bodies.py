@@ -8,6 +8,7 @@ keeps reads fast and still reaches every resource.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from proxy.auth.decision import Decision
@@ -17,7 +18,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
-from proxy.transform.markers import CIPHERTEXT_URL, ENVELOPE_URL
+from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.masked import has_masked_label
 from proxy.transform.records import (
     Grants,
@@ -167,10 +168,65 @@ def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes
     return out
 
 
+# JSON escapes that could spell a type name, fhircrypt's URL or the upstream's base so that a byte search
+# misses them (``\u0050atient``, ``https:\/\/``); the others only write quotes, backslashes and control
+# characters.
+_HIDING_ESCAPES = (b"u", b"/")
+
+
+def _hiding_escape(raw: bytes) -> bool:
+    r"""Whether ``raw`` holds a ``\u`` or ``\/`` escape: one ``find`` per backslash (a narrative's ``\"``
+    is common) is several times faster than searching for each two-byte escape across the whole body."""
+    at = raw.find(b"\\")
+    while at >= 0:
+        if raw[at + 1 : at + 2] in _HIDING_ESCAPES:
+            return True
+        at = raw.find(b"\\", at + 2)  # past the escaped character: an escaped backslash escapes nothing more
+    return False
+
+
+_OWN_ARTEFACTS = CANONICAL.split("://", 1)[1].encode()  # envelope, ciphertext, tag and index systems
+_RESOURCE_TYPE = re.compile(rb'"resourceType"\s*:\s*"([^"]*)"')
+
+
+def untouched(raw: bytes, policy: CompiledPolicy) -> bool:
+    """Whether a JSON body holds nothing the policy acts on, judged on its bytes before any parse: no
+    resource of a covered type, none of fhircrypt's artefacts (ciphertext left where the policy no longer
+    points is removed only on the parsing path), and no escape that could hide either. Such a body needs
+    no decryption, masking or scrubbing and no re-serialisation. A false "no" costs only speed."""
+    if _OWN_ARTEFACTS in raw or _hiding_escape(raw):  # stored ciphertext: found near the start
+        return False
+    covered = policy.resources
+    return not covered or not any(t.decode("utf-8", "replace") in covered for t in _RESOURCE_TYPE.findall(raw))
+
+
+def covers_any(value: object, policy: CompiledPolicy) -> bool:
+    """Whether a resource of a covered type (or with a resourceType that is not a string) appears anywhere
+    in ``value``, in any element and at any depth, so that no slot a resource could hide in is missed."""
+    covered = policy.resources
+    if not covered:
+        return False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is dict:
+            if "resourceType" in item:
+                rtype = item["resourceType"]
+                if type(rtype) is not str or rtype in covered:
+                    return True
+            stack.extend(v for v in item.values() if type(v) is dict or type(v) is list)
+        elif type(item) is list:
+            stack.extend(v for v in item if type(v) is dict or type(v) is list)
+    return False
+
+
 def encrypt_for_write(
     resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
 ) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
+
+    Validation (``validate``) is for what the server can no longer check once it is encrypted: a write
+    that holds no resource of a covered type reaches the server as sent, and the server validates it.
 
     Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
     are encrypted by their own type's policy, each with its own envelope, deepest first.
@@ -186,7 +242,7 @@ def encrypt_for_write(
             "masked, and only an update of that resource can write it back",
             [f"{rtype}.meta.security"],
         )
-    if validate:
+    if validate and covers_any(resource, policy):  # otherwise the server receives, and validates, what was sent
         validate_resource(resource)
     nested = list(nested_resources(resource, rtype if type(rtype) is str else "?"))
     top = wrap_for(resource) if wrap_for is not None else None

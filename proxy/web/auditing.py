@@ -68,6 +68,11 @@ def references_in(payload: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(out))[:MAX_REFERENCES]
 
 
+def audited_references(sinks: list[AsyncAuditSink], payload: dict[str, Any]) -> list[str]:
+    """:func:`references_in` when there are audit ``sinks`` to record them (nothing else reads them)."""
+    return references_in(payload) if sinks else []
+
+
 def reference_of(location: object) -> str | None:
     """``Patient/123`` from a Location (``[base/]Patient/123[/_history/2]``), or None."""
     if type(location) is not str:

@@ -19,11 +19,11 @@ from aiohttp import web
 from proxy.auth.decision import Decision
 from proxy.outcome import FhirError
 from proxy.transform import bulk, jsonnum
-from proxy.transform.bodies import decrypt_body, serialise_for_client
+from proxy.transform.bodies import decrypt_body, serialise_for_client, untouched
 from proxy.transform.interactions import Interaction
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, watch_canaries
-from proxy.web.auditing import MAX_REFERENCES, Exchange, references_in
+from proxy.web.auditing import MAX_REFERENCES, Exchange, audited_references
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links, upstream_resource
@@ -76,7 +76,7 @@ def _relay(
     decision.screen(payload, EXPORT)
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), exchange.report)
     if len(exchange.references) < MAX_REFERENCES:
-        exchange.references.extend(references_in(payload))
+        exchange.references.extend(audited_references(rt.audit, payload))
     if hits:
         alarm(rt, exchange, hits, request_id)
     drop_foreign_links(payload, rt.upstream_base)  # and links into the upstream's base lead to the proxy:
@@ -234,16 +234,26 @@ async def _file(
 
 
 async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, exchange: Exchange) -> bytes:
+    """Each line judged for the caller and decrypted; a line holding nothing the policy acts on
+    (``bodies.untouched``, and no canary to watch) goes out as it came, parsed only to be judged."""
+    plain = not rt.policy.canaries
     out = []
     for line in lines:
-        resource = upstream_resource(line, "an export file line is")
+        as_sent = plain and untouched(line, rt.policy)
+        resource = upstream_resource(line, "an export file line is", orjson.loads if as_sent else jsonnum.loads)
         if not decision.visible(resource):
+            continue
+        if len(exchange.references) < MAX_REFERENCES:
+            exchange.references.extend(audited_references(rt.audit, resource))
+        if as_sent:
+            out.append(line.strip(_JSON_SPACE))
             continue
         if PATIENT_KEY_MARK in line:
             await rt.prefetch_patient_keys(resource)
         decrypt_body(resource, rt.policy, rt.read_keys, decision, exchange.report)
-        if len(exchange.references) < MAX_REFERENCES:
-            exchange.references.extend(references_in(resource))
         out.append(serialise_for_client(resource, exchange.report, "export file"))
     out.append(b"")
     return b"\n".join(out)
+
+
+_JSON_SPACE = b" \t\r\n"

@@ -16,18 +16,18 @@ from aiohttp import web
 
 from proxy.outcome import FhirError
 from proxy.transform import guard, subset
-from proxy.transform.bodies import decrypt_body, serialise_for_client
+from proxy.transform.bodies import decrypt_body, serialise_for_client, untouched
 from proxy.web import headers as hdr
 from proxy.web import metrics
 from proxy.web.access import alarm, watch_canaries
-from proxy.web.auditing import reference_of, references_in
+from proxy.web.auditing import audited_references, reference_of
 from proxy.web.binaries import binary_content
 from proxy.web.call import Call
 from proxy.web.discovery import secure_capabilities
-from proxy.web.paging import sign_page_links
+from proxy.web.paging import has_page_links, sign_page_links
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import drop_foreign_links, leads_elsewhere, upstream_resource
+from proxy.web.upstream import drop_foreign_links, has_foreign_links, leads_elsewhere, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 
@@ -98,11 +98,39 @@ async def forward(call: Call) -> web.Response:
         return web.Response(status=status, headers=out_headers)
     if ctype not in hdr.JSON_TYPES:
         raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
-    payload = upstream_resource(raw)
     try:
-        return await _answer(call, forwarding, payload, raw, status, out_headers)
+        as_sent = _as_sent(call, forwarding, raw, status, out_headers)
+        return as_sent or await _answer(call, forwarding, upstream_resource(raw), raw, status, out_headers)
     except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
         raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None
+
+
+def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, out_headers) -> web.Response | None:
+    """The upstream's own bytes, its URLs rewritten to the proxy's base, when the answer needs nothing else
+    from the proxy (None otherwise): nothing in it the policy acts on (``bodies.untouched``), nothing the
+    proxy took over (a subset, a Binary's content, the capability statement), no canary to watch, no page
+    link to sign or foreign link to drop, and nothing the access decision removes. It is still parsed, to
+    be judged and audited (plain orjson: the parse is not serialised again), and the bytes that go out are
+    the bytes that were judged."""
+    rt, it = call.rt, call.interaction
+    if (
+        it.kind == "capabilities"
+        or forwarding.subset is not None
+        or forwarding.raw_binary
+        or rt.policy.canaries
+        or not untouched(raw, rt.policy)
+    ):
+        return None
+    view = upstream_resource(raw, parse=orjson.loads)
+    if call.decided.screen(view, it) or has_foreign_links(view, rt.upstream_base) or has_page_links(rt, view):
+        return None  # the parsing path judges a fresh parse again and changes what it must
+    call.exchange.references = audited_references(rt.audit, view)
+    out = _to_public(rt, raw)
+    return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
+
+
+def _to_public(rt: Runtime, body: bytes) -> bytes:
+    return body.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
 
 
 async def _answer(
@@ -118,7 +146,7 @@ async def _answer(
         secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
     decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
-    exchange.references = references_in(payload)
+    exchange.references = audited_references(rt.audit, payload)
     if hits:
         alarm(rt, exchange, hits, call.request_id)
     drop_foreign_links(payload, rt.upstream_base)
@@ -129,7 +157,7 @@ async def _answer(
         content_type, data = binary_content(payload, report)
         return web.Response(status=200, body=data, headers=out_headers, content_type=content_type)
     out = serialise_for_client(payload, report, it.label())
-    out = out.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
+    out = _to_public(rt, out)
     if report.failures:
         out_headers["X-Fhircrypt-Integrity"] = f"failed; issues={len(report.failures)}"
         log.warning(

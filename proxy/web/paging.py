@@ -12,6 +12,8 @@ first. The ``self`` link stays a plain link to the proxy: it repeats the (rewrit
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import orjson
 
 from proxy.outcome import FhirError
@@ -24,18 +26,29 @@ _NAVIGATION = frozenset({"next", "previous", "prev", "first", "last"})
 _PAGED = frozenset({"searchset", "history"})
 
 
-def sign_page_links(rt: Runtime, payload: dict, subject: str | None, it: Interaction) -> None:
-    """Replace the navigation links of a searchset or history Bundle that point into the upstream's
-    base with proxy links bound to ``subject`` (in place); ``self`` is left alone."""
+def _unsigned(rt: Runtime, payload: dict) -> Iterator[dict]:
+    """The navigation links of a searchset or history Bundle that point into the upstream's base."""
     if payload.get("resourceType") != "Bundle" or payload.get("type") not in _PAGED:
         return
     links = payload.get("link")
     for link in links if type(links) is list else ():
         url = link.get("url") if type(link) is dict else None
         if link and link.get("relation") in _NAVIGATION and type(url) is str and url.startswith(rt.upstream_base):
-            assert rt.client is not None
-            claim = orjson.dumps([subject, it.kind, it.level, it.resource_type, str(rt.client.resolve(url))])
-            link["url"] = f"{rt.public_base}/{LINKS}/{PAGE}/{rt.keyring.link_signer.sign(f'{PAGE} {claim.decode()}')}"
+            yield link
+
+
+def sign_page_links(rt: Runtime, payload: dict, subject: str | None, it: Interaction) -> None:
+    """Replace the navigation links of a searchset or history Bundle that point into the upstream's
+    base with proxy links bound to ``subject`` (in place); ``self`` is left alone."""
+    for link in _unsigned(rt, payload):
+        assert rt.client is not None
+        claim = orjson.dumps([subject, it.kind, it.level, it.resource_type, str(rt.client.resolve(link["url"]))])
+        link["url"] = f"{rt.public_base}/{LINKS}/{PAGE}/{rt.keyring.link_signer.sign(f'{PAGE} {claim.decode()}')}"
+
+
+def has_page_links(rt: Runtime, payload: dict) -> bool:
+    """Whether :func:`sign_page_links` would sign a link of ``payload``."""
+    return next(_unsigned(rt, payload), None) is not None
 
 
 def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str]:

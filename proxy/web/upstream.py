@@ -73,23 +73,33 @@ def leads_elsewhere(value: str, upstream_base: str) -> bool:
     return lowered.startswith(("http:", "https:", "//")) and not inside
 
 
+def _bundle_links(payload: dict) -> list:
+    links = payload.get("link") if payload.get("resourceType") == "Bundle" else None
+    return links if type(links) is list else []
+
+
+def _away(link: object, upstream_base: str) -> bool:
+    return type(link) is dict and type(link.get("url")) is str and leads_elsewhere(link["url"], upstream_base)
+
+
 def drop_foreign_links(payload: dict, upstream_base: str) -> None:
     """Remove a Bundle's navigation links (next, previous, ...) that lead elsewhere (``leads_elsewhere``)."""
-    links = payload.get("link") if payload.get("resourceType") == "Bundle" else None
-    if type(links) is list:
-        kept = [
-            k
-            for k in links
-            if not (type(k) is dict and type(k.get("url")) is str and leads_elsewhere(k["url"], upstream_base))
-        ]
-        if len(kept) != len(links):
-            payload["link"] = kept
+    links = _bundle_links(payload)
+    kept = [k for k in links if not _away(k, upstream_base)]
+    if len(kept) != len(links):
+        payload["link"] = kept
 
 
-def upstream_resource(raw: bytes, what: str = "the upstream answered with") -> dict:
-    """A JSON object from the upstream, or a 502 naming what was wrong (never its content)."""
+def has_foreign_links(payload: dict, upstream_base: str) -> bool:
+    """Whether :func:`drop_foreign_links` would remove a link."""
+    return any(_away(k, upstream_base) for k in _bundle_links(payload))
+
+
+def upstream_resource(raw: bytes, what: str = "the upstream answered with", parse=jsonnum.loads) -> dict:
+    """A JSON object from the upstream, or a 502 naming what was wrong (never its content). ``parse``:
+    ``orjson.loads`` where the value is only looked at, never serialised again (no exact numbers needed)."""
     try:
-        value = jsonnum.loads(raw)
+        value = parse(raw)
     except orjson.JSONDecodeError:
         raise FhirError(502, "structure", f"{what} invalid JSON") from None
     if type(value) is not dict:
