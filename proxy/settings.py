@@ -1,4 +1,9 @@
-"""The proxy's configuration: one table of options, resolved from flags, environment, a file and defaults.
+"""The proxy's configuration: each option declared once, resolved from flags, environment, a file and defaults.
+
+Every option is a field of :class:`Settings` whose metadata declares it (help, default, parsing,
+choices, whether it is a path or a secret, which operator commands take it); :data:`OPTIONS`,
+the flags (:mod:`proxy.optionflags`), the environment variables and the config-file keys are
+derived from those fields, so a name, a default or a help text cannot drift between them.
 
 Precedence is flags > ``FHIRCRYPT_*`` environment variables > the YAML config file > defaults,
 and every resolved value remembers where it came from (``fhircrypt config show``). Secrets
