@@ -117,8 +117,7 @@ def proxy_app(upstream: str, policy: str, port: int, validate: bool = True):
         upstream=upstream.rstrip("/"),
         policy=policy_file,
         keyring="",
-        host="127.0.0.1",
-        port=port,
+        listen=("127.0.0.1", port),
         auth="none",
         validate=validate,
     )

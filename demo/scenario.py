@@ -153,7 +153,7 @@ async def run(
                 policy=POLICY,
                 keyring="",
                 auth="none",
-                public_base="http://127.0.0.1:0/fhir/R4",
+                public_base_url="http://127.0.0.1:0/fhir/R4",
             )
             runner = web.AppRunner(create_app(settings, policy, keyring), access_log=None)
             await runner.setup()

@@ -34,15 +34,25 @@ from proxy.crypto.keyring import (
 )
 from proxy.crypto.providers.base import KeyringError, describe_text
 from proxy.crypto.providers.local import generate_kek
-from proxy.envsecrets import read_secret
-from proxy.keyflags import add_provider_args, provider_from_args, url_arg
+from proxy.keyflags import provider_from_settings
 from proxy.keystore import cli as shred_cli
 from proxy.keystore.base import StoreError
+from proxy.optionflags import add_option_flags, resolve_args, settings_from_args
 from proxy.oserrors import os_error_line
 from proxy.policy.compiler import compile_file
 from proxy.policy.explain import explain
 from proxy.policy.loader import PolicyError
-from proxy.settings import CONFIG_ENV, OPTIONS, Resolved, kek_source, missing_required, parse_bool, resolve
+from proxy.settings import (
+    KEYRING,
+    POLICY,
+    PROVIDER,
+    STORE,
+    UPSTREAM,
+    Settings,
+    kek_source,
+    missing_required,
+    options_in,
+)
 
 if TYPE_CHECKING:
     from proxy.migrate.commands import Connection
@@ -50,67 +60,20 @@ if TYPE_CHECKING:
 log = logging.getLogger("fhircrypt")
 
 
-def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get("FHIRCRYPT_" + name.upper().replace("-", "_"), default)
+# The options each operator command takes (serve, config show and probe take them all).
+KEYS = options_in(KEYRING, PROVIDER)
+SHRED = options_in(KEYRING, PROVIDER, STORE)
+RETIRE = options_in(KEYRING, PROVIDER, UPSTREAM)
+REENCRYPT = options_in(KEYRING, PROVIDER, UPSTREAM, POLICY)
+COVERAGE = options_in(UPSTREAM, POLICY)
+TARGET = options_in(PROVIDER)  # keys rewrap --to-...
 
 
-def _secret(name: str) -> str | None:
-    """A secret from FHIRCRYPT_<NAME>_FILE or FHIRCRYPT_<NAME>; secrets never come from flags."""
-    return read_secret(os.environ, name)
-
-
-def _kek_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keyring", default=_env("keyring", ".fhircrypt/keyring.json"), help="keyring file")
-    add_provider_args(p)
-
-
-def _store_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--patient-key-store",
-        default=_env("patient_key_store"),
-        help="per-patient keys (policy keys.per_patient): a SQLite file, or postgresql://… for several replicas",
-    )
-    p.add_argument(
-        "--patient-key-ttl",
-        type=float,
-        default=float(_env("patient_key_ttl") or "60"),
-        help="seconds a replica may use a cached patient key: a shred reaches every replica within this",
-    )
-
-
-def _upstream_args(p: argparse.ArgumentParser) -> None:
-    """The direct connection of the operator tools to the upstream (its token only from the environment)."""
-    p.add_argument("--upstream", default=_env("upstream"), type=url_arg, help="FHIR base URL of the upstream server")
-    p.add_argument("--upstream-ca", default=_env("upstream_ca"), help="CA bundle for an https upstream")
+def _tool_args(p: argparse.ArgumentParser) -> None:
+    """The operator tools' own knobs (not deployment options: --workers here counts concurrent requests)."""
     p.add_argument("--workers", type=int, default=8, help="concurrent requests")
     p.add_argument("--rate", type=float, help="at most this many requests per second to the upstream")
     p.add_argument("--report", help="write the JSON report to this file ('-' for stdout)")
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    """One flag per configuration option; a secret only as ``--<name>-file`` (a path, never the value)."""
-    p.allow_abbrev = False  # else --upstream-token <value> would be taken for --upstream-token-file <path>
-    p.add_argument("--config", help=f"YAML configuration file (or {CONFIG_ENV})")
-    for opt in OPTIONS:
-        if opt.secret:
-            p.add_argument(
-                opt.flag + "-file", dest=opt.name + "_file", default=None, help=f"file holding the {opt.help}"
-            )
-            continue
-        # default=None tells a flag given from one left out (the model resolves env, file, default); the help
-        # shows the default and the environment variable, as ArgumentDefaultsHelpFormatter cannot here
-        shown = "required; " if opt.required else "" if opt.default is None else f"default {opt.default}; "
-        help_text = f"{opt.help} [{shown}env {opt.env}]".replace("%", "%%")
-        if opt.parse is parse_bool:
-            p.add_argument(opt.flag, dest=opt.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            p.add_argument(opt.flag, dest=opt.name, choices=opt.choices, default=None, help=help_text)
-
-
-def _resolve(args: argparse.Namespace) -> Resolved:
-    dests = [opt.name + "_file" if opt.secret else opt.name for opt in OPTIONS]
-    flags = {dest: getattr(args, dest) for dest in dests}
-    return resolve(flags, os.environ, args.config)
 
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # what add_subparsers returns
@@ -154,7 +117,7 @@ class _FirstWord(argparse.Action):
 
 def _serve(sub: Subparsers) -> None:
     serve = sub.add_parser("serve", help="run the proxy")
-    _config_args(serve)
+    add_option_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
 
@@ -162,14 +125,14 @@ def _config(sub: Subparsers) -> None:
     config = sub.add_parser("config", help="the effective configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     show = config_sub.add_parser("show", help="every option, its value and where it came from (secrets redacted)")
-    _config_args(show)
+    add_option_flags(show)
     show.set_defaults(func=cmd_config)
 
 
 def _probe(sub: Subparsers) -> None:
     probe = sub.add_parser("probe", help="exit 0 when the local proxy answers /healthz (container HEALTHCHECK)")
     probe.add_argument("--ready", action="store_true", help="ask /readyz instead")
-    _config_args(probe)
+    add_option_flags(probe)
     probe.set_defaults(func=cmd_probe)
 
 
@@ -191,7 +154,7 @@ def _keys(sub: Subparsers) -> None:
     keys = sub.add_parser("keys", help="manage the local keyring")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create a new keyring")
-    _kek_args(init)
+    add_option_flags(init, KEYS)
     init.add_argument(
         "--generate-kek",
         metavar="FILE",
@@ -199,47 +162,55 @@ def _keys(sub: Subparsers) -> None:
     )
     init.set_defaults(func=cmd_keys_init)
     rotate = keys_sub.add_parser("rotate", help="add a new primary key; old keys keep decrypting")
-    _kek_args(rotate)
+    add_option_flags(rotate, KEYS)
     rotate.set_defaults(func=cmd_keys_rotate)
     listing = keys_sub.add_parser("list", help="show key ids and which is primary (never key material)")
-    _kek_args(listing)
+    add_option_flags(listing, KEYS)
     listing.set_defaults(func=cmd_keys_list)
     rewrap = keys_sub.add_parser(
         "rewrap", help="wrap the keyring under another key-encryption key or provider (resources untouched)"
     )
-    _kek_args(rewrap)
-    add_provider_args(rewrap, prefix="to-")
+    add_option_flags(rewrap, KEYS)
+    add_option_flags(rewrap, TARGET, prefix="to-")
     rewrap.add_argument("--out", help="write the rewrapped keyring here instead of replacing --keyring")
     rewrap.add_argument(
         "--generate-kek", metavar="FILE", help="--to-key-provider local: create the new KEK in FILE (mode 0600)"
     )
     rewrap.set_defaults(func=cmd_keys_rewrap)
     backup = keys_sub.add_parser("backup", help="copy the wrapped keyring to FILE after proving it opens")
-    _kek_args(backup)
+    add_option_flags(backup, KEYS)
     backup.add_argument("--out", required=True, help="the backup file (never overwritten; mode 0600)")
     backup.set_defaults(func=cmd_keys_backup)
     restore = keys_sub.add_parser(
         "restore", help="put a verified backup in place of --keyring (refuses to drop keys the current one holds)"
     )
-    _kek_args(restore)
+    add_option_flags(restore, KEYS)
     restore.add_argument("--from", dest="source", required=True, help="the backup file")
     restore.set_defaults(func=cmd_keys_restore)
     retire = keys_sub.add_parser(
         "retire", help="remove a key once a scan of the upstream proves no stored resource still uses it"
     )
     retire.add_argument("key", help="key id, e.g. k1")
-    _upstream_args(retire)
+    _tool_args(retire)
     retire.add_argument("--types", nargs="+", help="scan only these types (default: every R4 resource type)")
     retire.add_argument(
         "--history", action="store_true", help="also scan every version in _history (refuses while any uses the key)"
     )
-    _kek_args(retire)
+    add_option_flags(retire, RETIRE)
     retire.set_defaults(func=cmd_keys_retire)
 
 
-def _with_keyring(run: Callable[[argparse.Namespace, Keyring], int]) -> Callable[[argparse.Namespace], int]:
+ShredCommand: TypeAlias = Callable[[argparse.Namespace, Settings, Keyring], int]
+
+
+def _with_keyring(run: ShredCommand) -> Callable[[argparse.Namespace], int]:
     """A shred command: the keyring first (the store names patients only by tags keyed with it)."""
-    return lambda args: run(args, load_keyring(args.keyring, provider_from_args(args)))
+
+    def opened(args: argparse.Namespace) -> int:
+        settings = settings_from_args(args)
+        return run(args, settings, load_keyring(settings.keyring, provider_from_settings(settings)))
+
+    return opened
 
 
 def _shred(sub: Subparsers) -> None:
@@ -248,9 +219,8 @@ def _shred(sub: Subparsers) -> None:
     def patient(p: argparse.ArgumentParser) -> None:
         p.add_argument("patient", metavar="Patient/<id>")
 
-    def stores(p: argparse.ArgumentParser, run: Callable[[argparse.Namespace, Keyring], int]) -> None:
-        _store_args(p)
-        _kek_args(p)
+    def stores(p: argparse.ArgumentParser, run: ShredCommand) -> None:
+        add_option_flags(p, SHRED)
         p.set_defaults(func=_with_keyring(run))
 
     def who(p: argparse.ArgumentParser, reason: str) -> None:
@@ -298,8 +268,7 @@ def _reencrypt(sub: Subparsers) -> None:
         "reencrypt",
         help="encrypt plaintext and re-encrypt old keys/policies in place on the upstream (operator tool)",
     )
-    _upstream_args(reencrypt)
-    reencrypt.add_argument("--policy", default=_env("policy"), help="the current policy file (YAML)")
+    _tool_args(reencrypt)
     reencrypt.add_argument(
         "--previous-policy", help="the policy older resources were written under (to re-encrypt them)"
     )
@@ -315,7 +284,7 @@ def _reencrypt(sub: Subparsers) -> None:
     reencrypt.add_argument("--dry-run", action="store_true", help="report what would change; write nothing")
     reencrypt.add_argument("--shard", help="i/N: do only shard i of N (e.g. $(JOB_COMPLETION_INDEX)/8)")
     reencrypt.add_argument("--page-size", type=int, default=100, help="resources per search page")
-    _kek_args(reencrypt)
+    add_option_flags(reencrypt, REENCRYPT)
     reencrypt.set_defaults(func=cmd_reencrypt)
 
 
@@ -323,8 +292,8 @@ def _coverage(sub: Subparsers) -> None:
     coverage = sub.add_parser(
         "coverage", help="read-only scan: what the server stores encrypted, masked or in the clear, by element path"
     )
-    _upstream_args(coverage)
-    coverage.add_argument("--policy", default=_env("policy"), help="show what this policy covers (optional)")
+    _tool_args(coverage)
+    add_option_flags(coverage, COVERAGE)
     coverage.add_argument("--types", nargs="+", help="only these types (default: every R4 resource type)")
     coverage.add_argument("--checkpoint", help="resume from / record progress in this file")
     coverage.add_argument("--page-size", type=int, default=100, help="resources per search page")
@@ -373,15 +342,14 @@ def _write_secret(path: str, text: str) -> None:
         fh.write(text + "\n")
 
 
-def _generate_kek_into(args: argparse.Namespace, prefix: str = "") -> None:
+def _generate_kek_into(path: str, settings: Settings, prefix: str = "") -> Settings:
     """--generate-kek FILE: a new random local KEK (never printed) that the command then uses."""
-    attr = prefix.replace("-", "_")
-    if getattr(args, attr + "key_provider") != "local":
+    if settings.key_provider != "local":
         raise ValueError(f"--generate-kek goes with --{prefix}key-provider local")
-    make_folder(Path(args.generate_kek).parent)
-    _write_secret(args.generate_kek, generate_kek())
-    _warn_if_in_git(Path(args.generate_kek))
-    setattr(args, attr + "kek_file", args.generate_kek)
+    make_folder(Path(path).parent)
+    _write_secret(path, generate_kek())
+    _warn_if_in_git(Path(path))
+    return dataclasses.replace(settings, kek_file=path)
 
 
 def _warn_if_in_git(path: Path) -> None:
@@ -403,31 +371,35 @@ def _warn_if_in_git(path: Path) -> None:
 
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
-    refuse_existing(args.keyring)  # before a KEK file is made for nothing; checked again under the lock
+    settings = settings_from_args(args)
+    refuse_existing(settings.keyring)  # before a KEK file is made for nothing; checked again under the lock
     if args.generate_kek:
-        _generate_kek_into(args)
-    provider = provider_from_args(args)
+        settings = _generate_kek_into(args.generate_kek, settings)
+    provider = provider_from_settings(settings)
     provider.check()
-    keyring = create_keyring(args.keyring, provider)
+    keyring = create_keyring(settings.keyring, provider)
     wrapper = describe_text(provider.describe())
-    print(f"created {args.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
+    print(f"created {settings.keyring}: primary key {keyring.primary_id}, wrapped by the {wrapper}")
     return 0
 
 
 def cmd_keys_backup(args: argparse.Namespace) -> int:
-    keyring = backup_keyring(args.keyring, provider_from_args(args), args.out)
-    print(f"backed up {args.keyring} to {args.out}: keys {', '.join(keyring.key_ids)}, verified to open")
+    settings = settings_from_args(args)
+    keyring = backup_keyring(settings.keyring, provider_from_settings(settings), args.out)
+    print(f"backed up {settings.keyring} to {args.out}: keys {', '.join(keyring.key_ids)}, verified to open")
     return 0
 
 
 def cmd_keys_restore(args: argparse.Namespace) -> int:
-    keyring = restore_keyring(args.source, provider_from_args(args), args.keyring)
-    print(f"restored {args.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
+    settings = settings_from_args(args)
+    keyring = restore_keyring(args.source, provider_from_settings(settings), settings.keyring)
+    print(f"restored {settings.keyring} from {args.source}: keys {', '.join(keyring.key_ids)}")
     return 0
 
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
-    keyring, kid = update_keyring(args.keyring, provider_from_args(args), lambda ring: ring.rotate())
+    settings = settings_from_args(args)
+    keyring, kid = update_keyring(settings.keyring, provider_from_settings(settings), lambda ring: ring.rotate())
     print(f"new primary key {kid}; keys {', '.join(keyring.key_ids)} remain for decryption")
     return 0
 
@@ -435,53 +407,55 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_retire(args: argparse.Namespace) -> int:
     from proxy.migrate.commands import every_type, retire
 
-    provider = provider_from_args(args)
-    keyring = load_keyring(args.keyring, provider)
+    settings = settings_from_args(args)
+    provider = provider_from_settings(settings)
+    keyring = load_keyring(settings.keyring, provider)
     types = tuple(args.types) if args.types else every_type()
-    conn = _connection(args)
+    conn = _connection(args, settings)
     return asyncio.run(
-        retire(conn, keyring, provider, args.keyring, args.key, types, args.workers, args.report, args.history)
+        retire(conn, keyring, provider, settings.keyring, args.key, types, args.workers, args.report, args.history)
     )
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    keyring = load_keyring(args.keyring, provider_from_args(args))
+    settings = settings_from_args(args)
+    keyring = load_keyring(settings.keyring, provider_from_settings(settings))
     for kid in keyring.key_ids:
         print(f"{kid}{'  (primary)' if kid == keyring.primary_id else ''}")
     return 0
 
 
 def cmd_keys_rewrap(args: argparse.Namespace) -> int:
-    source = provider_from_args(args)
+    settings = settings_from_args(args)
+    wanted = settings_from_args(args, "to-")  # both resolved before any key is touched
+    source = provider_from_settings(settings)
     if args.generate_kek:
-        _generate_kek_into(args, "to-")
-    target = provider_from_args(args, "to-")
+        wanted = _generate_kek_into(args.generate_kek, wanted, "to-")
+    target = provider_from_settings(wanted, prefix="to_")
     if target.describe() == source.describe():
         raise ValueError(
             f"the target key-encryption key is the one the keyring uses now ({describe_text(source.describe())})"
         )
     target.check()
-    keyring = rewrap_keyring(args.keyring, source, target, args.out)
+    keyring = rewrap_keyring(settings.keyring, source, target, args.out)
     print(
-        f"rewrapped {args.out or args.keyring}: keys {', '.join(keyring.key_ids)} (primary {keyring.primary_id}) "
-        f"now wrapped by the {describe_text(target.describe())}; stored resources are unchanged"
+        f"rewrapped {args.out or settings.keyring}: keys {', '.join(keyring.key_ids)} "
+        f"(primary {keyring.primary_id}) now wrapped by the {describe_text(target.describe())}; "
+        "stored resources are unchanged"
     )
     return 0
 
 
-def _connection(args: argparse.Namespace) -> Connection:
+def _connection(args: argparse.Namespace, settings: Settings) -> Connection:
+    """The operator tools' direct connection: upstream, its CA and its token from the resolved options."""
     from proxy.migrate.commands import Connection, every_type
 
-    if not args.upstream:
+    if not settings.upstream:
         raise ValueError("--upstream (or FHIRCRYPT_UPSTREAM) is required")
     unknown = sorted(set(args.types or ()) - set(every_type()))
     if unknown:
         raise ValueError(f"--types: not R4 resource types: {', '.join(unknown)}")
-    try:
-        token = _secret("upstream_token")
-    except OSError as exc:
-        raise ValueError(f"cannot read FHIRCRYPT_UPSTREAM_TOKEN_FILE: {exc.strerror}") from None
-    return Connection(args.upstream, args.rate, token, args.upstream_ca)
+    return Connection(settings.upstream, args.rate, settings.upstream_token, settings.upstream_ca)
 
 
 def cmd_reencrypt(args: argparse.Namespace) -> int:
@@ -490,16 +464,17 @@ def cmd_reencrypt(args: argparse.Namespace) -> int:
     from proxy.migrate.run import Options
     from proxy.migrate.shards import parse_shard
 
-    if not args.policy:
+    settings = settings_from_args(args)
+    if not settings.policy:
         raise ValueError("--policy (or FHIRCRYPT_POLICY) is required")
-    conn = _connection(args)
-    policy = compile_file(args.policy)
+    conn = _connection(args, settings)
+    policy = compile_file(settings.policy)
     policy.require_configured()  # an unset variable would rewrite those values in the clear
     if getattr(policy, "per_patient_keys", False):
         # Fail closed: reencrypt wraps data keys with the keyring's primary only. Under a policy with
         # keys.per_patient that would put patients' records beyond the reach of crypto-shredding.
         raise ValueError("reencrypt does not support policies with keys.per_patient yet")
-    keyring = load_keyring(args.keyring, provider_from_args(args))
+    keyring = load_keyring(settings.keyring, provider_from_settings(settings))
     unknown = [k for k in args.retire if k not in keyring.key_ids]
     if unknown or keyring.primary_id in args.retire:
         raise ValueError(f"--retire names keys that are not in the keyring or the primary: {', '.join(args.retire)}")
@@ -526,11 +501,12 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     from proxy.migrate.commands import every_type
     from proxy.migrate.run import Options
 
-    scan = Scan(compile_file(args.policy) if args.policy else None)
+    settings = settings_from_args(args)
+    scan = Scan(compile_file(settings.policy) if settings.policy else None)
     out = Outputs(args.report, args.html)
     if args.ndjson:
         return scan_ndjson(args.ndjson, scan, out)
-    conn = dataclasses.replace(_connection(args), timeout=args.timeout)
+    conn = dataclasses.replace(_connection(args, settings), timeout=args.timeout)
     opts = Options(tuple(args.types or every_type()), workers=max(1, args.workers), page_size=max(1, args.page_size))
     return asyncio.run(scan_upstream(conn, scan, opts, args.checkpoint, out))
 
@@ -555,7 +531,7 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    resolved = _resolve(args)
+    resolved = resolve_args(args)
     kek = kek_source(resolved, os.environ)
     rows = [*resolved.show(), ("kek", "" if kek == "not set" else "(redacted)", kek)]
     width = max(len(name) for name, _, _ in rows)
@@ -574,7 +550,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     import ssl
     import urllib.request
 
-    settings = _resolve(args).settings()
+    settings = settings_from_args(args)
     if settings.ops_port is not None:
         scheme, host, port = "http", settings.ops_host, settings.ops_port
     else:
@@ -595,8 +571,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from proxy.logs import configure
     from proxy.server import check_startup, serve
 
-    resolved = _resolve(args)
-    settings = resolved.settings()
+    settings = settings_from_args(args)
     configure(settings.log_level)
     problem = check_startup(settings)
     if problem:

@@ -65,7 +65,7 @@ def _unreadable(settings: Settings) -> str | None:
     """The first file option that cannot be opened, named with the reason (the TLS library's own
     errors name no path, and a missing file found later would end in a traceback)."""
     for opt in OPTIONS:
-        value = getattr(settings, opt.name, None) if opt.path else None
+        value = getattr(settings, opt.name) if opt.path else None
         if value:
             try:
                 with open(value, "rb"):

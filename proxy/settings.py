@@ -1,4 +1,9 @@
-"""The proxy's configuration: one table of options, resolved from flags, environment, a file and defaults.
+"""The proxy's configuration: each option declared once, resolved from flags, environment, a file and defaults.
+
+Every option is a field of :class:`Settings` whose metadata declares it (help, default, parsing,
+choices, whether it is a path or a secret, which operator commands take it); :data:`OPTIONS`,
+the flags (:mod:`proxy.optionflags`), the environment variables and the config-file keys are
+derived from those fields, so a name, a default or a help text cannot drift between them.
 
 Precedence is flags > ``FHIRCRYPT_*`` environment variables > the YAML config file > defaults,
 and every resolved value remembers where it came from (``fhircrypt config show``). Secrets
@@ -12,90 +17,18 @@ or a config file checked into version control. The key-encryption key follows th
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.crypto.providers import SETTINGS as PROVIDER_SETTINGS
 from proxy.gctune import DEFAULT_THRESHOLD as DEFAULT_GC_THRESHOLD
 
 ENV_PREFIX = "FHIRCRYPT_"
 CONFIG_ENV = "FHIRCRYPT_CONFIG"
-
-
-@dataclass(frozen=True)
-class Settings:
-    upstream: str  # FHIR base of the upstream server, e.g. https://fhir.example/fhir/R4
-    policy: str  # policy file
-    keyring: str  # keyring file
-    kek_file: str | None = None  # else FHIRCRYPT_KEK / FHIRCRYPT_KEK_FILE
-    host: str = "127.0.0.1"
-    port: int = 8080
-    public_base: str | None = None  # external FHIR base of the proxy; default http://host:port/<upstream path>
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None  # CA bundle that client certificates must chain to (mutual TLS)
-    tls_client_auth: str = "none"  # none, optional or required: whether clients must present a certificate
-    client_identities: str | None = None  # YAML file mapping certificate subjects to caller identities
-    upstream_ca: str | None = None  # CA bundle for an https upstream (system CAs otherwise)
-    upstream_client_cert: str | None = None  # the proxy's client certificate towards the upstream (mTLS)
-    upstream_client_key: str | None = None
-    upstream_server_name: str | None = None  # SNI and the name the upstream certificate must carry
-    upstream_auth: str = "none"  # the proxy's own credential upstream: none, bearer or client-credentials
-    upstream_token: str | None = None  # bearer: FHIRCRYPT_UPSTREAM_TOKEN[_FILE] or --upstream-token-file
-    upstream_token_url: str | None = None  # client-credentials: the OAuth2 token endpoint
-    upstream_client_id: str | None = None
-    upstream_client_secret: str | None = None  # FHIRCRYPT_UPSTREAM_CLIENT_SECRET[_FILE] or its --...-file flag
-    upstream_scope: str | None = None
-    forward_caller_token: bool = False  # send the caller's Authorization upstream instead (docs/threat-model.md)
-    auth: str = "jwt"  # "none" is the development mode that decrypts every group for every caller
-    oidc_issuer: str | None = None  # OpenID provider (discovery) for --auth jwt
-    jwks_url: str | None = None  # or a JWKS URL directly
-    audience: str | None = None  # the aud claim tokens must carry (the proxy's client id or URL)
-    token_issuer: str | None = None  # the iss claim (default: the discovered issuer)
-    clock_skew: float = 60.0
-    introspection_url: str | None = None  # RFC 7662 endpoint for opaque tokens
-    introspection_client_id: str | None = None
-    introspection_secret: str | None = None  # from FHIRCRYPT_INTROSPECTION_SECRET(_FILE), never a flag
-    audit_trail: str | None = None  # JSON-lines audit trail (created with fhircrypt audit init)
-    audit_fhir: str | None = None  # FHIR base that also receives every AuditEvent (POST /AuditEvent)
-    audit_fhir_token: str | None = None  # its bearer token (FHIRCRYPT_AUDIT_FHIR_TOKEN[_FILE]; never a flag)
-    audit_mode: str = "fail-closed"  # or "continue": what to do when the trail cannot keep up
-    audit_max_backlog: int = 10_000
-    validate: bool = True
-    gc_threshold: int = DEFAULT_GC_THRESHOLD  # proxy.gctune; 0 keeps Python's defaults
-    max_body: int = 16 * 1024 * 1024
-    max_response: int = 64 * 1024 * 1024
-    upstream_timeout: float = 30.0
-    connect_timeout: float = 5.0
-    upstream_connections: int = 100
-    patient_key_store: str | None = None  # SQLite file or postgresql:// URL (policy keys.per_patient)
-    patient_key_ttl: float = 60.0  # seconds a replica keeps an unsealed patient key: the shred bound
-    patient_key_cache: int = 10_000  # most patient keys kept in memory
-    key_provider: str = "local"  # where the key-encryption key lives: local, pkcs11, aws-kms, vault
-    pkcs11_module: str | None = None
-    pkcs11_token_label: str | None = None
-    pkcs11_key_label: str | None = None
-    aws_kms_key_id: str | None = None
-    aws_kms_region: str | None = None
-    aws_kms_endpoint: str | None = None
-    vault_addr: str | None = None
-    vault_mount: str | None = None
-    vault_key: str | None = None
-    vault_namespace: str | None = None
-    vault_ca_cert: str | None = None
-    key_refresh_interval: float = 300.0  # seconds between re-verifications of the keyring with the provider
-    key_cache_max_age: float = 86_400.0  # seconds cached keys keep serving after the last verification
-    key_max_wraps: int = 2**32  # data keys one master key may wrap in a process
-    workers: int = 1  # processes sharing the listening port (SO_REUSEPORT)
-    shutdown_timeout: float = 25.0  # SIGTERM: seconds to finish in-flight requests before closing them
-    readiness_cache: float = 5.0  # seconds a /readyz upstream probe result is reused
-    metrics: bool = True  # serve Prometheus metrics at /metrics
-    ops_host: str | None = None  # plain-HTTP listener for /healthz, /readyz and /metrics (then not on the FHIR port)
-    ops_port: int | None = None
-    log_level: str = "info"
 
 
 class ConfigError(ValueError):
@@ -140,18 +73,32 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("use true or false")
 
 
+# What an operator command takes besides ``serve`` and ``config show`` (which take every option): the
+# commands name these groups, and their flags, environment variables and file keys come from the same table.
+KEYRING = "keyring"  # the keyring file
+PROVIDER = "provider"  # where the key-encryption key lives (``keys rewrap`` also takes them as --to-...)
+STORE = "store"  # the per-patient key store (shred)
+UPSTREAM = "upstream"  # the operator tools' direct connection to the upstream (reencrypt, coverage, keys retire)
+POLICY = "policy"  # the policy file (reencrypt, coverage)
+
+
 @dataclass(frozen=True)
 class Option:
-    """One configuration key: ``name`` in the file, ``--name`` as a flag, ``FHIRCRYPT_NAME`` in the environment."""
+    """One configuration key: ``name`` in the file, ``--name`` as a flag, ``FHIRCRYPT_NAME`` in the environment.
+
+    Built from the metadata of a :class:`Settings` field, so an option is declared once.
+    """
 
     name: str
     help: str
-    default: Any = None
+    default: Any = None  # as written on the command line (shown by --help), parsed for the Settings field
     parse: Callable[[Any], Any] = str
     choices: tuple[str, ...] | None = None
     path: bool = False  # a file path: relative paths in the config file are relative to the file
     secret: bool = False  # never a flag or an inline file value: --<name>-file, env, env _FILE, or <name>_file
     required: bool = False  # serve refuses to start without it
+    groups: frozenset[str] = frozenset()  # the operator commands' groups (above) that take it
+    provider: tuple[str, str] | None = None  # (key provider type, its build_provider setting)
 
     @property
     def flag(self) -> str:
@@ -162,116 +109,203 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
 
-OPTIONS: tuple[Option, ...] = (
-    Option("upstream", "FHIR base URL of the upstream server", parse=http_url, required=True),
-    Option("policy", "policy file (YAML)", path=True, required=True),
-    Option("listen", "HOST:PORT to listen on", "127.0.0.1:8080", _listen),
-    Option(
-        "public_base_url",
-        "the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)",
-        parse=http_url,
-    ),
-    Option("workers", "worker processes sharing the port (SO_REUSEPORT)", 1, int),
-    Option("shutdown_timeout", "seconds SIGTERM waits for in-flight requests", 25.0, float),
-    Option("keyring", "keyring file", ".fhircrypt/keyring.json", path=True),
-    Option("kek_file", "local provider: file holding the key-encryption key (else FHIRCRYPT_KEK)", path=True),
-    Option(
-        "key_provider",
+def _option(
+    help: str,
+    default: Any = None,
+    *,
+    parse: Callable[[Any], Any] = str,
+    choices: tuple[str, ...] | None = None,
+    path: bool = False,
+    secret: bool = False,
+    required: bool = False,
+    groups: tuple[str, ...] = (),
+    provider: tuple[str, str] | None = None,
+) -> Any:
+    """A :class:`Settings` field declaring its option: the field's default is ``default`` parsed."""
+    spec = Option("", help, default, parse, choices, path, secret, required, frozenset(groups), provider)
+    if required:  # no default: the field must be given (resolve() gives it, "" when it is not set)
+        return field(metadata={"option": spec})
+    return field(default=None if default is None else parse(default), metadata={"option": spec})
+
+
+def _base_url(value: Any) -> str:
+    """The upstream's FHIR base, checked like every URL, without a trailing slash (paths are appended to it)."""
+    return http_url(value).rstrip("/")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The typed, resolved configuration; each field declares its option (help, default, parsing, groups).
+
+    ``listen``, ``public_base_url`` and ``ops_listen`` are named as the operator writes them; the
+    properties below give the parts the server needs.
+    """
+
+    upstream: str = _option("FHIR base URL of the upstream server", parse=_base_url, required=True, groups=(UPSTREAM,))
+    policy: str = _option("policy file (YAML)", path=True, required=True, groups=(POLICY,))
+    listen: tuple[str, int] = _option("HOST:PORT to listen on", "127.0.0.1:8080", parse=_listen)
+    public_base_url: str | None = _option(
+        "the proxy's external FHIR base (default http(s)://HOST:PORT/<upstream path>)", parse=http_url
+    )
+    workers: int = _option("worker processes sharing the port (SO_REUSEPORT)", 1, parse=int)
+    shutdown_timeout: float = _option("seconds SIGTERM waits for in-flight requests", 25.0, parse=float)
+    keyring: str = _option("keyring file", ".fhircrypt/keyring.json", path=True, groups=(KEYRING,))
+    kek_file: str | None = _option(
+        "local provider: file holding the key-encryption key (else FHIRCRYPT_KEK)",
+        path=True,
+        groups=(PROVIDER,),
+        provider=("local", "kek_file"),
+    )
+    key_provider: str = _option(
         "where the key-encryption key lives (PINs and tokens: FHIRCRYPT_PKCS11_PIN, FHIRCRYPT_VAULT_TOKEN, "
         "their _FILE forms, the AWS environment)",
         "local",
-        choices=("local", "pkcs11", "aws-kms", "vault"),
-    ),
-    Option("pkcs11_module", "pkcs11: the PKCS#11 library (.so)", path=True),
-    Option("pkcs11_token_label", "pkcs11: token label"),
-    Option("pkcs11_key_label", "pkcs11: label of the AES key on the token"),
-    Option("aws_kms_key_id", "aws-kms: key id, ARN or alias/NAME"),
-    Option("aws_kms_region", "aws-kms: region"),
-    Option("aws_kms_endpoint", "aws-kms: endpoint URL (VPC endpoint, tests)", parse=http_url),
-    Option("vault_addr", "vault: Vault address, e.g. https://vault:8200", parse=http_url),
-    Option("vault_mount", "vault: Transit mount point (default transit)"),
-    Option("vault_key", "vault: Transit key name"),
-    Option("vault_namespace", "vault: namespace (Vault Enterprise)"),
-    Option("vault_ca_cert", "vault: CA bundle for the Vault server", path=True),
-    Option("key_refresh_interval", "seconds between re-verifications of the keyring with the provider", 300.0, float),
-    Option(
-        "key_cache_max_age", "seconds cached keys keep serving after the provider last verified them", 86_400.0, float
-    ),
-    Option("key_max_wraps", "data keys one master key may wrap in a process before writes are refused", 2**32, int),
-    Option(
-        "patient_key_store",
+        choices=tuple(PROVIDER_SETTINGS),
+        groups=(PROVIDER,),
+    )
+    pkcs11_module: str | None = _option(
+        "pkcs11: the PKCS#11 library (.so)", path=True, groups=(PROVIDER,), provider=("pkcs11", "module")
+    )
+    pkcs11_token_label: str | None = _option(
+        "pkcs11: token label", groups=(PROVIDER,), provider=("pkcs11", "token_label")
+    )
+    pkcs11_key_label: str | None = _option(
+        "pkcs11: label of the AES key on the token", groups=(PROVIDER,), provider=("pkcs11", "key_label")
+    )
+    aws_kms_key_id: str | None = _option(
+        "aws-kms: key id, ARN or alias/NAME", groups=(PROVIDER,), provider=("aws-kms", "key_id")
+    )
+    aws_kms_region: str | None = _option("aws-kms: region", groups=(PROVIDER,), provider=("aws-kms", "region"))
+    aws_kms_endpoint: str | None = _option(
+        "aws-kms: endpoint URL (VPC endpoint, tests)",
+        parse=http_url,
+        groups=(PROVIDER,),
+        provider=("aws-kms", "endpoint"),
+    )
+    vault_addr: str | None = _option(
+        "vault: Vault address, e.g. https://vault:8200",
+        parse=http_url,
+        groups=(PROVIDER,),
+        provider=("vault", "address"),
+    )
+    vault_mount: str | None = _option(
+        "vault: Transit mount point (default transit)", groups=(PROVIDER,), provider=("vault", "mount")
+    )
+    vault_key: str | None = _option("vault: Transit key name", groups=(PROVIDER,), provider=("vault", "key"))
+    vault_namespace: str | None = _option(
+        "vault: namespace (Vault Enterprise)", groups=(PROVIDER,), provider=("vault", "namespace")
+    )
+    vault_ca_cert: str | None = _option(
+        "vault: CA bundle for the Vault server", path=True, groups=(PROVIDER,), provider=("vault", "ca_cert")
+    )
+    key_refresh_interval: float = _option(
+        "seconds between re-verifications of the keyring with the provider", 300.0, parse=float
+    )
+    key_cache_max_age: float = _option(
+        "seconds cached keys keep serving after the provider last verified them", 86400.0, parse=float
+    )
+    key_max_wraps: int = _option(
+        "data keys one master key may wrap in a process before writes are refused", 2**32, parse=int
+    )
+    patient_key_store: str | None = _option(
         "per-patient keys (policy keys.per_patient): a SQLite file, or postgresql://… without a password "
         "(libpq reads PGPASSWORD / PGPASSFILE)",
-    ),
-    Option("patient_key_ttl", "seconds a replica may use a cached patient key: the bound on a shred", 60.0, float),
-    Option("patient_key_cache", "most patient keys kept in memory", 10_000, int),
-    Option("tls_cert", "serve HTTPS with this certificate chain (PEM)", path=True),
-    Option("tls_key", "private key of tls_cert (PEM)", path=True),
-    Option("tls_client_ca", "CA bundle that client certificates must chain to (mutual TLS)", path=True),
-    Option(
-        "tls_client_auth",
+        groups=(STORE,),
+    )
+    patient_key_ttl: float = _option(
+        "seconds a replica may use a cached patient key: the bound on a shred", 60.0, parse=float, groups=(STORE,)
+    )
+    patient_key_cache: int = _option("most patient keys kept in memory", 10000, parse=int)
+    tls_cert: str | None = _option("serve HTTPS with this certificate chain (PEM)", path=True)
+    tls_key: str | None = _option("private key of tls_cert (PEM)", path=True)
+    tls_client_ca: str | None = _option("CA bundle that client certificates must chain to (mutual TLS)", path=True)
+    tls_client_auth: str = _option(
         "client certificates: none, optional (verified when sent) or required",
         "none",
         choices=("none", "optional", "required"),
-    ),
-    Option("client_identities", "YAML file mapping client certificate subjects to callers", path=True),
-    Option("upstream_ca", "CA bundle to verify an https upstream (default: system CAs)", path=True),
-    Option("upstream_client_cert", "client certificate towards the upstream (PEM)", path=True),
-    Option("upstream_client_key", "private key of upstream_client_cert (PEM)", path=True),
-    Option("upstream_server_name", "SNI name the upstream certificate must carry (default: the URL's host)"),
-    Option(
-        "upstream_auth",
+    )
+    client_identities: str | None = _option("YAML file mapping client certificate subjects to callers", path=True)
+    upstream_ca: str | None = _option(
+        "CA bundle to verify an https upstream (default: system CAs)", path=True, groups=(UPSTREAM,)
+    )
+    upstream_client_cert: str | None = _option("client certificate towards the upstream (PEM)", path=True)
+    upstream_client_key: str | None = _option("private key of upstream_client_cert (PEM)", path=True)
+    upstream_server_name: str | None = _option("SNI name the upstream certificate must carry (default: the URL's host)")
+    upstream_auth: str = _option(
         "the proxy's own credential towards the upstream: none, bearer (upstream_token) or client-credentials",
         "none",
         choices=("none", "bearer", "client-credentials"),
-    ),
-    Option("upstream_token", "bearer token for upstream_auth bearer", secret=True),
-    Option("upstream_token_url", "OAuth2 token endpoint for upstream_auth client-credentials"),
-    Option("upstream_client_id", "client id for upstream_auth client-credentials"),
-    Option("upstream_client_secret", "client secret for upstream_auth client-credentials", secret=True),
-    Option("upstream_scope", "scope requested for upstream_auth client-credentials"),
-    Option("forward_caller_token", "send the caller's token upstream (the upstream can replay it)", False, parse_bool),
-    Option("upstream_timeout", "seconds for one upstream exchange", 30.0, float),
-    Option("connect_timeout", "seconds to connect to the upstream", 5.0, float),
-    Option("upstream_connections", "pooled upstream connections per worker", 100, int),
-    Option(
-        "auth",
+    )
+    upstream_token: str | None = _option("bearer token for upstream_auth bearer", secret=True, groups=(UPSTREAM,))
+    upstream_token_url: str | None = _option("OAuth2 token endpoint for upstream_auth client-credentials")
+    upstream_client_id: str | None = _option("client id for upstream_auth client-credentials")
+    upstream_client_secret: str | None = _option("client secret for upstream_auth client-credentials", secret=True)
+    upstream_scope: str | None = _option("scope requested for upstream_auth client-credentials")
+    forward_caller_token: bool = _option(
+        "send the caller's token upstream (the upstream can replay it)", False, parse=parse_bool
+    )
+    upstream_timeout: float = _option("seconds for one upstream exchange", 30.0, parse=float)
+    connect_timeout: float = _option("seconds to connect to the upstream", 5.0, parse=float)
+    upstream_connections: int = _option("pooled upstream connections per worker", 100, parse=int)
+    auth: str = _option(
         "jwt: bearer tokens verified against the OpenID provider; none: development mode, decrypts everything",
         "jwt",
         choices=("jwt", "none"),
-    ),
-    Option("oidc_issuer", "OpenID provider (discovery)", parse=http_url),
-    Option("jwks_url", "JWKS URL (instead of discovery)", parse=http_url),
-    Option("audience", "the aud claim tokens must carry"),
-    Option("token_issuer", "the iss claim (default: discovered)"),
-    Option("clock_skew", "seconds of clock skew allowed on token times", 60.0, float),
-    Option("introspection_url", "RFC 7662 endpoint for opaque tokens", parse=http_url),
-    Option("introspection_client_id", "client id for introspection", "fhircrypt"),
-    Option("introspection_secret", "client secret for introspection", secret=True),
-    Option("audit_trail", "audit trail (from fhircrypt audit init)", path=True),
-    Option("audit_fhir", "also POST every AuditEvent to this FHIR base", parse=http_url),
-    Option("audit_fhir_token", "bearer token for audit_fhir", secret=True),
-    Option(
-        "audit_mode",
+    )
+    oidc_issuer: str | None = _option("OpenID provider (discovery)", parse=http_url)
+    jwks_url: str | None = _option("JWKS URL (instead of discovery)", parse=http_url)
+    audience: str | None = _option("the aud claim tokens must carry")
+    token_issuer: str | None = _option("the iss claim (default: discovered)")
+    clock_skew: float = _option("seconds of clock skew allowed on token times", 60.0, parse=float)
+    introspection_url: str | None = _option("RFC 7662 endpoint for opaque tokens", parse=http_url)
+    introspection_client_id: str | None = _option("client id for introspection", "fhircrypt")
+    introspection_secret: str | None = _option("client secret for introspection", secret=True)
+    audit_trail: str | None = _option("audit trail (from fhircrypt audit init)", path=True)
+    audit_fhir: str | None = _option("also POST every AuditEvent to this FHIR base", parse=http_url)
+    audit_fhir_token: str | None = _option("bearer token for audit_fhir", secret=True)
+    audit_mode: str = _option(
         "when the audit cannot keep up: refuse requests or carry on, counting losses",
         "fail-closed",
         choices=("fail-closed", "continue"),
-    ),
-    Option("audit_max_backlog", "audit records queued per destination before audit_mode applies", 10_000, int),
-    Option("validate", "validate writes with fhir.resources", True, parse_bool),
-    Option(
-        "gc_threshold",
+    )
+    audit_max_backlog: int = _option("audit records queued per destination before audit_mode applies", 10000, parse=int)
+    validate: bool = _option("validate writes with fhir.resources", True, parse=parse_bool)
+    gc_threshold: int = _option(
         "garbage collector: generation-0 threshold after start-up, start-up objects frozen (0: Python's defaults)",
         DEFAULT_GC_THRESHOLD,
-        int,
-    ),
-    Option("max_body", "request body limit in bytes", 16 * 1024 * 1024, int),
-    Option("max_response", "upstream response limit in bytes", 64 * 1024 * 1024, int),
-    Option("readiness_cache", "seconds a /readyz upstream probe is reused", 5.0, float),
-    Option("metrics", "serve Prometheus metrics at /metrics", True, parse_bool),
-    Option("ops_listen", "HOST:PORT of a plain-HTTP listener for probes and /metrics only", parse=_listen),
-    Option("log_level", "debug, info, warning or error", "info", choices=("debug", "info", "warning", "error")),
-)
+        parse=int,
+    )
+    max_body: int = _option("request body limit in bytes", 16 * 1024 * 1024, parse=int)
+    max_response: int = _option("upstream response limit in bytes", 64 * 1024 * 1024, parse=int)
+    readiness_cache: float = _option("seconds a /readyz upstream probe is reused", 5.0, parse=float)
+    metrics: bool = _option("serve Prometheus metrics at /metrics", True, parse=parse_bool)
+    ops_listen: tuple[str, int] | None = _option(
+        "HOST:PORT of a plain-HTTP listener for probes and /metrics only", parse=_listen
+    )
+    log_level: str = _option("debug, info, warning or error", "info", choices=("debug", "info", "warning", "error"))
+
+    @property
+    def host(self) -> str:
+        return self.listen[0]
+
+    @property
+    def port(self) -> int:
+        return self.listen[1]
+
+    @property
+    def public_base(self) -> str | None:
+        return self.public_base_url
+
+    @property
+    def ops_host(self) -> str | None:
+        return self.ops_listen[0] if self.ops_listen else None
+
+    @property
+    def ops_port(self) -> int | None:
+        return self.ops_listen[1] if self.ops_listen else None
+
+
+OPTIONS: tuple[Option, ...] = tuple(replace(f.metadata["option"], name=f.name) for f in fields(Settings))
 BY_NAME = {o.name: o for o in OPTIONS}
 SECRET_FILE_KEYS = {o.name + "_file": o for o in OPTIONS if o.secret}
 # the key-encryption key is read by the key provider, not here; listed so `config show` tells where it is from
@@ -295,21 +329,9 @@ class Resolved:
         return self.values[name].value
 
     def settings(self) -> Settings:
-        host, port = self["listen"]
-        known = {f.name for f in fields(Settings)}
-        direct = {k: v.value for k, v in self.values.items() if k in known and v.value is not None}
-        upstream = (self["upstream"] or "").rstrip("/")
-        ops_host, ops_port = self["ops_listen"] or (None, None)
-        derived = {
-            "upstream": upstream,
-            "policy": self["policy"] or "",  # missing: named by the start-up check, not a TypeError
-            "host": host,
-            "port": port,
-            "public_base": self["public_base_url"],
-            "ops_host": ops_host,
-            "ops_port": ops_port,
-        }
-        return Settings(**{**direct, **derived})
+        """The typed view; a missing required option is "" (named by the start-up check, not a TypeError)."""
+        given = {name: item.value for name, item in self.values.items() if item.value is not None}
+        return Settings(**{"upstream": "", "policy": "", **given})
 
     def show(self) -> list[tuple[str, str, str]]:
         """(name, printable value, source) for every option; secrets are never printed."""
@@ -317,7 +339,7 @@ class Resolved:
         for name, item in self.values.items():
             if BY_NAME[name].secret:
                 shown = "(set, redacted)" if item.value else "(not set)"
-            elif name in ("listen", "ops_listen") and item.value:
+            elif isinstance(item.value, tuple):  # listen, ops_listen
                 shown = f"{item.value[0]}:{item.value[1]}"
             else:
                 shown = "" if item.value is None else str(item.value)
@@ -353,45 +375,66 @@ def _read_secret(path: str, where: str) -> str:
         raise ConfigError(f"{where}: the secret file cannot be read ({exc.strerror})") from None
 
 
+def options_in(*groups: str) -> tuple[Option, ...]:
+    """The options an operator command takes, by group (``serve`` and ``config show`` take them all)."""
+    return tuple(o for o in OPTIONS if o.groups.intersection(groups))
+
+
 def resolve(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     config_file: str | None = None,
+    options: tuple[Option, ...] = OPTIONS,
+    prefix: str = "",
 ) -> Resolved:
-    """The effective configuration. ``flags`` holds only options given on the command line."""
+    """The effective configuration of ``options`` (the others keep their defaults), for every command alike.
+
+    ``flags`` holds only options given on the command line, keyed ``<prefix><name>`` (secrets:
+    ``<prefix><name>_file``). A ``prefix`` (``to_`` for the target of ``keys rewrap``) names a second
+    set of the same options, read from ``--to-<name>`` and ``FHIRCRYPT_TO_<NAME>`` only: the config
+    file describes the deployment, not a one-off target.
+    """
     flags = flags or {}
     environ = environ or {}
-    config_file = config_file or environ.get(CONFIG_ENV) or None
-    data = _read_file(config_file) if config_file else {}
+    if prefix:
+        config_file, data = None, {}
+    else:
+        config_file = config_file or environ.get(CONFIG_ENV) or None
+        data = _read_file(config_file) if config_file else {}
     base = Path(config_file).resolve().parent if config_file else None
-    values: dict[str, Value] = {}
-    for opt in OPTIONS:
+    values = {o.name: Value(o.parse(o.default) if o.default is not None else None, "default") for o in OPTIONS}
+    for opt in options:
+        named = replace(opt, name=prefix + opt.name)  # its flag and environment variable
         if opt.secret:
-            values[opt.name] = _resolve_secret(opt, flags, environ, data, config_file, base)
+            values[opt.name] = _resolve_secret(named, flags, environ, data, config_file, base)
             continue
-        if flags.get(opt.name) is not None:
-            raw, source = flags[opt.name], f"flag {opt.flag}"
-        elif environ.get(opt.env) not in (None, ""):
-            raw, source = environ[opt.env], f"env {opt.env}"
-        elif opt.name in data and data[opt.name] is not None:
+        if flags.get(named.name) is not None:
+            raw, source = flags[named.name], f"flag {named.flag}"
+        elif environ.get(named.env) not in (None, ""):
+            raw, source = environ[named.env], f"env {named.env}"
+        elif data.get(opt.name) is not None:
             raw, source = data[opt.name], f"file {config_file}"
             if opt.path and base is not None and not Path(str(raw)).is_absolute():
                 raw = str(base / str(raw))
         else:
-            values[opt.name] = Value(None if opt.default is None else opt.parse(opt.default), "default")
             continue
         try:
             value = opt.parse(raw)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{opt.name} ({source}): {exc}") from None
+            raise ConfigError(f"{named.name} ({source}): {exc}") from None
         if opt.choices and value not in opt.choices:
-            raise ConfigError(f"{opt.name} ({source}): use one of {', '.join(opt.choices)}")
+            raise ConfigError(f"{named.name} ({source}): use one of {', '.join(opt.choices)}")
         values[opt.name] = Value(value, source)
     return Resolved(values, config_file)
 
 
 def _resolve_secret(
-    opt: Option, flags: Mapping[str, Any], environ: Mapping[str, str], data: dict, config_file: str | None, base
+    opt: Option,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    data: Mapping[str, Any],
+    config_file: str | None,
+    base: Path | None,
 ) -> Value:
     file_key, file_env = opt.name + "_file", opt.env + "_FILE"
     if flags.get(file_key):

@@ -128,7 +128,7 @@ def clean_hapi(hapi):
 
 def make_settings(upstream_base: str, **overrides) -> Settings:
     values = dict(
-        upstream=upstream_base, policy="", keyring="", public_base=PUBLIC_BASE, auth="none", upstream_timeout=10.0
+        upstream=upstream_base, policy="", keyring="", public_base_url=PUBLIC_BASE, auth="none", upstream_timeout=10.0
     )
     values.update(overrides)
     return Settings(**values)

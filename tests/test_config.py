@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.settings import OPTIONS, ConfigError, resolve
+from proxy.cli import _parser
+from proxy.crypto.providers import SETTINGS as PROVIDER_SETTINGS
+from proxy.keyflags import provider_config
+from proxy.optionflags import resolve_args
+from proxy.settings import BY_NAME, OPTIONS, ConfigError, Value, resolve
 from tests.test_cli_tls import run_cli
 
 
@@ -136,9 +140,9 @@ def test_serve_and_the_operator_tools_refuse_an_upstream_without_a_scheme():
     )
     for command in (["keys", "retire", "k1"], ["reencrypt", "--policy", "policies/satusehat.yaml"]):
         out = run_cli(*command, "--upstream", "127.0.0.1:8103/fhir/R4")
-        assert out.returncode == 2 and "argument --upstream: use an absolute http:// or https:// URL" in out.stderr
+        assert out.returncode == 2 and out.stderr.strip() == served.stderr.strip()  # one model, one message
     vault = run_cli("keys", "list", "--key-provider", "vault", "--vault-addr", "vault:8200")
-    assert vault.returncode == 2 and "argument --vault-addr: use an absolute" in vault.stderr
+    assert vault.returncode == 2 and "error: vault_addr (flag --vault-addr): use an absolute" in vault.stderr
 
 
 def test_config_show_with_nothing_set_names_the_required_options_and_exits_2():
@@ -162,3 +166,88 @@ def test_serve_help_shows_each_default_and_environment_variable():
         "[default True; env FHIRCRYPT_VALIDATE]",
     ):
         assert fragment in text, fragment
+
+
+# Every command that takes the key-provider options, as an operator would type it; each gets its flags
+# from the one options table and resolves them through the one function.
+KEY_COMMANDS = (
+    ["serve"],
+    ["config", "show"],
+    ["keys", "init"],
+    ["keys", "list"],
+    ["keys", "rotate"],
+    ["keys", "rewrap"],
+    ["keys", "backup", "--out", "b.json"],
+    ["keys", "restore", "--from", "b.json"],
+    ["keys", "retire", "k1"],
+    ["reencrypt"],
+    ["shred", "Patient/p1"],
+    ["shred", "hold", "list"],
+)
+
+
+@pytest.mark.parametrize("command", KEY_COMMANDS, ids=" ".join)
+def test_every_command_resolves_key_provider_options_with_the_same_precedence(command, tmp_path):
+    config = tmp_path / "fhircrypt.yaml"
+    config.write_text("keyring: ring.json\nkek_file: from-file.kek\nvault_key: file-key\nvault_mount: file-mount\n")
+    env = {"FHIRCRYPT_VAULT_KEY": "env-key", "FHIRCRYPT_VAULT_MOUNT": "env-mount"}
+    args = _parser().parse_args([*command, "--config", str(config), "--vault-mount", "flag-mount"])
+    resolved = resolve_args(args, environ=env)
+    assert resolved["keyring"] == str(tmp_path / "ring.json")  # relative to the config file, for every command
+    assert resolved["kek_file"] == str(tmp_path / "from-file.kek")
+    assert resolved.values["vault_key"] == Value("env-key", "env FHIRCRYPT_VAULT_KEY")
+    assert resolved.values["vault_mount"] == Value("flag-mount", "flag --vault-mount")
+    assert resolved.values["key_provider"] == Value("local", "default")
+    assert provider_config(resolved.settings()) == {"type": "local", "kek_file": str(tmp_path / "from-file.kek")}
+
+
+@pytest.mark.parametrize("command", [["reencrypt"], ["coverage"], ["keys", "retire", "k1"]], ids=" ".join)
+def test_the_operator_tools_read_the_upstream_and_its_token_like_serve(command, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("tok-123\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"upstream: https://file.example/fhir/\nupstream_token_file: {token.name}\npolicy: p.yaml\n")
+    for argv in (command, ["serve"]):
+        resolved = resolve_args(_parser().parse_args([*argv, "--config", str(config)]), environ={})
+        assert resolved["upstream"] == "https://file.example/fhir"
+        assert resolved.values["upstream_token"] == Value("tok-123", f"file {config} (upstream_token_file)")
+        assert resolved["policy"] == (None if argv[0] == "keys" else str(tmp_path / "p.yaml"))  # retire takes none
+
+
+def test_rewrap_target_takes_the_same_options_under_to_from_flags_and_env_only(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("key_provider: vault\nvault_addr: https://vault.example:8200\nvault_key: source\n")
+    argv = ["keys", "rewrap", "--config", str(config), "--to-key-provider", "vault", "--to-vault-key", "target"]
+    env = {"FHIRCRYPT_TO_VAULT_ADDR": "https://vault-2.example:8200", "FHIRCRYPT_VAULT_MOUNT": "m"}
+    args = _parser().parse_args(argv)
+    source = provider_config(resolve_args(args, environ=env).settings())
+    target = provider_config(resolve_args(args, "to-", environ=env).settings())
+    assert source == {"type": "vault", "address": "https://vault.example:8200", "key": "source", "mount": "m"}
+    assert target == {"type": "vault", "address": "https://vault-2.example:8200", "key": "target"}
+    bad = run_cli("keys", "rewrap", "--to-key-provider", "vault", "--to-vault-addr", "vault:8200")
+    assert bad.returncode == 2 and "error: to_vault_addr (flag --to-vault-addr): use an absolute" in bad.stderr
+
+
+def test_each_provider_setting_is_declared_by_exactly_one_option():
+    declared = sorted(o.provider for o in OPTIONS if o.provider is not None)
+    assert declared == sorted((kind, name) for kind, names in PROVIDER_SETTINGS.items() for name in names)
+    assert BY_NAME["key_provider"].choices == tuple(PROVIDER_SETTINGS)
+
+
+def test_a_keyring_and_kek_named_in_the_config_file_serve_the_keys_commands(tmp_path):
+    config = tmp_path / "fhircrypt.yaml"
+    config.write_text("keyring: ring.json\nkek_file: kek\n")
+    env = {"FHIRCRYPT_CONFIG": str(config)}
+    created = run_cli("keys", "init", "--generate-kek", str(tmp_path / "kek"), env=env)
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "ring.json").exists()
+    assert run_cli("keys", "rotate", env=env).returncode == 0
+    assert run_cli("keys", "list", env=env).stdout.split() == ["k1", "k2", "(primary)"]
+    other = tmp_path / "other.kek"
+    other.write_text("b" * 64 + "\n")
+    wrong = run_cli("keys", "list", env={**env, "FHIRCRYPT_KEK_FILE": str(other)})  # env beats the file
+    assert wrong.returncode == 2 and "k1" not in wrong.stdout
+    flagged = run_cli(
+        "keys", "list", "--kek-file", str(tmp_path / "kek"), env={**env, "FHIRCRYPT_KEK_FILE": str(other)}
+    )
+    assert flagged.returncode == 0, flagged.stderr  # the flag beats the environment

@@ -28,6 +28,7 @@ from proxy.crypto.patientkeys import PatientKeyError, open_reference, patient_ta
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientKeyStore, now
 from proxy.policy.compartment import patient_id
+from proxy.settings import Settings
 
 OPERATOR_ENV = "FHIRCRYPT_OPERATOR"
 
@@ -59,19 +60,19 @@ def operator(explicit: str | None) -> str:
 
 
 @contextmanager
-def _store(args: Namespace) -> Iterator[PatientKeyStore]:
-    if not args.patient_key_store:
+def _store(settings: Settings) -> Iterator[PatientKeyStore]:
+    if not settings.patient_key_store:
         raise UsageError("--patient-key-store (or FHIRCRYPT_PATIENT_KEY_STORE) is required")
-    store = open_store(args.patient_key_store)
+    store = open_store(settings.patient_key_store)
     try:
         yield store
     finally:
         store.close()
 
 
-def shred(args: Namespace, keyring: Keyring) -> int:
+def shred(args: Namespace, settings: Settings, keyring: Keyring) -> int:
     """``shred Patient/<id>``: destroy the patient's keys, unless a legal hold is on (exit 3)."""
-    with _store(args) as store:
+    with _store(settings) as store:
         reference = args.patient
         tag = patient_tag(keyring, _patient(reference))
         try:
@@ -86,7 +87,7 @@ def shred(args: Namespace, keyring: Keyring) -> int:
         print(
             f"shredded {reference}: {stone.keys_destroyed} key(s) destroyed at {stone.shredded_at} by "
             f"{stone.shredded_by} (reason {stone.reason}). Every replica stops decrypting its records within "
-            f"{args.patient_key_ttl:g} s (patient key cache age)."
+            f"{settings.patient_key_ttl:g} s (patient key cache age)."
         )
         unbound = store.unbound()
         if unbound:
@@ -99,9 +100,9 @@ def shred(args: Namespace, keyring: Keyring) -> int:
         return 0
 
 
-def hold_list(args: Namespace, keyring: Keyring) -> int:
+def hold_list(args: Namespace, settings: Settings, keyring: Keyring) -> int:
     """``shred hold list``: every hold, its patient opened with the keyring when it can be."""
-    with _store(args) as store:
+    with _store(settings) as store:
         for hold in store.holds():
             try:
                 who = open_reference(keyring, hold.tag, hold.patient)
@@ -111,17 +112,17 @@ def hold_list(args: Namespace, keyring: Keyring) -> int:
         return 0
 
 
-def hold_remove(args: Namespace, keyring: Keyring) -> int:
-    with _store(args) as store:
+def hold_remove(args: Namespace, settings: Settings, keyring: Keyring) -> int:
+    with _store(settings) as store:
         reference = args.patient
         removed = store.remove_hold(patient_tag(keyring, _patient(reference)))
         print(f"legal hold on {reference} removed" if removed else f"{reference} has no legal hold")
         return 0
 
 
-def hold_add(args: Namespace, keyring: Keyring) -> int:
+def hold_add(args: Namespace, settings: Settings, keyring: Keyring) -> int:
     """``shred hold add``: refuse shredding the patient until the given day (not for one already shredded)."""
-    with _store(args) as store:
+    with _store(settings) as store:
         reference = args.patient
         tag = patient_tag(keyring, _patient(reference))
         try:

@@ -82,7 +82,7 @@ class ServedProxy:
         self.command = [sys.executable, "-m", "proxy", "serve"]
         if settings is not None:  # every Settings field, through tests/adversarial/launch.py
             base = {"upstream": upstream, "policy": str(ROOT / policy), "keyring": self.env["FHIRCRYPT_KEYRING"]}
-            base |= {"kek_file": self.env["FHIRCRYPT_KEK_FILE"], "port": self.port, "auth": "none"}
+            base |= {"kek_file": self.env["FHIRCRYPT_KEK_FILE"], "listen": ("127.0.0.1", self.port), "auth": "none"}
             self.command = [sys.executable, "-m", "tests.adversarial.launch", orjson.dumps(base | settings).decode()]
         self._log: list[bytes] = []
         self.proc: subprocess.Popen | None = None
