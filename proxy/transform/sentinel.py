@@ -53,9 +53,10 @@ _DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # February: 29 only in
 # Candidates; each is confirmed by its structure below. A whole token only, so 16 digits inside a
 # longer accession number, a decimal or a digit-dash-digit run never count; a label before it with a
 # dash does not hide it ("NIK-3273…", "IHS-P0…").
-_SIXTEEN = re.compile(r"(?<![\w.,+])(?<!\d-)(\d{16}|\d{4}([ .-])\d{4}\2\d{4}\2\d{4}|\d{6}([ .-])\d{6}\3\d{4})(?![\w]|[.,]\d)")
-_BPJS = re.compile(r"(?<![\w.,+])(?<!\d-)000\d{10}(?![\w]|[.,]\d)")
-_IHS = re.compile(r"(?<![\w.,+])(?<!\d-)P\d{11}(?![\w]|[.,]\d)")
+_BEFORE = r"(?<![\w.,+])(?<!\d-)"
+_SIXTEEN = re.compile(_BEFORE + r"(\d{16}|\d{4}([ .-])\d{4}\2\d{4}\2\d{4}|\d{6}([ .-])\d{6}\3\d{4})(?![\w]|[.,]\d)")
+_BPJS = re.compile(_BEFORE + r"000\d{10}(?![\w]|[.,]\d)")
+_IHS = re.compile(_BEFORE + r"P\d{11}(?![\w]|[.,]\d)")
 _PHONE_ID = re.compile(r"(?<![\w+])(?:\+62[ -]?|62|0)8\d{1,3}(?:[ -]?\d{3,4}){1,3}(?!\w|[.,]\d)")
 _PHONE_E164 = re.compile(r"(?<![\w+])\+[1-9]\d{0,3}(?:[ -]?\d{2,4}){2,5}(?!\w|[.,]\d)")
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
