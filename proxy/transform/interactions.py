@@ -25,10 +25,6 @@ class Interaction:
     conditional: bool = False  # update/patch/delete addressed by a search (PUT /Patient?identifier=...)
     compartment: str | None = None  # /Patient/123/Observation: the searched type is resource_type
 
-    @property
-    def is_write(self) -> bool:
-        return self.kind in ("create", "update", "patch", "batch")
-
     def label(self) -> str:
         """Short name for logs and metrics (no ids)."""
         return f"{self.kind}-{self.level}" if self.kind in ("search", "history", "operation") else self.kind
