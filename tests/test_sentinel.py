@@ -290,7 +290,9 @@ async def test_each_case_ends_refused_reported_or_forwarded_as_configured(
     reported = [r for r in caplog.records if getattr(r, "event", None) == "sentinel"]
     if mode == "report":
         assert _reports(detector) == before + 1
-        assert [(r.detector, r.path) for r in reported] == [(detector, path.removeprefix(ENTRY))]
+        assert [(r.detectors, r.paths) for r in reported] == [
+            ({detector: 1}, [{"detector": detector, "path": path.removeprefix(ENTRY), "count": 1}])
+        ]
         assert all(needle not in r.getMessage() and needle not in str(r.__dict__) for r in reported)
     else:
         assert _reports(detector) == before and reported == []
@@ -425,3 +427,30 @@ def test_refusing_detectors_run_first_and_detectors_that_are_off_never_hide_othe
     with pytest.raises(FhirError, match=r"sentinel\.phone: refuse"):
         check_value(SentinelSettings(actions={"nik": "off", "phone": "refuse"}), text, "x")
     check_value(SentinelSettings(actions={"nik": "off", "email": "refuse"}), text, "x")  # nothing to refuse
+
+
+async def test_the_hits_of_one_request_are_logged_in_one_line_and_each_is_counted(proxy_for, clean_upstream, caplog):
+    """A transaction of many resources may report hundreds of values: one log line for the request
+    (counts by detector, the paths with their counts), while the metric counts every hit."""
+    flags = [{**flag_with_text(f"KTP {NIK} hilang"), "subject": {"display": "hubungi 0812-3456-7890"}}] * 30
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"resource": f, "request": {"method": "POST", "url": "Flag"}} for f in flags],
+    }
+    client = await proxy_for(clean_upstream.base_url, policy("report"))
+    before = _reports("nik"), _reports("phone")
+    with caplog.at_level(logging.WARNING, logger="fhircrypt"):
+        resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "sentinel"]
+    assert line.detectors == {"nik": 30, "phone": 30} and (_reports("nik"), _reports("phone")) == (
+        before[0] + 30,
+        before[1] + 30,
+    )
+    assert sorted(line.paths, key=lambda p: p["path"]) == [
+        {"detector": "nik", "path": "Flag.code.text", "count": 30},
+        {"detector": "phone", "path": "Flag.subject.display", "count": 30},
+    ]
+    assert line.more_paths == 0 and line.request_id == resp.headers["X-Request-ID"]
+    assert NIK not in str(line.__dict__) and "3456" not in str(line.__dict__)

@@ -17,13 +17,13 @@ values forwarded unchanged) with structure-aware detectors:
 
 Each hit is handled by the policy's ``sentinel`` setting for its detector
 (``proxy.policy.sentinel``): ``refuse`` (a 400 naming the path and the detector, never the
-value), ``report`` (forwarded; logged by detector and path, never with the value, and passed
-to the listeners: the web layer counts them in its metrics) or ``off``. This module is pure.
+value), ``report`` (forwarded, and passed to the listeners: the web layer counts each in its
+metrics and logs a request's hits in one line, by detector and path, never with the value) or
+``off``. This module is pure: it neither logs nor counts.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from proxy.outcome import FhirError
 from proxy.policy.sentinel import DETECTORS, SentinelSettings
 from proxy.transform import markers as mk
-
-log = logging.getLogger("fhircrypt")
 
 LABELS = {
     "nik": "an Indonesian NIK",
@@ -145,8 +143,7 @@ def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
             f"clear (sentinel.{detector}: refuse); encrypt the element in the policy or remove the value",
             [path],
         )
-    log.warning("sentinel", extra={"event": "sentinel", "detector": detector, "path": path[:300]})
-    hit = Hit(path, detector)
+    hit = Hit(path[:300], detector)
     for listener in _LISTENERS:
         listener(hit)
 

@@ -14,7 +14,9 @@ import logging
 import time
 import traceback
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 
 import orjson
 from aiohttp import web
@@ -22,6 +24,7 @@ from aiohttp import web
 from proxy.crypto.providers.base import KeyringError
 from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
+from proxy.transform import sentinel
 from proxy.web import bulk, metrics
 from proxy.web import headers as hdr
 from proxy.web.auditing import record
@@ -32,6 +35,19 @@ log = logging.getLogger("fhircrypt")
 FHIR_ROUTE = "fhir"  # the name of the route the middleware accounts for
 CUT = 0  # the status logged, counted and audited ('no HTTP outcome') for a request cut before its answer
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The PHI sentinel's reported hits of the request in this task, logged in one line when it ends: a
+# Bundle of 50 Patients may report hundreds, and a log record each cost more than finding them.
+_SENTINEL_HITS: ContextVar[Counter[tuple[str, str]] | None] = ContextVar("sentinel_hits", default=None)
+_LOGGED_PATHS = 20  # paths named in the line; the counts cover them all
+
+
+def _gather(hit: sentinel.Hit) -> None:
+    hits = _SENTINEL_HITS.get()
+    if hits is not None:
+        hits[hit.detector, hit.path] += 1
+
+
+sentinel.add_listener(_gather)
 
 
 def respond_error(err: FhirError, request_id: str) -> web.Response:
@@ -53,6 +69,7 @@ async def account(request: web.Request, handler: _Handler) -> web.StreamResponse
     call = Call(request.app[RUNTIME].snapshot(), request, request_id, time.perf_counter())
     request[CALL] = call
     REQUEST_ID.set(request_id)
+    _SENTINEL_HITS.set(Counter())
     metrics.IN_FLIGHT.inc()
     try:
         response = await handler(request)
@@ -118,6 +135,7 @@ def _close(call: Call) -> None:
     if report.failures:
         metrics.INTEGRITY_FAILURES.inc(len(report.failures))
     metrics.AUDIT_BACKLOG.set(sum(sink.backlog for sink in rt.audit))
+    _log_sentinel_hits(call.request_id)
     log.info(
         "request cut before its answer" if status == CUT else "request",
         extra={
@@ -129,5 +147,26 @@ def _close(call: Call) -> None:
             "status": status,
             **({"cut": "no answer was sent"} if status == CUT else {}),
             "ms": round(seconds * 1000, 2),
+        },
+    )
+
+
+def _log_sentinel_hits(request_id: str) -> None:
+    """One line for the values the sentinel reported in this request: counts by detector, and the paths
+    (never the values) with how often each was hit, the first ``_LOGGED_PATHS`` of them."""
+    hits = _SENTINEL_HITS.get()
+    if not hits:
+        return
+    detectors: Counter[str] = Counter()
+    for (detector, _), n in hits.items():
+        detectors[detector] += n
+    log.warning(
+        "sentinel",
+        extra={
+            "event": "sentinel",
+            "request_id": request_id,
+            "detectors": dict(detectors),
+            "paths": [{"detector": d, "path": p, "count": n} for (d, p), n in list(hits.items())[:_LOGGED_PATHS]],
+            "more_paths": max(len(hits) - _LOGGED_PATHS, 0),
         },
     )
