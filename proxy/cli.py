@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from proxy import __version__
-from proxy.crypto.keyring import (
+from proxy.envsecrets import read_secret
+from proxy.keyflags import add_provider_args, provider_from_args, url_arg
+from proxy.keymgmt.keyring import (
     Keyring,
     backup_keyring,
     create_keyring,
@@ -32,10 +34,8 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     update_keyring,
 )
-from proxy.crypto.providers.base import KeyringError, describe_text
-from proxy.crypto.providers.local import generate_kek
-from proxy.envsecrets import read_secret
-from proxy.keyflags import add_provider_args, provider_from_args, url_arg
+from proxy.keymgmt.providers.base import KeyringError, describe_text
+from proxy.keymgmt.providers.local import generate_kek
 from proxy.keystore import cli as shred_cli
 from proxy.keystore.base import StoreError
 from proxy.oserrors import os_error_line

@@ -11,8 +11,8 @@ import argparse
 import os
 from collections.abc import Mapping
 
-from proxy.crypto.keycache import CacheBounds
-from proxy.crypto.providers import SETTINGS, KeyProvider, build_provider
+from proxy.keymgmt.keycache import CacheBounds
+from proxy.keymgmt.providers import SETTINGS, KeyProvider, build_provider
 from proxy.settings import Settings, http_url
 
 # flag (without --) -> (provider type, setting)

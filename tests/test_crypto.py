@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.envelope import IntegrityError, RecordCipher, associated_data
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
-from proxy.crypto.providers.base import KeyringError
-from proxy.crypto.providers.local import LocalKeyProvider, load_local_kek, parse_kek
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
+from proxy.keymgmt.providers.base import KeyringError
+from proxy.keymgmt.providers.local import LocalKeyProvider, load_local_kek, parse_kek
 
 VECTORS = Path(__file__).parent / "vectors" / "envelope-v1.json"
 

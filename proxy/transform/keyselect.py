@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from proxy.crypto.patientkeys import is_handle
+from proxy.keymgmt.patientkeys import is_handle
 from proxy.policy.compartment import patient_references
 from proxy.transform import markers as mk
 from proxy.transform.bodies import nested_resources

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
-from proxy.crypto.keyring import Keyring
-from proxy.crypto.patientkeys import KeyShredded
+from proxy.keymgmt.keyring import Keyring
+from proxy.keymgmt.patientkeys import KeyShredded
 from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum

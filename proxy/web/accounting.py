@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from proxy.crypto.providers.base import KeyringError
+from proxy.keymgmt.providers.base import KeyringError
 from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
 from proxy.web import bulk, metrics

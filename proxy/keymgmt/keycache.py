@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from proxy.crypto.keyring import Keyring, load_keyring
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError
+from proxy.keymgmt.keyring import Keyring, load_keyring
+from proxy.keymgmt.providers.base import KeyProvider, KeyringError, ProviderError
 
 
 class KeysUnavailable(KeyringError):

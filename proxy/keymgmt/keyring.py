@@ -49,8 +49,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError, describe_text
 from proxy.crypto.urlsign import UrlSigner
+from proxy.keymgmt.providers.base import KeyProvider, KeyringError, ProviderError, describe_text
 
 FORMAT = "fhircrypt-keyring/1"
 KEY_ID = re.compile(r"^k[1-9][0-9]{0,5}$")

@@ -20,8 +20,8 @@ import binascii
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, associated_data, missing_sdk, setting
 from proxy.envsecrets import read_secret
+from proxy.keymgmt.providers.base import ProviderError, associated_data, missing_sdk, setting
 
 AEAD_TYPES = ("aes256-gcm96", "aes128-gcm96", "chacha20-poly1305")
 

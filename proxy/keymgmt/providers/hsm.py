@@ -26,8 +26,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, associated_data, missing_sdk, setting
 from proxy.envsecrets import read_secret
+from proxy.keymgmt.providers.base import ProviderError, associated_data, missing_sdk, setting
 
 _LIBS: dict[str, Any] = {}  # one loaded (and C_Initialize'd) library per module path and process
 _LIBS_LOCK = threading.Lock()

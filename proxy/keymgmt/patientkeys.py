@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.envelope import IntegrityError
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 
 HANDLE_PREFIX = "p_"
 HANDLE = re.compile(r"^p_[0-9a-f]{32}$")

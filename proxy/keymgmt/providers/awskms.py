@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, missing_sdk, setting
+from proxy.keymgmt.providers.base import ProviderError, missing_sdk, setting
 
 # KMS error codes -> our stable codes; anything else is "unavailable".
 _CODES = {
