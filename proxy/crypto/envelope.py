@@ -119,9 +119,10 @@ class RecordCipher:
         nonce, self._nonces = self._nonces[:12], self._nonces[12:]
         return nonce
 
-    def seal(self, field_id: str, path: str, plaintext: bytes, nonce: bytes | None = None) -> str:
-        """Encrypt one element. ``nonce`` is only for published test vectors."""
-        nonce = nonce or self._nonce()
+    def seal(self, field_id: str, path: str, plaintext: bytes) -> str:
+        """Encrypt one element under a fresh random nonce: callers never choose nonces (a repeated
+        GCM nonce under one data key leaks plaintext XORs and the authentication key)."""
+        nonce = self._nonce()
         return _PREFIX + b64e(nonce + self._aead.encrypt(nonce, plaintext, self._aad(field_id, path)))
 
     def open(self, field_id: str, path: str, ciphertext: str) -> bytes:
