@@ -69,7 +69,7 @@ class ProviderHealth:
     primary_wraps: int
     max_wraps: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 

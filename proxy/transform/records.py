@@ -19,6 +19,7 @@ from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 from proxy.transform.namechain import chain_label, name_chains
 
 
@@ -78,7 +79,7 @@ def _join(path: str, key: str) -> str:
 _CANONICAL_KEYS = frozenset({"system", "url"})
 
 
-def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
+def _matches(item: JSON, criteria: tuple[tuple[str, str], ...]) -> bool:
     """Whether ``item``'s fields equal the where() literals; systems and URLs compare canonically
     (``.../id/NIK`` is the NIK system: it is encrypted and indexed as the policy spells it)."""
     for k, v in criteria:
@@ -88,13 +89,13 @@ def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def _admits(item: dict, hop: Hop) -> bool:
+def _admits(item: JSON, hop: Hop) -> bool:
     """``item`` is selected by ``hop``: its where() criteria hold and, on a catch-all, the policy
     does not name its system or URL."""
     return _matches(item, hop.criteria) and (hop.unlisted is None or hop.unlisted.admits(item))
 
 
-def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[dict, str]]:
+def _parents(resource: JSON, nav: tuple[Hop, ...], strict: bool) -> list[tuple[JSON, str]]:
     """Objects reached by the hops, with their concrete paths (``identifier[1]``).
 
     A value of the wrong JSON type raises ShapeError when writing (``strict``); when
@@ -103,12 +104,12 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
     if nav and nav[0].key not in resource:  # most locations are absent (a type's 18 reference paths): no lists
         return []
     if len(nav) == 1 and not nav[0].recurse:  # the common case (identifier.where(...).value): one scan
-        out: list[tuple[dict, str]] = []
+        out: list[tuple[JSON, str]] = []
         _children(resource, "", nav[0].key, nav[0].criteria, strict, out, nav[0].unlisted)
         return out
     level = [(resource, "")]
     for hop in nav:
-        nxt: list[tuple[dict, str]] = []
+        nxt: list[tuple[JSON, str]] = []
         for obj, path in level:
             _children(obj, path, hop.key, hop.criteria, strict, nxt, hop.unlisted)
         if hop.recurse:
@@ -118,7 +119,7 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
                 for keys in hop.recurse:
                     found = [(obj, path)]
                     for i, key in enumerate(keys):
-                        step: list[tuple[dict, str]] = []
+                        step: list[tuple[JSON, str]] = []
                         for o, p in found:
                             last = i == len(keys) - 1
                             _children(
@@ -132,12 +133,12 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
 
 
 def _children(
-    obj: dict,
+    obj: JSON,
     path: str,
     key: str,
     criteria: tuple[tuple[str, str], ...],
     strict: bool,
-    out: list[tuple[dict, str]],
+    out: list[tuple[JSON, str]],
     unlisted: Unlisted | None = None,
 ) -> None:
     """Append the objects under ``obj[key]`` that match ``criteria`` (and ``unlisted``, on a catch-all)."""
@@ -200,7 +201,7 @@ class _Sealer:
         self.items.append((path, ct))
         return ct
 
-    def primitive(self, parent: dict, path: str, key: str, repeating: bool, fid: str) -> None:
+    def primitive(self, parent: JSON, path: str, key: str, repeating: bool, fid: str) -> None:
         ukey = "_" + key
         if key not in parent and ukey not in parent:
             return
@@ -222,7 +223,7 @@ class _Sealer:
         parent[key] = [None] * n
         parent[ukey] = sealed
 
-    def complex(self, parent: dict, path: str, key: str, el: CompiledElement) -> None:
+    def complex(self, parent: JSON, path: str, key: str, el: CompiledElement) -> None:
         value = parent.get(key)
         if value is None:
             return
@@ -242,7 +243,7 @@ class _Sealer:
         else:
             raise ShapeError(p)
 
-    def _complex_form(self, item: dict, path: str, el: CompiledElement) -> dict:
+    def _complex_form(self, item: JSON, path: str, el: CompiledElement) -> JSON:
         form = {k: item[k] for k in el.keep if k in item}
         chained = next((s for s in el.indexes if s.chain), None)
         if chained is not None:  # a HumanName searched through chains in its own parts (namechain.py)
@@ -256,7 +257,7 @@ class _Sealer:
             form.update(sealed)
         return form
 
-    def choice_masked(self, parent: dict, path: str, el: CompiledElement) -> None:
+    def choice_masked(self, parent: JSON, path: str, el: CompiledElement) -> None:
         present = [n for n, _ in el.choices if n in parent or "_" + n in parent]
         if not present:
             return
@@ -270,7 +271,7 @@ class _Sealer:
         parent["dataAbsentReason"] = mk.masked_concept()
         parent["extension"] = [*exts, mk.ciphertext_extension(ct)]
 
-    def narrative(self, parent: dict, path: str, el: CompiledElement) -> None:
+    def narrative(self, parent: JSON, path: str, el: CompiledElement) -> None:
         text = parent.get(el.terminal.key)
         if text is None:
             return
@@ -284,7 +285,7 @@ class _Sealer:
         form["extension"] = [mk.ciphertext_extension(self.seal(el.field_id, p, text))]
         parent[el.terminal.key] = form
 
-    def element(self, resource: dict, el: CompiledElement) -> None:
+    def element(self, resource: JSON, el: CompiledElement) -> None:
         if el.refuses:
             _refuse_unlisted(resource, el)
             return
@@ -305,13 +306,13 @@ class _Sealer:
                     elif name in parent:
                         parent[name] = self._complex_form_checked(parent[name], _join(path, name), el)
 
-    def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> dict:
+    def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> JSON:
         if type(item) is not dict:
             raise ShapeError(path)
         return self._complex_form(item, path, el)
 
 
-def _refuse_unlisted(resource: dict, el: CompiledElement) -> None:
+def _refuse_unlisted(resource: JSON, el: CompiledElement) -> None:
     """Under ``refuse``: the first identifier value (or extension) the catch-all would have sealed."""
     closing = el.closing
     for parent, path in _parents(resource, el.nav, strict=True):
@@ -327,7 +328,7 @@ def _refuse_unlisted(resource: dict, el: CompiledElement) -> None:
 
 
 def encrypt_resource(
-    resource: dict, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
+    resource: JSON, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
 ) -> None:
     """Encrypt every covered element and attach the envelope and tag (in place).
 
@@ -379,7 +380,7 @@ class _Slot:
         ct: str | None,
         tampered: bool,  # plaintext where only ciphertext can legitimately be
         shape: int,
-        parent: dict | list | None = None,
+        parent: JSON | list | None = None,
         key: str | int = "",
         index: int = 0,
         extra: object = None,
@@ -445,7 +446,7 @@ def _mask(slot: _Slot) -> None:
         parent[key] = mk.neutral_narrative()  # type: ignore[index]
 
 
-def _find_primitive(parent: dict, path: str, key: str, repeating: bool, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[_Slot]) -> None:
     ukey = "_" + key
     if not repeating:
         under = parent.get(ukey)
@@ -470,7 +471,7 @@ def _find_primitive(parent: dict, path: str, key: str, repeating: bool, el: Comp
             out.append(_Slot(el, f"{p}[{i}]", ct, plain, _PRIMITIVE_ITEM, parent, key, i, lists))
 
 
-def _tidy(parent: dict, key: str, ukey: str) -> None:
+def _tidy(parent: JSON, key: str, ukey: str) -> None:
     """Drop a parallel array that holds only nulls (FHIR JSON omits it then)."""
     for k in (key, ukey):
         if k in parent and all(v is None for v in parent[k]):
@@ -478,7 +479,7 @@ def _tidy(parent: dict, key: str, ukey: str) -> None:
 
 
 def _find_complex(
-    container: dict | list, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[_Slot]
+    container: JSON | list, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[_Slot]
 ) -> None:
     item = container[index]  # type: ignore[index]
     if type(item) is not dict:
@@ -492,7 +493,7 @@ def _find_complex(
     out.append(_Slot(el, path, ct, ct is None, _COMPLEX, container, index, 0, (keep, holder)))
 
 
-def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
+def _find(resource: JSON, el: CompiledElement, out: list[_Slot]) -> None:
     if el.refuses:
         return  # nothing was sealed under refuse
     kind = el.kind
@@ -526,7 +527,7 @@ def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
             _find_narrative(parent, path, el, out)
 
 
-def covered_locations(resource: dict, rp: ResourcePolicy) -> set[str]:
+def covered_locations(resource: JSON, rp: ResourcePolicy) -> set[str]:
     """Concrete paths (``identifier[1].value``, ``name[0]``, ``valueQuantity``) of every occurrence in
     ``resource`` that the policy covers, sealed or still in the clear, found by the same walk as reads.
 
@@ -558,7 +559,7 @@ def _sealing(el: CompiledElement) -> CompiledElement:
     return dataclasses.replace(el, nav=(*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=sealing)))
 
 
-def _find_choice_masked(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[_Slot]) -> None:
     names = [n for n, _ in el.choices for k in (n, "_" + n) if k in parent]
     exts = parent.get("extension")
     idx = None
@@ -580,7 +581,7 @@ def _drop_ciphertext(slot: _Slot) -> None:
             del slot.parent["extension"]  # type: ignore[union-attr]
 
 
-def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[_Slot]) -> None:
     key = el.terminal.key
     text = parent.get(key)
     if text is None:
@@ -593,7 +594,7 @@ def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slo
     out.append(_Slot(el, _join(path, key), ct, tampered or not neutral, _NARRATIVE, parent, key))
 
 
-def _take_markers(resource: dict, in_meta: bool) -> tuple[list[str], bool]:
+def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], bool]:
     """Remove our envelope extension(s) and tag; returns the envelopes and whether tagged."""
     envelopes: list[str] = []
     meta = resource.get("meta")
@@ -623,7 +624,7 @@ def _take_markers(resource: dict, in_meta: bool) -> tuple[list[str], bool]:
     return envelopes, tagged
 
 
-def strip_index_identifiers(resource: dict) -> None:
+def strip_index_identifiers(resource: JSON) -> None:
     """Remove index identifiers (any fhircrypt blind-index system) from a resource read back."""
     ids = resource.get("identifier")
     if type(ids) is not list:
@@ -637,7 +638,7 @@ def strip_index_identifiers(resource: dict) -> None:
             del resource["identifier"]
 
 
-def _mark_masked(resource: dict) -> None:
+def _mark_masked(resource: JSON) -> None:
     meta = resource.get("meta")
     if type(meta) is not dict:
         meta = resource["meta"] = {}
@@ -651,7 +652,7 @@ def _mark_masked(resource: dict) -> None:
 
 
 def decrypt_resource(
-    resource: dict, rp: ResourcePolicy, keyring: KeyLookup, grants: Grants, unenveloped: str, report: ReadReport
+    resource: JSON, rp: ResourcePolicy, keyring: KeyLookup, grants: Grants, unenveloped: str, report: ReadReport
 ) -> None:
     """Restore what the caller may see, mask the rest, drop our markers (in place).
 

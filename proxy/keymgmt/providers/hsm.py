@@ -113,7 +113,8 @@ class Pkcs11KeyProvider:
                     return b""
                 param = GCMParams(iv, associated_data(context), 128)
                 try:
-                    return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+                    result: bytes = getattr(key, operation)(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+                    return result
                 except pkcs11.PKCS11Error:
                     if operation == "encrypt":
                         raise ProviderError("unavailable", f"{where}: encryption with the key failed") from None
