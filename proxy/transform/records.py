@@ -21,6 +21,16 @@ from proxy.transform import jsonnum
 from proxy.transform import markers as mk
 from proxy.transform.jsontypes import JSON
 from proxy.transform.namechain import chain_label, name_chains
+from proxy.transform.slots import (
+    ChoiceMaskedSlot,
+    ComplexSlot,
+    Container,
+    GoneSlot,
+    NarrativeSlot,
+    PrimitiveItemSlot,
+    PrimitiveSlot,
+    Slot,
+)
 
 
 class AllGroups:
@@ -179,7 +189,7 @@ def _ct_of(obj: object) -> str | None:
 _PRIMITIVE_JSON = (str, bool, int, float, jsonnum.Number)
 
 
-def _primitive_pair(value: object, under: object, path: str) -> list:
+def _primitive_pair(value: object, under: object, path: str) -> list[object]:
     """The [value, _element] pair that a primitive's ciphertext holds; checks JSON types."""
     if (value is not None and type(value) not in _PRIMITIVE_JSON) or (under is not None and type(under) is not dict):
         raise ShapeError(path)
@@ -214,7 +224,7 @@ class _Sealer:
         if type(values) is not list or type(unders) is not list:
             raise ShapeError(p)
         n = max(len(values), len(unders))
-        sealed: list[dict | None] = []
+        sealed: list[JSON | None] = []
         for i in range(n):
             pair = _primitive_pair(
                 values[i] if i < len(values) else None, unders[i] if i < len(unders) else None, f"{p}[{i}]"
@@ -357,102 +367,13 @@ def encrypt_resource(
 # --------------------------------------------------------------------------- reading
 
 
-# How a slot is put back (restore) or masked; see _Slot.
-_PRIMITIVE, _PRIMITIVE_ITEM, _COMPLEX, _GONE, _CHOICE_MASKED, _NARRATIVE = range(6)
-
-
-class _Slot:
-    """One stored occurrence of a covered element: its path, its ciphertext, and where it lives.
-
-    ``shape`` says what ``parent``, ``key``, ``index`` and ``extra`` hold and how
-    :func:`_restore` and :func:`_mask` treat them. A read makes one slot per encrypted
-    element of every resource in a response (2,200 for a 100-Patient searchset), so a
-    slot is a plain object with a shape code rather than a dataclass holding two
-    closures: building those was most of the cost of finding the elements.
-    """
-
-    __slots__ = ("ct", "el", "extra", "index", "key", "parent", "path", "shape", "tampered")
-
-    def __init__(
-        self,
-        el: CompiledElement,
-        path: str,
-        ct: str | None,
-        tampered: bool,  # plaintext where only ciphertext can legitimately be
-        shape: int,
-        parent: JSON | list | None = None,
-        key: str | int = "",
-        index: int = 0,
-        extra: object = None,
-    ) -> None:
-        self.el, self.path, self.ct, self.tampered, self.shape = el, path, ct, tampered, shape
-        self.parent, self.key, self.index, self.extra = parent, key, index, extra
-
-
-def _restore(slot: _Slot, pt: bytes) -> None:
-    """Put the decrypted JSON back where the ciphertext was; ValueError/TypeError when it does not fit."""
-    shape, parent, key = slot.shape, slot.parent, slot.key
-    if shape == _PRIMITIVE:
-        value, under = jsonnum.loads(pt)
-        ukey = "_" + key  # type: ignore[operator]
-        parent.pop(ukey, None)  # type: ignore[union-attr]
-        if value is not None:
-            parent[key] = value  # type: ignore[index]
-        if under is not None:
-            parent[ukey] = under  # type: ignore[index]
-    elif shape == _PRIMITIVE_ITEM:
-        values, unders = slot.extra  # type: ignore[misc]
-        values[slot.index], unders[slot.index] = jsonnum.loads(pt)
-        _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
-    elif shape == _GONE:
-        return
-    else:
-        value = jsonnum.loads(pt)
-        if type(value) is not dict:
-            raise ValueError("not an object")
-        if shape == _CHOICE_MASKED:
-            _drop_ciphertext(slot)
-            parent.pop("dataAbsentReason", None)  # type: ignore[union-attr]
-            parent.update(value)  # type: ignore[union-attr]
-        else:  # _COMPLEX, _NARRATIVE: the element (or list item) is replaced whole
-            parent[key] = value  # type: ignore[index]
-
-
-def _mask(slot: _Slot) -> None:
-    """Replace the element by the mask marker (what a caller gets instead of data it may not see)."""
-    shape, parent, key = slot.shape, slot.parent, slot.key
-    if shape == _PRIMITIVE:
-        parent.pop(key, None)  # type: ignore[union-attr,arg-type]
-        parent["_" + key] = mk.masked_form()  # type: ignore[index,operator]
-    elif shape == _PRIMITIVE_ITEM:
-        values, unders = slot.extra  # type: ignore[misc]
-        values[slot.index], unders[slot.index] = None, mk.masked_form()
-        _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
-    elif shape == _COMPLEX:
-        item = parent[key]  # type: ignore[index]
-        keep, holder = slot.extra  # type: ignore[misc]
-        form = {k: item[k] for k in keep if k in item}
-        if holder is not None:  # a simple extension: masked inside its value[x], as it was stored
-            form[holder] = mk.masked_form()
-        else:
-            form.update(mk.masked_form())
-        parent[key] = form  # type: ignore[index]
-    elif shape == _CHOICE_MASKED:
-        _drop_ciphertext(slot)
-        for n in slot.extra[2]:  # type: ignore[index]
-            parent.pop(n, None)  # type: ignore[union-attr]
-        parent["dataAbsentReason"] = mk.masked_concept()  # type: ignore[index]
-    elif shape == _NARRATIVE:
-        parent[key] = mk.neutral_narrative()  # type: ignore[index]
-
-
-def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[Slot]) -> None:
     ukey = "_" + key
     if not repeating:
         under = parent.get(ukey)
         ct, plain = (_ct_of(under) if under is not None else None), key in parent
         if ct is not None or plain:
-            out.append(_Slot(el, f"{path}.{key}" if path else key, ct, plain, _PRIMITIVE, parent, key))
+            out.append(PrimitiveSlot(el, f"{path}.{key}" if path else key, ct, plain, parent, key))
         return
     values, unders = parent.get(key), parent.get(ukey)
     values = values if type(values) is list else []
@@ -464,36 +385,28 @@ def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: Comp
     unders.extend([None] * (n - len(unders)))
     parent[key], parent[ukey] = values, unders
     p = _join(path, key)
-    lists = (values, unders)
     for i in range(n):
         ct, plain = _ct_of(unders[i]), values[i] is not None
         if ct is not None or plain:
-            out.append(_Slot(el, f"{p}[{i}]", ct, plain, _PRIMITIVE_ITEM, parent, key, i, lists))
-
-
-def _tidy(parent: JSON, key: str, ukey: str) -> None:
-    """Drop a parallel array that holds only nulls (FHIR JSON omits it then)."""
-    for k in (key, ukey):
-        if k in parent and all(v is None for v in parent[k]):
-            del parent[k]
+            out.append(PrimitiveItemSlot(el, f"{p}[{i}]", ct, plain, parent, key, i, values, unders))
 
 
 def _find_complex(
-    container: JSON | list, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[_Slot]
+    container: Container, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[Slot]
 ) -> None:
-    item = container[index]  # type: ignore[index]
+    item = container[index]
     if type(item) is not dict:
-        container[index] = None  # type: ignore[index]
-        out.append(_Slot(el, path, None, True, _GONE))
+        container[index] = None
+        out.append(GoneSlot(el, path, None, True))
         return
     ct = _ct_of(item)
     holder = mk.held_markers(item, keep) if ct is None and el.terminal.key == "extension" else None
     if holder is not None:
         ct = _ct_of(item[holder])
-    out.append(_Slot(el, path, ct, ct is None, _COMPLEX, container, index, 0, (keep, holder)))
+    out.append(ComplexSlot(el, path, ct, ct is None, container, index, keep, holder))
 
 
-def _find(resource: JSON, el: CompiledElement, out: list[_Slot]) -> None:
+def _find(resource: JSON, el: CompiledElement, out: list[Slot]) -> None:
     if el.refuses:
         return  # nothing was sealed under refuse
     kind = el.kind
@@ -514,7 +427,7 @@ def _find(resource: JSON, el: CompiledElement, out: list[_Slot]) -> None:
                         _find_complex(value, i, f"{p}[{i}]", el.keep, el, out)
             else:
                 del parent[key]
-                out.append(_Slot(el, p, None, True, _GONE))
+                out.append(GoneSlot(el, p, None, True))
         elif kind is Kind.CHOICE:
             for name, primitive in el.choices:
                 if primitive:
@@ -537,14 +450,14 @@ def covered_locations(resource: JSON, rp: ResourcePolicy) -> set[str]:
     what they match), so they are walked as if they sealed.
     """
     work = copy.deepcopy(resource)
-    out: list[_Slot] = []
+    out: list[Slot] = []
     for el in rp.elements:
         _find(work, _sealing(el) if el.refuses else el, out)
     found: set[str] = set()
     for slot in out:
-        if slot.el.kind is Kind.CHOICE_MASKED:  # "value[x]": the choice names actually present
+        if isinstance(slot, ChoiceMaskedSlot):  # "value[x]": the choice names actually present
             stem = slot.path[: -len(slot.el.terminal.key) - 3]
-            found.update(stem + name for name in slot.extra[2])  # type: ignore[index]
+            found.update(stem + name for name in slot.names)
         found.add(slot.path)
     return found
 
@@ -559,29 +472,21 @@ def _sealing(el: CompiledElement) -> CompiledElement:
     return dataclasses.replace(el, nav=(*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=sealing)))
 
 
-def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
     names = [n for n, _ in el.choices for k in (n, "_" + n) if k in parent]
     exts = parent.get("extension")
-    idx = None
+    idx, ct = None, None
     if type(exts) is list:
         idx = next((i for i, e in enumerate(exts) if type(e) is dict and e.get("url") == mk.CIPHERTEXT_URL), None)
+        if idx is not None:
+            ct = _ct_of({"extension": [exts[idx]]})
     if idx is None and not names:
         return
-    ct = _ct_of({"extension": [exts[idx]]}) if idx is not None else None
     path = _join(path, el.terminal.key + "[x]")
-    out.append(_Slot(el, path, ct, bool(names), _CHOICE_MASKED, parent, "", 0, (exts, idx, names)))
+    out.append(ChoiceMaskedSlot(el, path, ct, bool(names), parent, exts, idx, names))
 
 
-def _drop_ciphertext(slot: _Slot) -> None:
-    """Remove the ciphertext extension of a masked choice from its parent."""
-    exts, idx, _ = slot.extra  # type: ignore[misc]
-    if idx is not None:
-        del exts[idx]
-        if not exts:
-            del slot.parent["extension"]  # type: ignore[union-attr]
-
-
-def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
     key = el.terminal.key
     text = parent.get(key)
     if text is None:
@@ -591,7 +496,7 @@ def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[_Slo
     tampered = ct is None and not (neutral and el.replace and set(text) <= {"status", "div"})
     if ct is None and not tampered:
         return
-    out.append(_Slot(el, _join(path, key), ct, tampered or not neutral, _NARRATIVE, parent, key))
+    out.append(NarrativeSlot(el, _join(path, key), ct, tampered or not neutral, parent, key))
 
 
 def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], bool]:
@@ -668,7 +573,7 @@ def decrypt_resource(
     strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return
-    slots: list[_Slot] = []
+    slots: list[Slot] = []
     for el in rp.elements:
         _find(resource, el, slots)
     cipher, shredded = None, False
@@ -688,21 +593,21 @@ def decrypt_resource(
         if cipher is None or slot.tampered or slot.ct is None:
             if cipher is not None or (shredded and slot.tampered):
                 report.fail(f"{where} {slot.path}", "plaintext where ciphertext was expected")
-            _mask(slot)
+            slot.mask()
             masked += 1
             continue
         if grants is not ALL_GROUPS and not slot.el.groups <= grants:  # type: ignore[operator]
-            _mask(slot)
+            slot.mask()
             masked += 1
             report.masked_groups |= slot.el.groups - grants  # type: ignore[operator]
             continue
         try:
-            _restore(slot, cipher.open(slot.el.field_id, slot.path, slot.ct))
+            slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
             report.decrypted += 1
             report.decrypted_groups |= slot.el.groups
         except (IntegrityError, ValueError, TypeError):
             report.fail(f"{where} {slot.path}", "ciphertext does not verify")
-            _mask(slot)
+            slot.mask()
             masked += 1
     if masked:
         report.masked += masked
