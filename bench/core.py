@@ -31,7 +31,7 @@ from pathlib import Path
 
 import orjson
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.transform import jsonnum, sentinel
 from proxy.transform.indexes import index_identifiers

@@ -104,7 +104,7 @@ def passthrough_app(upstream: str, connections: int = 100):
 
 def proxy_app(upstream: str, policy: str, port: int, validate: bool = True):
     """fhircrypt's own ``create_app`` in development mode (``--auth none``)."""
-    from proxy.crypto.keyring import Keyring
+    from proxy.keymgmt.keyring import Keyring
     from proxy.policy.compiler import compile_file, compile_text
     from proxy.settings import Settings
     from proxy.web.app import create_app

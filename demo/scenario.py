@@ -23,8 +23,8 @@ from aiohttp import web
 
 from demo import report
 from proxy.coverage.command import Outputs, Scan, scan_upstream
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
-from proxy.crypto.providers.local import generate_kek, load_local_kek
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
+from proxy.keymgmt.providers.local import generate_kek, load_local_kek
 from proxy.migrate.commands import Connection
 from proxy.migrate.run import Options
 from proxy.policy.compiler import compile_text

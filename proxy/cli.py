@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from proxy import __version__
-from proxy.crypto.keyring import (
+from proxy.keyflags import provider_from_settings
+from proxy.keymgmt.keyring import (
     Keyring,
     backup_keyring,
     create_keyring,
@@ -32,9 +33,8 @@ from proxy.crypto.keyring import (
     rewrap_keyring,
     update_keyring,
 )
-from proxy.crypto.providers.base import KeyringError, describe_text
-from proxy.crypto.providers.local import generate_kek
-from proxy.keyflags import provider_from_settings
+from proxy.keymgmt.providers.base import KeyringError, describe_text
+from proxy.keymgmt.providers.local import generate_kek
 from proxy.keystore import cli as shred_cli
 from proxy.keystore.base import StoreError
 from proxy.optionflags import add_option_flags, resolve_args, settings_from_args

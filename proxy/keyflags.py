@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from proxy.crypto.keycache import CacheBounds
-from proxy.crypto.providers import KeyProvider, build_provider
+from proxy.keymgmt.keycache import CacheBounds
+from proxy.keymgmt.providers import KeyProvider, build_provider
 from proxy.settings import OPTIONS, Settings
 
 

@@ -23,8 +23,8 @@ import ssl
 import sys
 
 from proxy import gctune
-from proxy.crypto.keycache import KeyCache
 from proxy.keyflags import provider_from_settings, settings_bounds
+from proxy.keymgmt.keycache import KeyCache
 from proxy.oserrors import os_error_line
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.policy.loader import PolicyError

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.crypto.providers import SETTINGS as PROVIDER_SETTINGS
 from proxy.gctune import DEFAULT_THRESHOLD as DEFAULT_GC_THRESHOLD
+from proxy.keymgmt.providers import SETTINGS as PROVIDER_SETTINGS
 
 ENV_PREFIX = "FHIRCRYPT_"
 CONFIG_ENV = "FHIRCRYPT_CONFIG"

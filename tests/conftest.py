@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file, compile_text
 from proxy.settings import Settings
 from proxy.web.app import create_app

@@ -58,7 +58,7 @@ def generate_hsm_key(module: str, label: str) -> None:
     import pkcs11
     from pkcs11 import Attribute, KeyType
 
-    from proxy.crypto.providers.hsm import _library
+    from proxy.keymgmt.providers.hsm import _library
 
     token = _library(module).get_token(token_label=TOKEN)
     with token.open(user_pin=PIN, rw=True) as session:

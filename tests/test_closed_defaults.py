@@ -15,7 +15,7 @@ import sys
 import orjson
 import pytest
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.closed import canonical
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.policy.loader import PolicyError

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from proxy.cli import _parser
-from proxy.crypto.providers import SETTINGS as PROVIDER_SETTINGS
 from proxy.keyflags import provider_config
+from proxy.keymgmt.providers import SETTINGS as PROVIDER_SETTINGS
 from proxy.optionflags import resolve_args
 from proxy.settings import BY_NAME, OPTIONS, ConfigError, Value, resolve
 from tests.test_cli_tls import run_cli

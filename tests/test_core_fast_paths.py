@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from proxy.crypto.blindindex import TOKEN_HEX_CHARS, BlindIndexer, index_key
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.envelope import RecordCipher, associated_data
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.transform.normalize import _SPACE, fold
 
 

@@ -2,74 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import stat
-from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.envelope import IntegrityError, RecordCipher, associated_data
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
-from proxy.crypto.providers.base import KeyringError
-from proxy.crypto.providers.local import LocalKeyProvider, load_local_kek, parse_kek
-
-VECTORS = Path(__file__).parent / "vectors" / "envelope-v1.json"
-
-
-def _vector_inputs() -> dict:
-    return {
-        "kek": bytes(range(100, 132)).hex(),
-        "master_key": bytes(range(32)).hex(),
-        "key_id": "k1",
-        "data_key": bytes(range(64, 128)).hex(),
-        "record_id": b64e(b"\xaa" * 12),
-        "resource_type": "Patient",
-        "elements": [
-            {
-                "field_id": "nik",
-                "path": "identifier[0].value",
-                "nonce": (b"\x01" * 12).hex(),
-                "plaintext": '["3201010101900001",null]',
-            },
-            {
-                "field_id": "name",
-                "path": "name[0]",
-                "nonce": (b"\x02" * 12).hex(),
-                "plaintext": '{"family":"Santoso","given":["Budi"]}',
-            },
-        ],
-    }
-
-
-def compute_vectors(inputs: dict) -> dict:
-    master, data_key = bytes.fromhex(inputs["master_key"]), bytes.fromhex(inputs["data_key"])
-    wrapped = aes_key_wrap(master, data_key)
-    cipher = RecordCipher(inputs["resource_type"], inputs["key_id"], inputs["record_id"], data_key, wrapped)
-    cts = [
-        cipher.seal(e["field_id"], e["path"], e["plaintext"].encode(), nonce=bytes.fromhex(e["nonce"]))
-        for e in inputs["elements"]
-    ]
-    mac = cipher.mac([(e["path"], ct) for e, ct in zip(inputs["elements"], cts, strict=True)])
-    return {
-        "kek_wrapped_master_key": b64e(aes_key_wrap(bytes.fromhex(inputs["kek"]), master)),
-        "wrapped_data_key": b64e(wrapped),
-        "associated_data": [
-            associated_data(inputs["resource_type"], inputs["record_id"], e["field_id"], e["path"]).decode()
-            for e in inputs["elements"]
-        ],
-        "ciphertexts": cts,
-        "record_mac": b64e(mac),
-        "envelope": cipher.envelope(mac),
-    }
+from proxy.crypto.envelope import IntegrityError, RecordCipher
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
+from proxy.keymgmt.providers.base import KeyringError
+from proxy.keymgmt.providers.local import LocalKeyProvider, load_local_kek, parse_kek
+from tests.envelope_vectors import VECTORS, compute_vectors, vector_inputs
 
 
 def test_published_vectors_match_this_implementation():
     """Another implementation reproduces these bytes from the inputs in tests/vectors/envelope-v1.json."""
     published = json.loads(VECTORS.read_text())
-    assert published["inputs"] == _vector_inputs()
+    assert published["inputs"] == vector_inputs()
     assert compute_vectors(published["inputs"]) == published["outputs"]
 
 
@@ -83,6 +34,14 @@ def test_vectors_decrypt_back():
     cipher.verify(items, mac)
     for e, ct in zip(inputs["elements"], outputs["ciphertexts"], strict=True):
         assert cipher.open(e["field_id"], e["path"], ct) == e["plaintext"].encode()
+
+
+def test_callers_cannot_choose_a_nonce():
+    """seal takes no nonce: only the tests' FixedNonceCipher fixes them, and every seal draws a fresh one."""
+    assert list(inspect.signature(RecordCipher.seal).parameters) == ["self", "field_id", "path", "plaintext"]
+    cipher = RecordCipher.new(Keyring.generate(), "Patient")
+    nonces = {cipher.seal("nik", "identifier[0].value", b"same")[3:19] for _ in range(100)}  # 12 bytes = 16 chars
+    assert len(nonces) == 100
 
 
 def test_ciphertext_is_bound_to_its_place_and_record():

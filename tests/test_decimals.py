@@ -18,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.auth.decision import key_holder
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.migrate.assess import Plan, envelope_key_ids
 from proxy.migrate.commands import Connection, reencrypt
 from proxy.migrate.run import Options

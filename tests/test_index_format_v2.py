@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.migrate.assess import Plan
 from proxy.migrate.commands import Connection, reencrypt
 from proxy.policy.compiler import CompiledPolicy

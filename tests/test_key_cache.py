@@ -12,11 +12,11 @@ import json
 import orjson
 import pytest
 
-from proxy.crypto.keycache import CacheBounds, KeyCache, KeysUnavailable
-from proxy.crypto.keyring import Keyring, KeyUsageExhausted, load_keyring, save_keyring
-from proxy.crypto.providers import ProviderError, build_provider
-from proxy.crypto.providers.base import KeyringError
-from proxy.crypto.providers.local import generate_kek
+from proxy.keymgmt.keycache import CacheBounds, KeyCache, KeysUnavailable
+from proxy.keymgmt.keyring import Keyring, KeyUsageExhausted, load_keyring, save_keyring
+from proxy.keymgmt.providers import ProviderError, build_provider
+from proxy.keymgmt.providers.base import KeyringError
+from proxy.keymgmt.providers.local import generate_kek
 from proxy.transform import markers as mk
 from tests.conftest import FHIR_JSON, assert_no_plaintext
 from tests.keystores import VAULT_TOKEN

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring, wrap_context
-from proxy.crypto.providers import ProviderError, build_provider
-from proxy.crypto.providers.base import associated_data
-from proxy.crypto.providers.local import generate_kek
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring, wrap_context
+from proxy.keymgmt.providers import ProviderError, build_provider
+from proxy.keymgmt.providers.base import associated_data
+from proxy.keymgmt.providers.local import generate_kek
 from tests.conftest import ROOT
 from tests.keystores import PIN, TOKEN, VAULT_TOKEN, init_softhsm
 
@@ -64,7 +64,7 @@ def test_local_provider_is_the_default_and_keeps_reading_keyrings_without_an_id(
     ring = Keyring.generate()
     doc = ring.to_document(provider)
     del doc["id"]
-    from proxy.crypto.keyring import _mac
+    from proxy.keymgmt.keyring import _mac
 
     doc["mac"] = base64.urlsafe_b64encode(_mac(ring._integrity, doc)).rstrip(b"=").decode()
     path = tmp_path / "old.json"
@@ -113,7 +113,7 @@ def test_pkcs11_wrong_pin_and_missing_key_fail_clearly_without_secrets(softhsm):
 
 REMOVAL = """
 import json, shutil, sys
-from proxy.crypto.providers import ProviderError, build_provider
+from proxy.keymgmt.providers import ProviderError, build_provider
 config, tokens = json.loads(sys.argv[1]), sys.argv[2]
 provider = build_provider(config, {"FHIRCRYPT_PKCS11_PIN": sys.argv[3]})
 wrapped = provider.wrap(bytes(32), {"k": "v"})
@@ -291,8 +291,8 @@ def test_swapping_wrapped_keys_between_slots_is_refused_by_the_aead_providers(ev
 def test_no_provider_sdk_in_the_plain_install_path():
     """Building the local provider must not import the HSM, AWS or Vault SDKs (they are optional extras)."""
     code = (
-        "import sys; from proxy.crypto.providers import build_provider;"
-        "from proxy.crypto.providers.local import generate_kek;"
+        "import sys; from proxy.keymgmt.providers import build_provider;"
+        "from proxy.keymgmt.providers.local import generate_kek;"
         "build_provider({}, {'FHIRCRYPT_KEK': generate_kek()});"
         "print(sorted(m for m in ('pkcs11', 'boto3', 'hvac') if m in sys.modules))"
     )

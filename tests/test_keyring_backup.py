@@ -7,8 +7,8 @@ import stat
 
 import orjson
 
-from proxy.crypto.keyring import load_keyring
-from proxy.crypto.providers.local import load_local_kek
+from proxy.keymgmt.keyring import load_keyring
+from proxy.keymgmt.providers.local import load_local_kek
 from tests.conftest import FHIR_JSON, unit_policy
 from tests.test_cli_tls import run_cli
 

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from proxy.crypto.keyring import KeyringError, keyring_lock, load_keyring, update_keyring
-from proxy.crypto.providers import build_provider
+from proxy.keymgmt.keyring import KeyringError, keyring_lock, load_keyring, update_keyring
+from proxy.keymgmt.providers import build_provider
 from tests.conftest import ROOT
 from tests.test_cli_tls import run_cli
 from tests.test_records import PATIENT, encrypted, read

@@ -10,8 +10,8 @@ import urllib.request
 
 import orjson
 
-from proxy.crypto.keycache import KeyCache
-from proxy.crypto.providers import build_provider
+from proxy.keymgmt.keycache import KeyCache
+from proxy.keymgmt.providers import build_provider
 from tests.conftest import FHIR_JSON, ROOT
 from tests.keystores import PIN, VAULT_TOKEN, free_port, wait_for_http
 from tests.test_cli_tls import run_cli

@@ -12,7 +12,7 @@ import copy
 import orjson
 import pytest
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.migrate.assess import Plan, State, assess
 from proxy.outcome import FhirError
 from proxy.transform import guard

@@ -379,7 +379,7 @@ async def test_upstream_timeout_is_504_and_non_json_is_502(proxy_for, aiohttp_se
 
 
 async def test_rotated_keyring_still_reads_old_versions(proxy_for, clean_upstream):
-    from proxy.crypto.keyring import Keyring
+    from proxy.keymgmt.keyring import Keyring
 
     ring = Keyring.generate()
     client = await proxy_for(clean_upstream.base_url, POLICY, ring=ring)

@@ -180,7 +180,7 @@ def test_plaintext_injected_by_the_server_is_never_returned(keyring):
 
 
 def test_removed_envelope_or_unknown_key_masks_everything(keyring):
-    from proxy.crypto.keyring import Keyring
+    from proxy.keymgmt.keyring import Keyring
 
     stored = encrypted(PATIENT, keyring)
     out, report = read(stored, Keyring.generate())

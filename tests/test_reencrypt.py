@@ -27,8 +27,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
-from proxy.crypto.providers.local import LocalKeyProvider, generate_kek, parse_kek
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
+from proxy.keymgmt.providers.local import LocalKeyProvider, generate_kek, parse_kek
 from proxy.migrate.assess import Plan, State, assess, envelope_key_ids
 from proxy.migrate.commands import Connection, reencrypt, retire
 from proxy.migrate.run import Options

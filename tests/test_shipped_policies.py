@@ -13,7 +13,7 @@ import json
 import orjson
 import pytest
 
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import compile_file
 from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
 from tests.conftest import FHIR_JSON, FIXTURES, ROOT, assert_no_plaintext

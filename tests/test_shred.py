@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from proxy.cli import main
-from proxy.crypto.keyring import Keyring, save_keyring
-from proxy.crypto.patientkeys import (
+from proxy.keymgmt.keyring import Keyring, save_keyring
+from proxy.keymgmt.patientkeys import (
     KeyShredded,
     PatientKeyCache,
     PatientKeyError,
@@ -25,7 +25,7 @@ from proxy.crypto.patientkeys import (
     patient_tag,
     seal_patient_key,
 )
-from proxy.crypto.providers.local import LocalKeyProvider
+from proxy.keymgmt.providers.local import LocalKeyProvider
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientShredded, StoredKey, now
 from proxy.policy.explain import explain
@@ -129,7 +129,7 @@ def test_patient_key_sealing_binds_handle_and_tag(keyring):
 
 def test_cache_is_bounded_in_size_and_age(keyring, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("proxy.crypto.patientkeys.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("proxy.keymgmt.patientkeys.time.monotonic", lambda: clock[0])
     cache = PatientKeyCache(max_entries=2, ttl=60)
     a, b, c = new_handle(), new_handle(), new_handle()
     cache.put(a, b"A" * 32, "tag-a")
@@ -247,7 +247,7 @@ async def test_shredding_a_patient_through_the_proxy(
     proxy_for, clean_upstream, keyring, keyring_files, store_location, capsys, monkeypatch
 ):
     clock = [1000.0]  # the cache's clock, so the replica bound is checked without waiting
-    monkeypatch.setattr("proxy.crypto.patientkeys.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("proxy.keymgmt.patientkeys.time.monotonic", lambda: clock[0])
     client = await proxy_for(clean_upstream.base_url, POLICY, patient_key_store=store_location)
     a = await _create(client, _patient(NIK_A, "Wibisono Kartasasmita"))  # the server assigns the id
     b = await _create(client, _patient(NIK_B, "Sri Rahayu"))

@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 
 from proxy.auth.decision import key_holder
-from proxy.crypto.keyring import load_keyring
-from proxy.crypto.providers.local import LocalKeyProvider, parse_kek
+from proxy.keymgmt.keyring import load_keyring
+from proxy.keymgmt.providers.local import LocalKeyProvider, parse_kek
 from proxy.migrate.upstream import Upstream, UpstreamDown
 from proxy.outcome import FhirError
 from proxy.server import check_startup

@@ -20,7 +20,7 @@ sorted by path, detecting elements that were removed, added or swapped as a whol
 from __future__ import annotations
 
 import hmac
-import os
+import secrets
 from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
@@ -28,12 +28,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from proxy.crypto.encoding import b64d, b64d_fast, b64e
-from proxy.crypto.keyring import Keyring
 
 VERSION = "v1"
 _PREFIX = VERSION + "."
 _US, _RS = "\x1f", "\x1e"  # unit and record separators: never part of a path or field id
-_NONCE_BATCH = 32  # nonces drawn per os.urandom call: a Patient under the SATUSEHAT policy seals 22 elements
+_NONCE_BATCH = 32  # nonces drawn per OS call: a Patient under the SATUSEHAT policy seals 22 elements
 
 
 class IntegrityError(Exception):
@@ -41,9 +40,16 @@ class IntegrityError(Exception):
 
 
 class KeyLookup(Protocol):
-    """Where envelope key ids are looked up: a :class:`Keyring`, or one that also knows patient keys."""
+    """Where envelope key ids are looked up: a keyring, or one that also knows patient keys
+    (a Protocol, so these primitives do not depend on key management, :mod:`proxy.keymgmt`)."""
 
     def master_key(self, kid: str) -> bytes | None: ...
+
+
+class WrapKeys(Protocol):
+    """What wraps new data keys: a keyring's primary master key (:meth:`proxy.keymgmt.keyring.Keyring.primary`)."""
+
+    def primary(self) -> tuple[str, bytes]: ...
 
 
 def associated_data(resource_type: str, record_id: str, field_id: str, path: str) -> bytes:
@@ -67,11 +73,11 @@ class RecordCipher:
         return f"RecordCipher({self.resource_type}, key={self.key_id})"
 
     @classmethod
-    def new(cls, keyring: Keyring, resource_type: str, wrap: tuple[str, bytes] | None = None) -> RecordCipher:
+    def new(cls, keyring: WrapKeys, resource_type: str, wrap: tuple[str, bytes] | None = None) -> RecordCipher:
         """A fresh data key, wrapped by ``wrap`` (key id, key) - a patient key - or else the primary."""
         kid, master = wrap or keyring.primary()
-        data_key = os.urandom(64)
-        return cls(resource_type, kid, b64e(os.urandom(12)), data_key, aes_key_wrap(master, data_key))
+        data_key = secrets.token_bytes(64)
+        return cls(resource_type, kid, b64e(secrets.token_bytes(12)), data_key, aes_key_wrap(master, data_key))
 
     @classmethod
     def open_envelope(cls, keyring: KeyLookup, resource_type: str, envelope: str) -> tuple[RecordCipher, bytes]:
@@ -102,19 +108,21 @@ class RecordCipher:
     def _nonce(self) -> bytes:
         """A fresh random 96-bit nonce.
 
-        ``os.urandom`` is a system call that costs about as much as the AES-GCM encryption
-        of a small element, so a record's nonces are drawn from the OS in one call. Each
+        Drawing from the OS (``secrets.token_bytes``, i.e. ``os.urandom``) is a system call that
+        costs about as much as the AES-GCM encryption of a small element, so a record's nonces
+        are drawn from the OS in one call. Each
         12-byte slice is used once, so the nonces are exactly as random and as unique as
         separate calls would make them.
         """
         if not self._nonces:
-            self._nonces = os.urandom(12 * _NONCE_BATCH)
+            self._nonces = secrets.token_bytes(12 * _NONCE_BATCH)
         nonce, self._nonces = self._nonces[:12], self._nonces[12:]
         return nonce
 
-    def seal(self, field_id: str, path: str, plaintext: bytes, nonce: bytes | None = None) -> str:
-        """Encrypt one element. ``nonce`` is only for published test vectors."""
-        nonce = nonce or self._nonce()
+    def seal(self, field_id: str, path: str, plaintext: bytes) -> str:
+        """Encrypt one element under a fresh random nonce: callers never choose nonces (a repeated
+        GCM nonce under one data key leaks plaintext XORs and the authentication key)."""
+        nonce = self._nonce()
         return _PREFIX + b64e(nonce + self._aead.encrypt(nonce, plaintext, self._aad(field_id, path)))
 
     def open(self, field_id: str, path: str, ciphertext: str) -> bytes:

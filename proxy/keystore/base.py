@@ -3,7 +3,7 @@
 One SQL schema serves both back ends (SQLite embedded, PostgreSQL for several replicas);
 they differ only in how a connection and a transaction are made. The store holds no
 patient id and no key in the clear: patients are named by their keyed tag, keys are
-sealed by a keyring master key (:mod:`proxy.crypto.patientkeys`), and a legal hold's
+sealed by a keyring master key (:mod:`proxy.keymgmt.patientkeys`), and a legal hold's
 patient reference is sealed the same way so ``hold list`` can show it to a keyring holder.
 
 Shredding and key creation for one patient are serialised (SQLite: ``BEGIN IMMEDIATE``;

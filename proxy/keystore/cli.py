@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime
 
 from proxy import fhirgrammar as fg
-from proxy.crypto.keyring import Keyring
-from proxy.crypto.patientkeys import PatientKeyError, open_reference, patient_tag, seal_reference
+from proxy.keymgmt.keyring import Keyring
+from proxy.keymgmt.patientkeys import PatientKeyError, open_reference, patient_tag, seal_reference
 from proxy.keystore import open_store
 from proxy.keystore.base import Hold, LegalHoldActive, PatientKeyStore, now
 from proxy.policy.compartment import patient_id

@@ -32,7 +32,7 @@ import enum
 from dataclasses import dataclass
 
 from proxy.auth.decision import key_holder
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.transform import jsonnum

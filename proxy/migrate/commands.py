@@ -12,8 +12,8 @@ import json
 import sys
 from dataclasses import dataclass
 
-from proxy.crypto.keyring import Keyring, update_keyring
-from proxy.crypto.providers.base import KeyProvider
+from proxy.keymgmt.keyring import Keyring, update_keyring
+from proxy.keymgmt.providers.base import KeyProvider
 from proxy.migrate.assess import Plan, State, envelope_key_ids
 from proxy.migrate.checkpoint import Checkpoint
 from proxy.migrate.run import WRITTEN, KeyUsage, Options, Reencryption, Tally, walk

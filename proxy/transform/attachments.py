@@ -15,6 +15,7 @@ from functools import cache
 from proxy.outcome import FhirError
 from proxy.policy.definitions import table
 from proxy.transform.bodies import nested_resources
+from proxy.transform.jsontypes import JSON
 
 
 @cache
@@ -30,7 +31,7 @@ def attachment_paths(resource_type: str) -> frozenset[tuple[str, ...]]:
     return frozenset(paths)
 
 
-def external_urls(resource: dict, public_base: str) -> list[str]:
+def external_urls(resource: JSON, public_base: str) -> list[str]:
     """Paths of Attachments in ``resource`` whose ``url`` points outside the proxy (extensions included)."""
     wanted = attachment_paths(str(resource.get("resourceType")))
     rtype = resource.get("resourceType")
@@ -57,7 +58,7 @@ def _external(url: object, public_base: str) -> bool:
     return not url.startswith(public_base.rstrip("/") + "/")
 
 
-def refuse_external(resource: dict, public_base: str) -> None:
+def refuse_external(resource: JSON, public_base: str) -> None:
     """The policy says ``external_urls: refuse``: no Attachment in the write (or nested in it) may point away."""
     found = [
         path

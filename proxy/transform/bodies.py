@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 from proxy.auth.decision import Decision
 from proxy.crypto.envelope import KeyLookup
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform import jsonnum

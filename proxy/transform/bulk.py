@@ -15,6 +15,7 @@ from collections.abc import Callable
 from proxy.outcome import FhirError
 from proxy.policy.definitions import resource_types
 from proxy.transform.guard import check_control_value
+from proxy.transform.jsontypes import JSON
 
 NDJSON_FORMATS = frozenset({"application/fhir+ndjson", "application/ndjson", "ndjson"})
 NDJSON_TYPES = frozenset({"application/fhir+ndjson", "application/ndjson", "application/x-ndjson"})
@@ -46,7 +47,7 @@ def check_kickoff(params: list[tuple[str, str]]) -> None:
             raise FhirError(400, "not-supported", f"$export: parameter '{name}' is not supported", [name])
 
 
-def rewrite_manifest(manifest: object, link: Callable[[str, bool], str], presigned: str) -> dict:
+def rewrite_manifest(manifest: object, link: Callable[[str, bool], str], presigned: str) -> JSON:
     """Point every file of a completion manifest at the proxy; ``link(url, with_token)`` makes a proxy link."""
     if type(manifest) is not dict or type(manifest.get("output")) is not list:
         raise FhirError(502, "structure", "the upstream's export manifest is not a Bulk Data manifest")

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.policy.definitions import BACKBONE_TYPES, ElementDef, choice_json_name, element, elements, resource_types
+from proxy.transform.jsontypes import JSON
 
 # What each R4 primitive accepts, in the words of the specification (its regex, summarised)
 PRIMITIVE_FORMS = {
@@ -48,10 +49,11 @@ class Located:
     extensions: bool  # the last name is a primitive's extension holder (``_birthDate``)
 
 
-def locate(resource: dict, loc: tuple) -> Located:
+def locate(resource: JSON, loc: tuple[int | str, ...]) -> Located:
     """Follow ``loc`` through ``resource`` and the element table; validator-internal names are skipped."""
     owner, rel = str(resource.get("resourceType")), ""
-    path, node = owner, resource
+    path = owner
+    node: object = resource  # walks any JSON value: each step checks the type it needs
     found: ElementDef | None = None
     item = extensions = False
     for part in loc:

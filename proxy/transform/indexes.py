@@ -11,11 +11,14 @@ v2 (short system, base32 token); searches also send the v1 token, so data writte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b32_128
-from proxy.policy.compiler import CompiledElement, IndexSpec, Kind, ResourcePolicy
+from proxy.policy.compiler import CompiledElement, Kind, ResourcePolicy
+from proxy.policy.indexing import IndexSpec
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 from proxy.transform.normalize import EXACT, NORMALISERS, date_tokens, string_tokens
 from proxy.transform.records import _matches, _parents
 
@@ -25,14 +28,14 @@ _STRING_PARTS = {
 }
 
 
-def _as_list(value: object) -> list:
+def _as_list(value: object) -> list[Any]:
     return value if type(value) is list else [] if value is None else [value]
 
 
-def _descend(values: list, sub_path: tuple[str, ...], criteria: tuple[tuple[str, str], ...]) -> list:
+def _descend(values: list[Any], sub_path: tuple[str, ...], criteria: tuple[tuple[str, str], ...]) -> list[Any]:
     """Values below ``sub_path``; ``criteria`` filter the items of the first step."""
     for i, key in enumerate(sub_path):
-        nxt = []
+        nxt: list[Any] = []
         for v in values:
             if type(v) is dict:
                 nxt.extend(
@@ -70,14 +73,14 @@ def value_tokens(spec: IndexSpec, value: object) -> list[str]:
         codings = _as_list(value.get("coding")) if t == "CodeableConcept" else [value]
         pairs = [(c.get("system"), c.get("code")) for c in codings if type(c) is dict]
     out = []
-    for system, code in pairs:
+    for given, code in pairs:
         if type(code) is str:
-            system = system if type(system) is str else ""  # "|code" is how FHIR searches a system-less code
+            system = given if type(given) is str else ""  # "|code" is how FHIR searches a system-less code
             out += [f"{system}|{norm(code)}", f"*|{norm(code)}"] + ([f"{system}|*"] if system else [])
     return out
 
 
-def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
+def _element_values(resource: JSON, el: CompiledElement) -> Iterator[object]:
     key = el.terminal.key
     for parent, _ in _parents(resource, el.nav, strict=True):
         if el.kind in (Kind.CHOICE, Kind.CHOICE_MASKED):
@@ -96,7 +99,7 @@ def _element_values(resource: dict, el: CompiledElement) -> Iterator[object]:
                 yield value
 
 
-def spec_texts(resource: dict, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, set[str]]]:
+def spec_texts(resource: JSON, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, set[str]]]:
     """Every index spec with the normalised texts of a plaintext resource (all that index format v1 stored)."""
     for el in rp.elements:
         if not el.indexes:
@@ -106,7 +109,7 @@ def spec_texts(resource: dict, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, 
             yield spec, {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
 
 
-def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
+def index_texts(resource: JSON, rp: ResourcePolicy) -> dict[str, set[str]]:
     """The texts index format v2 stores, by label (what is keyed and hashed into tokens): not those of a
     parameter answered under another label (``IndexSpec.v2_via``), and of a chained name only the
     ``:exact`` texts (its prefixes live in the name itself, namechain.py)."""
@@ -117,7 +120,7 @@ def index_texts(resource: dict, rp: ResourcePolicy) -> dict[str, set[str]]:
     }
 
 
-def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer) -> list[dict]:
+def index_identifiers(resource: JSON, rp: ResourcePolicy, indexer: BlindIndexer) -> list[JSON]:
     """The index identifiers (format v2) for a plaintext resource (computed before it is encrypted)."""
     labels, digests = [], []
     for label, texts in index_texts(resource, rp).items():
@@ -125,7 +128,7 @@ def index_identifiers(resource: dict, rp: ResourcePolicy, indexer: BlindIndexer)
         labels.append((label, len(found)))
         digests += found
     tokens = iter(b32_128(digests))  # one batch for the whole resource: base32 costs per call, not per token
-    out: list[dict] = []
+    out: list[JSON] = []
     for label, n in labels:
         system = mk.index_system(label)
         # sorted by token, so the order reveals nothing about the plaintexts (prefix lengths, names)

@@ -57,13 +57,13 @@ class Number(float):
 
     __str__ = __repr__
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[type[Number], tuple[str]]:
         return (Number, (self.text,))
 
     def __copy__(self) -> Number:
         return self
 
-    def __deepcopy__(self, memo: dict) -> Number:
+    def __deepcopy__(self, memo: dict[int, object]) -> Number:
         return self
 
 

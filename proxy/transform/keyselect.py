@@ -19,15 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from proxy.crypto.patientkeys import is_handle
+from proxy.keymgmt.patientkeys import is_handle
 from proxy.policy.compartment import patient_references
 from proxy.transform import markers as mk
 from proxy.transform.bodies import nested_resources
+from proxy.transform.jsontypes import JSON
 
 PENDING = ""  # the subject of a Patient written without an id
 
 
-def key_subject(resource: dict) -> str | None:
+def key_subject(resource: JSON) -> str | None:
     """The patient id whose key wraps ``resource``, PENDING, or None for the master key."""
     if resource.get("resourceType") == "Patient":
         own = resource.get("id")
@@ -39,7 +40,7 @@ def key_subject(resource: dict) -> str | None:
     return next(iter(refs)) if len(refs) == 1 else None
 
 
-def write_subjects(resource: dict, covered: Collection[str]) -> set[str]:
+def write_subjects(resource: JSON, covered: Collection[str]) -> set[str]:
     """Every subject (:func:`key_subject`) of a resource of a ``covered`` type in a body to be written:
     the resource and those nested in it (uncovered types are not encrypted, so they need no key)."""
     found = (resource, *(inner for inner, _ in nested_resources(resource, "")))
@@ -48,10 +49,10 @@ def write_subjects(resource: dict, covered: Collection[str]) -> set[str]:
     return out  # type: ignore[return-value]
 
 
-def envelope_handles(body: dict) -> dict[str, list[dict]]:
+def envelope_handles(body: JSON) -> dict[str, list[JSON]]:
     """Patient-key handles named by envelopes anywhere in a response body, with the resources
     that carry them (so a Patient's still unbound key can be bound from its id)."""
-    out: dict[str, list[dict]] = {}
+    out: dict[str, list[JSON]] = {}
     for resource in (body, *(r for r, _ in nested_resources(body, ""))):
         exts = resource.get("extension")
         if type(exts) is not list:

@@ -3,6 +3,8 @@
 import re
 from urllib.parse import unquote
 
+from proxy.transform.jsontypes import JSON
+
 CANONICAL = "https://fhircrypt.dev/fhir"
 ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
 CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
@@ -16,28 +18,28 @@ MASKED_SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationVa
 NEUTRAL_DIV = '<div xmlns="http://www.w3.org/1999/xhtml"><p>Protected content (fhircrypt)</p></div>'
 
 
-def dar_masked() -> dict:
+def dar_masked() -> JSON:
     return {"url": DAR_URL, "valueCode": "masked"}
 
 
-def masked_concept() -> dict:
+def masked_concept() -> JSON:
     return {"coding": [{"system": DAR_SYSTEM, "code": "masked", "display": "Masked"}]}
 
 
-def ciphertext_extension(ct: str) -> dict:
+def ciphertext_extension(ct: str) -> JSON:
     return {"url": CIPHERTEXT_URL, "valueString": ct}
 
 
-def encrypted_form(ct: str) -> dict:
+def encrypted_form(ct: str) -> JSON:
     """An element that holds nothing but the mask marker and its ciphertext."""
     return {"extension": [dar_masked(), ciphertext_extension(ct)]}
 
 
-def masked_form() -> dict:
+def masked_form() -> JSON:
     return {"extension": [dar_masked()]}
 
 
-def value_holder(item: dict) -> str | None:
+def value_holder(item: JSON) -> str | None:
     """Where a *simple* extension keeps the markers when the whole extension is encrypted: inside its
     ``value[x]`` (``valueAddress`` holding only the marker extensions, ``_valueString`` for a primitive),
     so the stored extension keeps a value as its definition requires. None for a complex extension
@@ -48,13 +50,13 @@ def value_holder(item: dict) -> str | None:
     return keys[0] if type(item[keys[0]]) is dict else "_" + keys[0]
 
 
-def held_markers(item: dict, keep: tuple[str, ...]) -> str | None:
+def held_markers(item: JSON, keep: tuple[str, ...]) -> str | None:
     """The key of a stored extension's value holder (see :func:`value_holder`), or None."""
     rest = [k for k in item if k not in keep]
     return rest[0] if len(rest) == 1 and rest[0].lstrip("_").startswith("value") else None
 
 
-def neutral_narrative() -> dict:
+def neutral_narrative() -> JSON:
     return {"status": "generated", "div": NEUTRAL_DIV}
 
 
@@ -85,11 +87,11 @@ def mentions_reserved(text: str) -> bool:
     return _RESERVED in _SLASHES.sub("/", text) or CHAIN_MARK in text
 
 
-def shredded_tag() -> dict:
+def shredded_tag() -> JSON:
     return {"system": TAG_SYSTEM, "code": SHREDDED_CODE, "display": "crypto-shredded: the patient key was destroyed"}
 
 
-def add_tag(resource: dict, tag: dict) -> None:
+def add_tag(resource: JSON, tag: JSON) -> None:
     meta = resource.get("meta")
     if type(meta) is not dict:
         meta = resource["meta"] = {}

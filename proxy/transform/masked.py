@@ -10,8 +10,11 @@ writer gets a conflict instead of a lost update.
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxy.policy.compiler import CompiledElement, Kind, ResourcePolicy
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 from proxy.transform.records import _admits, _join, _parents
 
 _DAR = [mk.dar_masked()]
@@ -26,7 +29,7 @@ def _masked(value: object, keep: tuple[str, ...] = ()) -> bool:
     return holder is not None and _masked(value[holder])
 
 
-def has_masked_label(resource: dict) -> bool:
+def has_masked_label(resource: JSON) -> bool:
     meta = resource.get("meta")
     security = meta.get("security") if type(meta) is dict else None
     return type(security) is list and any(
@@ -34,7 +37,7 @@ def has_masked_label(resource: dict) -> bool:
     )
 
 
-def drop_masked_label(resource: dict) -> None:
+def drop_masked_label(resource: JSON) -> None:
     meta = resource.get("meta")
     if type(meta) is dict and type(meta.get("security")) is list:
         kept = [
@@ -53,7 +56,7 @@ class _Merge:
         self.restored = 0
         self.missing: list[str] = []
 
-    def primitive(self, parent: dict, other: dict | None, path: str, key: str, repeating: bool) -> None:
+    def primitive(self, parent: JSON, other: JSON | None, path: str, key: str, repeating: bool) -> None:
         ukey = "_" + key
         if not repeating:
             if _masked(parent.get(ukey)) and parent.get(key) is None:
@@ -62,9 +65,9 @@ class _Merge:
         unders = parent.get(ukey)
         if type(unders) is not list:
             return
-        values = parent.get(key) if type(parent.get(key)) is list else [None] * len(unders)
-        theirs_v = other.get(key) if other and type(other.get(key)) is list else []
-        theirs_u = other.get(ukey) if other and type(other.get(ukey)) is list else []
+        values: list[Any] = parent[key] if type(parent.get(key)) is list else [None] * len(unders)
+        theirs_v: list[Any] = other[key] if other and type(other.get(key)) is list else []
+        theirs_u: list[Any] = other[ukey] if other and type(other.get(ukey)) is list else []
         changed = False
         for i, under in enumerate(unders):
             if _masked(under) and (i >= len(values) or values[i] is None):
@@ -82,7 +85,7 @@ class _Merge:
                 if all(v is None for v in parent[k]):
                     del parent[k]
 
-    def _copy(self, parent: dict, other: dict | None, path: str, keys: tuple[str, ...]) -> None:
+    def _copy(self, parent: JSON, other: JSON | None, path: str, keys: tuple[str, ...]) -> None:
         if other is None or not any(k in other for k in keys):
             self.missing.append(_join(path, keys[0]))
             return
@@ -93,7 +96,7 @@ class _Merge:
                 parent.pop(k, None)
         self.restored += 1
 
-    def complex(self, parent: dict, other: dict | None, path: str, el: CompiledElement) -> None:
+    def complex(self, parent: JSON, other: JSON | None, path: str, el: CompiledElement) -> None:
         key = el.terminal.key
         value = parent.get(key)
         if not el.repeating:
@@ -102,7 +105,7 @@ class _Merge:
             return
         if type(value) is not list:
             return
-        theirs = other.get(key) if other and type(other.get(key)) is list else []
+        theirs: list[Any] = other[key] if other and type(other.get(key)) is list else []
         for i, item in enumerate(value):
             if _masked(item, el.keep) and _admits(item, el.terminal):
                 if i < len(theirs) and type(theirs[i]) is dict and _admits(theirs[i], el.terminal):
@@ -111,7 +114,7 @@ class _Merge:
                 else:
                     self.missing.append(f"{_join(path, key)}[{i}]")
 
-    def element(self, incoming: dict, stored: dict, el: CompiledElement) -> None:
+    def element(self, incoming: JSON, stored: JSON, el: CompiledElement) -> None:
         theirs = {path: parent for parent, path in _parents(stored, el.nav, strict=False)}
         for parent, path in _parents(incoming, el.nav, strict=True):
             other = theirs.get(path)
@@ -134,7 +137,7 @@ class _Merge:
                 parent[el.terminal.key] = other[el.terminal.key]  # the narrative came back neutral
 
 
-def has_masked(resource: dict, rp: ResourcePolicy) -> bool:
+def has_masked(resource: JSON, rp: ResourcePolicy) -> bool:
     """Whether the resource holds masked covered elements (or carries the MASKED label)."""
     if has_masked_label(resource):
         return True
@@ -146,7 +149,7 @@ def has_masked(resource: dict, rp: ResourcePolicy) -> bool:
     return bool(probe.missing)
 
 
-def merge_masked(incoming: dict, stored_plain: dict, rp: ResourcePolicy) -> list[str]:
+def merge_masked(incoming: JSON, stored_plain: JSON, rp: ResourcePolicy) -> list[str]:
     """Restore masked occurrences from the stored (decrypted) version, in place; returns the
     paths that could not be restored (the stored version has nothing there)."""
     merge = _Merge()

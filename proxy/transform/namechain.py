@@ -26,6 +26,7 @@ import re
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b32_128
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 from proxy.transform.normalize import PREFIX_MAX, fold
 
 MARK = mk.CHAIN_MARK
@@ -54,7 +55,7 @@ def chains(indexer: BlindIndexer, label: str, folded: list[str], prefix_min: int
     return out
 
 
-def name_chains(name: dict, indexer: BlindIndexer, label: str, prefix_min: int) -> dict:
+def name_chains(name: JSON, indexer: BlindIndexer, label: str, prefix_min: int) -> JSON:
     """The clear fields of a stored HumanName: a chain in place of each string part (empty parts left out)."""
     slots: list[tuple[str, int | None]] = []
     folded: list[str] = []
@@ -66,9 +67,9 @@ def name_chains(name: dict, indexer: BlindIndexer, label: str, prefix_min: int) 
             if part:
                 slots.append((key, i if type(value) is list else None))
                 folded.append(part)
-    out: dict = {}
-    for (key, i), chain in zip(slots, chains(indexer, label, folded, prefix_min), strict=True):
-        if i is None:
+    out: JSON = {}
+    for (key, index), chain in zip(slots, chains(indexer, label, folded, prefix_min), strict=True):
+        if index is None:
             out[key] = chain
         else:
             out.setdefault(key, []).append(chain)

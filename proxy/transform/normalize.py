@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 
 _SPACE = re.compile(r"\s+")
 EXACT = "exact:"
@@ -35,7 +36,7 @@ def digits(text: str) -> str:
     return _DIGITS.sub("", text)
 
 
-NORMALISERS = {"fold": fold, "digits": digits, "exact": lambda text: text}
+NORMALISERS: dict[str, Callable[[str], str]] = {"fold": fold, "digits": digits, "exact": lambda text: text}
 
 
 # Prefix tokens stop at this length; the whole part stays a token. Without a cap a part of n

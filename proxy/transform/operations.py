@@ -11,15 +11,18 @@ resource parameter.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy
 from proxy.policy.operations import OperationRule
 from proxy.transform.bodies import nested_resources
 from proxy.transform.guard import check_operation_date, operation_parameter_allowed, operation_rule
 from proxy.transform.interactions import Interaction
+from proxy.transform.jsontypes import JSON
 
 
-def resources_to_encrypt(it: Interaction, body: dict, policy: CompiledPolicy) -> list[tuple[dict, str]]:
+def resources_to_encrypt(it: Interaction, body: JSON, policy: CompiledPolicy) -> list[tuple[JSON, str]]:
     """Check an operation's request body; returns the resources (with locations) the proxy must encrypt."""
     rule = operation_rule(it, policy.operations)
     rtype = str(body.get("resourceType"))
@@ -53,7 +56,7 @@ def resources_to_encrypt(it: Interaction, body: dict, policy: CompiledPolicy) ->
     return candidates
 
 
-def _resource_parameters(rule: OperationRule, body: dict):
+def _resource_parameters(rule: OperationRule, body: JSON) -> Iterator[tuple[JSON, str]]:
     params = body.get("parameter", [])
     if type(params) is not list:
         raise FhirError(400, "structure", "Parameters.parameter must be a list", ["Parameters.parameter"])

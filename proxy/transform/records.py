@@ -13,13 +13,24 @@ from dataclasses import dataclass, field
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
-from proxy.crypto.keyring import Keyring
-from proxy.crypto.patientkeys import KeyShredded
+from proxy.keymgmt.keyring import Keyring
+from proxy.keymgmt.patientkeys import KeyShredded
 from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 from proxy.transform.namechain import chain_label, name_chains
+from proxy.transform.slots import (
+    ChoiceMaskedSlot,
+    ComplexSlot,
+    Container,
+    GoneSlot,
+    NarrativeSlot,
+    PrimitiveItemSlot,
+    PrimitiveSlot,
+    Slot,
+)
 
 
 class AllGroups:
@@ -78,7 +89,7 @@ def _join(path: str, key: str) -> str:
 _CANONICAL_KEYS = frozenset({"system", "url"})
 
 
-def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
+def _matches(item: JSON, criteria: tuple[tuple[str, str], ...]) -> bool:
     """Whether ``item``'s fields equal the where() literals; systems and URLs compare canonically
     (``.../id/NIK`` is the NIK system: it is encrypted and indexed as the policy spells it)."""
     for k, v in criteria:
@@ -88,13 +99,13 @@ def _matches(item: dict, criteria: tuple[tuple[str, str], ...]) -> bool:
     return True
 
 
-def _admits(item: dict, hop: Hop) -> bool:
+def _admits(item: JSON, hop: Hop) -> bool:
     """``item`` is selected by ``hop``: its where() criteria hold and, on a catch-all, the policy
     does not name its system or URL."""
     return _matches(item, hop.criteria) and (hop.unlisted is None or hop.unlisted.admits(item))
 
 
-def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[dict, str]]:
+def _parents(resource: JSON, nav: tuple[Hop, ...], strict: bool) -> list[tuple[JSON, str]]:
     """Objects reached by the hops, with their concrete paths (``identifier[1]``).
 
     A value of the wrong JSON type raises ShapeError when writing (``strict``); when
@@ -103,12 +114,12 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
     if nav and nav[0].key not in resource:  # most locations are absent (a type's 18 reference paths): no lists
         return []
     if len(nav) == 1 and not nav[0].recurse:  # the common case (identifier.where(...).value): one scan
-        out: list[tuple[dict, str]] = []
+        out: list[tuple[JSON, str]] = []
         _children(resource, "", nav[0].key, nav[0].criteria, strict, out, nav[0].unlisted)
         return out
     level = [(resource, "")]
     for hop in nav:
-        nxt: list[tuple[dict, str]] = []
+        nxt: list[tuple[JSON, str]] = []
         for obj, path in level:
             _children(obj, path, hop.key, hop.criteria, strict, nxt, hop.unlisted)
         if hop.recurse:
@@ -118,7 +129,7 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
                 for keys in hop.recurse:
                     found = [(obj, path)]
                     for i, key in enumerate(keys):
-                        step: list[tuple[dict, str]] = []
+                        step: list[tuple[JSON, str]] = []
                         for o, p in found:
                             last = i == len(keys) - 1
                             _children(
@@ -132,12 +143,12 @@ def _parents(resource: dict, nav: tuple[Hop, ...], strict: bool) -> list[tuple[d
 
 
 def _children(
-    obj: dict,
+    obj: JSON,
     path: str,
     key: str,
     criteria: tuple[tuple[str, str], ...],
     strict: bool,
-    out: list[tuple[dict, str]],
+    out: list[tuple[JSON, str]],
     unlisted: Unlisted | None = None,
 ) -> None:
     """Append the objects under ``obj[key]`` that match ``criteria`` (and ``unlisted``, on a catch-all)."""
@@ -178,7 +189,7 @@ def _ct_of(obj: object) -> str | None:
 _PRIMITIVE_JSON = (str, bool, int, float, jsonnum.Number)
 
 
-def _primitive_pair(value: object, under: object, path: str) -> list:
+def _primitive_pair(value: object, under: object, path: str) -> list[object]:
     """The [value, _element] pair that a primitive's ciphertext holds; checks JSON types."""
     if (value is not None and type(value) not in _PRIMITIVE_JSON) or (under is not None and type(under) is not dict):
         raise ShapeError(path)
@@ -200,7 +211,7 @@ class _Sealer:
         self.items.append((path, ct))
         return ct
 
-    def primitive(self, parent: dict, path: str, key: str, repeating: bool, fid: str) -> None:
+    def primitive(self, parent: JSON, path: str, key: str, repeating: bool, fid: str) -> None:
         ukey = "_" + key
         if key not in parent and ukey not in parent:
             return
@@ -213,7 +224,7 @@ class _Sealer:
         if type(values) is not list or type(unders) is not list:
             raise ShapeError(p)
         n = max(len(values), len(unders))
-        sealed: list[dict | None] = []
+        sealed: list[JSON | None] = []
         for i in range(n):
             pair = _primitive_pair(
                 values[i] if i < len(values) else None, unders[i] if i < len(unders) else None, f"{p}[{i}]"
@@ -222,7 +233,7 @@ class _Sealer:
         parent[key] = [None] * n
         parent[ukey] = sealed
 
-    def complex(self, parent: dict, path: str, key: str, el: CompiledElement) -> None:
+    def complex(self, parent: JSON, path: str, key: str, el: CompiledElement) -> None:
         value = parent.get(key)
         if value is None:
             return
@@ -242,7 +253,7 @@ class _Sealer:
         else:
             raise ShapeError(p)
 
-    def _complex_form(self, item: dict, path: str, el: CompiledElement) -> dict:
+    def _complex_form(self, item: JSON, path: str, el: CompiledElement) -> JSON:
         form = {k: item[k] for k in el.keep if k in item}
         chained = next((s for s in el.indexes if s.chain), None)
         if chained is not None:  # a HumanName searched through chains in its own parts (namechain.py)
@@ -256,7 +267,7 @@ class _Sealer:
             form.update(sealed)
         return form
 
-    def choice_masked(self, parent: dict, path: str, el: CompiledElement) -> None:
+    def choice_masked(self, parent: JSON, path: str, el: CompiledElement) -> None:
         present = [n for n, _ in el.choices if n in parent or "_" + n in parent]
         if not present:
             return
@@ -270,7 +281,7 @@ class _Sealer:
         parent["dataAbsentReason"] = mk.masked_concept()
         parent["extension"] = [*exts, mk.ciphertext_extension(ct)]
 
-    def narrative(self, parent: dict, path: str, el: CompiledElement) -> None:
+    def narrative(self, parent: JSON, path: str, el: CompiledElement) -> None:
         text = parent.get(el.terminal.key)
         if text is None:
             return
@@ -284,7 +295,7 @@ class _Sealer:
         form["extension"] = [mk.ciphertext_extension(self.seal(el.field_id, p, text))]
         parent[el.terminal.key] = form
 
-    def element(self, resource: dict, el: CompiledElement) -> None:
+    def element(self, resource: JSON, el: CompiledElement) -> None:
         if el.refuses:
             _refuse_unlisted(resource, el)
             return
@@ -305,13 +316,13 @@ class _Sealer:
                     elif name in parent:
                         parent[name] = self._complex_form_checked(parent[name], _join(path, name), el)
 
-    def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> dict:
+    def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> JSON:
         if type(item) is not dict:
             raise ShapeError(path)
         return self._complex_form(item, path, el)
 
 
-def _refuse_unlisted(resource: dict, el: CompiledElement) -> None:
+def _refuse_unlisted(resource: JSON, el: CompiledElement) -> None:
     """Under ``refuse``: the first identifier value (or extension) the catch-all would have sealed."""
     closing = el.closing
     for parent, path in _parents(resource, el.nav, strict=True):
@@ -327,7 +338,7 @@ def _refuse_unlisted(resource: dict, el: CompiledElement) -> None:
 
 
 def encrypt_resource(
-    resource: dict, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
+    resource: JSON, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
 ) -> None:
     """Encrypt every covered element and attach the envelope and tag (in place).
 
@@ -356,102 +367,13 @@ def encrypt_resource(
 # --------------------------------------------------------------------------- reading
 
 
-# How a slot is put back (restore) or masked; see _Slot.
-_PRIMITIVE, _PRIMITIVE_ITEM, _COMPLEX, _GONE, _CHOICE_MASKED, _NARRATIVE = range(6)
-
-
-class _Slot:
-    """One stored occurrence of a covered element: its path, its ciphertext, and where it lives.
-
-    ``shape`` says what ``parent``, ``key``, ``index`` and ``extra`` hold and how
-    :func:`_restore` and :func:`_mask` treat them. A read makes one slot per encrypted
-    element of every resource in a response (2,200 for a 100-Patient searchset), so a
-    slot is a plain object with a shape code rather than a dataclass holding two
-    closures: building those was most of the cost of finding the elements.
-    """
-
-    __slots__ = ("ct", "el", "extra", "index", "key", "parent", "path", "shape", "tampered")
-
-    def __init__(
-        self,
-        el: CompiledElement,
-        path: str,
-        ct: str | None,
-        tampered: bool,  # plaintext where only ciphertext can legitimately be
-        shape: int,
-        parent: dict | list | None = None,
-        key: str | int = "",
-        index: int = 0,
-        extra: object = None,
-    ) -> None:
-        self.el, self.path, self.ct, self.tampered, self.shape = el, path, ct, tampered, shape
-        self.parent, self.key, self.index, self.extra = parent, key, index, extra
-
-
-def _restore(slot: _Slot, pt: bytes) -> None:
-    """Put the decrypted JSON back where the ciphertext was; ValueError/TypeError when it does not fit."""
-    shape, parent, key = slot.shape, slot.parent, slot.key
-    if shape == _PRIMITIVE:
-        value, under = jsonnum.loads(pt)
-        ukey = "_" + key  # type: ignore[operator]
-        parent.pop(ukey, None)  # type: ignore[union-attr]
-        if value is not None:
-            parent[key] = value  # type: ignore[index]
-        if under is not None:
-            parent[ukey] = under  # type: ignore[index]
-    elif shape == _PRIMITIVE_ITEM:
-        values, unders = slot.extra  # type: ignore[misc]
-        values[slot.index], unders[slot.index] = jsonnum.loads(pt)
-        _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
-    elif shape == _GONE:
-        return
-    else:
-        value = jsonnum.loads(pt)
-        if type(value) is not dict:
-            raise ValueError("not an object")
-        if shape == _CHOICE_MASKED:
-            _drop_ciphertext(slot)
-            parent.pop("dataAbsentReason", None)  # type: ignore[union-attr]
-            parent.update(value)  # type: ignore[union-attr]
-        else:  # _COMPLEX, _NARRATIVE: the element (or list item) is replaced whole
-            parent[key] = value  # type: ignore[index]
-
-
-def _mask(slot: _Slot) -> None:
-    """Replace the element by the mask marker (what a caller gets instead of data it may not see)."""
-    shape, parent, key = slot.shape, slot.parent, slot.key
-    if shape == _PRIMITIVE:
-        parent.pop(key, None)  # type: ignore[union-attr,arg-type]
-        parent["_" + key] = mk.masked_form()  # type: ignore[index,operator]
-    elif shape == _PRIMITIVE_ITEM:
-        values, unders = slot.extra  # type: ignore[misc]
-        values[slot.index], unders[slot.index] = None, mk.masked_form()
-        _tidy(parent, key, "_" + key)  # type: ignore[arg-type,operator]
-    elif shape == _COMPLEX:
-        item = parent[key]  # type: ignore[index]
-        keep, holder = slot.extra  # type: ignore[misc]
-        form = {k: item[k] for k in keep if k in item}
-        if holder is not None:  # a simple extension: masked inside its value[x], as it was stored
-            form[holder] = mk.masked_form()
-        else:
-            form.update(mk.masked_form())
-        parent[key] = form  # type: ignore[index]
-    elif shape == _CHOICE_MASKED:
-        _drop_ciphertext(slot)
-        for n in slot.extra[2]:  # type: ignore[index]
-            parent.pop(n, None)  # type: ignore[union-attr]
-        parent["dataAbsentReason"] = mk.masked_concept()  # type: ignore[index]
-    elif shape == _NARRATIVE:
-        parent[key] = mk.neutral_narrative()  # type: ignore[index]
-
-
-def _find_primitive(parent: dict, path: str, key: str, repeating: bool, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[Slot]) -> None:
     ukey = "_" + key
     if not repeating:
         under = parent.get(ukey)
         ct, plain = (_ct_of(under) if under is not None else None), key in parent
         if ct is not None or plain:
-            out.append(_Slot(el, f"{path}.{key}" if path else key, ct, plain, _PRIMITIVE, parent, key))
+            out.append(PrimitiveSlot(el, f"{path}.{key}" if path else key, ct, plain, parent, key))
         return
     values, unders = parent.get(key), parent.get(ukey)
     values = values if type(values) is list else []
@@ -463,36 +385,28 @@ def _find_primitive(parent: dict, path: str, key: str, repeating: bool, el: Comp
     unders.extend([None] * (n - len(unders)))
     parent[key], parent[ukey] = values, unders
     p = _join(path, key)
-    lists = (values, unders)
     for i in range(n):
         ct, plain = _ct_of(unders[i]), values[i] is not None
         if ct is not None or plain:
-            out.append(_Slot(el, f"{p}[{i}]", ct, plain, _PRIMITIVE_ITEM, parent, key, i, lists))
-
-
-def _tidy(parent: dict, key: str, ukey: str) -> None:
-    """Drop a parallel array that holds only nulls (FHIR JSON omits it then)."""
-    for k in (key, ukey):
-        if k in parent and all(v is None for v in parent[k]):
-            del parent[k]
+            out.append(PrimitiveItemSlot(el, f"{p}[{i}]", ct, plain, parent, key, i, values, unders))
 
 
 def _find_complex(
-    container: dict | list, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[_Slot]
+    container: Container, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[Slot]
 ) -> None:
-    item = container[index]  # type: ignore[index]
+    item = container[index]
     if type(item) is not dict:
-        container[index] = None  # type: ignore[index]
-        out.append(_Slot(el, path, None, True, _GONE))
+        container[index] = None
+        out.append(GoneSlot(el, path, None, True))
         return
     ct = _ct_of(item)
     holder = mk.held_markers(item, keep) if ct is None and el.terminal.key == "extension" else None
     if holder is not None:
         ct = _ct_of(item[holder])
-    out.append(_Slot(el, path, ct, ct is None, _COMPLEX, container, index, 0, (keep, holder)))
+    out.append(ComplexSlot(el, path, ct, ct is None, container, index, keep, holder))
 
 
-def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
+def _find(resource: JSON, el: CompiledElement, out: list[Slot]) -> None:
     if el.refuses:
         return  # nothing was sealed under refuse
     kind = el.kind
@@ -513,7 +427,7 @@ def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
                         _find_complex(value, i, f"{p}[{i}]", el.keep, el, out)
             else:
                 del parent[key]
-                out.append(_Slot(el, p, None, True, _GONE))
+                out.append(GoneSlot(el, p, None, True))
         elif kind is Kind.CHOICE:
             for name, primitive in el.choices:
                 if primitive:
@@ -526,7 +440,7 @@ def _find(resource: dict, el: CompiledElement, out: list[_Slot]) -> None:
             _find_narrative(parent, path, el, out)
 
 
-def covered_locations(resource: dict, rp: ResourcePolicy) -> set[str]:
+def covered_locations(resource: JSON, rp: ResourcePolicy) -> set[str]:
     """Concrete paths (``identifier[1].value``, ``name[0]``, ``valueQuantity``) of every occurrence in
     ``resource`` that the policy covers, sealed or still in the clear, found by the same walk as reads.
 
@@ -536,14 +450,14 @@ def covered_locations(resource: dict, rp: ResourcePolicy) -> set[str]:
     what they match), so they are walked as if they sealed.
     """
     work = copy.deepcopy(resource)
-    out: list[_Slot] = []
+    out: list[Slot] = []
     for el in rp.elements:
         _find(work, _sealing(el) if el.refuses else el, out)
     found: set[str] = set()
     for slot in out:
-        if slot.el.kind is Kind.CHOICE_MASKED:  # "value[x]": the choice names actually present
+        if isinstance(slot, ChoiceMaskedSlot):  # "value[x]": the choice names actually present
             stem = slot.path[: -len(slot.el.terminal.key) - 3]
-            found.update(stem + name for name in slot.extra[2])  # type: ignore[index]
+            found.update(stem + name for name in slot.names)
         found.add(slot.path)
     return found
 
@@ -558,29 +472,21 @@ def _sealing(el: CompiledElement) -> CompiledElement:
     return dataclasses.replace(el, nav=(*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=sealing)))
 
 
-def _find_choice_masked(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
     names = [n for n, _ in el.choices for k in (n, "_" + n) if k in parent]
     exts = parent.get("extension")
-    idx = None
+    idx, ct = None, None
     if type(exts) is list:
         idx = next((i for i, e in enumerate(exts) if type(e) is dict and e.get("url") == mk.CIPHERTEXT_URL), None)
+        if idx is not None:
+            ct = _ct_of({"extension": [exts[idx]]})
     if idx is None and not names:
         return
-    ct = _ct_of({"extension": [exts[idx]]}) if idx is not None else None
     path = _join(path, el.terminal.key + "[x]")
-    out.append(_Slot(el, path, ct, bool(names), _CHOICE_MASKED, parent, "", 0, (exts, idx, names)))
+    out.append(ChoiceMaskedSlot(el, path, ct, bool(names), parent, exts, idx, names))
 
 
-def _drop_ciphertext(slot: _Slot) -> None:
-    """Remove the ciphertext extension of a masked choice from its parent."""
-    exts, idx, _ = slot.extra  # type: ignore[misc]
-    if idx is not None:
-        del exts[idx]
-        if not exts:
-            del slot.parent["extension"]  # type: ignore[union-attr]
-
-
-def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slot]) -> None:
+def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
     key = el.terminal.key
     text = parent.get(key)
     if text is None:
@@ -590,10 +496,10 @@ def _find_narrative(parent: dict, path: str, el: CompiledElement, out: list[_Slo
     tampered = ct is None and not (neutral and el.replace and set(text) <= {"status", "div"})
     if ct is None and not tampered:
         return
-    out.append(_Slot(el, _join(path, key), ct, tampered or not neutral, _NARRATIVE, parent, key))
+    out.append(NarrativeSlot(el, _join(path, key), ct, tampered or not neutral, parent, key))
 
 
-def _take_markers(resource: dict, in_meta: bool) -> tuple[list[str], bool]:
+def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], bool]:
     """Remove our envelope extension(s) and tag; returns the envelopes and whether tagged."""
     envelopes: list[str] = []
     meta = resource.get("meta")
@@ -623,7 +529,7 @@ def _take_markers(resource: dict, in_meta: bool) -> tuple[list[str], bool]:
     return envelopes, tagged
 
 
-def strip_index_identifiers(resource: dict) -> None:
+def strip_index_identifiers(resource: JSON) -> None:
     """Remove index identifiers (any fhircrypt blind-index system) from a resource read back."""
     ids = resource.get("identifier")
     if type(ids) is not list:
@@ -637,7 +543,7 @@ def strip_index_identifiers(resource: dict) -> None:
             del resource["identifier"]
 
 
-def _mark_masked(resource: dict) -> None:
+def _mark_masked(resource: JSON) -> None:
     meta = resource.get("meta")
     if type(meta) is not dict:
         meta = resource["meta"] = {}
@@ -651,7 +557,7 @@ def _mark_masked(resource: dict) -> None:
 
 
 def decrypt_resource(
-    resource: dict, rp: ResourcePolicy, keyring: KeyLookup, grants: Grants, unenveloped: str, report: ReadReport
+    resource: JSON, rp: ResourcePolicy, keyring: KeyLookup, grants: Grants, unenveloped: str, report: ReadReport
 ) -> None:
     """Restore what the caller may see, mask the rest, drop our markers (in place).
 
@@ -667,7 +573,7 @@ def decrypt_resource(
     strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return
-    slots: list[_Slot] = []
+    slots: list[Slot] = []
     for el in rp.elements:
         _find(resource, el, slots)
     cipher, shredded = None, False
@@ -687,21 +593,21 @@ def decrypt_resource(
         if cipher is None or slot.tampered or slot.ct is None:
             if cipher is not None or (shredded and slot.tampered):
                 report.fail(f"{where} {slot.path}", "plaintext where ciphertext was expected")
-            _mask(slot)
+            slot.mask()
             masked += 1
             continue
         if grants is not ALL_GROUPS and not slot.el.groups <= grants:  # type: ignore[operator]
-            _mask(slot)
+            slot.mask()
             masked += 1
             report.masked_groups |= slot.el.groups - grants  # type: ignore[operator]
             continue
         try:
-            _restore(slot, cipher.open(slot.el.field_id, slot.path, slot.ct))
+            slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
             report.decrypted += 1
             report.decrypted_groups |= slot.el.groups
         except (IntegrityError, ValueError, TypeError):
             report.fail(f"{where} {slot.path}", "ciphertext does not verify")
-            _mask(slot)
+            slot.mask()
             masked += 1
     if masked:
         report.masked += masked

@@ -19,7 +19,8 @@ from proxy.crypto.blindindex import BlindIndexer
 from proxy.outcome import FhirError
 from proxy.policy.affects import touched_elements
 from proxy.policy.closed import canonical, same_uri
-from proxy.policy.compiler import CompiledElement, IndexSpec, ResourcePolicy
+from proxy.policy.compiler import CompiledElement, ResourcePolicy
+from proxy.policy.indexing import IndexSpec
 from proxy.policy.searchparams import SearchParam, search_param
 from proxy.policy.sentinel import SentinelSettings
 from proxy.transform import markers as mk

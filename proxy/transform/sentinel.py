@@ -27,10 +27,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from proxy.outcome import FhirError
 from proxy.policy.sentinel import DETECTORS, SentinelSettings
 from proxy.transform import markers as mk
+from proxy.transform.jsontypes import JSON
 
 LABELS = {
     "nik": "an Indonesian NIK",
@@ -153,7 +155,7 @@ def check_text(cfg: SentinelSettings, path: str, text: str) -> None:
     _check(cfg, path, None, text, frozenset())
 
 
-def names_of(cfg: SentinelSettings, resources: Iterable[dict]) -> frozenset[str]:
+def names_of(cfg: SentinelSettings, resources: Iterable[JSON]) -> frozenset[str]:
     """Words of the names in the elements the policy encrypts, read before encryption."""
     if cfg.action("name") == "off":
         return frozenset()
@@ -165,7 +167,7 @@ def names_of(cfg: SentinelSettings, resources: Iterable[dict]) -> frozenset[str]
 
 
 def check_resources(
-    cfg: SentinelSettings, resources: list[tuple[dict, str]], names: frozenset[str] = frozenset()
+    cfg: SentinelSettings, resources: list[tuple[JSON, str]], names: frozenset[str] = frozenset()
 ) -> None:
     """Every clear string of the resources as they will be forwarded (after encryption, so what the
     policy encrypts is ciphertext and everything left is what the server receives). ``names``:
@@ -201,7 +203,8 @@ _SKIP_KEYS |= {"profile", "versionId", "lastUpdated", "language", "ifMatch", "if
 _OWN = mk.CANONICAL  # fhircrypt's envelope, ciphertext and blind-index identifiers
 _DAR = mk.DAR_URL  # the masked marker next to each ciphertext
 
-Location = tuple | None  # (parent location, key or index): built per element, rendered only for a hit
+# (parent location, key or index): built per element, rendered only for a hit
+Location: TypeAlias = "tuple[Location, str | int] | None"
 
 
 def _walk(root: object, where: str, cfg: SentinelSettings, names: frozenset[str]) -> None:
@@ -251,7 +254,7 @@ def _render(where: str, at: Location) -> str:
     parts: list[str] = []
     while at is not None:
         at, key = at
-        if type(key) is int:
+        if isinstance(key, int):
             parts.append(f"[{key}]")
         else:
             parts.append(f".{key}" if _ELEMENT_NAME.fullmatch(key) else ".?")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from proxy.outcome import FhirError
 from proxy.policy import definitions as defs
+from proxy.transform.jsontypes import JSON
 
 SUMMARY_VALUES = ("true", "false", "text", "data", "count")
 _ALWAYS = frozenset({"resourceType", "id", "meta"})
@@ -67,7 +68,7 @@ def _keep(rtype: str, key: str, subset: Subset) -> bool:
     return mandatory or (row is not None and "s" in row[3])  # summary=true
 
 
-def apply(resource: dict, subset: Subset) -> None:
+def apply(resource: JSON, subset: Subset) -> None:
     rtype = resource.get("resourceType")
     if type(rtype) is not str or rtype not in defs.resource_types() or rtype == "OperationOutcome":
         return
@@ -75,14 +76,16 @@ def apply(resource: dict, subset: Subset) -> None:
     for key in removed:
         del resource[key]
     if removed or subset.summary in ("true", "text"):
-        meta = resource.get("meta")
-        meta = resource["meta"] = meta if type(meta) is dict else {}
-        tags = meta.get("tag") if type(meta.get("tag")) is list else []
+        given = resource.get("meta")
+        meta: JSON = given if type(given) is dict else {}
+        resource["meta"] = meta
+        tag = meta.get("tag")
+        tags: list[object] = tag if type(tag) is list else []
         if _SUBSETTED not in tags:
             meta["tag"] = [*tags, dict(_SUBSETTED)]
 
 
-def apply_to_body(body: dict, subset: Subset) -> None:
+def apply_to_body(body: JSON, subset: Subset) -> None:
     """A single resource, or the matched entries of a searchset (includes stay whole)."""
     if body.get("resourceType") == "Bundle" and body.get("type") in ("searchset", "history"):
         for entry in body.get("entry") or []:

@@ -16,10 +16,12 @@ from functools import cache
 
 import pydantic
 from fhir.resources.R4B import get_fhir_model_class
+from pydantic_core import ErrorDetails
 
 from proxy.outcome import FhirError, Issue
 from proxy.policy.definitions import resource_types
 from proxy.transform.elementpath import Located, expected, locate
+from proxy.transform.jsontypes import JSON
 
 _MISSING = frozenset({"missing", "model_field_validation.missing"})
 # "Any of one field value is expected from this list ['deceasedBoolean', ...], but got multiple!"
@@ -36,7 +38,7 @@ def _model(resource_type: str) -> type[pydantic.BaseModel] | None:
         return None
 
 
-def describe_error(resource: dict, err: dict) -> Issue:
+def describe_error(resource: JSON, err: ErrorDetails) -> Issue:
     """One pydantic error as a FHIR issue: the path and what R4 expects there, never the value."""
     loc = tuple(err.get("loc", ()))
     where = locate(resource, loc)
@@ -56,7 +58,7 @@ def describe_error(resource: dict, err: dict) -> Issue:
     return Issue("structure", f"{where.path}: {_problem(where, kind, err)}", expression=[where.path])
 
 
-def _problem(where: Located, kind: str, err: dict) -> str:
+def _problem(where: Located, kind: str, err: ErrorDetails) -> str:
     if kind in _MISSING:
         return f"required element is missing; expected {expected(where)}"
     if kind == "extra_forbidden":
@@ -78,11 +80,11 @@ def _unknown_nested_types(node: object, path: str) -> Iterator[str]:
             yield from _unknown_nested_types(value, f"{path}[{i}]")
 
 
-def validate_resource(resource: dict, max_issues: int = 20) -> None:
+def validate_resource(resource: JSON, max_issues: int = 20) -> None:
     """Raise FhirError 400 listing each invalid path; returns None for a valid resource."""
     rtype = resource.get("resourceType")
     model = _model(rtype) if isinstance(rtype, str) else None
-    if model is None:
+    if model is None or not isinstance(rtype, str):  # the second test only tells mypy what the first proved
         raise FhirError(400, "structure", "resourceType is missing or not a known FHIR resource type", ["resourceType"])
     unknown = [p for p in _unknown_nested_types({k: v for k, v in resource.items() if k != "resourceType"}, rtype)]
     if unknown:

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 import orjson
 from aiohttp import web
 
-from proxy.crypto.providers.base import KeyringError
+from proxy.keymgmt.providers.base import KeyringError
 from proxy.logs import REQUEST_ID
 from proxy.outcome import FhirError
 from proxy.transform import sentinel

@@ -19,9 +19,9 @@ from proxy.audit.poster import FhirAuditPoster
 from proxy.audit.trail import AsyncAuditSink, AuditTrail
 from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtSettings, JwtVerifier
-from proxy.crypto.keycache import KeyCache
-from proxy.crypto.keyring import Keyring
-from proxy.crypto.patientkeys import PatientKeyCache
+from proxy.keymgmt.keycache import KeyCache
+from proxy.keymgmt.keyring import Keyring
+from proxy.keymgmt.patientkeys import PatientKeyCache
 from proxy.keystore import open_store
 from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy

@@ -12,7 +12,7 @@ import logging
 
 from aiohttp import web
 
-from proxy.crypto.keycache import KeyCache
+from proxy.keymgmt.keycache import KeyCache
 from proxy.web.runtime import RUNTIME
 
 log = logging.getLogger("fhircrypt")

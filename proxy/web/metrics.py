@@ -26,7 +26,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from proxy.crypto.providers import KeyProvider
+from proxy.keymgmt.providers import KeyProvider
 from proxy.transform import sentinel
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

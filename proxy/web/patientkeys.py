@@ -1,6 +1,6 @@
 """Per-patient keys in the aiohttp shell: fetch what a response needs, choose keys for writes.
 
-The pure core decrypts synchronously from a cache (:class:`proxy.crypto.patientkeys.ReadKeys`);
+The pure core decrypts synchronously from a cache (:class:`proxy.keymgmt.patientkeys.ReadKeys`);
 this module fills the cache from the key store before a body is decrypted, and finds or
 creates the keys a write needs before it is encrypted. Store calls run in a worker thread
 (the drivers block). A store that cannot be reached is a 503, never a guess: nothing is
@@ -16,8 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import TypeVar
 
-from proxy.crypto.keyring import Keyring
-from proxy.crypto.patientkeys import (
+from proxy.keymgmt.keyring import Keyring
+from proxy.keymgmt.patientkeys import (
     PatientKeyCache,
     PatientKeyError,
     ReadKeys,

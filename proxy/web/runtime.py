@@ -12,8 +12,8 @@ from proxy.audit.trail import AsyncAuditSink
 from proxy.auth.certificates import CertificateIdentities
 from proxy.auth.tokens import Introspector, JwtVerifier
 from proxy.crypto.envelope import KeyLookup
-from proxy.crypto.keycache import KeyCache
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keycache import KeyCache
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy
 from proxy.settings import Settings
 from proxy.upstream.client import UpstreamClient

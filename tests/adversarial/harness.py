@@ -22,8 +22,8 @@ from pathlib import Path
 
 import orjson
 
-from proxy.crypto.keyring import Keyring, save_keyring
-from proxy.crypto.providers.local import LocalKeyProvider, generate_kek, parse_kek
+from proxy.keymgmt.keyring import Keyring, save_keyring
+from proxy.keymgmt.providers.local import LocalKeyProvider, generate_kek, parse_kek
 from tests.conftest import DEPLOYMENT, ROOT
 
 

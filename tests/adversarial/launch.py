@@ -12,8 +12,8 @@ import sys
 import orjson
 from aiohttp import web
 
-from proxy.crypto.keyring import load_keyring
-from proxy.crypto.providers.local import load_local_kek
+from proxy.keymgmt.keyring import load_keyring
+from proxy.keymgmt.providers.local import load_local_kek
 from proxy.logs import configure
 from proxy.policy.compiler import compile_file
 from proxy.settings import Settings

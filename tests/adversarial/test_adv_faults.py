@@ -21,9 +21,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from proxy.crypto.keyring import Keyring, load_keyring, save_keyring
-from proxy.crypto.providers.base import KeyringError
-from proxy.crypto.providers.local import LocalKeyProvider, generate_kek, parse_kek
+from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
+from proxy.keymgmt.providers.base import KeyringError
+from proxy.keymgmt.providers.local import LocalKeyProvider, generate_kek, parse_kek
 from proxy.transform.bodies import encrypt_for_write
 from proxy.transform.markers import CIPHERTEXT_URL
 from tests.adversarial.harness import ServedProxy

@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.auth.decision import key_holder, unscoped
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import compile_file
 from proxy.transform.bodies import decrypt_body, encrypt_for_write
 from proxy.transform.markers import CIPHERTEXT_URL

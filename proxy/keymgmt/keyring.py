@@ -42,20 +42,21 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError, describe_text
 from proxy.crypto.urlsign import UrlSigner
+from proxy.keymgmt.providers.base import KeyProvider, KeyringError, ProviderError, describe_text
 
 FORMAT = "fhircrypt-keyring/1"
 KEY_ID = re.compile(r"^k[1-9][0-9]{0,5}$")
 LOCK_TIMEOUT = 30.0  # seconds a keyring change waits for another one (a change takes well under a second)
 T = TypeVar("T")
+KeyringDocument = dict[str, Any]  # the keyring file's JSON object (shape in the module docstring)
 
 
 class KeyUsageExhausted(KeyringError):
@@ -167,7 +168,7 @@ class Keyring:
         del self._keys[kid]
         self._created.pop(kid, None)
 
-    def to_document(self, provider: KeyProvider) -> dict:
+    def to_document(self, provider: KeyProvider) -> KeyringDocument:
         def wrap(slot: str, key: bytes) -> str:
             return b64e(provider.wrap(key, wrap_context(self.keyring_id, slot)))
 
@@ -186,10 +187,11 @@ class Keyring:
         return doc
 
     @classmethod
-    def from_document(cls, doc: dict, provider: KeyProvider) -> Keyring:
+    def from_document(cls, doc: KeyringDocument, provider: KeyProvider) -> Keyring:
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise KeyringError(f"not a {FORMAT} keyring")
-        recorded = doc.get("provider") if isinstance(doc.get("provider"), dict) else {}
+        described = doc.get("provider")
+        recorded: dict[str, str] = described if isinstance(described, dict) else {}
         configured = provider.describe()
         if recorded.get("type", "local") != configured["type"]:
             raise KeyringError(
@@ -208,7 +210,7 @@ class Keyring:
             raise
 
     @classmethod
-    def _unwrap_document(cls, doc: dict, provider: KeyProvider) -> Keyring:
+    def _unwrap_document(cls, doc: KeyringDocument, provider: KeyProvider) -> Keyring:
         try:
             keyring_id = doc.get("id")
             if keyring_id is not None and not isinstance(keyring_id, str):
@@ -234,7 +236,7 @@ class Keyring:
             raise KeyringError("keyring file is malformed") from None
 
 
-def _mac(key: bytes, doc: dict) -> bytes:
+def _mac(key: bytes, doc: KeyringDocument) -> bytes:
     body = json.dumps({k: v for k, v in doc.items() if k != "mac"}, sort_keys=True, separators=(",", ":"))
     return hmac.new(key, b"fhircrypt keyring/1\x1f" + body.encode(), hashlib.sha256).digest()
 
@@ -249,9 +251,10 @@ def load_keyring(path: str | Path, provider: KeyProvider) -> Keyring:
     return Keyring.from_document(_read_document(path), provider)
 
 
-def _read_document(path: str | Path) -> dict:
+def _read_document(path: str | Path) -> KeyringDocument:
     try:
-        return json.loads(Path(path).read_text())
+        doc: KeyringDocument = json.loads(Path(path).read_text())  # checked by Keyring.from_document
+        return doc
     except OSError as exc:
         raise KeyringError(f"cannot read keyring {path}: {exc.strerror}") from None
     except json.JSONDecodeError:
@@ -331,7 +334,7 @@ def make_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _write_atomic(path: Path, doc: dict) -> None:
+def _write_atomic(path: Path, doc: KeyringDocument) -> None:
     """Write atomically (temp file + rename) with mode 0600, so a crash never leaves half a keyring."""
     make_folder(path.parent)
     data = json.dumps(doc, indent=2).encode() + b"\n"

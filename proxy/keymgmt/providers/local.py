@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.providers.base import KeyringError, ProviderError
+from proxy.keymgmt.providers.base import KeyringError, ProviderError
 
 KEK_ENV = "FHIRCRYPT_KEK"
 KEK_FILE_ENV = "FHIRCRYPT_KEK_FILE"

@@ -20,8 +20,8 @@ import binascii
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, associated_data, missing_sdk, setting
 from proxy.envsecrets import read_secret
+from proxy.keymgmt.providers.base import ProviderError, associated_data, missing_sdk, setting
 
 AEAD_TYPES = ("aes256-gcm96", "aes128-gcm96", "chacha20-poly1305")
 
@@ -74,7 +74,8 @@ class VaultTransitKeyProvider:
                 mount_point=self.mount,
             ),
         )
-        return answer["data"]["ciphertext"].encode("ascii")
+        ciphertext: str = answer["data"]["ciphertext"]  # hvac has no types: its answers are declared here
+        return ciphertext.encode("ascii")
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str] | None = None) -> bytes:
         try:
@@ -103,7 +104,7 @@ class VaultTransitKeyProvider:
                 "misconfigured", f"vault: Transit key '{self.key}' is {key_type}; use one of {', '.join(AEAD_TYPES)}"
             )
 
-    def _call(self, operation: str, request: Any) -> dict:
+    def _call(self, operation: str, request: Any) -> dict[str, Any]:
         """Run one Transit request; map hvac's exceptions to codes without their text (which may echo input)."""
         import hvac.exceptions as vault_errors
         import requests
@@ -133,7 +134,15 @@ def build(config: Mapping[str, object], environ: Mapping[str, str]) -> VaultTran
     token = read_secret(environ, "VAULT_TOKEN")
     if not token:
         raise ProviderError("misconfigured", "the vault key provider needs FHIRCRYPT_VAULT_TOKEN_FILE or _TOKEN")
-    optional = {name: str(config[name]) for name in ("mount", "namespace", "ca_cert") if config.get(name)}
+
+    def optional(name: str) -> str | None:
+        return str(config[name]) if config.get(name) else None
+
     return VaultTransitKeyProvider(
-        setting(config, "address", "--vault-addr"), setting(config, "key", "--vault-key"), token, **optional
+        setting(config, "address", "--vault-addr"),
+        setting(config, "key", "--vault-key"),
+        token,
+        mount=optional("mount") or "transit",
+        namespace=optional("namespace"),
+        ca_cert=optional("ca_cert"),
     )

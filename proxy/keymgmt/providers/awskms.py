@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, missing_sdk, setting
+from proxy.keymgmt.providers.base import ProviderError, missing_sdk, setting
 
 # KMS error codes -> our stable codes; anything else is "unavailable".
 _CODES = {
@@ -70,11 +70,13 @@ class AwsKmsKeyProvider:
 
     def wrap(self, key: bytes, context: Mapping[str, str] | None = None) -> bytes:
         answer = self._call("Encrypt", KeyId=self.key_id, Plaintext=key, EncryptionContext=dict(context or {}))
-        return answer["CiphertextBlob"]
+        blob: bytes = answer["CiphertextBlob"]  # botocore has no types: its answers are declared here
+        return blob
 
     def unwrap(self, wrapped: bytes, context: Mapping[str, str] | None = None) -> bytes:
         answer = self._call("Decrypt", KeyId=self.key_id, CiphertextBlob=wrapped, EncryptionContext=dict(context or {}))
-        return answer["Plaintext"]
+        plaintext: bytes = answer["Plaintext"]
+        return plaintext
 
     def check(self) -> None:
         """DescribeKey: the key must exist, be enabled and be a symmetric encryption key."""
@@ -84,13 +86,14 @@ class AwsKmsKeyProvider:
         if meta.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT":
             raise ProviderError("misconfigured", f"aws-kms: key {self.key_id} is not an encryption key")
 
-    def _call(self, operation: str, **params: Any) -> dict:
+    def _call(self, operation: str, **params: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
         method = {"Encrypt": "encrypt", "Decrypt": "decrypt", "DescribeKey": "describe_key"}[operation]
         where = f"aws-kms: {operation} with key {self.key_id}"
         try:
-            return getattr(self._client, method)(**params)
+            answer: dict[str, Any] = getattr(self._client, method)(**params)
+            return answer
         except ClientError as exc:
             error = exc.response.get("Error", {}).get("Code", "")
             code = _CODES.get(error, "unavailable")

@@ -25,18 +25,20 @@ import os
 import re
 import time
 from collections import OrderedDict
+from typing import TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.crypto.encoding import b64d, b64e
 from proxy.crypto.envelope import IntegrityError
-from proxy.crypto.keyring import Keyring
+from proxy.keymgmt.keyring import Keyring
 
 HANDLE_PREFIX = "p_"
 HANDLE = re.compile(r"^p_[0-9a-f]{32}$")
 TAG_LABEL = "fhircrypt/patient-key-tag"
 _US = "\x1f"
+V = TypeVar("V")
 
 
 class KeyShredded(IntegrityError):
@@ -125,32 +127,16 @@ class PatientKeyCache:
         return f"PatientKeyCache(entries={len(self._keys)}, ttl={self.ttl})"
 
     def get(self, handle: str) -> bytes | None:
-        return self._fresh(self._keys, handle)
+        return _fresh(self._keys, handle, self.ttl)
 
     def handle_for(self, tag: str) -> str | None:
         """The cached handle of a patient's key, for writes (same age bound as the keys)."""
-        return self._fresh(self._handles, tag)
+        return _fresh(self._handles, tag, self.ttl)
 
     def put(self, handle: str, key: bytes, tag: str | None = None) -> None:
-        self._store(self._keys, handle, key)
+        _store(self._keys, handle, key, self.max_entries)
         if tag is not None:
-            self._store(self._handles, tag, handle)
-
-    def _fresh(self, table: OrderedDict, name: str):
-        entry = table.get(name)
-        if entry is None:
-            return None
-        if time.monotonic() - entry[0] > self.ttl:
-            del table[name]
-            return None
-        table.move_to_end(name)
-        return entry[1]
-
-    def _store(self, table: OrderedDict, name: str, value: object) -> None:
-        table[name] = (time.monotonic(), value)
-        table.move_to_end(name)
-        while len(table) > self.max_entries:
-            table.popitem(last=False)
+            _store(self._handles, tag, handle, self.max_entries)
 
     def mark_shredded(self, handle: str) -> None:
         """Remember a destroyed handle (never comes back, so no age bound; bounded in number)."""
@@ -165,6 +151,25 @@ class PatientKeyCache:
     def missing(self, handles: set[str]) -> set[str]:
         """The handles neither cached (and fresh) nor known to be shredded."""
         return {h for h in handles if not self.is_shredded(h) and self.get(h) is None}
+
+
+def _fresh(table: OrderedDict[str, tuple[float, V]], name: str, ttl: float) -> V | None:
+    """The value of ``name`` if read at most ``ttl`` seconds ago (then most recently used), else None."""
+    entry = table.get(name)
+    if entry is None:
+        return None
+    if time.monotonic() - entry[0] > ttl:
+        del table[name]
+        return None
+    table.move_to_end(name)
+    return entry[1]
+
+
+def _store(table: OrderedDict[str, tuple[float, V]], name: str, value: V, max_entries: int) -> None:
+    table[name] = (time.monotonic(), value)
+    table.move_to_end(name)
+    while len(table) > max_entries:
+        table.popitem(last=False)
 
 
 class ReadKeys:

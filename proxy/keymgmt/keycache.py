@@ -34,8 +34,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from proxy.crypto.keyring import Keyring, load_keyring
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError
+from proxy.keymgmt.keyring import Keyring, load_keyring
+from proxy.keymgmt.providers.base import KeyProvider, KeyringError, ProviderError
 
 
 class KeysUnavailable(KeyringError):
@@ -69,7 +69,7 @@ class ProviderHealth:
     primary_wraps: int
     max_wraps: int
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 

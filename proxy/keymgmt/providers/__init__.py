@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from proxy.crypto.providers.base import KeyProvider, KeyringError, ProviderError
+from proxy.keymgmt.providers.base import KeyProvider, KeyringError, ProviderError
 
 # type -> the non-secret settings it accepts
 SETTINGS: dict[str, tuple[str, ...]] = {
@@ -33,19 +33,19 @@ def build_provider(config: Mapping[str, object], environ: Mapping[str, str]) -> 
         raise ProviderError("misconfigured", f"the {kind} key provider has no setting {', '.join(unknown)}")
     settings = {k: v for k, v in config.items() if v not in (None, "")}
     if kind == "local":
-        from proxy.crypto.providers.local import load_local_kek
+        from proxy.keymgmt.providers.local import load_local_kek
 
         kek_file = settings.get("kek_file")
         return load_local_kek(str(kek_file) if kek_file else None, environ)
     if kind == "pkcs11":
-        from proxy.crypto.providers import hsm
+        from proxy.keymgmt.providers import hsm
 
         return hsm.build(settings, environ)
     if kind == "aws-kms":
-        from proxy.crypto.providers import awskms
+        from proxy.keymgmt.providers import awskms
 
         return awskms.build(settings, environ)
-    from proxy.crypto.providers import vault
+    from proxy.keymgmt.providers import vault
 
     return vault.build(settings, environ)
 

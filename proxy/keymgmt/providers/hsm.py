@@ -26,8 +26,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.crypto.providers.base import ProviderError, associated_data, missing_sdk, setting
 from proxy.envsecrets import read_secret
+from proxy.keymgmt.providers.base import ProviderError, associated_data, missing_sdk, setting
 
 _LIBS: dict[str, Any] = {}  # one loaded (and C_Initialize'd) library per module path and process
 _LIBS_LOCK = threading.Lock()
@@ -113,7 +113,8 @@ class Pkcs11KeyProvider:
                     return b""
                 param = GCMParams(iv, associated_data(context), 128)
                 try:
-                    return getattr(key, operation)(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+                    result: bytes = getattr(key, operation)(data, mechanism=Mechanism.AES_GCM, mechanism_param=param)
+                    return result
                 except pkcs11.PKCS11Error:
                     if operation == "encrypt":
                         raise ProviderError("unavailable", f"{where}: encryption with the key failed") from None
