@@ -14,9 +14,9 @@ import orjson
 import pytest
 
 from proxy.crypto.keyring import Keyring
+from proxy.policy.closed import canonical
 from proxy.policy.compiler import compile_file
 from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
-from proxy.policy.closed import canonical
 from tests.conftest import DEPLOYMENT, FHIR_JSON, FIXTURES, ROOT, assert_no_plaintext
 
 ORDER = {
@@ -179,7 +179,12 @@ PROFILE_SYSTEMS = [  # (type, identifier path, system, source)
     ("ServiceRequest", "identifier", f"http://sys-ids.kemkes.go.id/acsn/{ORG}", "SATUSEHAT DICOM router examples"),
     ("Specimen", "identifier", f"http://sys-ids.kemkes.go.id/specimen/{ORG}", API),
     ("Specimen", "accessionIdentifier", f"http://sys-ids.kemkes.go.id/acsn/{ORG}", IG + " Specimen.fsh"),
-    ("DiagnosticReport", "identifier", f"http://sys-ids.kemkes.go.id/diagnostic/{ORG}/lab", IG + " DiagnosticReport.fsh"),
+    (
+        "DiagnosticReport",
+        "identifier",
+        f"http://sys-ids.kemkes.go.id/diagnostic/{ORG}/lab",
+        IG + " DiagnosticReport.fsh",
+    ),
     ("DiagnosticReport", "identifier", f"http://sys-ids.kemkes.go.id/diagnostic/{ORG}/rad", API),
     ("ImagingStudy", "identifier", f"http://sys-ids.kemkes.go.id/acsn/{ORG}", "SATUSEHAT DICOM router examples"),
     ("ImagingStudy", "identifier", "urn:dicom:uid", "SATUSEHAT DICOM router examples"),
@@ -194,7 +199,12 @@ PROFILE_EXTENSIONS = [  # (type, element holding the extension or "" for the res
     ("Patient", "", "https://fhir.kemkes.go.id/r4/StructureDefinition/patient-religion", IG + " Religion.fsh"),
     ("Patient", "", "https://fhir.kemkes.go.id/r4/StructureDefinition/patient-disability", IG + " Disability.fsh"),
     ("Patient", "", "https://fhir.kemkes.go.id/r4/StructureDefinition/Education", IG + " Education.fsh"),
-    ("Patient", "_birthDate", "https://fhir.kemkes.go.id/r4/StructureDefinition/patient-birthTime", IG + " BirthTime.fsh"),
+    (
+        "Patient",
+        "_birthDate",
+        "https://fhir.kemkes.go.id/r4/StructureDefinition/patient-birthTime",
+        IG + " BirthTime.fsh",
+    ),
     ("Patient", "address", "https://fhir.kemkes.go.id/r4/StructureDefinition/administrativeCode", SDK),
     ("Practitioner", "address", "https://fhir.kemkes.go.id/r4/StructureDefinition/administrativeCode", IG),
     ("Encounter", "location", "https://fhir.kemkes.go.id/r4/StructureDefinition/ServiceClass", SDK),
@@ -223,27 +233,19 @@ def _stored(policy, resource: dict) -> str:
     return orjson.dumps(resource).decode()
 
 
-def _at(resource: dict, path: str, item: dict) -> dict:
-    """``resource`` with ``item`` placed at the dotted ``path`` (lists for repeating elements)."""
-    *parents, last = path.split(".")
-    node = resource
-    for key in parents:
-        node = node.setdefault(key, {"reference": "EpisodeOfCare/e1"} if key == "episodeOfCare" else {})
-        if isinstance(node, list):
-            node = node[0]
-    repeating = last in ("identifier", "address", "location") and path != "accessionIdentifier"
-    node[last] = [item] if repeating else item
-    return resource
+def _identifier_resource(rtype: str, path: str, system: str) -> dict:
+    identifier = {"system": system, "value": NEEDLE}
+    if path == "accessionIdentifier":
+        return {"resourceType": rtype, path: identifier}
+    if path == "episodeOfCare.identifier":  # Reference.identifier: a logical reference to the episode
+        return {"resourceType": rtype, "episodeOfCare": [{"identifier": identifier}]}
+    return {"resourceType": rtype, "identifier": [identifier]}
 
 
 @pytest.mark.parametrize(("rtype", "path", "system", "source"), PROFILE_SYSTEMS)
 def test_every_satusehat_identifier_system_is_encrypted(rtype, path, system, source):
-    policy = _shipped_satusehat()
-    if path == "episodeOfCare.identifier":
-        resource = {"resourceType": rtype, "episodeOfCare": [{"identifier": {"system": system, "value": NEEDLE}}]}
-    else:
-        resource = _at({"resourceType": rtype}, path, {"system": system, "value": NEEDLE})
-    assert NEEDLE not in _stored(policy, resource), f"{rtype}.{path} under {system} ({source}) stays clear"
+    stored = _stored(_shipped_satusehat(), _identifier_resource(rtype, path, system))
+    assert NEEDLE not in stored, f"{rtype}.{path} under {system} ({source}) stays clear"
 
 
 def _extension_resource(rtype: str, where: str, url: str) -> dict:
