@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from proxy.crypto.keyring import Keyring
 from proxy.policy.closed import canonical
 from proxy.policy.compiler import compile_file
+from proxy.policy.lint import SATUSEHAT_SYSTEMS, near_miss
 from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
 from tests.conftest import DEPLOYMENT, FHIR_JSON, FIXTURES, ROOT, assert_no_plaintext
 
@@ -272,3 +274,14 @@ def test_the_extension_allow_list_holds_only_the_knowingly_clear_extensions():
     """Religion, ethnicity, birth place or citizenship must never be opened by the allow-list."""
     listed = {canonical(u) for u in KNOWINGLY_CLEAR_EXTENSIONS}
     assert _shipped_satusehat().closure.clear_urls <= listed
+
+
+def test_every_satusehat_uri_the_policy_names_is_checked_for_near_misses():
+    """`policy check` flags a miscased copy only of spellings it knows: every fhir.kemkes.go.id system or
+    extension URL the shipped policy names must be in its table, and each from the profile review above."""
+    text = (ROOT / "policies" / "satusehat.yaml").read_text()
+    named = set(re.findall(r"https://fhir\.kemkes\.go\.id/[A-Za-z0-9/_-]+", text))
+    reviewed = {system for _, _, system, _ in PROFILE_SYSTEMS} | {url for _, _, url, _ in PROFILE_EXTENSIONS}
+    assert named <= set(SATUSEHAT_SYSTEMS) & reviewed
+    for uri in named:
+        assert near_miss(uri.upper().replace("HTTPS://", "https://")) == uri
