@@ -285,3 +285,19 @@ def test_every_satusehat_uri_the_policy_names_is_checked_for_near_misses():
     assert named <= set(SATUSEHAT_SYSTEMS) & reviewed
     for uri in named:
         assert near_miss(uri.upper().replace("HTTPS://", "https://")) == uri
+
+
+# Where the HIPAA policy knowingly differs on the SATUSEHAT fixtures (see the comments in policies/hipaa.yaml).
+HIPAA_DIFFERS = {
+    "practitioner.json": "HIPAA protects patients' PHI; a practitioner's own address and birth date are not PHI",
+    "Kelas reguler JKN": "the ServiceClass extension on Encounter.location is SATUSEHAT's (BPJS ward class)",
+}
+
+
+@pytest.mark.parametrize("name", [n for n in ORDER["satusehat"] if n not in HIPAA_DIFFERS])
+def test_the_hipaa_policy_covers_the_same_elements_of_the_satusehat_fixtures(name):
+    """The health fields of the 16 SATUSEHAT profiles are PHI under HIPAA too: the same resources
+    stored under the HIPAA policy keep none of their needles (pure core, no upstream)."""
+    needles = set(json.loads((FIXTURES / "satusehat" / "needles.json").read_text())[name]) - set(HIPAA_DIFFERS)
+    stored = _stored(compile_file(ROOT / "policies" / "hipaa.yaml"), _fixture("satusehat", name, {}))
+    assert [n for n in needles if n in stored] == []
