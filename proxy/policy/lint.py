@@ -26,9 +26,9 @@ _PLACEHOLDER = re.compile(r"REPLACE-WITH-[A-Za-z0-9-]*|example-hospital", re.IGN
 _URI = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://|urn:)[^\s'\"(),]+")
 
 # Identifier systems and extension URLs as SATUSEHAT publishes them (fhir.kemkes.go.id, the
-# SATUSEHAT FHIR profiles). A system that differs from one of them only by case, a trailing slash
-# or escapes works (the proxy compares canonically) but is almost certainly a typo that other
-# systems - SATUSEHAT itself - will not accept.
+# SATUSEHAT FHIR profiles; the review and its sources: docs/policy-format.md). A system that differs
+# from one of them only by case, a trailing slash or escapes works (the proxy compares canonically)
+# but is almost certainly a typo that other systems - SATUSEHAT itself - will not accept.
 SATUSEHAT_SYSTEMS = (
     "https://fhir.kemkes.go.id/id/nik",
     "https://fhir.kemkes.go.id/id/nik-ibu",
@@ -36,9 +36,14 @@ SATUSEHAT_SYSTEMS = (
     "https://fhir.kemkes.go.id/id/paspor",
     "https://fhir.kemkes.go.id/id/ihs-number",
     "https://fhir.kemkes.go.id/id/patient-ihs-number",
+    "https://fhir.kemkes.go.id/id/nakes-his-number",
+    "https://fhir.kemkes.go.id/id/sip-number",
     "https://fhir.kemkes.go.id/r4/StructureDefinition/birthPlace",
     "https://fhir.kemkes.go.id/r4/StructureDefinition/citizenshipStatus",
     "https://fhir.kemkes.go.id/r4/StructureDefinition/administrativeCode",
+    "https://fhir.kemkes.go.id/r4/StructureDefinition/ServiceClass",
+    "https://fhir.kemkes.go.id/r4/StructureDefinition/MedicationType",
+    "https://fhir.kemkes.go.id/r4/StructureDefinition/ConditionHistory",
 )
 SATUSEHAT_PREFIXES = ("http://sys-ids.kemkes.go.id/",)  # + mr/<organization id>, encounter/<organization id>, ...
 _PUBLISHED = {closed.canonical(s): s for s in SATUSEHAT_SYSTEMS}
