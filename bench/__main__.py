@@ -1,9 +1,10 @@
-"""python -m bench [--quick] [--rounds N] [--duration S] [--out bench/results]
+"""python -m bench [--quick] [--upstream medplum|hapi] [--rounds N] [--duration S] [--out bench/results]
 
 Starts the test upstream, the bare passthrough and two fhircrypt proxies, and in every
 round alternates each workload across the four targets:
 
-  direct               straight to the upstream (Medplum's FHIR router, node)
+  direct               straight to the upstream (Medplum's FHIR router, node; or with
+                       ``--upstream hapi`` HAPI FHIR's JPA server, java: see bench/upstreams.py)
   passthrough          bare aiohttp passthrough (forwards bytes, parses nothing)
   fhircrypt-empty      fhircrypt with a policy that covers nothing (pure proxy cost)
   fhircrypt-satusehat  fhircrypt with policies/satusehat.yaml (proxy + encryption)
@@ -12,7 +13,8 @@ Workloads: ``read`` one Patient (22 encrypted elements under the SATUSEHAT polic
 ``search`` returning 100 Patients, ``create`` a Patient (the proxy validates writes),
 ``transaction``: a 50-entry transaction Bundle creating 50 such Patients, and
 ``export``: one Bulk Data NDJSON file of 500 Patients, fetched (and, through fhircrypt,
-decrypted line by line) through the link the target's manifest gives.
+decrypted line by line) through the link the target's manifest gives (Medplum's test server
+repeats one stored Patient; HAPI exports 500 Patients stored through the target).
 For every target, workload and concurrency (1 and 8 connections; the two heavy
 workloads at 1 only, so the run still fits in a quarter of an hour): the upstream is
 reset and seeded through that target, a closed-loop phase measures throughput and CPU
@@ -22,7 +24,7 @@ coordinated omission. Then ``gc``: each fhircrypt target against a twin with the
 collector left at Python's defaults (``--gc-threshold 0``), on the searchset at c=1. Then
 ``scaling``: ``fhircrypt serve --workers 1`` and ``--workers 2`` (SO_REUSEPORT), closed loop
 on read and search at 8 connections. Medians over the rounds go to
-``<out>/latest.json``, ``latest.png`` and ``latest.md``; see docs/benchmarks.md.
+``<out>/<name>.json``, ``.png`` and ``.md`` (``--name``, default ``latest``); see docs/benchmarks.md.
 
 ``--quick`` is the smoke mode that CI runs: one round, short phases, the Python load
 generator only, and the chart only when matplotlib is installed. The 10-minute memory soak
@@ -51,7 +53,7 @@ from yarl import URL
 from bench import load, report
 from bench.core import patient_bytes, profile_areas, run_core, summarise_profile
 from bench.targets import DEFAULT_GC_THRESHOLD, ROOT, ServeProcess, TargetProcess, rss_bytes, tree_cpu_seconds
-from tests.upstream_server import UpstreamServer
+from bench.upstreams import UPSTREAMS
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
@@ -61,7 +63,6 @@ WORKLOADS = ("read", "search", "create", "transaction", "export")
 CONCURRENCY = (1, 8)
 HEAVY = ("transaction", "export")  # tens of ms per request: concurrency 1 only
 HOST = "127.0.0.1"
-BASE = "/fhir/R4"
 SEARCH_SIZE = 100
 BUNDLE_SIZE = 50
 EXPORT_LINES = 500
@@ -75,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke mode: one short round, Python load generator")
     p.add_argument("--rounds", type=int, help="rounds; the median is reported (default 3, quick 1)")
     p.add_argument("--duration", type=float, help="seconds per measured phase (default 2, quick 0.25)")
-    p.add_argument("--out", default="bench/results", help="directory for latest.json/.png/.md")
+    p.add_argument("--upstream", choices=tuple(UPSTREAMS), default="medplum",
+                   help="the FHIR server behind every target: Medplum's router or HAPI FHIR's JPA server")  # fmt: skip
+    p.add_argument("--out", default="bench/results", help="directory for the results")
+    p.add_argument("--name", default="latest", help="file name of the results in --out: NAME.json/.png/.md")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                    help="closed-loop generator: wrk when installed (auto), or the Python client")  # fmt: skip
     p.add_argument("--load-fraction", type=float, default=0.5,
@@ -104,7 +108,7 @@ class Bench:
             self.closed_tool = "python"
             if args.loadgen == "auto" and not self.quick:
                 print("bench: wrk not found, the closed-loop phases use the Python client", file=sys.stderr)
-        self.upstream = UpstreamServer()
+        self.upstream = UPSTREAMS[args.upstream]()
         self.procs: dict[str, TargetProcess] = {}
         self.ports: dict[str, int] = {}
         self.patient = patient_bytes()
@@ -125,15 +129,15 @@ class Bench:
             self.procs[name] = TargetProcess(name, argv).start()
             self.ports[name] = self.procs[name].port
 
+    @property
+    def base(self) -> str:
+        """The upstream's FHIR base path (``/fhir/R4``, ``/fhir``): every target serves the same one."""
+        return URL(self.upstream.base_url).path
+
     def stop(self) -> None:
         for proc in self.procs.values():
             proc.stop()
         self.upstream.stop()
-
-    def upstream_pid(self) -> int:
-        proc = self.upstream._proc  # the node process (UpstreamServer keeps its Popen private)
-        assert proc is not None
-        return proc.pid
 
     def say(self, text: str) -> None:
         line = f"[{time.strftime('%H:%M:%S')}] {text}"
@@ -143,25 +147,20 @@ class Bench:
     # ------------------------------------------------------------ workloads
     async def seed(self, workload: str, target: str) -> tuple[load.Request, dict]:
         """Reset the upstream, store what the workload needs through ``target``; the request to repeat."""
-        self.upstream.reset()
+        await asyncio.to_thread(self.upstream.reset)
         port = self.ports[target]
-        post = load.Request("POST", f"{BASE}/Patient", self.patient)
+        post = load.Request("POST", f"{self.base}/Patient", self.patient)
         if workload == "create":
             return post, {}
         if workload == "transaction":
             return await self._seed_transaction(target, port)
         if workload == "export":
             return await self._seed_export(target, port)
-        n = 1 if workload == "read" else SEARCH_SIZE
-        seeds = [load.Request("POST", f"{BASE}/Patient", patient_bytes(i)) for i in range(n)]
-        answers = await load.send_all(HOST, port, seeds, concurrency=8)
-        bad = [s for s, _ in answers if s != 201]
-        if bad:
-            raise RuntimeError(f"seeding {workload} through {target}: statuses {sorted(set(bad))}")
+        answers = await self._store_patients(workload, target, 1 if workload == "read" else SEARCH_SIZE)
         if workload == "read":
-            request = load.Request("GET", f"{BASE}/Patient/{orjson.loads(answers[0][1])['id']}")
+            request = load.Request("GET", f"{self.base}/Patient/{orjson.loads(answers[0][1])['id']}")
         else:
-            request = load.Request("GET", f"{BASE}/Patient?_count={SEARCH_SIZE}")
+            request = load.Request("GET", f"{self.base}/Patient?_count={SEARCH_SIZE}")
         status, body = (await load.send_all(HOST, port, [request]))[0]
         doc = orjson.loads(body)
         check = {"status": status, "bytes": len(body)}
@@ -173,6 +172,15 @@ class Bench:
         if status != 200 or NIK not in body:
             raise RuntimeError(f"{workload} through {target}: status {status}, plaintext not returned")
         return request, check
+
+    async def _store_patients(self, workload: str, target: str, n: int) -> list[tuple[int, bytes]]:
+        """``n`` variants of the fixture Patient created through ``target``; their answers."""
+        seeds = [load.Request("POST", f"{self.base}/Patient", patient_bytes(i)) for i in range(n)]
+        answers = await load.send_all(HOST, self.ports[target], seeds, concurrency=8)
+        bad = [s for s, _ in answers if s != 201]
+        if bad:
+            raise RuntimeError(f"seeding {workload} through {target}: statuses {sorted(set(bad))}")
+        return answers
 
     async def _seed_transaction(self, target: str, port: int) -> tuple[load.Request, dict]:
         """The request: a transaction Bundle of 50 Patient creates (each one validated and encrypted
@@ -186,7 +194,7 @@ class Bench:
             for i in range(BUNDLE_SIZE)
         ]
         bundle = orjson.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
-        request = load.Request("POST", BASE, bundle)
+        request = load.Request("POST", self.base, bundle)
         status, body = (await load.send_all(HOST, port, [request]))[0]
         doc = orjson.loads(body) if body else {}
         statuses = [str(e.get("response", {}).get("status", "")) for e in doc.get("entry", ())]
@@ -198,44 +206,61 @@ class Bench:
         return request, check
 
     async def _seed_export(self, target: str, port: int) -> tuple[load.Request, dict]:
-        """One Patient stored through ``target``, an export of 500 copies of it (100 quick; the upstream's
-        ``copies`` option) kicked off and polled through ``target``; the request fetches the file.
+        """An export of 500 Patients (100 quick) kicked off and polled through ``target``; the request
+        fetches its first NDJSON file. Medplum's test server exports one Patient stored through the
+        target 500 times (its ``copies`` option); HAPI exports 500 Patients stored through the target.
 
         The file's URL comes from the target's own manifest: fhircrypt answers with signed links
-        to itself, which it follows, decrypting the NDJSON line by line as it streams."""
-        up = self.upstream.base_url.replace(BASE, "")
+        to itself, which it follows, decrypting the NDJSON line by line as it streams. Every file
+        of the manifest is read once: together they hold every Patient, in plaintext."""
+        stored = await asyncio.to_thread(self.upstream.prepare_export, self.export_lines)
+        await self._store_patients("export", target, stored)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.upstream.export_timeout
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{up}/$admin/bulk-options", json={"copies": self.export_lines}) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"bulk-options: {resp.status} {await resp.text()}")
-            base = f"http://{HOST}:{port}{BASE}"
-            async with session.post(f"{base}/Patient", data=self.patient, headers=FHIR_JSON) as resp:
-                if resp.status != 201:
-                    raise RuntimeError(f"export seed through {target}: {resp.status}")
-            async with session.get(f"{base}/$export?_type=Patient", headers={"Prefer": "respond-async"}) as resp:
+            kickoff = f"http://{HOST}:{port}{self.base}/$export?_type=Patient"
+            async with session.get(kickoff, headers={"Prefer": "respond-async"}) as resp:
                 status_url = resp.headers.get("Content-Location")
                 if resp.status != 202 or not status_url:
                     raise RuntimeError(f"export kick-off through {target}: {resp.status} {await resp.text()}")
-            for _ in range(100):
+            while True:
                 async with session.get(_on_target(status_url, port)) as resp:
                     if resp.status == 200:
                         manifest = await resp.json(content_type=None)
                         break
-                await asyncio.sleep(0.05)
-            else:
-                raise RuntimeError(f"export through {target} did not complete")
-        url = URL(manifest["output"][0]["url"])
-        request = load.Request("GET", url.raw_path_qs)
-        status, body = (await load.send_all(HOST, port, [request]))[0]
-        check = {"status": status, "bytes": len(body), "lines": body.count(b"\n")}
-        if status != 200 or check["lines"] != self.export_lines or NIK not in body or b"fhircrypt.dev" in body:
-            raise RuntimeError(f"export through {target}: status {status}, {check['lines']} lines, plaintext?")
-        return request, check
+                    if resp.status != 202:
+                        raise RuntimeError(f"export status through {target}: {resp.status} {await resp.text()}")
+                if loop.time() > deadline:
+                    raise RuntimeError(f"export through {target} did not complete in {self.upstream.export_timeout} s")
+                await asyncio.sleep(self.upstream.export_poll_seconds)
+        files = [
+            load.Request("GET", URL(o["url"]).raw_path_qs, accept="application/fhir+ndjson")
+            for o in manifest["output"]
+            if o["type"] == "Patient"
+        ]
+        answers = await load.send_all(HOST, port, files)
+        status, body = answers[0]
+        check = {
+            "status": status,
+            "bytes": len(body),
+            "lines": body.count(b"\n"),
+            "files": len(files),
+            "lines_all_files": sum(b.count(b"\n") for _, b in answers),
+        }
+        everything = b"".join(b for _, b in answers)
+        if (
+            any(s != 200 for s, _ in answers)
+            or check["lines_all_files"] != self.export_lines
+            or NIK not in everything
+            or b"fhircrypt.dev" in everything
+        ):
+            raise RuntimeError(f"export through {target}: statuses {[s for s, _ in answers]}, {check}, plaintext?")
+        return files[0], check
 
     def _cpu(self, target: str) -> tuple[float | None, float]:
         """CPU seconds so far of the target's processes (with any workers it forked) and of the upstream."""
         proxy = tree_cpu_seconds(self.procs[target].pid) if target in self.procs else None
-        return proxy, tree_cpu_seconds(self.upstream_pid())
+        return proxy, tree_cpu_seconds(self.upstream.pid)
 
     async def phase(
         self,
@@ -283,6 +308,18 @@ class Bench:
         if result.errors:
             self.say(f"  !! {target} {workload} c={c} {mode}: {result.errors} errors of {result.requests}")
         return out
+
+    async def warm_up(self) -> None:
+        """Each workload straight at the upstream and through fhircrypt-satusehat (plaintext and stored
+        forms) for the upstream's warm-up time, unmeasured; nothing for an upstream that needs none."""
+        seconds = self.upstream.warmup_seconds * (0.2 if self.quick else 1.0)
+        if not seconds:
+            return
+        for workload in WORKLOADS:
+            for target in ("direct", "fhircrypt-satusehat"):
+                request, _ = await self.seed(workload, target)
+                await load.closed_loop(HOST, self.ports[target], request, 1 if workload in HEAVY else 8, seconds)
+        self.say(f"upstream warmed up: every workload for {seconds:.0f} s direct and through fhircrypt-satusehat")
 
     async def run_rounds(self) -> list[list[dict]]:
         """Each round: per workload and concurrency, every target closed loop, then every target open loop."""
@@ -457,7 +494,7 @@ def machine_facts() -> dict:
         "orjson": orjson.__version__,
         "node": node,
         "wrk": load.wrk_version(),
-        "shared_cores": "load generator, upstream (node) and proxy processes all run on these cores, unpinned",
+        "shared_cores": "load generator, upstream and proxy processes all run on these cores, unpinned",
     }
 
 
@@ -479,7 +516,9 @@ async def amain(args: argparse.Namespace) -> dict:
     bench.say("starting upstream, passthrough and proxies")
     bench.start()
     try:
+        result["upstream"] = bench.upstream.facts()
         rss_start = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
+        await bench.warm_up()
         rounds = await bench.run_rounds()
         rss_end = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
         gc_compare = None if args.no_gc else await bench.run_gc()
@@ -496,9 +535,9 @@ async def amain(args: argparse.Namespace) -> dict:
                 "create": "POST /Patient of the fixture Patient (validation on, Prefer default: representation)",
                 "transaction": f"POST [base] of a transaction Bundle with {BUNDLE_SIZE} Patient creates "
                 "(each entry validated, indexed and encrypted by fhircrypt)",
-                "export": f"GET of one Bulk Data NDJSON file of {bench.export_lines} Patients (the upstream's copies "
-                "option), through the link in the target's own manifest (fhircrypt: a signed link; it decrypts "
-                "each line)",
+                "export": f"GET of the first Bulk Data NDJSON file of an export of {bench.export_lines} Patients "
+                f"({bench.upstream.export_data}), through the link in the target's own manifest (fhircrypt: a "
+                "signed link; it decrypts each line)",
             },
             "soak": "separate command: python -m bench.soak (10 minutes; RSS and key-provider calls)",
             "concurrency": list(CONCURRENCY),
@@ -512,7 +551,7 @@ async def amain(args: argparse.Namespace) -> dict:
             f"each open-loop phase lasts until {bench.min_samples} requests, between 1x and 2x phase_seconds",
             "auth": "none (development mode: every element decrypts, no token checks)",
             "proxy_logging": "JSON request log at level info, like fhircrypt serve, written to /dev/null",
-            "reset": "POST /$admin/reset, then the workload's data seeded through the target, before every phase",
+            "reset": f"before every phase: {bench.upstream.reset_method}",
             "median": "per metric over rounds; ratios and deltas are medians of per-round paired values",
         },
         rss_bytes={"start": rss_start, "end": rss_end},
@@ -531,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(amain(args))
     summary = report.summarise(result)
     out = Path(args.out)
-    paths = report.write_all(summary, out, chart=not args.quick or report.have_matplotlib())
+    paths = report.write_all(summary, out, chart=not args.quick or report.have_matplotlib(), name=args.name)
     print(report.markdown(summary))
     print("wrote " + ", ".join(str(p) for p in paths), flush=True)
     return 0

@@ -39,12 +39,13 @@ class Request:
     path: str  # absolute path with query, e.g. /fhir/R4/Patient?_count=100
     body: bytes | None = None
     content_type: str = "application/fhir+json"
+    accept: str = "application/fhir+json"  # a Bulk file: application/fhir+ndjson (HAPI answers JSON otherwise)
 
     def raw(self, host: str, port: int) -> bytes:
         lines = [
             f"{self.method} {self.path} HTTP/1.1",
             f"Host: {host}:{port}",
-            "Accept: application/fhir+json",
+            f"Accept: {self.accept}",
             "User-Agent: fhircrypt-bench",
         ]
         if self.body is not None:
@@ -273,7 +274,7 @@ def wrk_version() -> str | None:
 _WRK_SCRIPT = """\
 wrk.method = "{method}"
 wrk.path = "{path}"
-wrk.headers["Accept"] = "application/fhir+json"
+wrk.headers["Accept"] = "{accept}"
 wrk.headers["User-Agent"] = "fhircrypt-bench"
 {body}
 done = function(summary, latency, requests)
@@ -307,7 +308,9 @@ def run_wrk(host: str, port: int, request: Request, connections: int, duration: 
             body_file.write_bytes(request.body)
             body = _WRK_BODY.format(ctype=request.content_type, file=body_file)
         script = Path(tmp) / "request.lua"
-        script.write_text(_WRK_SCRIPT.format(method=request.method, path=request.path, body=body))
+        script.write_text(
+            _WRK_SCRIPT.format(method=request.method, path=request.path, accept=request.accept, body=body)
+        )
         cmd = [exe, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script)]
         out = subprocess.run([*cmd, f"http://{host}:{port}{request.path}"], capture_output=True, text=True)
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)

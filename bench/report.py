@@ -4,7 +4,7 @@
 the rounds of every metric, and the ratios/deltas to ``direct`` and ``passthrough`` as
 medians of per-round paired values (each round measures all targets back to back).
 
-Re-render from a saved run: ``python -m bench.report bench/results/latest.json``.
+Re-render from a saved run: ``python -m bench.report bench/results/latest.json`` (the files keep its name).
 """
 
 from __future__ import annotations
@@ -223,14 +223,15 @@ def have_matplotlib() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def write_all(result: dict, out: Path, chart: bool = True) -> list[Path]:
+def write_all(result: dict, out: Path, chart: bool = True, name: str = "latest") -> list[Path]:
+    """``out/<name>.json``, ``.md`` and (with matplotlib) ``.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "latest.json", out / "latest.md"]
+    paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps(_clean(result), indent=1, allow_nan=False) + "\n")
     paths[1].write_text(markdown(result))
     if chart:
         if have_matplotlib():
-            paths.append(render_chart(result, out / "latest.png"))
+            paths.append(render_chart(result, out / f"{name}.png"))
         else:
             print("bench: matplotlib is not installed, no chart (pip install matplotlib)", file=sys.stderr)
     return paths
@@ -263,11 +264,16 @@ def _targets(result: dict) -> list[str]:
     return list(next(iter(next(iter(result["results"].values())).values())))
 
 
+def _upstream(result: dict) -> str:
+    """The upstream's description; a run from before ``--upstream`` was against Medplum."""
+    return (result.get("upstream") or {}).get("server", "Medplum FHIR router (tests/upstream)") + " upstream"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     meth = result.get("method", {})
     lines = [
-        f"Run {result['date']}, `{result['command']}`, {result.get('elapsed_s', 0):.0f} s; "
+        f"Run {result['date']}, `{result['command']}`, {result.get('elapsed_s', 0):.0f} s; {_upstream(result)}; "
         f"{m['cores']} cores ({m['cpu_model']}), shared by load generator, upstream and proxies. "
         f"Closed loop: {meth.get('closed_loop_tool')}; open loop: Python paced client; "
         f"{meth.get('rounds')} round(s) of {meth.get('phase_seconds')} s phases, medians.",
@@ -465,7 +471,7 @@ def render_chart(result: dict, path: Path) -> Path:
     m, meth = result["machine"], result.get("method", {})
     fig.suptitle(
         f"fhircrypt benchmark {result['date'][:10]} — {m['cores']} shared cores ({m['cpu_model']}), "
-        f"Medplum upstream, closed loop {meth.get('closed_loop_tool')}, open loop Python at "
+        f"{_upstream(result)}, closed loop {meth.get('closed_loop_tool')}, open loop Python at "
         f"{meth.get('load_fraction')}{TIMES} the slowest target's throughput, median of {meth.get('rounds')}",
         fontsize=11,
         y=0.995,
@@ -479,6 +485,6 @@ def render_chart(result: dict, path: Path) -> Path:
 if __name__ == "__main__":
     data = json.loads(Path(sys.argv[1]).read_text())
     data = summarise(data)
-    target = Path(sys.argv[1]).parent
-    for p in write_all(data, target):
+    saved = Path(sys.argv[1])
+    for p in write_all(data, saved.parent, name=saved.stem):
         print(p)

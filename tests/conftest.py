@@ -126,6 +126,22 @@ def clean_hapi(hapi):
     return hapi
 
 
+@pytest.fixture(params=["medplum", pytest.param("hapi", marks=pytest.mark.hapi)])
+def clean_server(request):
+    """An empty upstream of either kind, for a behaviour both servers must show through the proxy: the
+    Medplum half runs in the default suite, the HAPI half (marked ``hapi``) with ``--upstream hapi``.
+    Both offer ``base_url``, ``reset()`` and ``dump()``; only Medplum's test server logs requests."""
+    server = request.getfixturevalue("upstream" if request.param == "medplum" else "hapi")
+    server.reset()
+    return server
+
+
+@pytest.fixture
+async def either_client(proxy_for, clean_server, satusehat):
+    """The proxy with the SATUSEHAT policy in front of ``clean_server`` (HAPI answers slower)."""
+    return await proxy_for(clean_server.base_url, satusehat, upstream_timeout=120.0)
+
+
 def make_settings(upstream_base: str, **overrides) -> Settings:
     values = dict(
         upstream=upstream_base, policy="", keyring="", public_base_url=PUBLIC_BASE, auth="none", upstream_timeout=10.0

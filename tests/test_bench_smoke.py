@@ -2,7 +2,8 @@
 
 Never checks how fast anything is: the benchmark is not a timed test. The quick mode uses
 the Python load generator (no wrk) and needs no matplotlib, so it needs nothing beyond the
-test dependencies and the test upstream.
+test dependencies and the test upstream. The run against HAPI (``--upstream hapi``) is marked
+``hapi``: it runs with ``./dev test --upstream hapi``, not in the default loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
 PROXIES = ("passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
@@ -19,17 +22,22 @@ WORKLOADS = ("read", "search", "create", "transaction", "export")
 HEAVY = ("transaction", "export")  # measured at one connection only
 
 
-def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path):
-    cmd = [sys.executable, "-m", "bench", "--quick", "--loadgen", "python", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+def _quick_run(tmp_path: Path, *extra: str) -> dict:
+    """``python -m bench --quick`` with the Python load generator; the results it wrote."""
+    cmd = [sys.executable, "-m", "bench", "--quick", "--loadgen", "python", "--out", str(tmp_path), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-
-    data = json.loads((tmp_path / "latest.json").read_text())
-    assert (tmp_path / "latest.md").read_text().startswith("Run ")
+    name = extra[extra.index("--name") + 1] if "--name" in extra else "latest"
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert (tmp_path / f"{name}.md").read_text().startswith("Run ")
     assert data["quick"] is True
     assert data["method"]["closed_loop_tool"] == "python"
     assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+    return data
 
+
+def _check_every_cell(data: dict) -> None:
+    """Every target served every workload at its concurrencies without errors, and each seed's check held."""
     for workload in WORKLOADS:
         assert set(data["results"][workload]) == ({"1"} if workload in HEAVY else {"1", "8"}), workload
         for c in data["results"][workload]:
@@ -43,6 +51,7 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
                 assert cell["open_achieved_rate"] > 0, where
                 assert cell["latency_ms"]["p50"] is not None, where
                 assert cell["latency_ms"]["p99"] is not None, where
+                assert cell["upstream_cpu_us_per_req"] > 0, where  # the upstream's process is the one measured
                 assert "throughput_x_direct" in cell["ratios"], where
                 if target in PROXIES:
                     assert cell["proxy_cpu_us_per_req"] is not None, where
@@ -50,13 +59,20 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
                     assert cell["proxy_cpu_us_per_req"] is None, where
 
     # the search workload really returns 100 Patients through every target, the transaction creates 50,
-    # the export file has every line (each seed checked that the plaintext NIK came back)
+    # the export's files hold every Patient (each seed checked that the plaintext NIK came back)
     for cells in data["raw_rounds"]:
         for cell in cells:
             if cell["workload"] in ("search", "transaction"):
                 assert cell["closed"]["check"]["entries"] == (100 if cell["workload"] == "search" else 50)
             if cell["workload"] == "export":
-                assert cell["closed"]["check"]["lines"] == 100
+                check = cell["closed"]["check"]
+                assert check["lines_all_files"] == 100 and 1 <= check["lines"] <= 100 and check["files"] >= 1
+
+
+def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path):
+    data = _quick_run(tmp_path)
+    assert data["upstream"]["name"] == "medplum"
+    _check_every_cell(data)
 
     # 1 and 2 worker processes of the real `fhircrypt serve`, both serving without errors
     scaling = data["scaling"]["results"]
@@ -79,6 +95,19 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
     assert data["core"]["encrypted_elements"] >= 8
     assert data["core"]["profile"]["decrypt_path"]["functions"]
     assert {t["target"] for t in data["targets"]} and all(t["measured"] is not None for t in data["targets"])
+
+
+@pytest.mark.hapi
+def test_quick_benchmark_against_hapi_under_its_own_name(tmp_path):
+    """``--upstream hapi``: the same workloads against HAPI FHIR's JPA server (its own Bulk export of
+    Patients stored through each target), results under ``--name``; the comparisons that do not
+    depend on the upstream (core, collector, workers) are left to the Medplum run."""
+    data = _quick_run(tmp_path, "--upstream", "hapi", "--name", "hapi-smoke", "--no-core", "--no-gc", "--no-scaling")
+    assert not list(tmp_path.glob("latest.*"))  # --name: the Medplum run's files are not overwritten
+    assert data["upstream"]["name"] == "hapi" and "HAPI FHIR JPA server 8." in data["upstream"]["server"]
+    assert "$expunge" in data["method"]["reset"]
+    assert "HAPI FHIR JPA server" in (tmp_path / "hapi-smoke.md").read_text().splitlines()[0]
+    _check_every_cell(data)
 
 
 def test_quick_soak_samples_memory_and_counts_key_provider_calls(tmp_path):

@@ -4,19 +4,19 @@ Medplum's in-memory repository answers chains, ``_has`` and ``_include`` with no
 paging links; HAPI answers them for real, so here search rewriting, ``_include`` decryption and
 paging through the server's own links are checked on real results. The at-rest scans read what
 HAPI stores (every version) straight through its REST API. Runs with ``./dev test --upstream hapi``.
+A behaviour both servers must show is tested once, against both, through conftest's ``clean_server``
+(conditional create, update and delete by NIK in test_search, the Binary round trips in test_binary).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import urllib.parse
 
 import orjson
 import pytest
 
 from proxy.policy.compiler import compile_file
-from tests import test_binary
 from tests.conftest import FHIR_JSON, FIXTURES, PUBLIC_BASE, ROOT, assert_no_plaintext, load_fixture
 from tests.test_bulk import _as_sent, _local, _manifest
 from tests.test_bundles import FIXED, SCENARIO, _clean, _scenario, observation_referring_by_nik
@@ -119,34 +119,6 @@ async def test_every_fixture_round_trips_and_nothing_is_plaintext_in_hapi(proxy_
     encrypted = [r for r in stored if any(t.get("code") == "encrypted" for t in r.get("meta", {}).get("tag", []))]
     assert len(encrypted) == 2 * len(ORDER[policy_name])  # every fixture, created and updated: the scan is not vacuous
     assert_no_plaintext(stored, written)
-
-
-async def test_conditional_create_by_nik_finds_the_encrypted_patient(client, clean_hapi):
-    patient = {k: v for k, v in PATIENTS[1].items() if k != "id"}
-    header = {"If-None-Exist": f"identifier={NIK}|3273012903870002"}
-    first = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
-    second = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
-    assert (first.status, second.status) == (201, 200), await second.text()
-    assert first.headers["Location"].startswith(f"{PUBLIC_BASE}/Patient/")  # HAPI's base rewritten
-    assert (await first.json())["id"] == (await second.json())["id"]
-    stored = clean_hapi.dump()
-    assert [r["resourceType"] for r in stored] == ["Patient"]
-    assert_no_plaintext(stored, SECRETS)
-
-
-async def test_conditional_update_and_delete_by_nik(client, clean_hapi):
-    patient = {k: v for k, v in PATIENTS[0].items() if k != "id"}
-    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
-    query = urllib.parse.quote(f"{NIK}|3174015507880001", safe="")
-    moved = {**patient, "birthDate": "1988-07-16"}
-    resp = await client.put(f"/fhir/R4/Patient?identifier={query}", data=orjson.dumps(moved), headers=FHIR_JSON)
-    assert resp.status == 200, await resp.text()
-    assert (await resp.json())["id"] == created["id"]
-    found = await _through_proxy(client, "/fhir/R4/Patient?birthdate=1988-07-16")
-    assert _entries(found) == [("Patient", created["id"], "match")]
-    assert (await client.delete(f"/fhir/R4/Patient?identifier={query}")).status in (200, 204)
-    assert (await client.get(f"/fhir/R4/Patient/{created['id']}")).status == 410
-    assert_no_plaintext(clean_hapi.dump(), [*SECRETS, "1988-07-16"])
 
 
 async def test_search_results_match_plaintext_hapi_including_chains_and_includes(client, clean_hapi):
@@ -391,13 +363,3 @@ async def test_hapis_validator_finds_no_error_in_the_stored_form_that_the_plaint
     assert any(t.get("code") == "encrypted" for t in stored["meta"]["tag"])
     plain = set(_validation_errors(clean_hapi, resource))
     assert [e for e in _validation_errors(clean_hapi, stored) if e not in plain] == []
-
-
-# Medplum-suite tests that read the upstream only through dump(), which HapiServer offers too: the
-# same test, unchanged, against HAPI.
-async def test_a_raw_binary_upload_is_stored_encrypted_and_read_back_raw_or_as_json(client, clean_hapi):
-    await test_binary.test_a_raw_pdf_upload_is_stored_encrypted_and_read_back_raw_or_as_json(client, clean_hapi)
-
-
-async def test_json_binaries_round_trip(client, clean_hapi):
-    await test_binary.test_json_binaries_round_trip_and_other_raw_reads_are_refused(client, clean_hapi)

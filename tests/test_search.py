@@ -16,7 +16,8 @@ import pytest
 
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.transform.markers import INDEX_BASE, INDEX_BASES
-from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, leaked
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, assert_no_plaintext, leaked
+from tests.upstream_server import UpstreamServer
 
 NIK = "https://fhir.kemkes.go.id/id/nik"
 BPJS = "https://fhir.example-hospital.id/id/bpjs"
@@ -215,31 +216,40 @@ async def test_paging_links_come_back_through_the_proxy(any_client, clean_upstre
     assert sorted(_ids(first) + _ids(second)) == ["p-budi", "p-budiman"]
 
 
-async def test_if_none_exist_by_nik_prevents_duplicate_registration(client, clean_upstream):
+def _not_sent(server, values: list[str]) -> None:
+    """No value is in anything the upstream stores nor, where it logs them (Medplum), in any request."""
+    assert_no_plaintext(server.dump(), values)
+    if isinstance(server, UpstreamServer):
+        assert not leaked(values, orjson.dumps(server.requests()).decode())
+
+
+async def test_if_none_exist_by_nik_prevents_duplicate_registration(either_client, clean_server):
     patient = {k: v for k, v in PATIENTS[1].items() if k != "id"}
     header = {"If-None-Exist": f"identifier={NIK}|3273012903870002"}
-    first = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
-    second = await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
-    assert first.status == 201 and second.status == 200
+    first = await either_client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
+    second = await either_client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON | header)
+    assert (first.status, second.status) == (201, 200), await second.text()
+    assert first.headers["Location"].startswith(f"{PUBLIC_BASE}/Patient/")  # the upstream's base rewritten
     assert (await first.json())["id"] == (await second.json())["id"]
-    assert len([r for r in clean_upstream.dump() if r["resourceType"] == "Patient"]) == 1
-    assert "3273012903870002" not in orjson.dumps(clean_upstream.requests()).decode()
+    assert [r["resourceType"] for r in clean_server.dump()] == ["Patient"]
+    _not_sent(clean_server, ["3273012903870002"])
 
 
-async def test_conditional_update_and_delete_by_nik(client, clean_upstream):
+async def test_conditional_update_and_delete_by_nik(either_client, clean_server):
     patient = {k: v for k, v in PATIENTS[0].items() if k != "id"}
-    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    resp = await either_client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)
+    created = await resp.json()
     query = urllib.parse.quote(f"{NIK}|3174015507880001", safe="")
     moved = {**patient, "birthDate": "1988-07-16"}
-    resp = await client.put(f"/fhir/R4/Patient?identifier={query}", data=orjson.dumps(moved), headers=FHIR_JSON)
+    resp = await either_client.put(f"/fhir/R4/Patient?identifier={query}", data=orjson.dumps(moved), headers=FHIR_JSON)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["id"] == created["id"]
-    found = await (await client.get("/fhir/R4/Patient?birthdate=1988-07-16")).json()
+    found = await (await either_client.get("/fhir/R4/Patient?birthdate=1988-07-16")).json()
     assert _ids(found) == [created["id"]]
-    assert (await client.get("/fhir/R4/Patient?birthdate=1988-07-15")).status == 200
-    assert (await client.delete(f"/fhir/R4/Patient?identifier={query}")).status in (200, 204)
-    assert (await client.get(f"/fhir/R4/Patient/{created['id']}")).status == 410
-    assert "3174015507880001" not in orjson.dumps(clean_upstream.requests()).decode()
+    assert (await either_client.get("/fhir/R4/Patient?birthdate=1988-07-15")).status == 200
+    assert (await either_client.delete(f"/fhir/R4/Patient?identifier={query}")).status in (200, 204)
+    assert (await either_client.get(f"/fhir/R4/Patient/{created['id']}")).status == 410
+    _not_sent(clean_server, [*SECRETS, "1988-07-16"])
 
 
 async def test_accent_and_case_insensitive_names(client, clean_upstream):

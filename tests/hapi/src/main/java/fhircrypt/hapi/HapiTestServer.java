@@ -105,7 +105,6 @@ public class HapiTestServer {
 		settings.setExpungeEnabled(true);
 		settings.setDeleteExpungeEnabled(true);
 		settings.setReuseCachedSearchResultsForMillis(null);
-		settings.setFetchSizeDefaultMaximum(200);
 		settings.setJobFastTrackingEnabled(true);
 		return settings;
 	}
