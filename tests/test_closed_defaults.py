@@ -16,11 +16,12 @@ import orjson
 import pytest
 
 from proxy.keymgmt.keyring import Keyring
+from proxy.migrate.assess import Plan, State, assess
 from proxy.policy.closed import canonical
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.policy.loader import PolicyError
 from proxy.transform.masked import has_masked, merge_masked
-from proxy.transform.records import ReadReport, decrypt_resource, encrypt_resource
+from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from tests import test_auth
 from tests.conftest import FHIR_JSON, ROOT, assert_no_plaintext
 from tests.test_auth import AUDIENCE, bearer
@@ -92,6 +93,44 @@ def patient_religion() -> dict:
     }
 
 
+ETHNICITY_URL = "https://simrs.rs-contoh.id/fhir/StructureDefinition/suku"
+ETHNICITY = "Minangkabau"
+GUARDIAN_RELIGION = "Buddha Theravada"
+WARD_NOTE = "pasien tahanan, dijaga polisi"
+
+
+def patient_contact_religion() -> dict:
+    """An extension on a backbone element (Patient.contact), which the policy does not encrypt."""
+    return {
+        "resourceType": "Patient",
+        "gender": "female",
+        "contact": [
+            {
+                "extension": [{"url": RELIGION_URL, "valueString": GUARDIAN_RELIGION}],
+                "organization": {"reference": "Organization/o1"},
+            }
+        ],
+    }
+
+
+def encounter_location_note() -> dict:
+    """An EMR's own extension on a data type one level down (Encounter.location.period)."""
+    return {
+        "resourceType": "Encounter",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP"},
+        "location": [
+            {
+                "location": {"reference": "Location/ward-3"},
+                "period": {
+                    "start": "2026-12-01",
+                    "extension": [{"url": ETHNICITY_URL, "valueString": f"{ETHNICITY}; {WARD_NOTE}"}],
+                },
+            }
+        ],
+    }
+
+
 def observation_with_contained_patient() -> dict:
     return {
         "resourceType": "Observation",
@@ -120,6 +159,20 @@ CASES = {
         "extensions",
         "Patient.extension[0]",
         RELIGION_URL,
+    ),
+    "religion in an extension of a backbone element": (
+        patient_contact_religion,
+        GUARDIAN_RELIGION,
+        "extensions",
+        "Patient.contact[0].extension[0]",
+        RELIGION_URL,
+    ),
+    "free text in an extension of a data type": (
+        encounter_location_note,
+        ETHNICITY,
+        "extensions",
+        "Encounter.location[0].period.extension[0]",
+        ETHNICITY_URL,
     ),
     "BPJS in a contained Patient": (
         observation_with_contained_patient,
@@ -363,3 +416,34 @@ def test_policy_check_names_personal_data_a_policy_leaves_clear_and_accepts_a_st
         broken = without_person.replace("knowingly_clear:\n", f"knowingly_clear:\n  {entry}\n")
         with pytest.raises(PolicyError, match=error):
             compile_text(broken, "broken.yaml")
+
+
+def test_records_written_before_nested_extensions_were_closed_move_with_previous_policy():
+    """fhircrypt 0.1 closed the resource's own extension list only. Its records with an unlisted extension
+    on a backbone element hold it in the clear where the catch-all now expects ciphertext: they fail
+    verification (masked, never returned as data) until reencrypt, given the policy with
+    ``extensions.nested: false`` as the previous one, rewrites them; then they read back whole."""
+    current = variant("encrypt", "encrypt")
+    before = compile_text(
+        SATUSEHAT.replace("  unlisted: encrypt\n", "  unlisted: encrypt\n  nested: false\n"), "satusehat-0.1.yaml"
+    )
+    assert any(f.code == "closed.nested-extensions-open" for f in before.findings)
+    ring = Keyring.generate()
+    written = patient_contact_religion()
+    stored = copy.deepcopy(written)
+    encrypt_resource(stored, before.resources["Patient"], ring)
+    assert GUARDIAN_RELIGION in orjson.dumps(stored).decode()  # 0.1 left it in the clear
+
+    report = ReadReport()
+    read = copy.deepcopy(stored)
+    decrypt_resource(read, current.resources["Patient"], ring, ALL_GROUPS, current.unenveloped, report)
+    assert report.failures and GUARDIAN_RELIGION not in orjson.dumps(read).decode()
+    assert assess(copy.deepcopy(stored), Plan(current, ring)).state is State.FAILED
+
+    moved = assess(copy.deepcopy(stored), Plan(current, ring, previous=before))
+    assert moved.state is State.OLD_POLICY and moved.replacement is not None
+    assert GUARDIAN_RELIGION not in orjson.dumps(moved.replacement).decode()
+    report = ReadReport()
+    back = moved.replacement
+    decrypt_resource(back, current.resources["Patient"], ring, ALL_GROUPS, current.unenveloped, report)
+    assert not report.failures and back["contact"] == written["contact"]

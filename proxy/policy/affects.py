@@ -22,6 +22,9 @@ def touches(path: ParamPath, el: CompiledElement) -> bool:
     """Whether the parameter reads the element or something inside or around it."""
     hops = (*el.nav, el.terminal)
     param_keys = path.json_path if path.choice_type else path.path
+    closing = el.closing
+    if closing is not None and closing.key == "url" and len(param_keys) < len(hops):
+        return False  # unlisted extensions of what the parameter reads (subject.extension): not searched by it
     for i, (pk, hop) in enumerate(zip(param_keys, hops, strict=False)):
         if not _key_matches(pk, hop.key, el, i == len(hops) - 1) and not (
             path.choice_type and i == path.choice_step and pk == hop.key

@@ -95,6 +95,7 @@ class Closure:
     extensions: str = "allow"
     extension_group: str | None = None
     clear_urls: frozenset[str] = frozenset()  # canonical
+    nested_extensions: bool = True  # false: the resource's own extension list only (as fhircrypt 0.1)
 
 
 CompilePath = Callable[..., "CompiledElement"]
@@ -111,6 +112,56 @@ def identifier_locations(rtype: str) -> list[tuple[str, bool]]:
         out.append((defs.choice_json_name(path[:-3], "Identifier") if path.endswith("[x]") else path, False))
     out += [(f"{ref}.identifier", True) for ref in defs.reference_paths(rtype)]
     return out
+
+
+# Data types whose extensions a profile may define (Address.extension: administrativeCode) and that a
+# resource holds directly. Not Meta (fhircrypt's own envelope of a Binary lives there), Narrative
+# (the narrative setting decides it), Extension (an extension's own extensions go with it) or
+# BackboneElement (its ``.extension`` is listed in the element table itself).
+_NOT_EXTENDED = frozenset({"Meta", "Narrative", "Extension", "BackboneElement", "Resource"})
+
+
+def extension_locations(rtype: str) -> list[str]:
+    """Paths of every element of the type whose ``extension`` a writer may fill: the resource itself
+    (``""``), each backbone element, and each element of a complex data type one level down
+    (``address``, ``contact.name``, ``location.period``). Extensions nested deeper, inside a data
+    type's own parts (``code.coding[0].extension``), are left to the PHI sentinel."""
+    rows = defs.elements(rtype)
+    out = [""] if "extension" in rows else []
+    for path, row in rows.items():
+        if path.endswith(".extension"):
+            out.append(path[: -len(".extension")])
+        elif (
+            "m" not in row[3]
+            and len(row) <= 4
+            and not path.endswith("[x]")
+            and len(row[0]) == 1
+            and row[0][0][:1].isupper()
+            and row[0][0] not in _NOT_EXTENDED
+        ):
+            out.append(path)
+    return out
+
+
+def _extensions_at(loc: tuple[str, ...], explicit: list[CompiledElement]) -> tuple[frozenset[str], bool]:
+    """(canonical URLs that explicit entries encrypt at the extension location ``loc``, whether an entry
+    encrypts the location, or an element holding it, whole)."""
+    urls: set[str] = set()
+    depth = len(loc)
+    for el in explicit:
+        if el.display_copy:
+            continue
+        hops = (*el.nav, el.terminal)
+        keys = tuple(h.key for h in hops)
+        if len(keys) < depth and loc[: len(keys)] == keys and not el.terminal.criteria:
+            return frozenset(), True  # an ancestor encrypted whole
+        if keys[:depth] != loc:
+            continue
+        url = [v for k, v in hops[depth - 1].criteria if k == "url"]
+        if not url:
+            return frozenset(), True  # the extensions there encrypted whole
+        urls.add(canonical(url[0]))
+    return frozenset(urls), False
 
 
 def _keys(el: CompiledElement) -> tuple[str, ...]:
@@ -165,18 +216,18 @@ def close(
             unlisted = Unlisted("system", frozenset(systems) | closure.clear_systems, closure.identifiers, in_reference)
             nav = (*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=unlisted))
             out.append(dataclasses.replace(el, nav=nav, source=f"{path}.value (unlisted systems)"))
-    if closure.extensions != "allow" and defs.element(rtype, "extension") is not None:
+    if closure.extensions != "allow":
         groups = frozenset({closure.extension_group}) if closure.extensions == "encrypt" else frozenset()
-        urls = {
-            canonical(el.terminal.criteria[0][1])
-            for el in explicit
-            if el.terminal.key == "extension" and not el.nav and el.terminal.criteria
-        }
-        urls |= {canonical(el.nav[0].criteria[0][1]) for el in explicit if el.nav and el.nav[0].key == "extension"}
-        el = compile_path(rtype, "extension('urn:x')", EXTENSION_FIELD, groups)
-        unlisted = Unlisted("url", frozenset(urls) | closure.clear_urls, closure.extensions)
-        terminal = dataclasses.replace(el.terminal, criteria=(), unlisted=unlisted)
-        out.append(dataclasses.replace(el, terminal=terminal, source="extension (unlisted URLs)"))
+        locations = extension_locations(rtype)
+        for path in locations if closure.nested_extensions else [p for p in locations if not p]:
+            where = f"{path}.extension" if path else "extension"
+            el = compile_path(rtype, f"{where}('urn:x')", EXTENSION_FIELD, groups)
+            urls, whole = _extensions_at((*(h.key for h in el.nav), el.terminal.key), explicit)
+            if whole:
+                continue
+            unlisted = Unlisted("url", urls | closure.clear_urls, closure.extensions)
+            terminal = dataclasses.replace(el.terminal, criteria=(), unlisted=unlisted)
+            out.append(dataclasses.replace(el, terminal=terminal, source=f"{where} (unlisted URLs)"))
     return out, warnings
 
 

@@ -275,7 +275,10 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
             narrative = tuple(e for e in rp.elements if e.field_id == NARRATIVE_ID)
             resources[rtype] = dataclasses.replace(rp, elements=(*rp.content_elements, *catch_alls, *narrative))
     findings += lint_document(doc, closure)
-    covered = {t: frozenset(_first_key(e) for e in rp.content_elements) for t, rp in resources.items()}
+    covered = {
+        t: frozenset(_first_key(e) for e in rp.content_elements if not _nested_extensions(e))
+        for t, rp in resources.items()
+    }
     findings += lint_coverage(covered, _knowingly_clear(ctx, doc), compartment_types() | {"Patient"})
     findings += unresolved
     sentinel = _compile_sentinel(ctx, doc, resources)
@@ -300,6 +303,13 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
 
 def _first_key(el: CompiledElement) -> str:
     return (el.nav[0] if el.nav else el.terminal).key
+
+
+def _nested_extensions(el: CompiledElement) -> bool:
+    """A catch-all for the unlisted extensions of an element (``address.extension``): it covers those
+    extensions, not the element."""
+    closing = el.closing
+    return closing is not None and closing.key == "url" and bool(el.nav)
 
 
 def _knowingly_clear(ctx: _Ctx, doc: Node) -> dict[str, str]:
@@ -723,7 +733,12 @@ def _compile_closure(
         spec = doc.get(block)
         clear: list[Any] = []
         if spec is not None:
-            _check_keys(ctx, spec, block, allowed={mode_key, "group", "clear"})
+            _check_keys(
+                ctx,
+                spec,
+                block,
+                allowed={mode_key, "group", "clear"} | ({"nested"} if prefix == "extension" else set()),
+            )
             mode = _choice(ctx, spec, mode_key, closed.MODES, "encrypt")
             group = spec.get("group")
             if mode == "encrypt" and group is None:
@@ -734,6 +749,11 @@ def _compile_closure(
             if not isinstance(clear, list) or not all(isinstance(c, str) and c for c in clear):
                 raise ctx.fail(spec, "clear", "must list systems or URLs")
             settings[block], settings[f"{prefix}_group"] = mode, group
+            if prefix == "extension":
+                nested = spec.get("nested", True)
+                if not isinstance(nested, bool):
+                    raise ctx.fail(spec, "nested", "must be true or false")
+                settings["nested_extensions"] = nested
             settings["clear_systems" if criterion == "system" else "clear_urls"] = frozenset(
                 map(closed.canonical, clear)
             )

@@ -44,6 +44,7 @@ SATUSEHAT_SYSTEMS = (
     "https://fhir.kemkes.go.id/r4/StructureDefinition/ServiceClass",
     "https://fhir.kemkes.go.id/r4/StructureDefinition/MedicationType",
     "https://fhir.kemkes.go.id/r4/StructureDefinition/ConditionHistory",
+    "https://fhir.kemkes.go.id/r4/StructureDefinition/CollectorOrganization",
 )
 SATUSEHAT_PREFIXES = ("http://sys-ids.kemkes.go.id/",)  # + mr/<organization id>, encounter/<organization id>, ...
 _PUBLISHED = {closed.canonical(s): s for s in SATUSEHAT_SYSTEMS}
@@ -90,6 +91,16 @@ def lint_document(doc: Node, closure: closed.Closure) -> list[Finding]:
                 "closed.extensions-open",
                 "extensions.unlisted is allow: an extension the policy does not name (religion, ethnicity, "
                 "mother's maiden name) is stored in the clear",
+            )
+        )
+    elif not closure.nested_extensions:
+        out.append(
+            Finding(
+                "warning",
+                "closed.nested-extensions-open",
+                "extensions.nested is false: an unlisted extension on a backbone element or a data type "
+                "(Patient.contact, Encounter.location, Patient.address) is stored in the clear; keep it only "
+                "as --previous-policy for records written before nested extensions were closed",
             )
         )
     for where, line, text in _strings(doc, "", doc.line):

@@ -347,6 +347,8 @@ def encrypt_resource(
     """
     sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
     for el in rp.elements:
+        if el.nav and el.nav[0].key not in resource:
+            continue  # nothing under an absent element: most catch-alls of the closed defaults
         sealer.element(resource, el)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
     envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
@@ -575,6 +577,8 @@ def decrypt_resource(
         return
     slots: list[Slot] = []
     for el in rp.elements:
+        if el.nav and el.nav[0].key not in resource:
+            continue  # nothing under an absent element: most catch-alls of the closed defaults
         _find(resource, el, slots)
     cipher, shredded = None, False
     try:
