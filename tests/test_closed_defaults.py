@@ -20,6 +20,7 @@ from proxy.migrate.assess import Plan, State, assess
 from proxy.policy.closed import canonical
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.policy.loader import PolicyError
+from proxy.transform import markers as mk
 from proxy.transform.masked import has_masked, merge_masked
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from tests import test_auth
@@ -447,3 +448,23 @@ def test_records_written_before_nested_extensions_were_closed_move_with_previous
     back = moved.replacement
     decrypt_resource(back, current.resources["Patient"], ring, ALL_GROUPS, current.unenveloped, report)
     assert not report.failures and back["contact"] == written["contact"]
+
+
+def test_a_clear_extension_where_ciphertext_was_expected_is_masked_in_a_valid_form():
+    """A simple extension found in the clear at a covered location (written around the proxy, or before
+    the location was closed) is masked, not returned; a primitive value's mask goes to ``_value…`` (a
+    JSON object in ``valueString`` would be invalid FHIR), a complex value's inside the value."""
+    policy = variant("encrypt", "encrypt")
+    ring = Keyring.generate()
+    stored = {"resourceType": "Patient", "gender": "male"}
+    encrypt_resource(stored, policy.resources["Patient"], ring)
+    stored["extension"] = [
+        {"url": RELIGION_URL, "valueString": RELIGION},
+        {"url": ETHNICITY_URL, "valueCodeableConcept": {"text": ETHNICITY}},
+    ]
+    report = ReadReport()
+    decrypt_resource(stored, policy.resources["Patient"], ring, ALL_GROUPS, policy.unenveloped, report)
+    assert report.failures
+    religion, ethnicity = stored["extension"]
+    assert set(religion) == {"url", "_valueString"} and set(ethnicity) == {"url", "valueCodeableConcept"}
+    assert religion["_valueString"] == ethnicity["valueCodeableConcept"] == mk.masked_form()

@@ -114,7 +114,10 @@ class ComplexSlot(Slot):
         item = self.container[self.index]
         form = {k: item[k] for k in self.keep if k in item}
         if self.holder is not None:  # a simple extension: masked inside its value[x], as it was stored
-            form[self.holder] = mk.masked_form()
+            holder = self.holder
+            if type(item.get(holder)) is not dict:  # a primitive value found in the clear: _valueString
+                holder = "_" + holder.lstrip("_")
+            form[holder] = mk.masked_form()
         else:
             form.update(mk.masked_form())
         self.container[self.index] = form
