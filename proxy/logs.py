@@ -41,6 +41,6 @@ def configure(level: str = "info") -> None:
     root.setLevel(level.upper())
     # every request logs a line: skip what the JSON lines never show (the logging HOWTO's "Optimization":
     # no caller lookup through stack frames, no thread or multiprocessing names)
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = logging.logMultiprocessing = False
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # its lines carry full URLs (search values)

@@ -188,8 +188,8 @@ async def _serve(app, settings: Settings, tls, reuse_port: bool) -> None:
     cut = await drain(app, settings.shutdown_timeout - margin, margin / 2)
     if cut:
         log.warning("requests cut at the drain deadline", extra={"event": "requests-cut", "count": cut})
-    for each in runners:
-        await each.cleanup()
+    for closing in runners:
+        await closing.cleanup()
     log.info("stopped", extra={"event": "stopped"})
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -263,7 +263,7 @@ class Settings:
     audit_trail: str | None = _option("audit trail (from fhircrypt audit init)", path=True)
     audit_fhir: str | None = _option("also POST every AuditEvent to this FHIR base", parse=http_url)
     audit_fhir_token: str | None = _option("bearer token for audit_fhir", secret=True)
-    audit_mode: str = _option(
+    audit_mode: Literal["fail-closed", "continue"] = _option(
         "when the audit cannot keep up: refuse requests or carry on, counting losses",
         "fail-closed",
         choices=("fail-closed", "continue"),

@@ -8,6 +8,7 @@ stacked bar per element path, so it can be mailed or archived as it is.
 from __future__ import annotations
 
 from html import escape
+from typing import Any
 
 from proxy.coverage.scan import Coverage
 
@@ -26,7 +27,7 @@ def build(cov: Coverage, meta: dict) -> dict:
     """The report document: ``meta`` (source, policy, completeness) and the counts by type and path."""
     types = {}
     for rtype in sorted(cov.rows):
-        rows = []
+        rows: list[dict[str, Any]] = []
         for path, c in sorted(cov.rows[rtype].items()):
             examples = cov.examples.get(rtype, {}).get(path, {})
             rows.append(

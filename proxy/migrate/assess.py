@@ -107,7 +107,7 @@ def _covered(resource: dict, policy: CompiledPolicy) -> bool:
 def _index_ids(resource: dict) -> list[tuple[str, str]]:
     ids = resource.get("identifier")
     return sorted(
-        (i.get("system"), i.get("value"))
+        (str(i.get("system")), str(i.get("value")))  # a value the server stored as a non-string still sorts
         for i in (ids if type(ids) is list else ())
         if type(i) is dict and str(i.get("system", "")).startswith(mk.INDEX_BASES)
     )

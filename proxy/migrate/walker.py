@@ -138,7 +138,7 @@ async def history(up: Upstream, rtype: str, size: int) -> AsyncIterator[list[dic
     with an error rather than claim it saw everything.
     """
     url: str | None = f"{rtype}/_history?_count={size}"
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[object, object]] = set()  # (id, versionId) as the server sent them
     offset = 0
     while url:
         status, body = await up.request("GET", url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from proxy.auth.decision import Decision
 from proxy.crypto.envelope import KeyLookup
@@ -18,6 +19,7 @@ from proxy.outcome import FhirError
 from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
+from proxy.transform.jsontypes import JSON
 from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
 from proxy.transform.masked import has_masked_label
 from proxy.transform.records import (
@@ -32,7 +34,7 @@ from proxy.transform.records import (
 from proxy.transform.validation import validate_resource
 
 
-def nested_resources(resource: dict, path: str) -> Iterator[tuple[dict, str]]:
+def nested_resources(resource: JSON, path: str) -> Iterator[tuple[JSON, str]]:
     """Resources held inside ``resource`` (not itself), with their FHIRPath-like locations."""
     for i, item in enumerate(_list(resource.get("contained"))):
         if type(item) is dict:
@@ -54,7 +56,7 @@ def nested_resources(resource: dict, path: str) -> Iterator[tuple[dict, str]]:
         yield from _parameter_resources(resource.get("parameter"), f"{path}.parameter")
 
 
-def _parameter_resources(params: object, path: str) -> Iterator[tuple[dict, str]]:
+def _parameter_resources(params: object, path: str) -> Iterator[tuple[JSON, str]]:
     for i, param in enumerate(_list(params)):
         if type(param) is not dict:
             continue
@@ -65,7 +67,7 @@ def _parameter_resources(params: object, path: str) -> Iterator[tuple[dict, str]
         yield from _parameter_resources(param.get("part"), f"{path}[{i}].part")
 
 
-def _list(value: object) -> list:
+def _list(value: object) -> list[Any]:
     return value if type(value) is list else []
 
 
@@ -82,9 +84,9 @@ def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
         if depth > limit:
             return True
         if type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values() if type(v) in (dict, list))
+            stack.extend((v, depth + 1) for v in item.values() if type(v) in (JSON, list))
         elif type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) in (dict, list))
+            stack.extend((v, depth + 1) for v in item if type(v) in (JSON, list))
     return False
 
 
@@ -102,11 +104,11 @@ def shape_refusal(where: str, exc: ShapeError) -> FhirError:
 
 
 Wrap = tuple[str, bytes] | None  # (key id, key) wrapping a record's data key; None: the keyring's primary
-WrapFor = Callable[[dict], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
+WrapFor = Callable[[JSON], Wrap]  # the wrapping key chosen for one plaintext resource (per-patient keys)
 
 
 def decrypt_body(
-    body: dict, policy: CompiledPolicy, keyring: KeyLookup, decision: Decision, report: ReadReport
+    body: JSON, policy: CompiledPolicy, keyring: KeyLookup, decision: Decision, report: ReadReport
 ) -> None:
     """Decrypt (or mask) every covered resource anywhere in a response body, in place.
 
@@ -117,7 +119,7 @@ def decrypt_body(
     """
     if type(decision) is not Decision:
         raise TypeError("decrypt_body needs the request's access decision")
-    stack: list[tuple[dict, object]] = [(body, _UNDECIDED)]
+    stack: list[tuple[JSON, object]] = [(body, _UNDECIDED)]
     while stack:
         resource, inherited = stack.pop()
         rtype = resource.get("resourceType")
@@ -144,7 +146,7 @@ def decrypt_body(
 _UNDECIDED = object()  # a resource judged on its own (not contained in another)
 
 
-def _parameter_tops(params: object) -> Iterator[dict]:
+def _parameter_tops(params: object) -> Iterator[JSON]:
     """The resources of ``Parameters.parameter`` (and ``part``), not what those contain."""
     for param in _list(params):
         if type(param) is dict:
@@ -156,7 +158,7 @@ def _parameter_tops(params: object) -> Iterator[dict]:
 _MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())
 
 
-def serialise_for_client(payload: dict, report: ReadReport, where: str) -> bytes:
+def serialise_for_client(payload: JSON, report: ReadReport, where: str) -> bytes:
     """JSON for the client after ``decrypt_body``; ciphertext the policy does not point at (an element
     removed from the policy, or placed by someone else) is removed and reported, never returned."""
     out = jsonnum.dumps(payload)
@@ -221,7 +223,7 @@ def covers_any(value: object, policy: CompiledPolicy) -> bool:
 
 
 def encrypt_for_write(
-    resource: dict, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
+    resource: JSON, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
 ) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
 
@@ -256,7 +258,7 @@ def encrypt_for_write(
         _seal(resource, rp, keyring, rtype, with_indexes=True, wrap=top)  # type: ignore[arg-type]
 
 
-def _seal(resource: dict, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool, wrap: Wrap) -> None:
+def _seal(resource: JSON, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool, wrap: Wrap) -> None:
     """Encrypt one resource; blind indexes only for the resource stored at the top (searches find those)."""
     try:
         index_ids = index_identifiers(resource, rp, keyring.indexer) if with_indexes else []

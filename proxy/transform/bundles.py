@@ -21,6 +21,7 @@ from proxy.outcome import FhirError
 from proxy.policy.operations import OperationRule
 from proxy.transform import guard
 from proxy.transform.interactions import Interaction, classify
+from proxy.transform.jsontypes import JSON
 from proxy.transform.search import Searcher
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
@@ -32,17 +33,17 @@ class Entry:
     """One entry's request, classified; ``resource`` is the body of POST, PUT and PATCH entries."""
 
     index: int
-    entry: dict
+    entry: JSON
     method: str
     interaction: Interaction
-    resource: dict | None
+    resource: JSON | None
 
     @property
     def where(self) -> str:
         return f"Bundle.entry[{self.index}]"
 
 
-def parse_bundle(bundle: dict) -> list[Entry]:
+def parse_bundle(bundle: JSON) -> list[Entry]:
     """Classify every entry of a batch or transaction; refuses shapes the proxy cannot check."""
     if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("batch", "transaction"):
         raise FhirError(400, "invalid", "POST to the base needs a batch or transaction Bundle", ["Bundle.type"])
@@ -54,9 +55,9 @@ def parse_bundle(bundle: dict) -> list[Entry]:
 
 def _parse_entry(i: int, entry: object) -> Entry:
     where = f"Bundle.entry[{i}]"
-    request = entry.get("request") if type(entry) is dict else None
-    if type(request) is not dict:
+    if type(entry) is not dict or type(entry.get("request")) is not dict:
         raise FhirError(400, "structure", f"{where}.request is missing", [f"{where}.request"])
+    request = entry["request"]
     method, url = request.get("method"), request.get("url")
     if method not in _METHODS:
         raise FhirError(400, "invalid", f"{where}.request.method is not an HTTP verb of FHIR", [f"{where}.request"])
@@ -78,12 +79,12 @@ def _parse_entry(i: int, entry: object) -> Entry:
         raise exc.located(f"{where}.request.url") from None
     if it.kind == "batch":
         raise FhirError(400, "not-supported", f"{where}: a Bundle entry cannot be a batch", [f"{where}.request"])
-    resource = entry.get("resource")  # type: ignore[union-attr]
+    resource = entry.get("resource")
     if method in _NO_BODY:
         resource = None
     elif type(resource) is not dict:
         raise FhirError(400, "structure", f"{where}: a {method} entry needs a resource", [f"{where}.resource"])
-    return Entry(i, entry, method, it, resource)  # type: ignore[arg-type]
+    return Entry(i, entry, method, it, resource)
 
 
 def rewrite_request(

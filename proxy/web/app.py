@@ -169,7 +169,7 @@ def create_app(settings: Settings, policy: CompiledPolicy, keys: Keyring | KeyCa
     if problem:
         raise ValueError(problem)
     rt.client = client_for(settings)
-    audit_upstream = bool(settings.audit_fhir) and rt.client.owns(settings.audit_fhir)
+    audit_upstream = settings.audit_fhir is not None and rt.client.owns(settings.audit_fhir)
     app = web.Application(client_max_size=settings.max_body, middlewares=[drain.track, account])
     app.on_response_prepare.append(hdr.name_the_server)
     app[drain.IN_FLIGHT] = set()

@@ -74,9 +74,9 @@ def secure_capabilities(statement: dict, provider: dict | None, policy: Compiled
             if authenticated:
                 rest["security"] = security
             for resource in rest.get("resource") or ():
-                rp = policy.resources.get(resource.get("type")) if isinstance(resource, dict) else None
+                rp = policy.resources.get(str(resource.get("type"))) if isinstance(resource, dict) else None
                 params = resource.get("searchParam") if rp is not None else None
-                if isinstance(params, list):
+                if rp is not None and isinstance(params, list):
                     resource["searchParam"] = [
                         p for p in params if not isinstance(p, dict) or answerable(rp, str(p.get("name", "")))
                     ]

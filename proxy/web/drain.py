@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-IN_FLIGHT = web.AppKey("in_flight", set)
+IN_FLIGHT = web.AppKey("in_flight", set[asyncio.Task[object]])
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -29,6 +29,7 @@ async def track(request: web.Request, handler: _Handler) -> web.StreamResponse:
     """Register the task that runs this request, so that the drain can wait for it and cut it."""
     tasks = request.app[IN_FLIGHT]
     task = asyncio.current_task()
+    assert task is not None  # aiohttp runs every handler in a task
     tasks.add(task)
     try:
         return await handler(request)
@@ -41,9 +42,10 @@ async def drain(app: web.Application, seconds: float, grace_s: float) -> int:
     the ones still running and give them ``grace_s`` to unwind. Returns how many were cut."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    while (running := set(app[IN_FLIGHT])) and (remaining := deadline - loop.time()) > 0:
+    in_flight = app[IN_FLIGHT]
+    while (running := set(in_flight)) and (remaining := deadline - loop.time()) > 0:
         await asyncio.wait(running, timeout=remaining)
-    left = set(app[IN_FLIGHT])
+    left = set(in_flight)
     for task in left:
         task.cancel()
     if left:

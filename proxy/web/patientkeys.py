@@ -104,8 +104,13 @@ class PatientKeyService:
         """Bind a pending key to the one Patient id its carriers show. Best effort: a store
         failure is logged and retried on a later read, it never fails the response (the
         create it answers has already happened)."""
-        ids = {r.get("id") for r in carriers if r.get("resourceType") == "Patient"}
-        ids = {i for i in ids if isinstance(i, str) and key_subject({"resourceType": "Patient", "id": i})}
+        ids = {
+            i
+            for r in carriers
+            if r.get("resourceType") == "Patient"
+            and isinstance(i := r.get("id"), str)
+            and key_subject({"resourceType": "Patient", "id": i})
+        }
         if len(ids) != 1:
             return
         tag = patient_tag(self.keyring, ids.pop())

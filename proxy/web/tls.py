@@ -25,6 +25,7 @@ _CLIENT_AUTH = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required"
 
 def _server_context(settings: Settings) -> ssl.SSLContext:
     ctx = harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    assert settings.tls_cert is not None  # only called when a certificate is configured
     ctx.load_cert_chain(settings.tls_cert, settings.tls_key)
     ctx.verify_mode = _CLIENT_AUTH[settings.tls_client_auth]
     if settings.tls_client_ca:
