@@ -532,6 +532,12 @@ async def test_summary_and_elements_are_applied_after_decryption(client, clean_u
     assert count["total"] == 1 and "entry" not in count
     forwarded = [r["url"] for r in clean_upstream.requests()]
     assert not any("_elements" in u or "_summary=true" in u or "_summary=data" in u for u in forwarded)
+    # a second _summary (or one with a modifier) would travel beside the one the proxy applies: refused
+    for query in ("_summary=Wibisono&_summary=count", "_summary=count&_summary=Wibisono", "_summary:x=Wibisono"):
+        before = len(clean_upstream.requests())
+        resp = await client.get(f"/fhir/R4/Patient?{query}")
+        assert resp.status == 400 and "Wibisono" not in await resp.text(), query
+        assert len(clean_upstream.requests()) == before
 
 
 async def test_contained_and_bundled_resources_are_encrypted_by_their_own_policy(client, clean_upstream):

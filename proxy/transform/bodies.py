@@ -84,9 +84,9 @@ def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
         if depth > limit:
             return True
         if type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values() if type(v) in (JSON, list))
+            stack.extend((v, depth + 1) for v in item.values() if type(v) in (dict, list))
         elif type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) in (JSON, list))
+            stack.extend((v, depth + 1) for v in item if type(v) in (dict, list))
     return False
 
 

@@ -217,6 +217,7 @@ def check_request(
     """Raise FhirError for anything that could send plaintext of a covered element upstream;
     otherwise say what to forward (search values on encrypted elements become blind indexes)."""
     check_format(params)
+    _check_subset_params(params)
     rtype = it.resource_type
     subset = None
     subsettable = it.kind in ("search", "read", "vread", "history") and not it.conditional
@@ -249,6 +250,20 @@ def check_request(
             raise FhirError(400, "not-supported", f"query parameter '{raw}' is not supported on {it.label()}", [raw])
         check_control_value(raw, value)
     return Forwarding(params if subset else None, if_none_exist, subset)
+
+
+def _check_subset_params(params: list[tuple[str, str]]) -> None:
+    """``_summary`` and ``_elements`` at most once each and without a modifier: the proxy applies them
+    itself on encrypted types, and a second copy or a ``_summary:x`` would otherwise travel unchecked
+    (with any text in it) beside the one it applied."""
+    seen: set[str] = set()
+    for raw, _ in params:
+        name, modifier = _param_name(raw)
+        if name not in ("_summary", "_elements"):
+            continue
+        if modifier is not None or name in seen:
+            raise FhirError(400, "invalid", f"query: '{name}' may be given once, without a modifier", [name])
+        seen.add(name)
 
 
 def operation_rule(it: Interaction, operations: Mapping[str, OperationRule]) -> OperationRule:
