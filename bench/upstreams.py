@@ -63,26 +63,10 @@ class BenchUpstream(Protocol):
     def facts(self) -> dict: ...
 
 
-def _pid(proc: subprocess.Popen | None) -> int:
-    if proc is None:
-        raise RuntimeError("the upstream is not running")
-    return proc.pid
+class _Delegating:
+    """What both upstreams take from their test-server object alike."""
 
-
-@dataclass
-class Medplum:
-    """Medplum's FHIR router behind the test server (tests/upstream/), in-memory repository."""
-
-    name = "medplum"
-    label = "Medplum upstream"
-    reset_method = "POST /$admin/reset (the test server's), then the workload's data seeded through the target"
-    export_data = "one Patient stored through the target, repeated by the test server's copies option"
-    export_poll_seconds = 0.05
-    export_timeout = 5.0
-    warmup_seconds = 0.0
-
-    def __post_init__(self) -> None:
-        self.server = UpstreamServer()
+    server: UpstreamServer | HapiServer
 
     @property
     def base_url(self) -> str:
@@ -95,13 +79,33 @@ class Medplum:
 
     @property
     def pid(self) -> int:
-        return _pid(self.server._proc)  # the node process (UpstreamServer keeps its Popen private)
+        """The server's process (node; the JVM): the test servers keep their Popen private."""
+        proc = self.server._proc
+        if proc is None:
+            raise RuntimeError("the upstream is not running")
+        return proc.pid
 
     def start(self) -> None:
         self.server.start()
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@dataclass
+class Medplum(_Delegating):
+    """Medplum's FHIR router behind the test server (tests/upstream/), in-memory repository."""
+
+    name = "medplum"
+    label = "Medplum upstream"
+    reset_method = "POST /$admin/reset (the test server's), then the workload's data seeded through the target"
+    export_data = "one Patient stored through the target, repeated by the test server's copies option"
+    export_poll_seconds = 0.05
+    export_timeout = 5.0
+    warmup_seconds = 0.0
+
+    def __post_init__(self) -> None:
+        self.server = UpstreamServer()
 
     def reset(self) -> None:
         self.server.reset()
@@ -121,7 +125,7 @@ class Medplum:
 
 
 @dataclass
-class Hapi:
+class Hapi(_Delegating):
     """HAPI FHIR's JPA server (tests/hapi/), R4 on an in-memory H2 database, bounded heap."""
 
     name = "hapi"
@@ -137,25 +141,6 @@ class Hapi:
 
     def __post_init__(self) -> None:
         self.server = HapiServer(fast_startup=False)  # the JIT's full tiers, as a deployment runs
-
-    @property
-    def base_url(self) -> str:
-        return self.server.base_url
-
-    @property
-    def port(self) -> int:
-        assert self.server.port is not None
-        return self.server.port
-
-    @property
-    def pid(self) -> int:
-        return _pid(self.server._proc)  # the JVM (HapiServer keeps its Popen private)
-
-    def start(self) -> None:
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
 
     def reset(self) -> None:
         """``$expunge``, retried: a closed-loop phase ends without waiting for its last answers, and

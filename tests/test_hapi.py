@@ -323,6 +323,11 @@ def _validation_errors(hapi, resource: dict) -> list[str]:
     """HAPI's own validator (base R4, as the test server loads no implementation guide): error messages."""
     status, outcome = hapi.request("POST", f"/{resource['resourceType']}/$validate", resource)
     assert status in (200, 412), outcome
+    return errors_of(outcome)
+
+
+def errors_of(outcome: dict) -> list[str]:
+    """The error and fatal issues of an OperationOutcome, as 'expression: diagnostics', sorted."""
     return sorted(
         f"{(i.get('expression') or ['-'])[0]}: {i.get('diagnostics', '')}"
         for i in outcome["issue"]

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import FHIR_JSON, PUBLIC_BASE, assert_no_plaintext, leaked, load_fixture
 from tests.test_bulk import _as_sent, _local, _manifest
 from tests.test_bundles import _needles
-from tests.test_hapi import _stubs
+from tests.test_hapi import _stubs, errors_of
 from tests.test_search import PATIENTS, SECRETS, satusehat_chained
 
 pytestmark = pytest.mark.hapi
@@ -21,14 +21,6 @@ pytestmark = pytest.mark.hapi
 @pytest.fixture
 async def client(proxy_for, clean_hapi, satusehat):
     return await proxy_for(clean_hapi.base_url, satusehat, upstream_timeout=120.0)
-
-
-def _errors(outcome: dict) -> list[str]:
-    return sorted(
-        f"{(i.get('expression') or ['-'])[0]}: {i.get('diagnostics', '')}"
-        for i in outcome["issue"]
-        if i["severity"] in ("error", "fatal")
-    )
 
 
 async def test_validate_through_the_proxy_checks_the_form_the_server_would_store(client, clean_hapi):
@@ -43,7 +35,7 @@ async def test_validate_through_the_proxy_checks_the_form_the_server_would_store
     assert outcome["resourceType"] == "OperationOutcome"
     status, plain = clean_hapi.request("POST", "/Patient/$validate", parameters)
     assert status in (200, 412), plain
-    assert _errors(outcome) == _errors(plain)
+    assert errors_of(outcome) == errors_of(plain)
     # the messages are about the stored form: they quote none of the patient's values
     assert not leaked(_needles("patient.json"), orjson.dumps(outcome).decode())
     assert clean_hapi.request("GET", "/Patient?_summary=count")[1]["total"] == 0

@@ -218,8 +218,7 @@ def close(
             out.append(dataclasses.replace(el, nav=nav, source=f"{path}.value (unlisted systems)"))
     if closure.extensions != "allow":
         groups = frozenset({closure.extension_group}) if closure.extensions == "encrypt" else frozenset()
-        locations = extension_locations(rtype)
-        for path in locations if closure.nested_extensions else [p for p in locations if not p]:
+        for path in [p for p in extension_locations(rtype) if closure.nested_extensions or not p]:
             where = f"{path}.extension" if path else "extension"
             el = compile_path(rtype, f"{where}('urn:x')", EXTENSION_FIELD, groups)
             urls, whole = _extensions_at((*(h.key for h in el.nav), el.terminal.key), explicit)

@@ -198,13 +198,15 @@ def _rewrite_chained(
     return sp.code, ",".join(dict.fromkeys(out))
 
 
-def _check_group(el: CompiledElement, rp: ResourcePolicy, ctx: Searcher, where: str, raw: str) -> None:
+def _check_group(
+    el: CompiledElement, rp: ResourcePolicy, ctx: Searcher, where: str, raw: str, verb: str = "reads"
+) -> None:
     if ctx.searchable is not None and not el.groups <= ctx.searchable:
         # searching by a value the caller may not read would reveal who has it (an existence oracle)
         raise FhirError(
             403,
             "forbidden",
-            f"{where}: search parameter '{raw}' reads {rp.type}.{el.source}, which this caller may not decrypt",
+            f"{where}: search parameter '{raw}' {verb} {rp.type}.{el.source}, which this caller may not decrypt",
             [raw],
         )
 
@@ -249,13 +251,7 @@ def check_token_groups(tokens: list[str], rp: ResourcePolicy, ctx: Searcher, whe
         el = owners.get(label)
         if el is None:
             raise _refuse(where, raw, f"carries a blind-index token that is not one of {rp.type}'s index fields")
-        if ctx.searchable is not None and not el.groups <= ctx.searchable:
-            raise FhirError(
-                403,
-                "forbidden",
-                f"{where}: search parameter '{raw}' searches {rp.type}.{el.source}, which this caller may not decrypt",
-                [raw],
-            )
+        _check_group(el, rp, ctx, where, raw, "searches")  # a token copied from a caller who may
 
 
 def rewrite_chain(rtype: str | None, raw: str, value: str, ctx: Searcher, where: str) -> tuple[str, str]:
