@@ -143,12 +143,13 @@ operations:
 """
 
 
-def policy(mode: str):
-    return compile_text(POLICY.replace("{mode}", mode), f"sentinel-{mode}.yaml")
+def policy(mode: str, group: str = ""):
+    text = POLICY.replace("name: {mode}}", "name: {mode}" + group + "}").replace("{mode}", mode)
+    return compile_text(text, f"sentinel-{mode}.yaml")
 
 
-def test_encrypt_is_refused_at_load_with_the_reason():
-    with pytest.raises(PolicyError, match="encrypt is not available for the sentinel"):
+def test_encrypt_needs_a_group_to_read_back_what_it_seals():
+    with pytest.raises(PolicyError, match="encrypt needs a group"):
         policy("encrypt")
 
 
@@ -267,21 +268,31 @@ async def _send(client, request):
     return await client.request(method, url, data=data, headers=headers)
 
 
-@pytest.mark.parametrize("mode", ["refuse", "report", "off"])
+# Under encrypt, the hits in written resources of covered types are sealed; the rest cannot be and is refused
+SEALED = {"NIK in Observation.note (a clear element)", "a name repeated in a clear element"}
+
+
+@pytest.mark.parametrize("mode", ["refuse", "encrypt", "report", "off"])
 @pytest.mark.parametrize("case", list(CASES))
-async def test_each_case_ends_refused_reported_or_forwarded_as_configured(
+async def test_each_case_ends_refused_sealed_reported_or_forwarded_as_configured(
     proxy_for, clean_upstream, caplog, case, mode
 ):
     request, needle, path, detector = CASES[case]
-    client = await proxy_for(clean_upstream.base_url, policy(mode))
+    client = await proxy_for(clean_upstream.base_url, policy(mode, ", group: identity"))
     before = _reports(detector)
     with caplog.at_level(logging.WARNING, logger="fhircrypt"):
         resp = await _send(client, request)
     text = await resp.text()
-    if mode == "refuse":
+    if mode == "encrypt" and case in SEALED:
+        assert resp.status in (200, 201), text
+        assert_no_plaintext(clean_upstream.dump(), [needle])
+        assert_no_plaintext(({"request": r} for r in clean_upstream.requests()), [needle])
+        assert _reports(detector) == before
+        return
+    if mode in ("refuse", "encrypt"):
         assert resp.status == 400, text
         diagnostics = (await resp.json())["issue"][0]["diagnostics"]
-        assert diagnostics.startswith(f"{path}: ") and f"(sentinel.{detector}: refuse)" in diagnostics, diagnostics
+        assert diagnostics.startswith(f"{path}: ") and f"(sentinel.{detector}: {mode}" in diagnostics, diagnostics
         assert needle not in text
         assert clean_upstream.requests() == [] and clean_upstream.dump() == []
         return

@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,16 @@ class ResourcePolicy:
     elements: tuple[CompiledElement, ...]  # content elements, then the resource narrative
     narrative_mode: str
     envelope_in_meta: bool = False  # Binary has no extension element: its envelope goes to meta.extension
+    sentinel: SentinelSettings = sentinel_cfg.OFF  # the policy's; its encrypt detectors seal hits on writes
+
+    @cached_property
+    def stray(self) -> CompiledElement:
+        """What a value the sentinel sealed in one of this type's clear elements is read as: a primitive
+        of the sentinel's group. Its place is found on reads, not named by the policy."""
+        group = self.sentinel.group or sentinel_cfg.NO_GROUP
+        return CompiledElement(
+            sentinel_cfg.STRAY_FIELD, frozenset({group}), "(sentinel)", (), Hop("*"), Kind.PRIMITIVE, False
+        )
 
     @property
     def content_elements(self) -> tuple[CompiledElement, ...]:
@@ -281,7 +291,8 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
     }
     findings += lint_coverage(covered, _knowingly_clear(ctx, doc), compartment_types() | {"Patient"})
     findings += unresolved
-    sentinel = _compile_sentinel(ctx, doc, resources)
+    sentinel = _compile_sentinel(ctx, doc, groups, resources, closure)
+    resources = {t: dataclasses.replace(rp, sentinel=sentinel) for t, rp in resources.items()}
     return CompiledPolicy(
         name=str(doc["name"]),
         source=source,
@@ -777,23 +788,32 @@ def _compile_closure(
     return closed.Closure(**settings)
 
 
-def _compile_sentinel(ctx: _Ctx, doc: Node, resources: dict[str, ResourcePolicy]) -> SentinelSettings:
-    """``sentinel``: refuse, report or off per detector; a detector not listed (or no block) reports."""
+def _compile_sentinel(
+    ctx: _Ctx, doc: Node, groups: dict[str, str], resources: dict[str, ResourcePolicy], closure: closed.Closure
+) -> SentinelSettings:
+    """``sentinel``: refuse, encrypt, report or off per detector (a detector not listed, or no block,
+    reports), and ``group``: who reads what encrypt sealed (default: the identifiers' closed default's)."""
     spec = doc.get("sentinel")
     actions = dict.fromkeys(sentinel_cfg.DETECTORS, sentinel_cfg.DEFAULT_MODE)
+    group = closure.identifier_group
     if spec is not None:
-        _check_keys(ctx, spec, "sentinel", allowed=set(sentinel_cfg.DETECTORS))
+        _check_keys(ctx, spec, "sentinel", allowed={*sentinel_cfg.DETECTORS, "group"})
         for detector in sentinel_cfg.DETECTORS:
-            if spec.get(detector) == "encrypt":
-                raise ctx.fail(spec, detector, sentinel_cfg.explain_encrypt())
             if spec.get(detector) is False:  # YAML 1.1 reads a bare off as false
                 spec[detector] = "off"
             actions[detector] = _choice(ctx, spec, detector, sentinel_cfg.MODES, sentinel_cfg.DEFAULT_MODE)
+        if "group" in spec:
+            group = spec["group"]
+            if group not in groups:
+                raise ctx.fail(spec, "group", f"unknown group '{group}' (declare it under groups)")
+        if group is None and "encrypt" in actions.values():
+            detector = next(d for d, a in actions.items() if a == "encrypt")
+            raise ctx.fail(spec, detector, "encrypt needs a group (sentinel.group: who may read what it seals)")
     keys = {
         rtype: sentinel_cfg.name_keys(rtype, (el.source for el in rp.content_elements if not el.display_copy))
         for rtype, rp in resources.items()
     }
-    return SentinelSettings(actions, {rtype: k for rtype, k in keys.items() if k})
+    return SentinelSettings(actions, {rtype: k for rtype, k in keys.items() if k}, group)
 
 
 def _compile_keys(ctx: _Ctx, doc: Node) -> bool:

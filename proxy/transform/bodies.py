@@ -223,7 +223,12 @@ def covers_any(value: object, policy: CompiledPolicy) -> bool:
 
 
 def encrypt_for_write(
-    resource: JSON, policy: CompiledPolicy, keyring: Keyring, validate: bool, wrap_for: WrapFor | None = None
+    resource: JSON,
+    policy: CompiledPolicy,
+    keyring: Keyring,
+    validate: bool,
+    wrap_for: WrapFor | None = None,
+    names: frozenset[str] = frozenset(),
 ) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
 
@@ -233,7 +238,8 @@ def encrypt_for_write(
     Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
     are encrypted by their own type's policy, each with its own envelope, deepest first.
     ``wrap_for`` picks a patient key per resource; a nested resource without one of its
-    own uses its container's.
+    own uses its container's. ``names``: words of the names the request encrypts (the sentinel's
+    name detector seals them where they appear in clear elements, if it encrypts).
     """
     rtype = resource.get("resourceType")
     if has_masked_label(resource):
@@ -252,17 +258,25 @@ def encrypt_for_write(
         inner_rp = policy.resources.get(inner.get("resourceType"))  # type: ignore[arg-type]
         if inner_rp is not None:
             wrap = (wrap_for(inner) if wrap_for is not None else None) or top
-            _seal(inner, inner_rp, keyring, where, with_indexes=False, wrap=wrap)
+            _seal(inner, inner_rp, keyring, where, with_indexes=False, wrap=wrap, names=names)
     rp = policy.resources.get(rtype)  # type: ignore[arg-type]
     if rp is not None:
-        _seal(resource, rp, keyring, rtype, with_indexes=True, wrap=top)  # type: ignore[arg-type]
+        _seal(resource, rp, keyring, rtype, with_indexes=True, wrap=top, names=names)  # type: ignore[arg-type]
 
 
-def _seal(resource: JSON, rp: ResourcePolicy, keyring: Keyring, where: str, with_indexes: bool, wrap: Wrap) -> None:
+def _seal(
+    resource: JSON,
+    rp: ResourcePolicy,
+    keyring: Keyring,
+    where: str,
+    with_indexes: bool,
+    wrap: Wrap,
+    names: frozenset[str] = frozenset(),
+) -> None:
     """Encrypt one resource; blind indexes only for the resource stored at the top (searches find those)."""
     try:
         index_ids = index_identifiers(resource, rp, keyring.indexer) if with_indexes else []
-        encrypt_resource(resource, rp, keyring, wrap)
+        encrypt_resource(resource, rp, keyring, wrap, names)
     except ShapeError as exc:
         raise shape_refusal(where, exc) from None
     if index_ids:

@@ -10,6 +10,7 @@ ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
 CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
 TAG_SYSTEM = CANONICAL + "/CodeSystem/fhircrypt"
 TAG_CODE = "encrypted"
+STRAY_CODE = "sentinel-sealed"  # beside TAG_CODE: the sentinel sealed values in clear elements (records.py)
 SHREDDED_CODE = "shredded"  # on reads only: the record's patient key was destroyed (crypto-shredding)
 
 DAR_URL = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"

@@ -155,5 +155,30 @@ def merge_masked(incoming: JSON, stored_plain: JSON, rp: ResourcePolicy) -> list
     merge = _Merge()
     for el in rp.elements:
         merge.element(incoming, stored_plain, el)
+    _restore_strays(incoming, stored_plain)
     drop_masked_label(incoming)
     return merge.missing
+
+
+def _restore_strays(incoming: JSON, stored_plain: JSON) -> None:
+    """Masks left once the policy's elements are restored are values the PHI sentinel sealed in clear
+    elements (read masked by a caller without the sentinel's group): each goes back from the stored
+    version at the same place. One the stored version has nothing for stays as sent (a client may write a
+    data-absent-reason of its own). Nested resources are paired and restored on their own."""
+    merge = _Merge()
+    stack: list[tuple[object, object, str]] = [(incoming, stored_plain, "")]
+    while stack:
+        mine, theirs, path = stack.pop()
+        if type(mine) is list:
+            other = theirs if type(theirs) is list else []
+            stack.extend((item, other[i] if i < len(other) else None, f"{path}[{i}]") for i, item in enumerate(mine))
+            continue
+        if type(mine) is not dict or (path and "resourceType" in mine):
+            continue
+        other_dict = theirs if type(theirs) is dict else None
+        for key, value in list(mine.items()):
+            if key[:1] == "_" and len(key) > 1:
+                merge.primitive(mine, other_dict, path, key[1:], type(value) is list)
+                value = mine.get(key)
+            if type(value) in (dict, list):
+                stack.append((value, other_dict.get(key) if other_dict else None, _join(path, key)))

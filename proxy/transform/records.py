@@ -17,7 +17,8 @@ from proxy.keymgmt.keyring import Keyring
 from proxy.keymgmt.patientkeys import KeyShredded
 from proxy.policy.closed import Unlisted, same_uri
 from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
-from proxy.transform import jsonnum
+from proxy.policy.sentinel import STRAY_FIELD
+from proxy.transform import jsonnum, sentinel
 from proxy.transform import markers as mk
 from proxy.transform.jsontypes import JSON
 from proxy.transform.namechain import chain_label, name_chains
@@ -316,6 +317,33 @@ class _Sealer:
                     elif name in parent:
                         parent[name] = self._complex_form_checked(parent[name], _join(path, name), el)
 
+    def strays(self, resource: JSON, rp: ResourcePolicy, names: frozenset[str]) -> bool:
+        """Seal what the sentinel's encrypt detectors find in the clear strings left after the policy's
+        elements were sealed (``names``: of the request, minus those still readable now); True if any."""
+        cfg = rp.sentinel
+        if names:
+            names = names - sentinel.names_of(cfg, (resource,))
+        places = sentinel.find(cfg, resource, names, rp.type)
+        for place in places:
+            self.stray(place)
+        return bool(places)
+
+    def stray(self, place: sentinel.Place) -> None:
+        """One hit sealed in place like a covered primitive (``_key`` holds the markers), bound to its path."""
+        owner, key, ukey = place.owner, place.key, "_" + place.key
+        if place.index is None:
+            pair = _primitive_pair(owner.pop(key), owner.pop(ukey, None), place.path)
+            owner[ukey] = mk.encrypted_form(self.seal(STRAY_FIELD, place.path, pair))
+            return
+        values, unders = owner[key], owner.get(ukey) or []
+        if type(unders) is not list:
+            raise ShapeError(f"{place.path.rpartition('[')[0]}")
+        unders.extend([None] * (len(values) - len(unders)))
+        pair = _primitive_pair(values[place.index], unders[place.index], place.path)
+        values[place.index] = None
+        unders[place.index] = mk.encrypted_form(self.seal(STRAY_FIELD, place.path, pair))
+        owner[ukey] = unders
+
     def _complex_form_checked(self, item: object, path: str, el: CompiledElement) -> JSON:
         if type(item) is not dict:
             raise ShapeError(path)
@@ -344,17 +372,28 @@ def _may_hold(resource: JSON, el: CompiledElement) -> bool:
 
 
 def encrypt_resource(
-    resource: JSON, rp: ResourcePolicy, keyring: Keyring, wrap: tuple[str, bytes] | None = None
+    resource: JSON,
+    rp: ResourcePolicy,
+    keyring: Keyring,
+    wrap: tuple[str, bytes] | None = None,
+    names: frozenset[str] = frozenset(),
 ) -> None:
-    """Encrypt every covered element and attach the envelope and tag (in place).
+    """Encrypt every covered element, and what the sentinel's encrypt detectors find in the clear
+    ones, and attach the envelope and tag (in place).
 
     ``wrap`` (key id, key) wraps the data key instead of the keyring's primary: a patient key.
-    Raises ShapeError when a covered location has the wrong JSON type.
+    ``names``: words of names other resources of the same request encrypt (for the name detector).
+    Raises ShapeError when a covered location has the wrong JSON type, FhirError when the sentinel
+    finds a value it cannot seal.
     """
+    cfg = rp.sentinel
+    if cfg.action("name") == "encrypt":
+        names = names | sentinel.names_of(cfg, (resource,))
     sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
     for el in rp.elements:
         if _may_hold(resource, el):
             sealer.element(resource, el)
+    strays = bool(cfg.sealing) and sealer.strays(resource, rp, names)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
     envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
     meta = resource.get("meta")
@@ -368,7 +407,10 @@ def encrypt_resource(
         raise ShapeError("meta.extension" if rp.envelope_in_meta else "extension")
     holder["extension"] = [*(exts or ()), envelope]
     tags = meta.get("tag")
-    meta["tag"] = [*(tags if type(tags) is list else ()), {"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]
+    ours = [{"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]
+    if strays:  # tells readers to look for them; removing it fails the MAC, which covers them
+        ours.append({"system": mk.TAG_SYSTEM, "code": mk.STRAY_CODE})
+    meta["tag"] = [*(tags if type(tags) is list else ()), *ours]
 
 
 # --------------------------------------------------------------------------- reading
@@ -507,8 +549,50 @@ def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot
     out.append(NarrativeSlot(el, _join(path, key), ct, tampered or not neutral, parent, key))
 
 
-def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], bool]:
-    """Remove our envelope extension(s) and tag; returns the envelopes and whether tagged."""
+def _find_strays(resource: JSON, el: CompiledElement, out: list[Slot]) -> None:
+    """The values the sentinel sealed (the record's tag says there are some): every primitive's ``_twin``
+    holding a ciphertext that no slot of the policy's elements holds, nested resources left out (they
+    have their own envelopes). Their paths are rendered like the writer's, so the record MAC and each
+    ciphertext's bound location check that none was added, removed or moved."""
+    known = {s.ct for s in out if s.ct is not None}
+    stack: list[tuple[object, str]] = [(resource, "")]
+    while stack:
+        node, path = stack.pop()
+        if type(node) is list:
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node) if type(item) in (dict, list))
+            continue
+        if type(node) is not dict or (path and "resourceType" in node):
+            continue
+        for key, value in list(node.items()):
+            if key[:1] == "_" and len(key) > 1:
+                _stray_slots(node, _join(path, key[1:]), key[1:], value, known, el, out)
+            if type(value) in (dict, list):
+                stack.append((value, _join(path, key)))
+
+
+def _stray_slots(
+    parent: JSON, path: str, key: str, under: object, known: set[str], el: CompiledElement, out: list[Slot]
+) -> None:
+    if type(under) is dict:
+        ct = _ct_of(under)
+        if ct is not None and ct not in known:
+            out.append(PrimitiveSlot(el, path, ct, key in parent, parent, key))
+        return
+    if type(under) is not list:
+        return
+    found = [(i, ct) for i, u in enumerate(under) if (ct := _ct_of(u)) is not None and ct not in known]
+    if not found:
+        return
+    values = parent.get(key)
+    if type(values) is not list:
+        values = parent[key] = []
+    values.extend([None] * (len(under) - len(values)))
+    for i, ct in found:
+        out.append(PrimitiveItemSlot(el, f"{path}[{i}]", ct, values[i] is not None, parent, key, i, values, under))
+
+
+def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], set[object]]:
+    """Remove our envelope extension(s) and tags; returns the envelopes and the codes of our tags."""
     envelopes: list[str] = []
     meta = resource.get("meta")
     holder = meta if in_meta else resource
@@ -524,17 +608,21 @@ def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], bool]:
             holder["extension"] = kept  # type: ignore[index]
         else:
             del holder["extension"]  # type: ignore[union-attr]
-    tagged = False
+    codes: set[object] = set()
     if type(meta) is dict and type(meta.get("tag")) is list:
-        tags = [t for t in meta["tag"] if not (type(t) is dict and t.get("system") == mk.TAG_SYSTEM)]
-        tagged = len(tags) != len(meta["tag"])
+        tags = []
+        for tag in meta["tag"]:
+            if type(tag) is dict and tag.get("system") == mk.TAG_SYSTEM:
+                codes.add(tag.get("code"))
+            else:
+                tags.append(tag)
         if tags:
             meta["tag"] = tags
         else:
             del meta["tag"]
             if not meta:
                 del resource["meta"]
-    return envelopes, tagged
+    return envelopes, codes
 
 
 def strip_index_identifiers(resource: JSON) -> None:
@@ -577,7 +665,8 @@ def decrypt_resource(
     if not isinstance(grants, frozenset) and grants is not ALL_GROUPS:
         raise TypeError("decrypt_resource needs the reader's grants (a frozenset of groups or ALL_GROUPS)")
     where = f"{rp.type}/{resource.get('id', '?')}"
-    envelopes, tagged = _take_markers(resource, rp.envelope_in_meta)
+    envelopes, codes = _take_markers(resource, rp.envelope_in_meta)
+    tagged = bool(codes)
     strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return
@@ -585,6 +674,8 @@ def decrypt_resource(
     for el in rp.elements:
         if _may_hold(resource, el):
             _find(resource, el, slots)
+    if mk.STRAY_CODE in codes:
+        _find_strays(resource, rp.stray, slots)
     cipher, shredded = None, False
     try:
         if len(envelopes) != 1:

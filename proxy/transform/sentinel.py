@@ -17,9 +17,12 @@ values forwarded unchanged) with structure-aware detectors:
 
 Each hit is handled by the policy's ``sentinel`` setting for its detector
 (``proxy.policy.sentinel``): ``refuse`` (a 400 naming the path and the detector, never the
-value), ``report`` (forwarded, and passed to the listeners: the web layer counts each in its
-metrics and logs a request's hits in one line, by detector and path, never with the value) or
-``off``. This module is pure: it neither logs nor counts.
+value), ``encrypt`` (sealed in place while the resource is encrypted, see :func:`find` and
+``proxy.transform.records``; a hit that cannot be sealed - in a resource of a type the policy does
+not cover, a search value, a patch of an uncovered type - is refused), ``report`` (forwarded, and
+passed to the listeners: the web layer counts each in its metrics and logs a request's hits in one
+line, by detector and path, never with the value) or ``off``. This module is pure: it neither logs
+nor counts.
 """
 
 from __future__ import annotations
@@ -133,7 +136,7 @@ def add_listener(listener: Listener) -> None:
 
 
 def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
-    """Refuse, or report, one hit."""
+    """Refuse, or report, one hit in what is forwarded in the clear."""
     action = cfg.action(detector)
     if action == "off":
         return
@@ -145,6 +148,15 @@ def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
             f"clear (sentinel.{detector}: refuse); encrypt the element in the policy or remove the value",
             [path],
         )
+    if action == "encrypt":  # still in the clear after encryption: nowhere to seal it
+        raise FhirError(
+            400,
+            "security",
+            f"{path}: the value looks like {LABELS[detector]} and cannot be sealed here (sentinel.{detector}: "
+            "encrypt seals values only in written resources of the types the policy covers, not in other "
+            "types, search values, patches of uncovered types or operation parameters); remove the value",
+            [path],
+        )
     hit = Hit(path[:300], detector)
     for listener in _LISTENERS:
         listener(hit)
@@ -152,7 +164,7 @@ def handle(cfg: SentinelSettings, path: str, detector: str) -> None:
 
 def check_text(cfg: SentinelSettings, path: str, text: str) -> None:
     """One value forwarded as it is (a search parameter's)."""
-    _check(cfg, path, None, text, frozenset())
+    check_value(cfg, text, path)
 
 
 def names_of(cfg: SentinelSettings, resources: Iterable[JSON]) -> frozenset[str]:
@@ -178,13 +190,13 @@ def check_resources(
     if names:
         names = names - names_of(cfg, (r for r, _ in resources))
     for resource, where in resources:
-        _walk(resource, where, cfg, names)
+        _walk(resource, _checker(cfg, where, names))
 
 
 def check_value(cfg: SentinelSettings, value: object, where: str) -> None:
     """Any JSON value forwarded as it is (a JSON Patch, an operation's parameters, a search value)."""
     if cfg.active:
-        _walk(value, where, cfg, frozenset())
+        _walk(value, _checker(cfg, where, frozenset()))
 
 
 def _name_words(value: object) -> Iterable[str]:
@@ -205,24 +217,30 @@ _DAR = mk.DAR_URL  # the masked marker next to each ciphertext
 
 # (parent location, key or index): built per element, rendered only for a hit
 Location: TypeAlias = "tuple[Location, str | int] | None"
+# Called with each string: the text, its location, and where it lives - ``owner[key]``, or
+# ``owner[key][index]`` in a repeating primitive (owner None: in no element, e.g. a list of lists)
+Visit: TypeAlias = Callable[[str, Location, "JSON | None", str, "int | None"], None]
 
 
-def _walk(root: object, where: str, cfg: SentinelSettings, names: frozenset[str]) -> None:
-    """Every string in ``root`` except structure and fhircrypt's own markers. Iterative, and the
+def _walk(root: object, visit: Visit, own_only: bool = False) -> None:
+    """Every string in ``root`` except structure and fhircrypt's own markers (``own_only``: and
+    except nested resources, which are sealed under their own envelopes). Iterative, and the
     location of a string is a linked tuple turned into text only when a detector fires: the walk
     visits every element of every write, the text is needed almost never."""
-    stack: list[tuple[object, Location]] = [(root, None)]
+    stack: list[tuple[object, Location, tuple[JSON, str] | None]] = [(root, None, None)]
     while stack:
-        node, at = stack.pop()
+        node, at, owner = stack.pop()
         if type(node) is dict:
+            if own_only and at is not None and "resourceType" in node:
+                continue
             coded = "system" in node
             for key, value in node.items():
                 kind = type(value)
                 if kind is str:
                     if key not in _SKIP_KEYS and not (coded and key == "code"):
-                        _check(cfg, where, (at, key), value, names)
+                        visit(value, (at, key), node, key, None)
                 elif (kind is dict or kind is list) and key not in _SKIP_KEYS:
-                    stack.append((value, (at, key)))
+                    stack.append((value, (at, key), (node, key) if kind is list else None))
         elif type(node) is list:
             for i, item in enumerate(node):
                 kind = type(item)
@@ -230,19 +248,58 @@ def _walk(root: object, where: str, cfg: SentinelSettings, names: frozenset[str]
                     marker = item.get("url") or item.get("system")
                     if type(marker) is str and (marker == _DAR or marker.startswith(_OWN)):
                         continue
-                    stack.append((item, (at, i)))
+                    stack.append((item, (at, i), None))
                 elif kind is str:
-                    _check(cfg, where, (at, i), item, names)
+                    visit(item, (at, i), owner[0] if owner else None, owner[1] if owner else "", i)
                 elif kind is list:
-                    stack.append((item, (at, i)))
+                    stack.append((item, (at, i), None))
         elif type(node) is str:
-            _check(cfg, where, None, node, names)
+            visit(node, None, None, "", None)
 
 
-def _check(cfg: SentinelSettings, where: str, at: Location, text: str, names: frozenset[str]) -> None:
-    detector = detect(text, names, cfg.order)
-    if detector is not None:
-        handle(cfg, _render(where, at), detector)
+def _checker(cfg: SentinelSettings, where: str, names: frozenset[str]) -> Visit:
+    order = cfg.order
+
+    def visit(text: str, at: Location, owner: JSON | None, key: str, index: int | None) -> None:
+        detector = detect(text, names, order)
+        if detector is not None:
+            handle(cfg, _render(where, at), detector)
+
+    return visit
+
+
+@dataclass(frozen=True)
+class Place:
+    """A hit of an encrypt detector in a resource being written: ``owner[key]``, or item ``index`` of
+    the repeating primitive ``owner[key]``; ``path`` is its concrete path in the resource (``note[0].text``),
+    the location its ciphertext is bound to."""
+
+    owner: JSON
+    key: str
+    index: int | None
+    path: str
+    detector: str
+
+
+def find(cfg: SentinelSettings, resource: JSON, names: frozenset[str], where: str) -> list[Place]:
+    """The places of ``resource`` (nested resources left out) whose clear strings an encrypt detector
+    recognises, to be sealed by the encryption of ``resource``. A hit that is no primitive element's value
+    (a string in a list of lists, under a key that is no element name or is a ``_`` twin) is refused."""
+    places: list[Place] = []
+    order = cfg.sealing
+
+    def visit(text: str, at: Location, owner: JSON | None, key: str, index: int | None) -> None:
+        detector = detect(text, names, order)
+        if detector is None:
+            return
+        path = _render("", at)[1:]
+        if owner is None or key.startswith("_") or not _ELEMENT_NAME.fullmatch(key):
+            handle(cfg, where + "." + path, detector)  # cannot be sealed: refused (an encrypt detector)
+            return
+        places.append(Place(owner, key, index, path, detector))
+
+    _walk(resource, visit, own_only=True)
+    return places
 
 
 # JSON keys come from the client: one that is not shaped like a FHIR element name (letters, at most two

@@ -144,7 +144,7 @@ async def prepare_write(
         wrap_for = await rt.patient_keys.wraps_for_write(resource, policy.resources)
     cfg = policy.sentinel
     names = names | sentinel.names_of(cfg, _resources_in(resource))
-    encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for)
+    encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for, names)
     sentinel.check_resources(cfg, [(resource, it.resource_type or "?")], names)
     return extra
 
