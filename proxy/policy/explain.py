@@ -28,7 +28,9 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
         "identifiers under systems the policy does not name: "
         + _closure(policy.closure.identifiers, policy.closure.identifier_group),
         "extensions the policy does not name: " + _closure(policy.closure.extensions, policy.closure.extension_group),
-        "PHI sentinel on clear values: " + ", ".join(f"{d} {a}" for d, a in policy.sentinel.actions.items()),
+        "PHI sentinel on clear values: "
+        + ", ".join(f"{d} {a}" for d, a in policy.sentinel.actions.items())
+        + (f" (sealed in place, read by group {policy.sentinel.group})" if policy.sentinel.sealing else ""),
         "",
     ]
     display_only = []
