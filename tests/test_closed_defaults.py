@@ -41,7 +41,10 @@ RELIGION = "Kristen Protestan"
 CONTAINED_BPJS = "0009876543210"
 
 
-SENTINEL_LINE = "sentinel: {nik: refuse, bpjs: refuse, ihs: refuse, phone: report, email: report, name: report}\n"
+SENTINEL_LINE = (
+    "sentinel: {nik: refuse, bpjs: refuse, ihs: refuse, phone: report, email: report, "
+    "name: encrypt, group: demographics}\n"
+)
 
 
 def variant(identifiers: str, extensions: str, text: str = SATUSEHAT, sentinel: str = "off") -> CompiledPolicy:

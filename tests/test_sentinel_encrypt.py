@@ -234,3 +234,31 @@ async def test_the_closed_defaults_make_nearly_every_type_sealable_and_search_va
     body = await resp.text()
     assert resp.status == 400 and "cannot be sealed here" in body and "(sentinel.nik: encrypt" in body
     assert NIK not in body and clean_upstream.requests() == []
+
+
+async def test_the_shipped_policy_seals_a_patients_name_repeated_in_a_clear_element(
+    proxy_for, clean_upstream, satusehat
+):
+    """The issue's case in the default configuration: nothing of the name is stored in the clear."""
+    patient = {"resourceType": "Patient", "name": [{"family": "Wirahadikusuma", "given": ["Sulastri"]}]}
+    flag = {
+        "resourceType": "Flag",
+        "status": "active",
+        "code": {"text": "Sulastri alergi penisilin, konfirmasi ke keluarga"},
+        "subject": {"reference": "urn:uuid:p1"},
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {"fullUrl": "urn:uuid:p1", "resource": patient, "request": {"method": "POST", "url": "Patient"}},
+            {"resource": flag, "request": {"method": "POST", "url": "Flag"}},
+        ],
+    }
+    client = await proxy_for(clean_upstream.base_url, satusehat)
+    resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    assert_no_plaintext(clean_upstream.dump(), ["Sulastri", "Wirahadikusuma", "penisilin"])
+    location = (await resp.json())["entry"][1]["response"]["location"]
+    back = await (await client.get("/fhir/R4/" + location.split("/_history")[0])).json()
+    assert back["code"]["text"] == flag["code"]["text"]
