@@ -286,7 +286,9 @@ def find(cfg: SentinelSettings, resource: JSON, names: frozenset[str], where: st
     recognises, to be sealed by the encryption of ``resource``. A hit that is no primitive element's value
     (a string in a list of lists, under a key that is no element name or is a ``_`` twin) is refused."""
     places: list[Place] = []
-    order = cfg.sealing
+    order = tuple(d for d in cfg.sealing if d != "name" or names)  # no names in the request: nothing to find
+    if not order:
+        return places
 
     def visit(text: str, at: Location, owner: JSON | None, key: str, index: int | None) -> None:
         detector = detect(text, names, order)
