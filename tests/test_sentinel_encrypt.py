@@ -262,3 +262,19 @@ async def test_the_shipped_policy_seals_a_patients_name_repeated_in_a_clear_elem
     location = (await resp.json())["entry"][1]["response"]["location"]
     back = await (await client.get("/fhir/R4/" + location.split("/_history")[0])).json()
     assert back["code"]["text"] == flag["code"]["text"]
+
+
+async def test_a_hit_in_a_contained_resource_is_sealed_under_its_own_envelope(proxy_for, clean_upstream):
+    policy = sealing()
+    client = await proxy_for(clean_upstream.base_url, policy)
+    contained = {"resourceType": "Location", "id": "loc", "name": "Poli", "alias": [f"HP {PHONE}"]}
+    sent = {**observation(f"NIK {NIK}"), "contained": [contained], "subject": {"reference": "#loc"}}
+    del sent["id"]
+    resp = await client.post("/fhir/R4/Observation", data=orjson.dumps(sent), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    assert_no_plaintext(clean_upstream.dump(), [NIK, PHONE])
+    stored = clean_upstream.dump()[0]
+    inner_tags = {t["code"] for t in stored["contained"][0]["meta"]["tag"]}
+    assert inner_tags == {mk.TAG_CODE, mk.STRAY_CODE}  # the contained Location's own record
+    back = await (await client.get(f"/fhir/R4/Observation/{(await resp.json())['id']}")).json()
+    assert back["code"]["text"] == sent["code"]["text"] and back["contained"] == [contained]
