@@ -15,8 +15,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from proxy.audit.cli import init_trail
+from proxy.policy.compiler import compile_text
 from proxy.transform.markers import CIPHERTEXT_URL
-from tests.conftest import FHIR_JSON, load_fixture
+from tests.conftest import FHIR_JSON, ROOT, load_fixture
 from tests.test_auth import AUDIENCE, bearer, issuer  # noqa: F401 (issuer: the OpenID provider fixture)
 
 NIK = "3175042903870007"  # the fixture patient's NIK (every seeded Patient has it)
@@ -57,11 +59,11 @@ async def seeded(proxy_for, clean_upstream, satusehat):
 def proxies(proxy_for, satusehat, issuer):  # noqa: F811
     """Factory: (streaming proxy, whole-body proxy) in front of ``base``, with JWT authentication."""
 
-    async def make(base: str, **extra):
+    async def make(base: str, policy=None, **extra):
         common = dict(auth="jwt", oidc_issuer=issuer.url, audience=AUDIENCE, **extra)
         return (
-            await proxy_for(base, satusehat, stream_threshold=THRESHOLD, **common),
-            await proxy_for(base, satusehat, **common),
+            await proxy_for(base, policy or satusehat, stream_threshold=THRESHOLD, **common),
+            await proxy_for(base, policy or satusehat, **common),
         )
 
     return make
@@ -225,3 +227,42 @@ async def test_a_failure_before_the_headers_is_an_ordinary_502(seeded, replay, p
     assert resp.status == 502
     outcome = await resp.json()
     assert outcome["issue"][0]["diagnostics"] == "the upstream answered with invalid JSON"
+
+
+async def test_a_canary_met_mid_stream_cuts_the_answer_before_its_entry(seeded, proxies, issuer):  # noqa: F811
+    text = (ROOT / "policies/satusehat.yaml").read_text() + "\ncanaries: {resources: [Patient/p-12], action: block}\n"
+    streaming, _ = await proxies(seeded.base_url, compile_text(text, "satusehat+canary.yaml"))
+    thief = bearer(issuer.token(sub="sweeper", **CALLERS["physician (decrypted)"]))
+    resp = await streaming.get("/fhir/R4/Patient?_count=100", headers=thief)
+    assert resp.status == 200 and _streamed(resp)
+    received = b""
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async for chunk in resp.content.iter_any():
+            received += chunk
+    assert b'"id":"p-11"' in received and b'"id":"p-12"' not in received  # cut before the canary's batch went out
+    assert (await streaming.get("/fhir/R4/Patient/pat-a", headers=thief)).status == 403  # blocked from now on
+
+
+async def test_a_streamed_page_is_audited_like_a_whole_one(seeded, proxy_for, satusehat, issuer, tmp_path):  # noqa: F811
+    trail, key_file = tmp_path / "audit.jsonl", tmp_path / "audit.key"
+    init_trail(trail, key_file)
+    streaming = await proxy_for(
+        seeded.base_url,
+        satusehat,
+        stream_threshold=THRESHOLD,
+        auth="jwt",
+        oidc_issuer=issuer.url,
+        audience=AUDIENCE,
+        audit_trail=str(trail),
+    )
+    auth = bearer(issuer.token(**CALLERS["analytics client (no group: masked)"]))
+    resp = await streaming.get("/fhir/R4/Patient?_count=100", headers=auth)
+    assert _streamed(resp)
+    await resp.read()
+    await streaming.server.close()  # flushes the sink
+    (event,) = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
+    named = [e["what"]["reference"] for e in event["entity"] if "reference" in e.get("what", {})]
+    assert named == [f"Patient/{_pid(i)}" for i in range(PATIENTS)] and event["outcome"] == "0"
+    details = {d["type"]: d["valueString"] for e in event["entity"] for d in e.get("detail", [])}
+    assert "identity" in details["masked-groups"] and "decrypted-groups" not in details
+    assert NIK not in trail.read_text()
