@@ -132,7 +132,7 @@ async def test_a_large_page_gives_the_bytes_of_the_whole_body_path(seeded, repla
         assert list(bundle)[-1] == "entry"  # total would have come after the entries (answers.total_waits)
 
 
-async def test_everything_and_searches_stream_straight_from_the_real_upstream(seeded, proxies, issuer):  # noqa: F811
+async def test_everything_searches_and_histories_stream_straight_from_the_real_upstream(seeded, proxies, issuer):  # noqa: F811
     streaming, whole = await proxies(seeded.base_url)
     auth = bearer(issuer.token(**CALLERS["physician (decrypted)"]))
     s = await streaming.get("/fhir/R4/Patient/pat-a/$everything", headers=auth)
@@ -145,12 +145,13 @@ async def test_everything_and_searches_stream_straight_from_the_real_upstream(se
     def unminted(bundle: dict) -> dict:  # Medplum gives every search a new Bundle id and timestamp
         return {k: v for k, v in bundle.items() if k not in ("id", "meta")}
 
-    s = await streaming.get("/fhir/R4/Observation?_count=100", headers=auth)
-    w = await whole.get("/fhir/R4/Observation?_count=100", headers=auth)
-    assert _streamed(s) and not _streamed(w)
-    streamed = orjson.loads(await s.read())
-    assert unminted(streamed) == unminted(orjson.loads(await w.read()))
-    assert len(streamed["entry"]) == PATIENTS
+    for query, entries in (("Observation?_count=100", PATIENTS), ("Patient/_history?_count=100", PATIENTS)):
+        s = await streaming.get(f"/fhir/R4/{query}", headers=auth)
+        w = await whole.get(f"/fhir/R4/{query}", headers=auth)
+        assert _streamed(s) and not _streamed(w)
+        streamed = orjson.loads(await s.read())
+        assert unminted(streamed) == unminted(orjson.loads(await w.read()))
+        assert len(streamed["entry"]) == entries and b"fhircrypt.dev" not in orjson.dumps(streamed)
 
 
 async def test_paging_links_of_a_streamed_page_are_the_proxys_signed_links(seeded, proxies, issuer):  # noqa: F811
