@@ -77,7 +77,7 @@ async def answer(
     if (
         type(bundle_type) is not str
         or bundle_type not in STREAMED
-        or (bundle_type == "collection" and forwarding.subset)
+        or (bundle_type == "collection" and forwarding.subset is not None)
     ):
         return None  # not a page (or a subset on a collection, which applies to the Bundle itself)
     page = _Page(call, forwarding, status, headers, str(bundle_type))
@@ -108,7 +108,6 @@ class _Page:
         self.total: tuple[Any] | None = None  # a total held back until the entries are judged
         self.batch: list[Any] = []
         self.out: web.StreamResponse | None = None
-        self.in_entries = False
         self.written = 0  # entries written
         self.removed = 0  # entries the access decision removed
         self.hits: list[str] = []
@@ -174,7 +173,7 @@ class _Page:
         out = web.StreamResponse(status=self.status, headers=self.headers)
         out.content_type, out.charset = hdr.FHIR_JSON, "utf-8"
         await out.prepare(call.request)
-        self.out, self.in_entries = out, True
+        self.out = out
         await out.write(serialise(call, head)[:-1] + b',"entry":[')
 
     async def _flush(self) -> None:
@@ -208,7 +207,6 @@ class _Page:
             log_integrity(self.call)
         assert self.out is not None
         await self.out.write(b"]")
-        self.in_entries = False
 
     async def _finish(self) -> web.StreamResponse:
         call = self.call
