@@ -1,5 +1,6 @@
 """The incremental Bundle splitter (proxy.transform.bundlestream): the same values as a whole-body parse,
-whatever the chunking, and the bounds of a whole-body parse (nesting, size, duplicates, broken JSON)."""
+whatever the chunking, and the bounds of a whole-body parse (nesting, size, duplicates, broken JSON);
+and Bulk export's line splitter, the other streamed answer."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from decimal import Decimal
 import orjson
 import pytest
 from hypothesis import example, given
+from hypothesis import strategies as st
 
+from proxy.outcome import FhirError
 from proxy.transform import jsonnum
+from proxy.transform.bulk import LineSplitter
 from proxy.transform.bundlestream import (
     ENTRIES,
     ENTRIES_END,
@@ -167,3 +171,21 @@ def test_one_entry_may_span_at_most_max_span_bytes_but_the_page_may_be_any_size(
         _split(big, 256, max_span=2048)
     with pytest.raises(SplitError, match="larger than 2048 bytes"):  # members before the entries count together
         _split(b'{"a":"' + b"y" * 1500 + b'","b":"' + b"y" * 1500 + b'","entry":[]}', 256, max_span=2048)
+
+
+@given(st.lists(st.sampled_from([b"a", b"bc", b"\n", b" ", b"\n\n", b"{}"]), max_size=40), st.integers(1, 7))
+def test_export_lines_are_cut_alike_whatever_the_chunking(pieces, size):
+    """Bulk NDJSON's line splitter (the other streamed answer): the lines of the whole, for any chunking."""
+    data = b"".join(pieces)
+    splitter = LineSplitter(1 << 20)
+    lines = []
+    for at in range(0, len(data), size):
+        lines += splitter.feed(data[at : at + size])
+    assert lines + splitter.close() == [line for line in data.split(b"\n") if line.strip()]
+
+
+def test_an_export_line_over_the_limit_is_refused_while_it_arrives():
+    splitter = LineSplitter(100)
+    assert splitter.feed(b"x" * 60 + b"\n" + b"y" * 60) == [b"x" * 60]
+    with pytest.raises(FhirError, match="exceeds"):
+        splitter.feed(b"y" * 50)
