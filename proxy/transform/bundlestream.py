@@ -86,7 +86,7 @@ class BundleSplitter:
         self._seen: set[str] = set()
         self._level = 0  # 0 before the document, 1 inside the top object, 2 inside the entry array, -1 after
 
-    def feed(self, chunk: bytes) -> list[Part]:
+    def feed(self, chunk: bytes | memoryview) -> list[Part]:
         try:
             self._coro.send(chunk)
         except ijson.JSONError:

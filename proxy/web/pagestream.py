@@ -4,9 +4,10 @@ An upstream answer larger than ``stream_threshold`` that is a searchset, history
 is not read whole: :class:`~proxy.transform.bundlestream.BundleSplitter` cuts it into its top-level
 members and its entries, and each batch of entries (those one upstream chunk completed) is judged
 by ``proxy.web.answers.judge`` inside a Bundle shell - screened, decrypted with the caller's
-grants, audited, its upstream URLs rewritten - and written to the client. Memory holds one chunk,
-the members before the entries and one batch (bounded by ``max_response`` per entry), not the page;
-aiohttp's writes wait while the client is slow, and the upstream is read no faster.
+grants, audited, its upstream URLs rewritten - and written to the client. Memory holds the first
+``stream_threshold`` bytes (read to choose the path), one chunk, the members before the entries
+and one batch (``max_response`` bounds each entry), not the page; aiohttp's writes wait while the
+client is slow, and the upstream is read no faster.
 
 Once the headers are out the status cannot change, so the response promises only what is known
 up front: the upstream's status and headers (ETag, Last-Modified), no Content-Length. What goes wrong
@@ -65,7 +66,8 @@ async def answer(
     ):
         return None
     splitter = BundleSplitter(rt.settings.max_response)
-    pieces = [head[at : at + CHUNK] for at in range(0, len(head), CHUNK)]
+    whole = memoryview(head)  # fed in chunk-sized views, not copies
+    pieces = [whole[at : at + CHUNK] for at in range(0, len(head), CHUNK)]
     parts: list[Part] = []
     bundle_type = None
     try:
@@ -113,7 +115,7 @@ class _Page:
         self.hits: list[str] = []
 
     async def run(
-        self, splitter: BundleSplitter, parts: list[Part], pieces: list[bytes], resp: aiohttp.ClientResponse
+        self, splitter: BundleSplitter, parts: list[Part], pieces: list[memoryview], resp: aiohttp.ClientResponse
     ) -> web.StreamResponse:
         call = self.call
         try:
