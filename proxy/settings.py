@@ -277,8 +277,8 @@ class Settings:
     )
     max_body: int = _option("request body limit in bytes", 16 * 1024 * 1024, parse=int)
     max_response: int = _option("upstream response limit in bytes", 64 * 1024 * 1024, parse=int)
-    # 1 MiB: a 100-entry page of large encrypted Patients; above it a parse of the whole page costs tens
-    # of MiB of objects per request in flight, below it the whole-body path is faster than streaming
+    # 1 MiB, about 65 encrypted SATUSEHAT Patients: read whole, a page costs ~16x its size in objects per
+    # request in flight (docs/benchmarks.md); below it the whole-body path is the faster one
     stream_threshold: int = _option(
         "upstream search, history and collection Bundles larger than this (bytes) are streamed entry by entry",
         1024 * 1024,
