@@ -197,6 +197,7 @@ FHIR_JSON = {"Content-Type": "application/fhir+json"}
 UNIT_FILES = frozenset(
     {
         "test_blindindex.py",
+        "test_bundlestream.py",
         "test_compartment.py",
         "test_core_fast_paths.py",
         "test_crypto.py",

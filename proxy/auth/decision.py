@@ -79,10 +79,15 @@ class Decision:
             self._watch(resource, groups)
         return groups
 
+    def hides_nothing(self) -> bool:
+        """Whether every resource is :meth:`visible` to the caller, whatever it holds: a streamed answer
+        can then promise a searchset's ``total`` before it has seen the entries."""
+        return self._everything or self._grants is None or not self._grants.scopes_required
+
     def visible(self, resource: dict[str, Any]) -> bool:
         """Whether the caller may see ``resource`` at all (its type and its compartment)."""
         grants = self._grants
-        if self._everything or grants is None or not grants.scopes_required:
+        if self.hides_nothing() or grants is None:
             return True
         rtype = resource.get("resourceType")
         if rtype == "OperationOutcome":

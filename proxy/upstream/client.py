@@ -12,7 +12,8 @@ It owns what every such request must get right, so no route can get it wrong on 
 - TLS: the upstream's CA, the proxy's client certificate (mutual TLS), the SNI name; rebuilt by
   ``reload`` on SIGHUP while requests in flight finish on the old pool.
 - Limits and errors: pool size and timeouts; transport failures become 502/504, bodies are read
-  with a bound, redirects are never followed.
+  with a bound (or their head only, for a caller that processes the rest while it streams), redirects
+  are never followed.
 """
 
 from __future__ import annotations
@@ -55,15 +56,25 @@ def origin(url: URL) -> tuple[str, str, int] | None:
     return scheme, url.host.lower().rstrip("."), url.port or DEFAULT_PORTS[scheme]
 
 
+CHUNK = 1 << 16  # bytes read from the upstream at a time
+
+
+async def read_head(stream: aiohttp.StreamReader, limit: int) -> tuple[bytes, bool]:
+    """The stream's first bytes, stopping as soon as they exceed ``limit``, and whether that was all of it
+    (False: the rest is still in ``stream``, for a caller that processes it while it arrives)."""
+    chunks, total = [], 0
+    async for chunk in stream.iter_chunked(CHUNK):
+        total += len(chunk)
+        chunks.append(chunk)
+        if total > limit:
+            return b"".join(chunks), False
+    return b"".join(chunks), True
+
+
 async def read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
     """The whole stream, or None as soon as it exceeds ``limit`` bytes."""
-    chunks, total = [], 0
-    async for chunk in stream.iter_chunked(1 << 16):
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+    data, whole = await read_head(stream, limit)
+    return data if whole else None
 
 
 class UpstreamClient:
@@ -191,9 +202,16 @@ class UpstreamClient:
             _log_failure(url, exc)
             raise FhirError(502, "transient", "the upstream FHIR server cannot be reached") from None
 
-    async def read(self, resp: aiohttp.ClientResponse) -> bytes | None:
-        """The response body, or None past ``max_response``."""
-        return await read_limited(resp.content, self.max_response)
+    async def read(self, resp: aiohttp.ClientResponse, already: bytes = b"") -> bytes | None:
+        """The response body, or None past ``max_response``; ``already``: its first bytes, read by ``read_head``."""
+        if len(already) > self.max_response:
+            return None
+        rest = await read_limited(resp.content, self.max_response - len(already))
+        return already + rest if rest is not None else None
+
+    async def read_head(self, resp: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+        """The body's first bytes past ``limit`` (at most ``max_response``), and whether that was all of it."""
+        return await read_head(resp.content, min(limit, self.max_response))
 
 
 def _log_failure(url: URL, exc: BaseException) -> None:

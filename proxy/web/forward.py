@@ -1,9 +1,11 @@
-"""Forward a prepared request through the one upstream client, and transform the answer for the caller.
+"""Forward a prepared request through the one upstream client, and hand the answer to the path that
+transforms it for the caller (``proxy.web.answers``).
 
-The answer is judged by the request's access decision before anything is decrypted (resources the
-caller may not see are removed or refused), decrypted or masked resource by resource, stripped of
-the proxy's artefacts and of links that lead away from the upstream, and rewritten to the proxy's
-own base.
+An answer the policy does not act on goes out as the upstream's own bytes (``_as_sent``); one up to
+``stream_threshold`` bytes is read and transformed whole (``answers.answer_whole``, the faster path);
+a larger search page, history or ``$everything`` answer is transformed entry by entry while it
+arrives (``proxy.web.pagestream``), so memory holds one entry, not the page; any other larger answer
+is read whole up to ``max_response``.
 """
 
 from __future__ import annotations
@@ -13,21 +15,20 @@ import time
 
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.outcome import FhirError
-from proxy.transform import guard, subset
-from proxy.transform.bodies import decrypt_body, serialise_for_client, untouched
+from proxy.transform import guard
+from proxy.transform.bodies import untouched
 from proxy.web import headers as hdr
-from proxy.web import metrics
-from proxy.web.access import alarm, watch_canaries
+from proxy.web import metrics, pagestream
+from proxy.web.answers import answer_whole, to_public
 from proxy.web.auditing import audited_references, reference_of
-from proxy.web.binaries import binary_content
 from proxy.web.call import Call
-from proxy.web.discovery import secure_capabilities
-from proxy.web.paging import has_page_links, sign_page_links
+from proxy.web.paging import has_page_links
 from proxy.web.patientkeys import PATIENT_KEY_MARK
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import drop_foreign_links, has_foreign_links, leads_elsewhere, upstream_resource
+from proxy.web.upstream import has_foreign_links, leads_elsewhere, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 
@@ -60,7 +61,7 @@ def _upstream_url(call: Call) -> str:
     return url
 
 
-async def forward(call: Call) -> web.Response:
+async def forward(call: Call) -> web.StreamResponse:
     rt, request, it, exchange, forwarding = call.rt, call.request, call.interaction, call.exchange, call.forwarding
     assert rt.client is not None and forwarding is not None
     url = _upstream_url(call)
@@ -81,28 +82,44 @@ async def forward(call: Call) -> web.Response:
         async with rt.client.request(
             method, url, data=call.body, headers=headers, caller_authorization=request.headers.get("Authorization")
         ) as resp:
-            raw = await rt.client.read(resp)
+            head, whole = await rt.client.read_head(resp, rt.settings.stream_threshold)
+            exchange.upstream_seconds = time.perf_counter() - sent
             status, up_headers = resp.status, resp.headers
             ctype = hdr.media_type(resp.headers.get("Content-Type"))
+            out_headers = _client_headers(call, up_headers)
+            raw: bytes | None = head
+            if not whole:  # larger than the stream threshold: a search page is answered while it arrives
+                streamed = await pagestream.answer(call, forwarding, resp, head, status, ctype, out_headers)
+                if streamed is not None:
+                    return streamed
+                raw = await rt.client.read(resp, head)
+                exchange.upstream_seconds = time.perf_counter() - sent
     finally:
-        exchange.upstream_seconds = time.perf_counter() - sent
         metrics.UPSTREAM_LATENCY.labels(it.label()).observe(exchange.upstream_seconds)
     if raw is None:
         raise FhirError(502, "too-costly", "the upstream response exceeds the proxy's response size limit")
-    location = reference_of(up_headers.get("Location") or up_headers.get("Content-Location"))
-    if location is not None:  # a create or update answered without a body (Prefer: return=minimal)
-        exchange.targets.append(location)
-    out_headers = hdr.client_response_headers(up_headers, _rewrite_urls(rt))
-    out_headers["X-Request-ID"] = call.request_id
     if not raw:
         return web.Response(status=status, headers=out_headers)
     if ctype not in hdr.JSON_TYPES:
         raise FhirError(502, "not-supported", "the upstream answered with a body that is not FHIR JSON")
     try:
         as_sent = _as_sent(call, forwarding, raw, status, out_headers)
-        return as_sent or await _answer(call, forwarding, upstream_resource(raw), raw, status, out_headers)
+        return as_sent or await answer_whole(
+            call, forwarding, upstream_resource(raw), status, out_headers, PATIENT_KEY_MARK in raw
+        )
     except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
         raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None
+
+
+def _client_headers(call: Call, up_headers) -> CIMultiDict[str]:
+    """The upstream's headers the client may see, in the proxy's base; a resource the answer names only
+    in a header (a create answered ``Prefer: return=minimal``) is noted for the audit."""
+    location = reference_of(up_headers.get("Location") or up_headers.get("Content-Location"))
+    if location is not None:
+        call.exchange.targets.append(location)
+    out_headers = hdr.client_response_headers(up_headers, _rewrite_urls(call.rt))
+    out_headers["X-Request-ID"] = call.request_id
+    return out_headers
 
 
 def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, out_headers) -> web.Response | None:
@@ -125,53 +142,5 @@ def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, 
     if call.decided.screen(view, it) or has_foreign_links(view, rt.upstream_base) or has_page_links(rt, view):
         return None  # the parsing path judges a fresh parse again and changes what it must
     call.exchange.references = audited_references(rt.audit, view)
-    out = _to_public(rt, raw)
-    return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")
-
-
-def _to_public(rt: Runtime, body: bytes) -> bytes:
-    return body.replace(rt.upstream_base.encode(), rt.public_base.rstrip("/").encode())
-
-
-async def _answer(
-    call: Call, forwarding: guard.Forwarding, payload: dict, raw: bytes, status: int, out_headers
-) -> web.Response:
-    """Judge and decrypt an upstream answer for the caller, apply what the proxy took over, serialise it."""
-    rt, it, decision, exchange = call.rt, call.interaction, call.decided, call.exchange
-    report = exchange.report
-    hits: list[str] = []
-    if PATIENT_KEY_MARK in raw:
-        await rt.prefetch_patient_keys(payload)
-    if it.kind == "capabilities" and payload.get("resourceType") == "CapabilityStatement":
-        secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
-    decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
-    decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), report)
-    exchange.references = audited_references(rt.audit, payload)
-    if hits:
-        alarm(rt, exchange, hits, call.request_id)
-    drop_foreign_links(payload, rt.upstream_base)
-    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it)
-    if forwarding.subset is not None and status < 300:
-        subset.apply_to_body(payload, forwarding.subset)
-    if forwarding.raw_binary and status == 200:
-        content_type, data = binary_content(payload, report)
-        return web.Response(status=200, body=data, headers=out_headers, content_type=content_type)
-    out = serialise_for_client(payload, report, it.label())
-    out = _to_public(rt, out)
-    if report.failures:
-        out_headers["X-Fhircrypt-Integrity"] = f"failed; issues={len(report.failures)}"
-        log.warning(
-            "integrity",
-            extra={
-                "event": "integrity-failure",
-                "request_id": call.request_id,
-                "interaction": it.label(),
-                "resource_type": it.resource_type,
-                "failures": report.failures[:20],
-            },
-        )
-    if report.masked:
-        out_headers["X-Fhircrypt-Masked"] = str(report.masked)
-    if report.shredded:
-        out_headers["X-Fhircrypt-Shredded"] = str(report.shredded)
+    out = to_public(rt, raw)
     return web.Response(status=status, body=out, headers=out_headers, content_type=hdr.FHIR_JSON, charset="utf-8")

@@ -23,12 +23,12 @@ from proxy.web.runtime import Runtime
 
 PAGE = "page"
 _NAVIGATION = frozenset({"next", "previous", "prev", "first", "last"})
-_PAGED = frozenset({"searchset", "history"})
+PAGED = frozenset({"searchset", "history"})  # the Bundle types that page
 
 
 def _unsigned(rt: Runtime, payload: dict) -> Iterator[dict]:
     """The navigation links of a searchset or history Bundle that point into the upstream's base."""
-    if payload.get("resourceType") != "Bundle" or payload.get("type") not in _PAGED:
+    if payload.get("resourceType") != "Bundle" or payload.get("type") not in PAGED:
         return
     links = payload.get("link")
     for link in links if type(links) is list else ():
