@@ -278,3 +278,21 @@ async def test_a_hit_in_a_contained_resource_is_sealed_under_its_own_envelope(pr
     assert inner_tags == {mk.TAG_CODE, mk.STRAY_CODE}  # the contained Location's own record
     back = await (await client.get(f"/fhir/R4/Observation/{(await resp.json())['id']}")).json()
     assert back["code"]["text"] == sent["code"]["text"] and back["contained"] == [contained]
+
+
+def test_only_names_the_policy_encrypts_are_secrets_not_those_under_an_extension_catch_all(satusehat):
+    """Practitioner.name is clear in SATUSEHAT; the closed default for extensions inside it encrypts no name."""
+    assert "Practitioner" not in satusehat.sentinel.name_keys
+    assert satusehat.sentinel.name_keys["Patient"] == ("name",)
+
+
+async def test_a_clear_name_in_a_contained_resource_is_neither_sealed_nor_refused(proxy_for, clean_upstream, satusehat):
+    client = await proxy_for(clean_upstream.base_url, satusehat)
+    practitioner = {"resourceType": "Practitioner", "id": "c1", "name": [{"text": "dr. Siti Aminah"}]}
+    sent = {**observation("Tekanan darah"), "contained": [practitioner], "performer": [{"reference": "#c1"}]}
+    del sent["id"]
+    sent["note"] = [{"text": "Diukur oleh dr. Siti Aminah"}]
+    resp = await client.post("/fhir/R4/Observation", data=orjson.dumps(sent), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    stored = clean_upstream.dump()[0]
+    assert stored["contained"][0]["name"] == practitioner["name"]  # clear, as the policy says

@@ -15,8 +15,8 @@ from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
 from proxy.keymgmt.keyring import Keyring
 from proxy.keymgmt.patientkeys import KeyShredded
-from proxy.policy.closed import Unlisted, same_uri
-from proxy.policy.compiler import CompiledElement, Hop, Kind, ResourcePolicy
+from proxy.policy.closed import Unlisted, canonical, same_uri
+from proxy.policy.compiler import CompiledElement, Dispatch, Hop, Kind, ResourcePolicy
 from proxy.policy.sentinel import STRAY_FIELD
 from proxy.transform import jsonnum, sentinel
 from proxy.transform import markers as mk
@@ -173,6 +173,30 @@ def _children(
         if strict:
             raise ShapeError(p)
         del obj[key]
+
+
+def _dispatched(resource: JSON, d: Dispatch, strict: bool) -> list[tuple[CompiledElement, JSON, str]] | None:
+    """(element, list item, its path) for every item of ``resource[d.key]`` an element of ``d`` selects, in
+    one scan; None when the value is not a list (the elements then walk it one by one, and decide)."""
+    items = resource.get(d.key)
+    if type(items) is not list:
+        return [] if items is None else None
+    out: list[tuple[CompiledElement, JSON, str]] = []
+    unlisted = d.unlisted
+    for i, item in enumerate(items):
+        if type(item) is not dict:
+            if item is not None:
+                if strict:
+                    raise ShapeError(f"{d.key}[{i}]")
+                items[i] = None
+            continue
+        value = item.get(d.field)
+        els = d.table.get(canonical(value), ()) if type(value) is str else ()
+        if unlisted is not None and unlisted.admits(item):
+            els = (*els, *d.catch_all)
+        path = f"{d.key}[{i}]"
+        out.extend((el, item, path) for el in els)
+    return out
 
 
 def _ct_of(obj: object) -> str | None:
@@ -390,9 +414,17 @@ def encrypt_resource(
     if cfg.action("name") == "encrypt":
         names = names | sentinel.names_of(cfg, (resource,))
     sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
-    for el in rp.elements:
-        if _may_hold(resource, el):
-            sealer.element(resource, el)
+    for step in rp.plan:
+        if not isinstance(step, Dispatch):
+            if _may_hold(resource, step):
+                sealer.element(resource, step)
+            continue
+        found = _dispatched(resource, step, strict=True)
+        if found is None:
+            for el in step.elements:
+                sealer.element(resource, el)
+        for el, item, path in found or ():
+            sealer.primitive(item, path, el.terminal.key, el.repeating, el.field_id)
     strays = bool(cfg.sealing) and sealer.strays(resource, rp, names)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
     envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
@@ -671,9 +703,17 @@ def decrypt_resource(
     if not envelopes and not tagged and unenveloped == "allow":
         return
     slots: list[Slot] = []
-    for el in rp.elements:
-        if _may_hold(resource, el):
-            _find(resource, el, slots)
+    for step in rp.plan:
+        if not isinstance(step, Dispatch):
+            if _may_hold(resource, step):
+                _find(resource, step, slots)
+            continue
+        found = _dispatched(resource, step, strict=False)
+        if found is None:
+            for el in step.elements:
+                _find(resource, el, slots)
+        for el, item, path in found or ():
+            _find_primitive(item, path, el.terminal.key, el.repeating, el, slots)
     if mk.STRAY_CODE in codes:
         _find_strays(resource, rp.stray, slots)
     cipher, shredded = None, False
