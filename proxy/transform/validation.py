@@ -121,5 +121,5 @@ def validate_resource(resource: JSON, max_issues: int = 20) -> None:
         model.model_validate(resource)
     except pydantic.ValidationError as exc:
         raise invalid([describe_error(resource, e) for e in exc.errors()[:max_issues]], max_issues) from None
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # fhir.resources' own validators, on odd input
         raise FhirError(400, "structure", f"{rtype}: resource is not valid FHIR", [rtype]) from None
