@@ -32,9 +32,9 @@ terminology bindings, invariants (``ele-1``, ``dom-2``, ...), profiles, calendar
 beyond the regular expressions (``2023-02-30``), XHTML content, and extension definitions.
 
 The element table (``r4_elements.json``) is derived from Medplum's R4 definitions, which add
-a few non-R4 elements to ``Meta`` (``project``, ``author``, ...). The top-level elements of
-each data type are therefore intersected with the fields of fhir.resources' R4B model of that
-type (R4B's data types are R4's, plus new choice types), once, when the type is compiled.
+a few non-R4 elements to ``Meta`` (``project``, ``author``, ...); those are left out, as
+``r4_nonstandard_elements.json`` lists them (derived by comparison with fhir.resources' R4B
+models, so that neither pydantic nor the models are loaded here).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from proxy.policy.definitions import (
     choice_json_name,
     elements,
     is_primitive,
+    packaged_table,
     resource_types,
 )
 from proxy.transform.elementpath import Located, expected
@@ -159,7 +160,7 @@ def _children(owner: str) -> dict[str, list[tuple[str, list[Any]]]]:
 
 def _fill(shape: _Shape, owner: str, rel: str) -> None:
     is_resource = owner in resource_types()
-    known = None if is_resource or rel else _r4b_fields(owner)
+    added = () if is_resource or rel else _nonstandard().get(owner, ())
     if is_resource and not rel:
         shape.fields["resourceType"] = _Slot(_SKIP, False, 0, None, None, "", "")
     for name, row in _children(owner).get(rel, []):
@@ -170,8 +171,8 @@ def _fill(shape: _Shape, owner: str, rel: str) -> None:
             types = ("id",)  # the table types every element id as string; a resource's id is an id
         el = ElementDef(path, types, low, high, "m" in row[3], cref)
         if not el.is_choice:
-            if known is not None and name not in known:
-                continue  # not in R4 (a Medplum addition to the table)
+            if name in added:
+                continue  # not R4: an addition of Medplum's definitions
             names = _add(shape, name, el, _target(owner, path, types[0] if types else "", cref), None)
         else:
             base, names = name[:-3], ()
@@ -211,15 +212,9 @@ def _target(owner: str, path: str, type_name: str, cref: str | None) -> tuple[in
 
 
 @cache
-def _r4b_fields(type_name: str) -> frozenset[str] | None:
-    """The JSON names fhir.resources' R4B model of a data type defines (None: R4B has no such type)."""
-    from fhir.resources.R4B import get_fhir_model_class  # only to compile a type, never on the hot path
-
-    try:
-        model = get_fhir_model_class(type_name)
-    except (KeyError, ValueError, AttributeError):
-        return None
-    return frozenset(f.alias or n for n, f in model.model_fields.items())
+def _nonstandard() -> dict[str, list[str]]:
+    """Elements Medplum's definitions add to R4 data types (``scripts/derive_r4_nonstandard_elements.py``)."""
+    return packaged_table("r4_nonstandard_elements.json")
 
 
 def resource_shape(resource_type: str) -> _Shape | None:
