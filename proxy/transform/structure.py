@@ -250,7 +250,7 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
     issues: list[Issue] = []
     stack: list[tuple[JSON, _Shape, Loc]] = [(root, top, where)]
     push, isfinite = stack.append, math.isfinite
-    string, obj, boolean, integer, skip = _STRING, _OBJECT, _BOOLEAN, _INTEGER, _SKIP  # locals: read per element
+    string, boolean, integer, decimal, obj, twin, skip = _STRING, _BOOLEAN, _INTEGER, _DECIMAL, _OBJECT, _TWIN, _SKIP
     while stack and len(issues) < limit:
         node, shape, loc = stack.pop()
         fields = shape.fields
@@ -278,9 +278,16 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
                 if bound and len(value) > bound:
                     issues.append(issue(f"{_path(loc)}.{key}", f"expected at most {bound} entries"))
                 items: list[Any] | tuple[Any] = value
-            elif kind == skip:
-                continue
-            else:
+            else:  # a single value: the common cases that are fine first, everything else below
+                if kind == string:
+                    if type(value) is str and value != "" and (target is None or target(value) is not None):
+                        continue
+                elif kind == obj:
+                    if type(value) is dict:
+                        push((value, target, (loc, key, -1)))
+                        continue
+                elif kind == skip:
+                    continue
                 items = (value,)
             bad = -2  # the index of the first wrong entry, if any
             i = 0
@@ -295,7 +302,7 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
                         bad = i
                         break
                     i += 1
-            elif kind <= _DECIMAL:  # a primitive: its JSON type, then its form or range
+            elif kind <= decimal:  # a primitive: its JSON type, then its form or range
                 for item in items:
                     t = type(item)
                     if kind == string:
@@ -310,7 +317,7 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
                         bad = i
                         break
                     i += 1
-            elif kind == _TWIN:
+            elif kind == twin:
                 bad = _twin(node, key, items, slot, loc, push, issues)
             else:  # _RESOURCE
                 _resources(items, slot, loc, key, push, issues)
