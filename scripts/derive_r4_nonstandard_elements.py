@@ -39,12 +39,6 @@ def additions(source: Path) -> dict[str, list[str]]:
     return out
 
 
-def main() -> None:
-    source, target = Path(sys.argv[1]), Path(sys.argv[2])
-    found = additions(source)
-    target.write_text(json.dumps(found, separators=(",", ":"), sort_keys=True) + "\n")
-    print(f"{sum(map(len, found.values()))} elements in {len(found)} types -> {target}")
-
-
 if __name__ == "__main__":
-    main()
+    found = additions(Path(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(found, separators=(",", ":"), sort_keys=True) + "\n")

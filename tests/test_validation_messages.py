@@ -112,22 +112,21 @@ def _replace(doc: object, at: tuple, value: object) -> None:
 SAMPLES = [
     json.loads(p.read_text()) for p in sorted((FIXTURES / "satusehat").glob("*.json")) if p.name != "needles.json"
 ]
-WRONG = st.sampled_from(
-    [
-        NEEDLE,
-        f" {NEEDLE} ",
-        987654321987,
-        -7,
-        1.5,
-        True,
-        [NEEDLE],
-        [None],
-        {f"{NEEDLE} Budi": 1},
-        {"value": NEEDLE},
-        [[]],
-        {},
-    ]
-)
+WRONG_VALUES = [
+    NEEDLE,
+    f" {NEEDLE} ",
+    987654321987,
+    -7,
+    1.5,
+    True,
+    [NEEDLE],
+    [None],
+    {f"{NEEDLE} Budi": 1},
+    {"value": NEEDLE},
+    [[]],
+    {},
+]
+WRONG = st.sampled_from(WRONG_VALUES)
 
 
 @VALIDATORS

@@ -18,8 +18,8 @@ What it checks, in every resource of the body (contained resources, ``Bundle.ent
   complex type or backbone element, the JSON type of each primitive (string, number, boolean),
   no null in an array of objects;
 - the forms of primitives by the R4 regular expressions (id, code, uri, oid, uuid, date,
-  dateTime, instant, time, base64Binary), the integer ranges, finite decimals and non-empty
-  strings;
+  dateTime, instant, time), calendar days, base64 that decodes, the integer ranges, finite
+  decimals and non-empty strings;
 - a primitive's ``_name`` twin is an object (for a repeating primitive an array, as long as the
   values', of objects or nulls) holding only ``id`` and ``extension``; a null in a repeating
   primitive only where its twin holds extensions;
@@ -28,8 +28,8 @@ What it checks, in every resource of the body (contained resources, ``Bundle.ent
 - the ``resourceType`` of every nested resource is an R4 resource type.
 
 What it does not check, left to the server (which validates what it can see anyway):
-terminology bindings, invariants (``ele-1``, ``dom-2``, ...), profiles, calendar validity
-beyond the regular expressions (``2023-02-30``), XHTML content, and extension definitions.
+terminology bindings, invariants (``ele-1``, ``dom-2``, ...), profiles, XHTML content and
+extension definitions.
 
 The element table (``r4_elements.json``) is derived from Medplum's R4 definitions, which add
 a few non-R4 elements to ``Meta`` (``project``, ``author``, ...); those are left out, as
@@ -39,9 +39,12 @@ models, so that neither pydantic nor the models are loaded here).
 
 from __future__ import annotations
 
+import binascii
 import math
 import re
+import threading
 from collections.abc import Callable
+from datetime import date
 from functools import cache
 from typing import Any, NamedTuple
 
@@ -90,14 +93,47 @@ _FORMS: dict[str, str] = {
     "dateTime": rf"{_YEAR}(-{_MONTH}(-{_DAY}(T{_TIME}{_ZONE})?)?)?",
     "instant": rf"{_YEAR}-{_MONTH}-{_DAY}T{_TIME}{_ZONE}",
     "time": _TIME,
-    "base64Binary": r"[A-Za-z0-9+/=\s]+",  # the alphabet (R4's own regex forgets '/')
 }
 _INT_MAX = 2**31 - 1
 _RANGES = {"integer": (-(2**31), _INT_MAX), "unsignedInt": (0, _INT_MAX), "positiveInt": (1, _INT_MAX)}
 
 
+Check = Callable[[str], object]  # a string's form: truthy if it holds
+
+
+def _on_the_calendar(form: Check) -> Check:
+    """A date, dateTime or instant form that also refuses days the calendar lacks (``2023-02-30``)."""
+
+    def check(value: str) -> bool:
+        return bool(form(value)) and (len(value) < 10 or _real_day(value[:10]))
+
+    return check
+
+
+def _real_day(text: str) -> bool:
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _base64(value: str) -> bool:
+    """R4's alphabet, in whole quanta of four (a decoder refuses ``QUI``), whitespace allowed as R4 allows it."""
+    if _BASE64_ALPHABET(value) is None:
+        return False
+    try:
+        binascii.a2b_base64(value)
+    except binascii.Error:
+        return False
+    return True
+
+
+_BASE64_ALPHABET = re.compile(r"[A-Za-z0-9+/=\s]+").fullmatch  # R4's own regex forgets '/'
+
+
 def _primitive(type_name: str) -> tuple[int, Any]:
-    """(kind, target) of a primitive type: a form's ``fullmatch`` (None: any non-empty string) or a range."""
+    """(kind, target) of a primitive type: its form (None: any non-empty string) or its range."""
     if type_name == "boolean":
         return _BOOLEAN, None
     if type_name == "decimal":
@@ -106,8 +142,13 @@ def _primitive(type_name: str) -> tuple[int, Any]:
         return _INTEGER, _RANGES[type_name]
     if type_name == "id":
         return _STRING, ID.match  # anchored at both ends
+    if type_name == "base64Binary":
+        return _STRING, _base64
     form = _FORMS.get(type_name)
-    return _STRING, re.compile(form).fullmatch if form is not None else None
+    if form is None:
+        return _STRING, None
+    check = re.compile(form).fullmatch
+    return _STRING, _on_the_calendar(check) if type_name in ("date", "dateTime", "instant") else check
 
 
 class _Slot(NamedTuple):
@@ -217,9 +258,20 @@ def _nonstandard() -> dict[str, list[str]]:
     return packaged_table("r4_nonstandard_elements.json")
 
 
+_READY: dict[str, _Shape] = {}  # resource type -> its shape, published only once every shape it reaches is filled
+_COMPILING = threading.Lock()
+
+
 def resource_shape(resource_type: str) -> _Shape | None:
-    """The compiled shape of an R4 resource type, or None if R4 has no such resource."""
-    return _shape(resource_type) if resource_type in resource_types() else None
+    """The compiled shape of an R4 resource type, or None if R4 has no such resource.
+
+    Compiled under a lock and published when complete, so that a walk in another thread never
+    sees a shape still being filled (it would refuse valid elements as unknown)."""
+    shape = _READY.get(resource_type)
+    if shape is None and resource_type in resource_types():
+        with _COMPILING:
+            shape = _READY[resource_type] = _shape(resource_type)
+    return shape
 
 
 # Where an issue is: the root path, or (parent, key, array index or -1) built up as the walk descends.
@@ -280,7 +332,7 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
                 items: list[Any] | tuple[Any] = value
             else:  # a single value: the common cases that are fine first, everything else below
                 if kind == string:
-                    if type(value) is str and value != "" and (target is None or target(value) is not None):
+                    if type(value) is str and value != "" and (target is None or target(value)):
                         continue
                 elif kind == obj:
                     if type(value) is dict:
@@ -306,7 +358,7 @@ def _walk(root: JSON, top: _Shape, where: str, limit: int) -> list[Issue]:
                 for item in items:
                     t = type(item)
                     if kind == string:
-                        ok = t is str and item != "" and (target is None or target(item) is not None)
+                        ok = t is str and item != "" and (target is None or target(item))
                     elif kind == boolean:
                         ok = t is bool
                     elif kind == integer:
