@@ -23,11 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from functools import cache
-from typing import Literal
-
-import pydantic
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic_core import ErrorDetails
+from typing import TYPE_CHECKING, Literal
 
 from proxy.outcome import FhirError, Issue
 from proxy.policy.definitions import resource_types
@@ -35,6 +31,10 @@ from proxy.transform import validation_messages as say
 from proxy.transform.elementpath import Located, expected, locate
 from proxy.transform.jsontypes import JSON
 from proxy.transform.structure import check_structure
+
+if TYPE_CHECKING:  # imported when ``full`` first runs (_model): the default never loads them
+    import pydantic
+    from pydantic_core import ErrorDetails
 
 Validation = Literal["structure", "full", "off"]
 MODES: tuple[Validation, ...] = ("structure", "full", "off")
@@ -58,6 +58,10 @@ def validator(mode: Validation) -> Callable[[JSON], None] | None:
 
 @cache
 def _model(resource_type: str) -> type[pydantic.BaseModel] | None:
+    """fhir.resources' model of a type; imported on first use, so that only ``validate: full`` pays for
+    fhir.resources and pydantic (about a third of the proxy's start-up imports, and their memory)."""
+    from fhir.resources.R4B import get_fhir_model_class
+
     try:
         return get_fhir_model_class(resource_type)
     except (KeyError, ValueError, AttributeError):
@@ -110,9 +114,11 @@ def validate_resource(resource: JSON, max_issues: int = 20) -> None:
     unknown = [p for p in _unknown_nested_types({k: v for k, v in resource.items() if k != "resourceType"}, rtype)]
     if unknown:
         raise say.invalid([say.not_a_resource_type(p) for p in unknown], max_issues)
+    from pydantic import ValidationError  # loaded with the model
+
     try:
         model.model_validate(resource)
-    except pydantic.ValidationError as exc:
+    except ValidationError as exc:
         raise say.invalid([describe_error(resource, e) for e in exc.errors()[:max_issues]], max_issues) from None
     except (ValueError, TypeError, KeyError, AttributeError):  # fhir.resources' own validators, on odd input
         raise FhirError(400, "structure", f"{rtype}: resource is not valid FHIR", [rtype]) from None
