@@ -238,6 +238,19 @@ def test_whatever_full_refuses_structure_refuses_too(data, wrong):
             check_structure(sample)
 
 
+def test_an_element_typed_as_one_resource_takes_only_that_resource():
+    """Bundle.entry.response.outcome is an OperationOutcome; a Patient there would be checked as nothing."""
+    outcome = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]}
+    entry = {"response": {"status": "400", "outcome": outcome}}
+    check_structure({"resourceType": "Bundle", "type": "batch-response", "entry": [entry]})
+    entry["response"]["outcome"] = {"resourceType": "Patient", "name": [{"text": NEEDLE}]}
+    with pytest.raises(FhirError) as caught:
+        check_structure({"resourceType": "Bundle", "type": "batch-response", "entry": [entry]})
+    assert [i.diagnostics for i in caught.value.issues] == [
+        "Bundle.entry[0].response.outcome.resourceType: expected an OperationOutcome"
+    ]
+
+
 def test_valid_uses_of_twins_and_nulls_pass():
     resource = {
         "resourceType": "Patient",

@@ -16,7 +16,7 @@ What it checks, in every resource of the body (contained resources, ``Bundle.ent
   is refused without being quoted (it may be data);
 - the JSON shape: an array for a repeating element and never for another, an object for a
   complex type or backbone element, the JSON type of each primitive (string, number, boolean),
-  no null in an array of objects;
+  no null where a value belongs;
 - the forms of primitives by the R4 regular expressions (id, code, uri, oid, uuid, date,
   dateTime, instant, time), calendar days, base64 that decodes, the integer ranges, finite
   decimals and non-empty strings;
@@ -429,7 +429,9 @@ def _resources(
             continue
         rtype = item.get("resourceType")
         shape = resource_shape(rtype) if type(rtype) is str else None
-        if shape is None or (slot.target is not None and rtype != slot.target):
+        if shape is None:
             issues.append(not_a_resource_type(f"{_path(at)}.resourceType"))
-            continue
-        push((item, shape, at))
+        elif slot.target is not None and rtype != slot.target:  # Bundle.entry.response.outcome
+            issues.append(issue(f"{_path(at)}.resourceType", f"expected {slot.item}"))
+        else:
+            push((item, shape, at))
