@@ -21,9 +21,10 @@ from hypothesis import strategies as st
 from demo.scenario import DIRECTORY, ORGANIZATION, transaction
 from proxy.keymgmt.keyring import Keyring
 from proxy.outcome import FhirError
+from proxy.settings import BY_NAME
 from proxy.transform.bodies import encrypt_for_write
 from proxy.transform.structure import check_structure
-from proxy.transform.validation import validate_resource, validator
+from proxy.transform.validation import MODES, validate_resource, validator
 from tests import test_auth, test_coverage, test_records
 from tests.conftest import FHIR_JSON, FIXTURES, unit_policy
 from tests.test_validation_messages import SAMPLES, WRONG_VALUES, _paths, _replace
@@ -303,6 +304,7 @@ def test_an_unknown_resource_type_is_refused(resource, validate):
 
 
 def test_the_settings_name_the_validators():
+    assert BY_NAME["validate"].choices == MODES  # the option and the core agree on the names
     assert validator("structure") is check_structure and validator("full") is validate_resource
     assert validator("off") is None
     with pytest.raises(ValueError, match="use one of structure, full, off"):
