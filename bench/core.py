@@ -12,7 +12,9 @@ Cases (µs per Patient and Patients/s per core):
 ``decrypt_path``    ``jsonnum.loads``(at-rest) + ``decrypt_resource`` + ``jsonnum.dumps``: a read, per resource
 ``encrypt``         ``index_identifiers`` + ``encrypt_resource`` alone (validation off)
 ``encrypt_path``    ``jsonnum.loads``(plaintext) + index + encrypt + ``jsonnum.dumps``: what a write costs
-``validate``        ``validate_resource`` (fhir.resources) of the plaintext: what create adds
+``validate``        ``validate_resource`` (fhir.resources) of the plaintext: what create adds under ``validate: full``
+``validate_structure`` ``check_structure`` of the plaintext: what create adds under ``validate: structure``
+                    (the default)
 ``sentinel``        the PHI sentinel on a write: the names of the plaintext, then every clear string
                     of the encrypted Patient (``x_encrypt_path``: its share of a write's core cost)
 
@@ -36,6 +38,7 @@ from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.transform import jsonnum, sentinel
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
+from proxy.transform.structure import check_structure
 from proxy.transform.validation import validate_resource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +121,10 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         for r in items:
             validate_resource(r)
 
+    def validate_structure(items: list) -> None:
+        for r in items:
+            check_structure(r)
+
     cfg = policy.sentinel
     parsed_plain = loads(plain)
     parsed_at_rest = loads(at_rest)
@@ -136,6 +143,7 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         "encrypt": (lambda n: [loads(plain) for _ in range(n)], encrypt),
         "encrypt_path": (lambda n: [plain] * n, encrypt_path),
         "validate": (lambda n: [parsed_plain] * n, validate),
+        "validate_structure": (lambda n: [parsed_plain] * n, validate_structure),
         "sentinel": (lambda n: [parsed_at_rest] * n, sentinel_write),
     }
 

@@ -9,8 +9,9 @@ Run one by hand::
 Each prints ``LISTENING <port>`` once it accepts connections (``--port 0``, the default,
 picks a free port). The proxy runs as ``fhircrypt serve --auth none`` does: the same
 ``create_app``, JSON request logging at ``--log-level`` (default info, like serve),
-writes validated, a keyring generated in memory (the key provider is never called after
-start-up, as in production where keys are unwrapped once).
+writes validated (``--validate``, structure by default as in serve), a keyring generated
+in memory (the key provider is never called after start-up, as in production where keys
+are unwrapped once).
 
 The passthrough is the floor any aiohttp proxy pays: it forwards method, path, headers
 and body bytes to the upstream and the response bytes back, and parses nothing.
@@ -102,7 +103,7 @@ def passthrough_app(upstream: str, connections: int = 100):
     return app
 
 
-def proxy_app(upstream: str, policy: str, port: int, validate: bool = True):
+def proxy_app(upstream: str, policy: str, port: int, validate: str = "structure"):
     """fhircrypt's own ``create_app`` in development mode (``--auth none``)."""
     from proxy.keymgmt.keyring import Keyring
     from proxy.policy.compiler import compile_file, compile_text
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="empty", help="policy file, or 'empty' (proxy only)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--no-validate", action="store_true", help="proxy: do not validate writes")
+    parser.add_argument("--validate", default="structure", choices=("structure", "full", "off"),
+                        help="proxy: as `fhircrypt serve --validate`")  # fmt: skip
     parser.add_argument("--log-level", default="info", help="proxy: as `fhircrypt serve --log-level`")
     parser.add_argument("--profile", metavar="FILE", help="cProfile from SIGUSR1 until SIGUSR2, which writes FILE")
     parser.add_argument("--gc-threshold", type=int, default=DEFAULT_GC_THRESHOLD,
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             from proxy.logs import configure
 
             configure(args.log_level)
-            app = proxy_app(args.upstream, args.policy, port, validate=not args.no_validate)
+            app = proxy_app(args.upstream, args.policy, port, validate=args.validate)
             gctune.tune(args.gc_threshold)
         else:
             app = passthrough_app(args.upstream)

@@ -73,6 +73,14 @@ def parse_bool(value: Any) -> bool:
     raise ValueError("use true or false")
 
 
+def _validation(value: Any) -> str:
+    """A ``validate`` setting; the booleans of configs written before the choice keep their meaning."""
+    try:
+        return "full" if parse_bool(value) else "off"
+    except ValueError:
+        return str(value).strip().lower()  # then checked against the option's choices
+
+
 # What an operator command takes besides ``serve`` and ``config show`` (which take every option): the
 # commands name these groups, and their flags, environment variables and file keys come from the same table.
 KEYRING = "keyring"  # the keyring file
@@ -269,7 +277,13 @@ class Settings:
         choices=("fail-closed", "continue"),
     )
     audit_max_backlog: int = _option("audit records queued per destination before audit_mode applies", 10000, parse=int)
-    validate: bool = _option("validate writes with fhir.resources", True, parse=parse_bool)
+    validate: Literal["structure", "full", "off"] = _option(
+        "validate writes holding a resource of a covered type: structure (element names, JSON shapes, primitive forms"
+        " against R4), full (fhir.resources) or off; true and false, from older configs, mean full and off",
+        "structure",
+        parse=_validation,
+        choices=("structure", "full", "off"),
+    )
     gc_threshold: int = _option(
         "garbage collector: generation-0 threshold after start-up, start-up objects frozen (0: Python's defaults)",
         DEFAULT_GC_THRESHOLD,

@@ -206,6 +206,7 @@ UNIT_FILES = frozenset(
         "test_records.py",
         "test_reencrypt_manifest.py",
         "test_searchparams.py",
+        "test_structure_validation.py",
         "test_validation_messages.py",
     }
 )

@@ -32,7 +32,19 @@ def test_the_config_file_comes_from_the_environment_too(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("listen: 0.0.0.0:9443\nvalidate: false\n")
     settings = resolve({}, {"FHIRCRYPT_CONFIG": str(config)}).settings()
-    assert (settings.host, settings.port, settings.validate) == ("0.0.0.0", 9443, False)
+    assert (settings.host, settings.port, settings.validate) == ("0.0.0.0", 9443, "off")
+
+
+@pytest.mark.parametrize(
+    ("written", "mode"),
+    [("true", "full"), ("false", "off"), ("yes", "full"), ("structure", "structure"), ("Full", "full"), ("off", "off")],
+)
+def test_validate_takes_a_mode_and_the_old_booleans_keep_their_meaning(tmp_path, written, mode):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"validate: {written}\n")
+    assert resolve({}, {}, str(config)).settings().validate == mode
+    assert resolve({}, {"FHIRCRYPT_VALIDATE": written}).settings().validate == mode
+    assert resolve({}, {}).settings().validate == "structure"
 
 
 @pytest.mark.parametrize(
@@ -43,6 +55,7 @@ def test_the_config_file_comes_from_the_environment_too(tmp_path):
         ("upstrem: x\n", "upstrem: unknown option"),
         ("workers: many\n", "workers (file"),
         ("auth: maybe\n", "use one of jwt, none"),
+        ("validate: partly\n", "validate (file"),
         ("- a list\n", "must be a mapping"),
         ("a: [unclosed\n", "not valid YAML"),
     ],
@@ -163,7 +176,7 @@ def test_serve_help_shows_each_default_and_environment_variable():
         "[default 127.0.0.1:8080; env FHIRCRYPT_LISTEN]",
         "[default 25.0; env FHIRCRYPT_SHUTDOWN_TIMEOUT]",
         "[default jwt; env FHIRCRYPT_AUTH]",
-        "[default True; env FHIRCRYPT_VALIDATE]",
+        "[default structure; env FHIRCRYPT_VALIDATE]",
     ):
         assert fragment in text, fragment
 

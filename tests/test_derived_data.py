@@ -17,6 +17,7 @@ TABLES = [
     ("derive_r4_elements.py", "", "r4_elements.json"),
     ("derive_search_params.py", "search-parameters.json", "r4_search_params.json"),
     ("derive_patient_compartment.py", "compartmentdefinition-patient.json", "r4_patient_compartment.json"),
+    ("derive_r4_nonstandard_elements.py", "", "r4_nonstandard_elements.json"),
 ]
 
 

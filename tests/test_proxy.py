@@ -416,7 +416,7 @@ async def test_resources_written_around_the_proxy_come_back_masked(client, clean
 
 
 async def test_validation_can_be_switched_off_but_encryption_cannot(proxy_for, clean_upstream):
-    client = await proxy_for(clean_upstream.base_url, POLICY, validate=False)
+    client = await proxy_for(clean_upstream.base_url, POLICY, validate="off")
     resp = await client.post("/fhir/R4/Patient", data=orjson.dumps(_new(PATIENT)), headers=FHIR_JSON)
     assert resp.status == 201
     assert_no_plaintext(clean_upstream.dump(), NEEDLES)

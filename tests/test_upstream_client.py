@@ -94,7 +94,7 @@ class Hostile:
 @pytest.fixture
 def encrypted(satusehat, keyring) -> dict:
     patient = copy.deepcopy(PATIENT)
-    encrypt_for_write(patient, satusehat, keyring, validate=False)
+    encrypt_for_write(patient, satusehat, keyring, validate="off")
     return orjson.loads(orjson.dumps(patient))
 
 
@@ -317,7 +317,7 @@ async def test_observation_1_through_a_real_fhircrypt_serve(tmp_path, aiohttp_se
     ring, kek = make_keyring(tmp_path)
     keyring = load_keyring(ring, LocalKeyProvider(parse_kek(kek.read_text())))
     stored = copy.deepcopy(PATIENT)
-    encrypt_for_write(stored, satusehat, keyring, validate=False)
+    encrypt_for_write(stored, satusehat, keyring, validate="off")
     counter, hostile = Counter(), Hostile(orjson.loads(orjson.dumps(stored)))
     counter.base = str((await aiohttp_server(counter.app())).make_url("")).rstrip("/")
     hostile.base = str((await aiohttp_server(hostile.app())).make_url("/fhir/R4"))

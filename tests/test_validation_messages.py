@@ -1,4 +1,6 @@
-"""Validation refusals speak FHIR: a path and what R4 expects there, never the validator's wording or a value."""
+"""Validation refusals speak FHIR: a path and what R4 expects there, never the validator's wording or a value.
+
+Both validators (``structure``, the default, and ``full``, fhir.resources) are held to the same messages."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.outcome import FhirError
+from proxy.transform.structure import check_structure
 from proxy.transform.validation import validate_resource
 from tests.conftest import FHIR_JSON, FIXTURES, unit_policy
 
@@ -21,9 +24,12 @@ FOREIGN = re.compile(
 )
 
 
-def _issues(resource: dict) -> list[tuple[str, list[str]]]:
+VALIDATORS = pytest.mark.parametrize("validate", [check_structure, validate_resource], ids=["structure", "full"])
+
+
+def _issues(resource: dict, validate) -> list[tuple[str, list[str]]]:
     with pytest.raises(FhirError) as caught:
-        validate_resource(resource)
+        validate(resource)
     assert caught.value.status == 400
     return [(i.diagnostics, i.expression) for i in caught.value.issues]
 
@@ -77,8 +83,9 @@ def _issues(resource: dict) -> list[tuple[str, list[str]]]:
         ),
     ],
 )
-def test_each_failure_names_the_fhir_path_and_the_expected_type(resource, message):
-    (diagnostics, expression), *_ = _issues(resource)
+@VALIDATORS
+def test_each_failure_names_the_fhir_path_and_the_expected_type(resource, message, validate):
+    (diagnostics, expression), *_ = _issues(resource, validate)
     assert diagnostics.startswith(message), diagnostics
     assert diagnostics.startswith(expression[0] + ": ")
 
@@ -105,33 +112,33 @@ def _replace(doc: object, at: tuple, value: object) -> None:
 SAMPLES = [
     json.loads(p.read_text()) for p in sorted((FIXTURES / "satusehat").glob("*.json")) if p.name != "needles.json"
 ]
-WRONG = st.sampled_from(
-    [
-        NEEDLE,
-        f" {NEEDLE} ",
-        987654321987,
-        -7,
-        1.5,
-        True,
-        [NEEDLE],
-        [None],
-        {f"{NEEDLE} Budi": 1},
-        {"value": NEEDLE},
-        [[]],
-        {},
-    ]
-)
+WRONG_VALUES = [
+    NEEDLE,
+    f" {NEEDLE} ",
+    987654321987,
+    -7,
+    1.5,
+    True,
+    [NEEDLE],
+    [None],
+    {f"{NEEDLE} Budi": 1},
+    {"value": NEEDLE},
+    [[]],
+    {},
+]
+WRONG = st.sampled_from(WRONG_VALUES)
 
 
+@VALIDATORS
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data(), WRONG)
-def test_no_message_quotes_a_value_or_speaks_python(data, wrong):
+def test_no_message_quotes_a_value_or_speaks_python(validate, data, wrong):
     """Any wrong value anywhere in real resources: each issue is '<its expression>: <FHIR wording>'."""
     sample = json.loads(json.dumps(data.draw(st.sampled_from(SAMPLES))))
     at = data.draw(st.sampled_from(_paths(sample)))
     _replace(sample, at, wrong)
     try:
-        validate_resource(sample)
+        validate(sample)
     except FhirError as exc:
         for issue in exc.issues:
             assert NEEDLE not in issue.diagnostics and "987654321987" not in issue.diagnostics

@@ -127,7 +127,7 @@ def _decrypted(stored: dict, policy: CompiledPolicy, keyring: Keyring) -> tuple[
 
 def _seal(plain: dict, plan: Plan) -> tuple[dict | None, str]:
     try:
-        encrypt_for_write(plain, plan.policy, plan.keyring, validate=False)
+        encrypt_for_write(plain, plan.policy, plan.keyring, validate="off")
     except FhirError as exc:
         return None, str(exc)
     return plain, ""

@@ -31,7 +31,7 @@ from proxy.transform.records import (
     encrypt_resource,
     scrub_markers,
 )
-from proxy.transform.validation import validate_resource
+from proxy.transform.validation import Validation, validator
 
 
 def nested_resources(resource: JSON, path: str) -> Iterator[tuple[JSON, str]]:
@@ -227,14 +227,15 @@ def encrypt_for_write(
     resource: JSON,
     policy: CompiledPolicy,
     keyring: Keyring,
-    validate: bool,
+    validate: Validation,
     wrap_for: WrapFor | None = None,
     names: frozenset[str] = frozenset(),
 ) -> None:
     """Validate and encrypt a resource a client wants to store (in place).
 
-    Validation (``validate``) is for what the server can no longer check once it is encrypted: a write
-    that holds no resource of a covered type reaches the server as sent, and the server validates it.
+    Validation (``validate``: structure, full or off) is for what the server can no longer check once it is
+    encrypted: a write that holds no resource of a covered type reaches the server as sent, and the server
+    validates it.
 
     Resources nested inside it (contained, the entries of a stored Bundle, Parameters)
     are encrypted by their own type's policy, each with its own envelope, deepest first.
@@ -251,8 +252,9 @@ def encrypt_for_write(
             "masked, and only an update of that resource can write it back",
             [f"{rtype}.meta.security"],
         )
-    if validate and covers_any(resource, policy):  # otherwise the server receives, and validates, what was sent
-        validate_resource(resource)
+    check = validator(validate)
+    if check is not None and covers_any(resource, policy):  # otherwise the server receives, and validates, it
+        check(resource)
     nested = list(nested_resources(resource, rtype if type(rtype) is str else "?"))
     top = wrap_for(resource) if wrap_for is not None else None
     for inner, where in reversed(nested):  # deepest first: an outer contained resource is sealed last

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from proxy.policy.definitions import BACKBONE_TYPES, ElementDef, choice_json_name, element, elements, resource_types
 from proxy.transform.jsontypes import JSON
+from proxy.transform.validation_messages import EXTENSIONS
 
 # What each R4 primitive accepts, in the words of the specification (its regex, summarised)
 PRIMITIVE_FORMS = {
@@ -82,7 +83,7 @@ def expected(located: Located) -> str:
     if el is None:
         return "an element defined by R4 here"
     if located.extensions:
-        return "an object with id and extension (the extensions of a primitive value)"
+        return EXTENSIONS
     types = el.types or ("BackboneElement",)
     if el.repeating and not located.item:
         return "an array of " + " or ".join(types)

@@ -92,7 +92,7 @@ async def faulty(aiohttp_server, proxy_for, satusehat, keyring):
 
 def _sealed(resource: dict, policy, ring: Keyring) -> dict:
     stored = copy.deepcopy(resource)
-    encrypt_for_write(stored, policy, ring, validate=False)
+    encrypt_for_write(stored, policy, ring, validate="off")
     return stored
 
 

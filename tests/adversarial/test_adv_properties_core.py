@@ -46,7 +46,7 @@ def _drawn(data, policy_name: str) -> tuple[dict, set[str], dict]:
 
 def _sealed(resource: dict, policy) -> dict:
     stored = copy.deepcopy(resource)
-    encrypt_for_write(stored, policy, KEYRING, validate=False)
+    encrypt_for_write(stored, policy, KEYRING, validate="off")
     return stored
 
 
