@@ -291,11 +291,13 @@ class Settings:
     )
     max_body: int = _option("request body limit in bytes", 16 * 1024 * 1024, parse=int)
     max_response: int = _option("upstream response limit in bytes", 64 * 1024 * 1024, parse=int)
-    # 1 MiB, about 65 encrypted SATUSEHAT Patients: read whole, a page costs ~16x its size in objects per
-    # request in flight (docs/benchmarks.md); below it the whole-body path is the faster one
+    # 4 MiB, about 270 encrypted SATUSEHAT Patients: read whole, a page costs ~16x its size in objects per
+    # request in flight (at most ~64 MiB here); streamed, a third more CPU (the splitter builds each entry
+    # from the parser's events in Python), so the common pages (20-100 resources) stay on the whole path
+    # (docs/benchmarks.md, "Memory of large pages")
     stream_threshold: int = _option(
         "upstream search, history and collection Bundles larger than this (bytes) are streamed entry by entry",
-        1024 * 1024,
+        4 * 1024 * 1024,
         parse=int,
     )
     readiness_cache: float = _option("seconds a /readyz upstream probe is reused", 5.0, parse=float)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from proxy.crypto.blindindex import BlindIndexer
@@ -197,6 +198,22 @@ def _dispatched(resource: JSON, d: Dispatch, strict: bool) -> list[tuple[Compile
         path = f"{d.key}[{i}]"
         out.extend((el, item, path) for el in els)
     return out
+
+
+def _planned(resource: JSON, rp: ResourcePolicy, strict: bool) -> Iterator[tuple[CompiledElement, JSON | None, str]]:
+    """The policy's elements in plan order, as reads and writes handle them: ``(el, None, "")`` for one
+    to walk from the resource (those under an absent top-level element are skipped), ``(el, item,
+    path)`` for the list item a :class:`Dispatch` handed to it."""
+    for step in rp.plan:
+        if not isinstance(step, Dispatch):
+            if _may_hold(resource, step):
+                yield step, None, ""
+            continue
+        found = _dispatched(resource, step, strict)
+        if found is None:
+            yield from ((el, None, "") for el in step.elements)
+        else:
+            yield from found
 
 
 def _ct_of(obj: object) -> str | None:
@@ -414,16 +431,10 @@ def encrypt_resource(
     if cfg.action("name") == "encrypt":
         names = names | sentinel.names_of(cfg, (resource,))
     sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
-    for step in rp.plan:
-        if not isinstance(step, Dispatch):
-            if _may_hold(resource, step):
-                sealer.element(resource, step)
-            continue
-        found = _dispatched(resource, step, strict=True)
-        if found is None:
-            for el in step.elements:
-                sealer.element(resource, el)
-        for el, item, path in found or ():
+    for el, item, path in _planned(resource, rp, strict=True):
+        if item is None:
+            sealer.element(resource, el)
+        else:
             sealer.primitive(item, path, el.terminal.key, el.repeating, el.field_id)
     strays = bool(cfg.sealing) and sealer.strays(resource, rp, names)
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
@@ -703,16 +714,10 @@ def decrypt_resource(
     if not envelopes and not tagged and unenveloped == "allow":
         return
     slots: list[Slot] = []
-    for step in rp.plan:
-        if not isinstance(step, Dispatch):
-            if _may_hold(resource, step):
-                _find(resource, step, slots)
-            continue
-        found = _dispatched(resource, step, strict=False)
-        if found is None:
-            for el in step.elements:
-                _find(resource, el, slots)
-        for el, item, path in found or ():
+    for el, item, path in _planned(resource, rp, strict=False):
+        if item is None:
+            _find(resource, el, slots)
+        else:
             _find_primitive(item, path, el.terminal.key, el.repeating, el, slots)
     if mk.STRAY_CODE in codes:
         _find_strays(resource, rp.stray, slots)
