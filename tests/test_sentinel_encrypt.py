@@ -22,6 +22,7 @@ from proxy.transform.records import ALL_GROUPS, ReadReport, covered_locations, d
 from tests import test_auth
 from tests.conftest import FHIR_JSON, assert_no_plaintext
 from tests.test_auth import AUDIENCE, bearer
+from tests.test_bulk import _local, _manifest
 from tests.test_closed_defaults import SATUSEHAT, SENTINEL_LINE
 from tests.test_sentinel import NIK, NIK_WOMAN
 
@@ -296,3 +297,34 @@ async def test_a_clear_name_in_a_contained_resource_is_neither_sealed_nor_refuse
     assert resp.status == 201, await resp.text()
     stored = clean_upstream.dump()[0]
     assert stored["contained"][0]["name"] == practitioner["name"]  # clear, as the policy says
+
+
+async def test_a_json_patch_that_types_a_nik_into_a_clear_element_is_sealed_and_reads_back(proxy_for, clean_upstream):
+    client = await proxy_for(clean_upstream.base_url, sealing())
+    sent = observation("Cek kolesterol")
+    del sent["id"]
+    created = await (await client.post("/fhir/R4/Observation", data=orjson.dumps(sent), headers=FHIR_JSON)).json()
+    patch = [{"op": "replace", "path": "/code/text", "value": f"Cek kolesterol, NIK {NIK}"}]
+    resp = await client.patch(
+        f"/fhir/R4/Observation/{created['id']}",
+        data=orjson.dumps(patch),
+        headers={"Content-Type": "application/json-patch+json"},
+    )
+    assert resp.status == 200, await resp.text()
+    assert_no_plaintext(clean_upstream.dump(), [NIK])
+    history = await (await client.get(f"/fhir/R4/Observation/{created['id']}/_history")).json()
+    texts = sorted(e["resource"]["code"]["text"] for e in history["entry"])
+    assert texts == ["Cek kolesterol", f"Cek kolesterol, NIK {NIK}"]
+
+
+async def test_a_bulk_export_file_carries_the_sealed_value_decrypted(proxy_for, clean_upstream):
+    client = await proxy_for(clean_upstream.base_url, sealing())
+    flag = {"resourceType": "Flag", "status": "active", "code": {"text": f"KTP {NIK}"}, "subject": {"display": "x"}}
+    resp = await client.post("/fhir/R4/Flag", data=orjson.dumps(flag), headers=FHIR_JSON)
+    assert resp.status == 201, await resp.text()
+    manifest = await _manifest(client, "/fhir/R4/$export?_type=Flag")
+    (item,) = manifest["output"]
+    text = await (await client.get(_local(item["url"]))).text()
+    (line,) = text.splitlines()
+    assert orjson.loads(line)["code"] == flag["code"] and "fhircrypt.dev" not in text
+    assert_no_plaintext(clean_upstream.dump(), [NIK])
