@@ -178,18 +178,12 @@ def names_of(cfg: SentinelSettings, resources: Iterable[JSON]) -> frozenset[str]
     return frozenset(words)
 
 
-def check_resources(
-    cfg: SentinelSettings, resources: list[tuple[JSON, str]], names: frozenset[str] = frozenset()
-) -> None:
-    """Every clear string of the resources as they will be forwarded (after encryption, so what the
-    policy encrypts is ciphertext and everything left is what the server receives). ``names``:
-    from :func:`names_of` before encryption; words still readable in the name elements afterwards
-    (a policy that encrypts ``name.family`` only) are not secrets and are dropped."""
-    if not cfg.active:
-        return
-    if names:
-        names = names - names_of(cfg, (r for r, _ in resources))
-    for resource, where in resources:
+def check_resource(cfg: SentinelSettings, resource: JSON, where: str, names: frozenset[str] = frozenset()) -> None:
+    """Every clear string of a resource as it will be forwarded (after encryption, so what the policy
+    encrypts is ciphertext and everything left is what the server receives). ``names``: words of the
+    names the request encrypts (:func:`names_of` before encryption) less those still readable in it
+    afterwards (a policy that encrypts ``name.family`` only): those are not secrets."""
+    if cfg.active:
         _walk(resource, _checker(cfg, where, names))
 
 

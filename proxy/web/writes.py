@@ -146,7 +146,7 @@ async def prepare_write(
     names = names | sentinel.names_of(cfg, _resources_in(resource))
     encrypt_for_write(resource, policy, rt.keyring, rt.settings.validate, wrap_for, names)
     readable = sentinel.names_of(cfg, _resources_in(resource))  # still clear after encryption: not secrets
-    sentinel.check_resources(cfg, [(resource, it.resource_type or "?")], names - readable)
+    sentinel.check_resource(cfg, resource, it.resource_type or "?", names - readable)
     return extra
 
 
