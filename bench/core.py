@@ -133,7 +133,7 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
     def sentinel_write(items: list) -> None:
         for r in items:
             sentinel.names_of(cfg, [parsed_plain])
-            sentinel.check_resources(cfg, [(r, "Patient")], names)
+            sentinel.check_resource(cfg, r, "Patient", names - sentinel.names_of(cfg, [r]))
 
     return {
         "orjson": (lambda n: [plain] * n, parse_serialise),
