@@ -85,6 +85,19 @@ def unit_policy(text: str = TEST_POLICY) -> CompiledPolicy:
     return compile_text(text, "unit-test.yaml")
 
 
+def sealed_groups(stored: dict) -> dict[str, dict]:
+    """The group ciphertext extensions of a stored format-v2 record, by group (root or, for Binary, meta)."""
+    exts = [*stored.get("extension", ()), *stored.get("meta", {}).get("extension", ())]
+    url = "https://fhircrypt.dev/fhir/StructureDefinition/sealed"
+    return {e["valueString"].split(".")[1]: e for e in exts if e.get("url") == url}
+
+
+def spoil(ext: dict) -> None:
+    """Change the last characters of a ciphertext extension's value (it then fails its GCM tag)."""
+    value = ext["valueString"]
+    ext["valueString"] = value[:-4] + ("AAAA" if value[-4:] != "AAAA" else "BBBB")
+
+
 @pytest.fixture(scope="session")
 def keyring() -> Keyring:
     return Keyring.generate()

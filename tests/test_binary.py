@@ -9,7 +9,7 @@ import os
 import orjson
 import pytest
 
-from tests.conftest import FHIR_JSON, assert_no_plaintext
+from tests.conftest import FHIR_JSON, assert_no_plaintext, sealed_groups
 
 PDF = b"%PDF-1.4\n% Hasil laboratorium: Budiarto Wiryasentana, Hb 13.2 g/dL\n" + os.urandom(2048) + b"\n%%EOF\n"
 
@@ -33,7 +33,8 @@ async def test_a_raw_pdf_upload_is_stored_encrypted_and_read_back_raw_or_as_json
     stored = clean_server.dump()
     assert_no_plaintext(stored, [base64.b64encode(PDF).decode()[:40], "Budiarto"])
     (binary,) = [r for r in stored if r["resourceType"] == "Binary"]
-    assert "data" not in binary and binary["meta"]["extension"][0]["url"].endswith("/envelope")
+    assert "data" not in binary and binary["meta"]["extension"][-1]["url"].endswith("/envelope")
+    assert sealed_groups(binary)  # the document's group ciphertext sits in meta.extension too
     # an update in the raw form works the same way
     resp = await either_client.put(
         f"/fhir/R4/Binary/{created['id']}", data=PDF[:100], headers={"Content-Type": "application/octet-stream"}

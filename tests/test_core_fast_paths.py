@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from proxy.crypto.blindindex import TOKEN_HEX_CHARS, BlindIndexer, index_key
 from proxy.crypto.encoding import b64d, b64e
-from proxy.crypto.envelope import RecordCipher, associated_data
+from proxy.crypto.envelope import RecordCipher, associated_data, group_associated_data
 from proxy.keymgmt.keyring import Keyring
 from proxy.transform.normalize import _SPACE, fold
 
@@ -36,22 +36,39 @@ def test_blind_index_tokens_are_hmac_sha256(root_len):
     assert indexer.token("Patient/name/family", "budi") != expected[1]  # another label, another key
 
 
-def test_element_ciphertext_uses_the_documented_associated_data():
-    cipher = RecordCipher.new(Keyring.generate(), "Patient")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_element_ciphertext_uses_the_documented_associated_data(version):
+    cipher = RecordCipher.new(Keyring.generate(), "Patient", version=version)
     ct = cipher.seal("nik", "identifier[0].value", b'["3175",null]')
-    raw = b64d(ct.removeprefix("v1."))
-    aad = associated_data("Patient", cipher.record_id, "nik", "identifier[0].value")
+    raw = b64d(ct.removeprefix(f"{version}."))
+    aad = associated_data("Patient", cipher.record_id, "nik", "identifier[0].value", version)
     aead = cipher._aead  # the record's AES-GCM key, used here with the documented associated data
     assert isinstance(aead, AESGCM)
     assert aead.decrypt(raw[:12], raw[12:], aad) == b'["3175",null]'
-    elsewhere = associated_data("Patient", cipher.record_id, "nik", "identifier[1].value")
+    elsewhere = associated_data("Patient", cipher.record_id, "nik", "identifier[1].value", version)
     with pytest.raises(InvalidTag):
         aead.decrypt(raw[:12], raw[12:], elsewhere)
 
 
+def test_group_ciphertext_uses_the_documented_associated_data():
+    cipher = RecordCipher.new(Keyring.generate(), "Patient")
+    ct = cipher.seal_group("identity", b'{"identifier[0].value":["nik",["3175",null]]}')
+    assert ct.startswith("v2.identity.")
+    raw = b64d(ct.removeprefix("v2.identity."))
+    aad = group_associated_data("Patient", cipher.record_id, "identity")
+    assert aad == "\x1f".join(("fhircrypt/v2", "Patient", cipher.record_id, "identity")).encode()
+    assert cipher._aead.decrypt(raw[:12], raw[12:], aad) == b'{"identifier[0].value":["nik",["3175",null]]}'
+    for other in (
+        group_associated_data("Patient", cipher.record_id, "demographics"),
+        group_associated_data("Observation", cipher.record_id, "identity"),
+    ):
+        with pytest.raises(InvalidTag):
+            cipher._aead.decrypt(raw[:12], raw[12:], other)
+
+
 def test_nonces_of_one_record_are_all_different():
     cipher = RecordCipher.new(Keyring.generate(), "Patient")
-    nonces = {b64d(cipher.seal("f", f"p{i}", b"1").removeprefix("v1."))[:12] for i in range(100)}
+    nonces = {b64d(cipher.seal("f", f"p{i}", b"1")[3:])[:12] for i in range(100)}
     assert len(nonces) == 100  # more than one os.urandom batch, no slice reused
 
 

@@ -14,7 +14,14 @@ from proxy.crypto.envelope import IntegrityError, RecordCipher
 from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
 from proxy.keymgmt.providers.base import KeyringError
 from proxy.keymgmt.providers.local import LocalKeyProvider, load_local_kek, parse_kek
-from tests.envelope_vectors import VECTORS, compute_vectors, vector_inputs
+from tests.envelope_vectors import (
+    VECTORS,
+    VECTORS_V2,
+    compute_vectors,
+    compute_vectors_v2,
+    vector_inputs,
+    vector_inputs_v2,
+)
 
 
 def test_published_vectors_match_this_implementation():
@@ -34,6 +41,31 @@ def test_vectors_decrypt_back():
     cipher.verify(items, mac)
     for e, ct in zip(inputs["elements"], outputs["ciphertexts"], strict=True):
         assert cipher.open(e["field_id"], e["path"], ct) == e["plaintext"].encode()
+
+
+def test_published_v2_vectors_match_this_implementation():
+    published = json.loads(VECTORS_V2.read_text())
+    assert published["inputs"] == vector_inputs_v2()
+    assert compute_vectors_v2(published["inputs"]) == published["outputs"]
+
+
+def test_v2_vectors_decrypt_back_and_their_mac_covers_placeholders_and_groups():
+    published = json.loads(VECTORS_V2.read_text())
+    inputs, outputs = published["inputs"], published["outputs"]
+    ring = Keyring("k1", {"k1": bytes.fromhex(inputs["master_key"])}, os.urandom(32), os.urandom(32), {})
+    cipher, mac = RecordCipher.open_envelope(ring, "Patient", outputs["envelope"])
+    assert cipher.version == "v2" and cipher.grouped
+    groups = [("@" + g["group"], ct) for g, ct in zip(inputs["groups"], outputs["group_ciphertexts"], strict=True)]
+    places = [(p, "") for p in inputs["placeholders"]]
+    cipher.verify(sorted(places + groups), mac)
+    for g, ct in zip(inputs["groups"], outputs["group_ciphertexts"], strict=True):
+        assert cipher.open_group(ct) == (g["group"], g["plaintext"].encode())
+    for changed in (places[:1] + groups, places + groups[:1], [("name[1]", ""), *places[:1], *groups]):
+        with pytest.raises(IntegrityError):
+            cipher.verify(sorted(changed), mac)
+    renamed = outputs["group_ciphertexts"][0].replace("v2.identity.", "v2.demographics.")
+    with pytest.raises(IntegrityError):
+        cipher.open_group(renamed)  # a group's ciphertext does not pass for another group's
 
 
 def test_callers_cannot_choose_a_nonce():
@@ -60,7 +92,7 @@ def test_ciphertext_is_bound_to_its_place_and_record():
     with pytest.raises(IntegrityError):
         a.open("nik", "identifier[0].value", flipped)
     with pytest.raises(IntegrityError):
-        a.open("nik", "identifier[0].value", "v2." + ct[3:])
+        a.open("nik", "identifier[0].value", "v9." + ct[3:])
 
 
 def test_record_mac_detects_removed_added_and_swapped_elements():

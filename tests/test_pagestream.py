@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.audit.cli import init_trail
 from proxy.policy.compiler import compile_text
-from proxy.transform.markers import CIPHERTEXT_URL
+from proxy.transform.markers import GROUP_URL
 from tests.conftest import FHIR_JSON, ROOT, load_fixture
 from tests.test_auth import AUDIENCE, bearer, issuer  # noqa: F401 (issuer: the OpenID provider fixture)
 
@@ -175,7 +175,7 @@ async def test_a_tampered_resource_is_masked_and_flagged_in_the_body_once_header
     issuer,  # noqa: F811
 ):
     raw = await _medplum_page(seeded, replay, "Patient?_count=100")
-    at = raw.index(b'"valueString":"', raw.index(CIPHERTEXT_URL.encode())) + 40
+    at = raw.index(b'"valueString":"', raw.index(GROUP_URL.encode())) + 40
     replay.body = raw[:at] + (b"A" if raw[at : at + 1] != b"A" else b"B") + raw[at + 1 :]  # one ciphertext altered
     streaming, whole = await proxies(replay.base)
     auth = bearer(issuer.token(**CALLERS["physician (decrypted)"]))

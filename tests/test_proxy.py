@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from proxy.transform import markers as mk
-from tests.conftest import FHIR_JSON, PUBLIC_BASE, assert_no_plaintext, unit_policy
+from tests.conftest import FHIR_JSON, PUBLIC_BASE, assert_no_plaintext, sealed_groups, spoil, unit_policy
 from tests.test_records import NEEDLES, OBSERVATION, PATIENT
 
 POLICY = unit_policy()
@@ -108,10 +108,9 @@ async def test_integrity_failures_at_the_upstream_are_never_returned_as_data(cli
     stored = next(r for r in clean_upstream.dump() if r["id"] == created["id"])
     donor = next(r for r in clean_upstream.dump() if r["id"] == other["id"])
     tampered = copy.deepcopy(stored)
-    tampered["_birthDate"] = donor["_birthDate"]  # moved between resources by a cloud administrator
-    tampered["name"][0]["extension"][1]["valueString"] = (
-        "v1.AAAA" + tampered["name"][0]["extension"][1]["valueString"][7:]
-    )
+    # a group ciphertext moved between resources by a cloud administrator, another one altered
+    sealed_groups(tampered)["demographics"]["valueString"] = sealed_groups(donor)["demographics"]["valueString"]
+    spoil(sealed_groups(tampered)["identity"])
     await _put_direct(clean_upstream, tampered)
 
     resp = await client.get(f"/fhir/R4/Patient/{created['id']}")
@@ -119,7 +118,7 @@ async def test_integrity_failures_at_the_upstream_are_never_returned_as_data(cli
     assert resp.headers["X-Fhircrypt-Integrity"].startswith("failed")
     body = await resp.text()
     assert not [n for n in NEEDLES if n in body]
-    assert mk.CIPHERTEXT_URL not in body
+    assert mk.CIPHERTEXT_URL not in body and mk.GROUP_URL not in body
 
 
 async def _put_direct(upstream, resource: dict) -> None:

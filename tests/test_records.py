@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import orjson
 import pytest
@@ -12,7 +13,7 @@ from proxy.auth.decision import key_holder, unscoped
 from proxy.policy.access import CallerGrants
 from proxy.transform import markers as mk
 from proxy.transform.records import ALL_GROUPS, ReadReport, ShapeError, decrypt_resource, encrypt_resource
-from tests.conftest import unit_policy
+from tests.conftest import sealed_groups, unit_policy
 
 POLICY = unit_policy()
 NIK = "3201019988770001"
@@ -59,9 +60,13 @@ OBSERVATION = {
 }
 
 
-def encrypted(resource: dict, keyring) -> dict:
+FORMATS = ["v1", "v2"]  # what the tests write in; the reader is always today's, which reads both
+
+
+def encrypted(resource: dict, keyring, fmt: str = "v2") -> dict:
     stored = copy.deepcopy(resource)
-    encrypt_resource(stored, POLICY.for_type(resource["resourceType"]), keyring)
+    rp = dataclasses.replace(POLICY.for_type(resource["resourceType"]), at_rest_format=fmt)
+    encrypt_resource(stored, rp, keyring)
     return orjson.loads(orjson.dumps(stored))  # what a server stores and returns
 
 
@@ -71,40 +76,51 @@ def read(stored: dict, keyring, grants=ALL_GROUPS) -> tuple[dict, ReadReport]:
     return out, report
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("resource", [PATIENT, OBSERVATION])
-def test_round_trip_returns_exactly_what_was_written(resource, keyring):
-    stored = encrypted(resource, keyring)
+def test_round_trip_returns_exactly_what_was_written(resource, keyring, fmt):
+    stored = encrypted(resource, keyring, fmt)
     back, report = read(stored, keyring)
     assert back == resource
     assert report.failures == [] and report.masked == 0
 
 
-def test_at_rest_form_holds_no_plaintext_and_keeps_what_servers_need(keyring):
-    stored = encrypted(PATIENT, keyring)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_at_rest_form_holds_no_plaintext_and_keeps_what_servers_need(keyring, fmt):
+    stored = encrypted(PATIENT, keyring, fmt)
     text = orjson.dumps(stored).decode()
     assert not [n for n in NEEDLES if n in text]
     assert stored["identifier"][0] == PATIENT["identifier"][0]  # not covered
     nik = stored["identifier"][1]
     assert nik["system"] == "https://fhir.kemkes.go.id/id/nik" and "value" not in nik
     assert nik["_value"]["extension"][0] == mk.dar_masked()
-    assert stored["_birthDate"]["extension"][1]["url"] == mk.CIPHERTEXT_URL and "birthDate" not in stored
+    if fmt == "v1":  # each element its own ciphertext
+        assert stored["_birthDate"]["extension"][1]["url"] == mk.CIPHERTEXT_URL and "birthDate" not in stored
+    else:  # the mask marker alone; the element is in its group's ciphertext, beside the envelope
+        assert stored["_birthDate"] == mk.masked_form() and "birthDate" not in stored
+        assert mk.CIPHERTEXT_URL not in orjson.dumps(stored).decode()
+        assert set(sealed_groups(stored)) == {"identity", "demographics", "demographics,identity"}  # the narrative
+        assert [e["url"] for e in stored["extension"][-4:]] == [mk.GROUP_URL] * 3 + [mk.ENVELOPE_URL]
     assert stored["address"][0]["line"] == [None, None] and len(stored["address"][0]["_line"]) == 2
     birth_place = stored["extension"][0]  # a simple extension keeps its value[x], which holds only the markers
     assert birth_place["url"].endswith("birthPlace") and set(birth_place) == {"url", "valueAddress"}
     assert birth_place["valueAddress"]["extension"][0] == mk.dar_masked()
-    assert stored["extension"][-1]["url"] == mk.ENVELOPE_URL
+    assert stored["extension"][-1]["url"] == mk.ENVELOPE_URL and stored["extension"][-1]["valueString"][:2] == fmt
     assert stored["managingOrganization"]["reference"] == "Organization/o1"
     assert stored["text"]["div"] == mk.NEUTRAL_DIV
     assert stored["gender"] == "male" and stored["id"] == "p1"
     assert {"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE} in stored["meta"]["tag"]
-    obs = encrypted(OBSERVATION, keyring)
+    obs = encrypted(OBSERVATION, keyring, fmt)
     assert "valueQuantity" not in obs and obs["dataAbsentReason"]["coding"][0]["code"] == "masked"
     assert obs["component"][1] == OBSERVATION["component"][1]
 
 
 def test_each_write_uses_a_fresh_data_key_and_nonces(keyring):
-    a, b = encrypted(PATIENT, keyring), encrypted(PATIENT, keyring)
+    a, b = encrypted(PATIENT, keyring, "v1"), encrypted(PATIENT, keyring, "v1")
     assert a["_birthDate"] != b["_birthDate"] and a["extension"][-1] != b["extension"][-1]
+    a, b = encrypted(PATIENT, keyring), encrypted(PATIENT, keyring)
+    assert a["extension"][-1] != b["extension"][-1]
+    assert all(sealed_groups(a)[g] != sealed_groups(b)[g] for g in sealed_groups(a))
 
 
 def test_callers_without_a_group_get_the_fhir_masked_form(keyring):
@@ -131,36 +147,127 @@ def _ct_ext(element: dict) -> dict:
     return next(e for e in element["extension"] if e["url"] == mk.CIPHERTEXT_URL)
 
 
-def test_changed_ciphertext_is_never_returned(keyring):
-    stored = encrypted(PATIENT, keyring)
-    ext = _ct_ext(stored["_birthDate"])
+def _swap_identifiers(stored: dict) -> None:
+    ids = stored["identifier"]
+    ids[0], ids[1] = ids[1], ids[0]
+
+
+def _demographics(stored: dict) -> dict:
+    return sealed_groups(stored)["demographics"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_changed_ciphertext_is_never_returned(keyring, fmt):
+    stored = encrypted(PATIENT, keyring, fmt)
+    ext = _ct_ext(stored["_birthDate"]) if fmt == "v1" else _demographics(stored)
     ext["valueString"] = ext["valueString"][:-4] + "AAAA"
     out, report = read(stored, keyring)
     _assert_nothing_returned_as_data(out, report)
 
 
-def test_ciphertext_moved_between_elements_is_never_returned(keyring):
-    stored = encrypted(PATIENT, keyring)
-    line = stored["address"][0]["_line"]
-    line[0], line[1] = line[1], line[0]
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ciphertext_moved_between_elements_is_never_returned(keyring, fmt):
+    stored = encrypted(PATIENT, keyring, fmt)
+    _swap_identifiers(stored)  # the sealed NIK now sits where the clear IHS number was, and back
     out, report = read(stored, keyring)
     _assert_nothing_returned_as_data(out, report)
+    if fmt == "v1":
+        stored = encrypted(PATIENT, keyring, fmt)
+        line = stored["address"][0]["_line"]
+        line[0], line[1] = line[1], line[0]
+        out, report = read(stored, keyring)
+        _assert_nothing_returned_as_data(out, report)
 
 
-def test_ciphertext_moved_between_resources_is_never_returned(keyring):
-    a, b = encrypted(PATIENT, keyring), encrypted(PATIENT, keyring)
-    b["_birthDate"] = a["_birthDate"]
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_ciphertext_moved_between_resources_is_never_returned(keyring, fmt):
+    a, b = encrypted(PATIENT, keyring, fmt), encrypted(PATIENT, keyring, fmt)
+    if fmt == "v1":
+        b["_birthDate"] = a["_birthDate"]
+    else:
+        _demographics(b)["valueString"] = _demographics(a)["valueString"]
     out, report = read(b, keyring)
     _assert_nothing_returned_as_data(out, report)
 
 
-def test_an_old_versions_ciphertext_replayed_into_a_new_version_is_never_returned(keyring):
-    old = encrypted(PATIENT, keyring)
-    new = encrypted({**PATIENT, "meta": {"versionId": "2"}, "birthDate": "1972-02-03"}, keyring)
-    new["_birthDate"] = old["_birthDate"]  # same resource, same location, an earlier version's record
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_an_old_versions_ciphertext_replayed_into_a_new_version_is_never_returned(keyring, fmt):
+    old = encrypted(PATIENT, keyring, fmt)
+    new = encrypted({**PATIENT, "meta": {"versionId": "2"}, "birthDate": "1972-02-03"}, keyring, fmt)
+    if fmt == "v1":
+        new["_birthDate"] = old["_birthDate"]  # same resource, same location, an earlier version's record
+    else:
+        _demographics(new)["valueString"] = _demographics(old)["valueString"]  # the earlier version's group
     out, report = read(new, keyring)
     _assert_nothing_returned_as_data(out, report)
     assert "1971-02-03" not in orjson.dumps(out).decode()
+
+
+def _drop_group(stored: dict) -> None:
+    stored["extension"].remove(_demographics(stored))
+
+
+def _duplicate_group(stored: dict) -> None:
+    stored["extension"].insert(0, copy.deepcopy(_demographics(stored)))
+
+
+def _rename_group(stored: dict) -> None:
+    ext = _demographics(stored)
+    ext["valueString"] = ext["valueString"].replace("v2.demographics.", "v2.identity.")
+
+
+def _swap_group_names(stored: dict) -> None:
+    groups = sealed_groups(stored)
+    a, b = groups["demographics"], groups["identity"]
+    a["valueString"], b["valueString"] = (
+        b["valueString"].replace("v2.identity.", "v2.demographics."),
+        a["valueString"].replace("v2.demographics.", "v2.identity."),
+    )
+
+
+def _add_placeholder(stored: dict) -> None:
+    stored["name"].append(mk.masked_form())  # a mark where nothing was sealed
+
+
+def _move_placeholder(stored: dict) -> None:
+    stored["_deceasedDateTime"] = stored.pop("_birthDate")  # not a covered element: the mark is gone
+
+
+def _downgrade_envelope(stored: dict) -> None:
+    stored["extension"][-1]["valueString"] = "v1" + stored["extension"][-1]["valueString"][2:]
+
+
+def _drop_placeholder_of_a_primitive_item(stored: dict) -> None:
+    stored["address"][0]["_line"][1] = None
+    stored["address"][0]["line"][1] = None
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        _drop_group,
+        _duplicate_group,
+        _rename_group,
+        _swap_group_names,
+        _add_placeholder,
+        _move_placeholder,
+        _downgrade_envelope,
+        _drop_placeholder_of_a_primitive_item,
+    ],
+)
+def test_v2_group_ciphertexts_and_placeholders_cannot_be_removed_moved_or_relabelled(keyring, tamper):
+    stored = encrypted(PATIENT, keyring)
+    tamper(stored)
+    out, report = read(stored, keyring)
+    _assert_nothing_returned_as_data(out, report)
+    assert mk.GROUP_URL not in orjson.dumps(out).decode()
+
+
+def test_a_v1_and_a_v2_record_of_one_resource_both_read_back(keyring):
+    """v1 stays readable: what earlier versions wrote reads with today's reader, beside v2 records."""
+    for fmt in FORMATS:
+        back, report = read(encrypted(PATIENT, keyring, fmt), keyring)
+        assert back == PATIENT and not report.failures
 
 
 def test_deleted_encrypted_element_is_detected(keyring):

@@ -34,7 +34,16 @@ from proxy.migrate.commands import Connection, reencrypt, retire
 from proxy.migrate.run import Options
 from proxy.migrate.shards import parse_shard, shard_of
 from proxy.migrate.walker import history
-from tests.conftest import FHIR_JSON, FIXTURES, ROOT, TEST_POLICY, assert_no_plaintext, unit_policy
+from tests.conftest import (
+    FHIR_JSON,
+    FIXTURES,
+    ROOT,
+    TEST_POLICY,
+    assert_no_plaintext,
+    sealed_groups,
+    spoil,
+    unit_policy,
+)
 from tests.test_shipped_policies import CREATED_IDS, ORDER, _fixture, _without_server_meta
 
 FIXED = {placeholder: f"{name.split('.')[0]}-1" for name, placeholder in CREATED_IDS.items()}
@@ -263,6 +272,47 @@ async def test_interrupted_run_resumes_from_its_checkpoint(clean_upstream, ring,
     assert len(written) == 40 and set(written.values()) == {1}  # every resource written exactly once
 
 
+V1_POLICY = TEST_POLICY.replace("name: unit-test\n", "name: unit-test\ndefaults: {at_rest_format: v1}\n")
+
+
+def _formats(upstream) -> Counter:
+    """How many current resources have an envelope of each format."""
+    return Counter(
+        e["valueString"][:2]
+        for r in current_versions(upstream)
+        for e in r.get("extension", ())
+        if e.get("url") == "https://fhircrypt.dev/fhir/StructureDefinition/envelope"
+    )
+
+
+async def test_v1_records_are_moved_to_v2_resumably_and_once(clean_upstream, ring, tmp_path, proxy_for):
+    """Element format v1 (what earlier versions wrote) to v2: interrupted, resumed, then nothing left to do."""
+    needles = await load_patients(clean_upstream.base_url, 30)
+    conn = Connection(clean_upstream.base_url)
+    assert await reencrypt(conn, Plan(unit_policy(V1_POLICY), ring), opts(), None, None) == 0
+    assert _formats(clean_upstream) == {"v1": 30}
+    assert assess(current_versions(clean_upstream)[0], Plan(unit_policy(), ring)).state is State.OLD_POLICY
+
+    checkpoint, plan = tmp_path / "v2.checkpoint", Plan(unit_policy(), ring)
+    async with Relay(clean_upstream.base_url, down_after=13) as relay_base:
+        assert await reencrypt(Connection(relay_base), plan, opts(page_size=5), str(checkpoint), None) == 3
+    moved = _formats(clean_upstream)
+    assert 0 < moved["v2"] < 30  # part of the way when the upstream went away
+    start = len(clean_upstream.requests())
+    assert await reencrypt(conn, plan, opts(page_size=5), str(checkpoint), None) == 0
+    assert _formats(clean_upstream) == {"v2": 30}
+    assert_no_plaintext(current_versions(clean_upstream), needles)
+    rewritten = Counter(r["url"] for r in clean_upstream.requests()[start:] if r["method"] == "PUT")
+    assert len(rewritten) == 30 - moved["v2"] and set(rewritten.values()) == {1}  # each once, none twice
+
+    start = len(clean_upstream.requests())
+    assert await reencrypt(conn, plan, opts(), None, None) == 0  # idempotent: every record is current
+    assert not [r for r in clean_upstream.requests()[start:] if r["method"] == "PUT"]
+    client = await proxy_for(clean_upstream.base_url, unit_policy(), ring)
+    back = await (await client.get("/fhir/R4/Patient/p7")).json()
+    assert back["name"][0]["family"] == "Plainname7" and back["identifier"][0]["value"] == needles[7]
+
+
 async def test_a_concurrent_write_is_never_overwritten(clean_upstream, ring, proxy_for):
     """A clinical write lands between the migration's read and its PUT: 412, re-read, the writer's data kept."""
     policy = unit_policy()
@@ -449,9 +499,7 @@ async def test_tampered_resources_are_reported_and_left_alone(clean_upstream, ri
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{clean_upstream.base_url}/Patient/p0") as resp:
             stored = await resp.json()
-        stored["name"][0]["extension"][1]["valueString"] = (
-            stored["name"][0]["extension"][1]["valueString"][:-4] + "AAAA"
-        )
+        spoil(sealed_groups(stored)["demographics"])
         tampered = await _put(session, clean_upstream.base_url, stored)
     report = tmp_path / "report.json"
     assert await reencrypt(conn, Plan(policy, ring, to_primary=True), opts(), None, str(report)) == 1

@@ -56,19 +56,14 @@ def _ciphertext(node: dict) -> bool:
     return type(exts) is list and any(type(e) is dict and e.get("url") == mk.CIPHERTEXT_URL for e in exts)
 
 
-def _masked_marker(node: dict) -> bool:
-    exts = node.get("extension")
-    return type(exts) is list and any(
-        type(e) is dict and e.get("url") == mk.DAR_URL and e.get("valueCode") == "masked" for e in exts
-    )
-
-
-def _masked_choice(node: dict) -> bool:
-    dar = node.get("dataAbsentReason")
-    codings = dar.get("coding") if type(dar) is dict else None
-    return type(codings) is list and any(
-        type(c) is dict and c.get("system") == mk.DAR_SYSTEM and c.get("code") == "masked" for c in codings
-    )
+def _grouped(resource: dict) -> bool:
+    """A format-v2 record: its elements were sealed per group, so a mask marker marks an encrypted value."""
+    meta = resource.get("meta")
+    for holder in (resource, meta if type(meta) is dict else {}):
+        exts = holder.get("extension")
+        if type(exts) is list and any(type(e) is dict and e.get("url") == mk.GROUP_URL for e in exts):
+            return True
+    return False
 
 
 def _ours(ext: object) -> bool:
@@ -88,6 +83,7 @@ class _Walk:
         self.label = f"{self.rtype}/{resource.get('id', '?')}" + (f" (in {where})" if where else "")
         rp = policy.for_type(self.rtype) if policy is not None else None
         self.covered: set[str] | None = None if policy is None else covered_locations(resource, rp) if rp else set()
+        self.sealed = "encrypted" if _grouped(resource) else "masked"  # what a bare mask marker stands for
 
     def run(self) -> None:
         self.element(self.resource, self.rtype, "", root=True)
@@ -104,14 +100,14 @@ class _Walk:
 
     def element(self, node: dict, path: str, loc: str, root: bool = False) -> None:
         skip: set[str] = {"resourceType", "id", "meta"} if root else set()
-        if _masked_choice(node):  # a choice encrypted (or masked) with its ciphertext on this element
-            self.add(f"{path}.value[x]", "encrypted" if _ciphertext(node) else "masked", _join(loc, "value[x]"))
+        if mk.is_masked_concept(node.get("dataAbsentReason")):  # a choice encrypted (v1: its ciphertext is here)
+            self.add(f"{path}.value[x]", "encrypted" if _ciphertext(node) else self.sealed, _join(loc, "value[x]"))
             skip.add("dataAbsentReason")
         elif not root and _ciphertext(node):
             self.add(path, "encrypted", loc)
             return
-        elif not root and _masked_marker(node):
-            self.add(path, "masked", loc)
+        elif not root and mk.has_mask_marker(node):
+            self.add(path, self.sealed, loc)
             return
         for key, value in node.items():
             if key in skip:

@@ -12,7 +12,9 @@ A stored resource is in one of these states (``State``):
   is): decrypting with the current policy must find every covered element as ciphertext
   and leave no ciphertext it does not know, and the blind-index identifiers recomputed
   from the plaintext must equal the stored ones (so index identifiers of format v1 make a
-  resource ``old-policy``: ``reencrypt`` moves it to index format v2). A resource written under an older policy
+  resource ``old-policy``: ``reencrypt`` moves it to index format v2), and every envelope must be of the
+  at-rest format the policy writes (so records of element format v1 are ``old-policy`` under the default
+  ``at_rest_format: v2``, and ``reencrypt`` moves them to v2). A resource written under an older policy
   that covered *other* elements does not verify under the current one (its record MAC
   covers other paths), so it can only be told from tampering with that older policy
   (``previous``): when it verifies under it, it is ``old-policy``, otherwise ``failed``.
@@ -72,24 +74,34 @@ class Assessment:
 _MARKER = mk.CANONICAL.encode()  # envelope, ciphertext, tag and blind-index systems all live under it
 
 
-def envelope_key_ids(resource: dict) -> frozenset[str]:
-    """Key ids of every fhircrypt envelope anywhere in the resource (the key id is the second field).
+def _envelope_fields(resource: dict) -> list[list[str]]:
+    """The dot-separated fields of every fhircrypt envelope anywhere in the resource.
 
     The whole tree is searched, not only the places the policy knows, so a retirement scan
     also sees envelopes of nested resources and of types a later policy dropped.
     """
-    found: set[str] = set()
+    found: list[list[str]] = []
     stack: list[object] = [resource]
     while stack:
         item = stack.pop()
         if type(item) is dict:
             if item.get("url") == mk.ENVELOPE_URL and type(item.get("valueString")) is str:
-                parts = item["valueString"].split(".")
-                found.add(parts[1] if len(parts) == 5 else "?")
+                found.append(item["valueString"].split("."))
             stack.extend(item.values())
         elif type(item) is list:
             stack.extend(item)
-    return frozenset(found)
+    return found
+
+
+def envelope_key_ids(resource: dict) -> frozenset[str]:
+    """Key ids of every fhircrypt envelope anywhere in the resource (the key id is the second field)."""
+    return frozenset(parts[1] if len(parts) == 5 else "?" for parts in _envelope_fields(resource))
+
+
+def _stale_format(stored: dict, policy: CompiledPolicy) -> bool:
+    """An envelope of another at-rest format than the one the policy writes (``defaults.at_rest_format``)."""
+    writes = {rp.at_rest_format for rp in policy.resources.values()}
+    return any(parts[0] not in writes for parts in _envelope_fields(stored))
 
 
 def _has_markers(resource: dict) -> bool:
@@ -150,7 +162,7 @@ def assess(stored: dict, plan: Plan) -> Assessment:
         if plain is None:
             return Assessment(State.FAILED, kids, reason=why)
         state = State.OLD_POLICY
-    elif _stale_indexes(stored, plain, plan):
+    elif _stale_indexes(stored, plain, plan) or _stale_format(stored, plan.policy):
         state = State.OLD_POLICY
     if state is State.CURRENT:
         if kids & plan.retiring or (plan.to_primary and kids - {plan.keyring.primary_id}):

@@ -20,7 +20,7 @@ from proxy.policy.compiler import CompiledPolicy, ResourcePolicy
 from proxy.transform import jsonnum
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.jsontypes import JSON
-from proxy.transform.markers import CANONICAL, CIPHERTEXT_URL, ENVELOPE_URL
+from proxy.transform.markers import CANONICAL
 from proxy.transform.masked import has_masked_label
 from proxy.transform.records import (
     Grants,
@@ -155,7 +155,7 @@ def _parameter_tops(params: object) -> Iterator[JSON]:
             yield from _parameter_tops(param.get("part"))
 
 
-_MARKERS = (CIPHERTEXT_URL.encode(), ENVELOPE_URL.encode())
+_MARKER = (CANONICAL + "/StructureDefinition/").encode()  # the envelope, ciphertext and group extensions
 
 
 def serialise_for_client(payload: object, report: ReadReport, where: str) -> bytes:
@@ -163,7 +163,7 @@ def serialise_for_client(payload: object, report: ReadReport, where: str) -> byt
     ciphertext the policy does not point at (an element removed from the policy, or placed by someone
     else) is removed and reported, never returned."""
     out = jsonnum.dumps(payload)
-    if _MARKERS[0] in out or _MARKERS[1] in out:  # a marker URL, or only text naming it (a validator's message)
+    if _MARKER in out:  # a marker URL, or only text naming it (a validator's message)
         removed = scrub_markers(payload)
         if removed:
             report.fail(where, f"{removed} ciphertext(s) outside the policy's elements removed")

@@ -8,6 +8,7 @@ from proxy.transform.jsontypes import JSON
 CANONICAL = "https://fhircrypt.dev/fhir"
 ENVELOPE_URL = CANONICAL + "/StructureDefinition/envelope"
 CIPHERTEXT_URL = CANONICAL + "/StructureDefinition/ciphertext"
+GROUP_URL = CANONICAL + "/StructureDefinition/sealed"  # format v2: one per access group, beside the envelope
 TAG_SYSTEM = CANONICAL + "/CodeSystem/fhircrypt"
 TAG_CODE = "encrypted"
 STRAY_CODE = "sentinel-sealed"  # beside TAG_CODE: the sentinel sealed values in clear elements (records.py)
@@ -37,7 +38,35 @@ def encrypted_form(ct: str) -> JSON:
 
 
 def masked_form() -> JSON:
+    """What a caller without the group gets; in format v2 also what is stored where an element sealed
+    in its group's ciphertext was."""
     return {"extension": [dar_masked()]}
+
+
+def sealed_form(ct: str | None) -> JSON:
+    """The stored form of a sealed element: with its own ciphertext (v1, and values the sentinel
+    sealed), or the mask marker alone (``None``: sealed in its group's ciphertext, format v2)."""
+    return masked_form() if ct is None else encrypted_form(ct)
+
+
+def group_extension(ct: str) -> JSON:
+    return {"url": GROUP_URL, "valueString": ct}
+
+
+def is_masked_concept(value: object) -> bool:
+    """``dataAbsentReason`` holding the masked code: where a whole ``value[x]`` was sealed in its group."""
+    codings = value.get("coding") if type(value) is dict else None
+    return type(codings) is list and any(
+        type(c) is dict and c.get("code") == "masked" and c.get("system") == DAR_SYSTEM for c in codings
+    )
+
+
+def has_mask_marker(obj: object) -> bool:
+    """Whether ``obj``'s extensions hold the data-absent-reason ``masked`` marker."""
+    exts = obj.get("extension") if type(obj) is dict else None
+    return type(exts) is list and any(
+        type(e) is dict and e.get("url") == DAR_URL and e.get("valueCode") == "masked" for e in exts
+    )
 
 
 def value_holder(item: JSON) -> str | None:

@@ -24,6 +24,7 @@ from proxy.transform import markers as mk
 from proxy.transform.jsontypes import JSON
 from proxy.transform.namechain import chain_label, name_chains
 from proxy.transform.slots import (
+    IN_GROUP,
     ChoiceMaskedSlot,
     ComplexSlot,
     Container,
@@ -216,16 +217,22 @@ def _planned(resource: JSON, rp: ResourcePolicy, strict: bool) -> Iterator[tuple
             yield from found
 
 
-def _ct_of(obj: object) -> str | None:
-    """The ciphertext carried by an element's extensions, or None."""
+def _ct_of(obj: object, grouped: bool = False) -> str | None:
+    """The ciphertext carried by an element's extensions; with ``grouped`` (a v2 record) ``IN_GROUP``
+    where the mask marker alone marks an element sealed in its group; else None."""
+    placed = None
     if type(obj) is dict:
         exts = obj.get("extension")
         if type(exts) is list:
             for ext in exts:
-                if type(ext) is dict and ext.get("url") == mk.CIPHERTEXT_URL:
-                    ct = ext.get("valueString")
-                    return ct if type(ct) is str else ""
-    return None
+                if type(ext) is dict:
+                    url = ext.get("url")
+                    if url == mk.CIPHERTEXT_URL:
+                        ct = ext.get("valueString")
+                        return ct if type(ct) is str else ""
+                    if grouped and url == mk.DAR_URL and ext.get("valueCode") == "masked":
+                        placed = IN_GROUP
+    return placed
 
 
 _PRIMITIVE_JSON = (str, bool, int, float, jsonnum.Number)
@@ -242,25 +249,51 @@ def _primitive_pair(value: object, under: object, path: str) -> list[object]:
 
 
 class _Sealer:
-    """Encrypts the covered elements of one resource and collects the MAC items."""
+    """Encrypts the covered elements of one resource and collects the MAC items.
+
+    Format v1 seals each element alone; format v2 collects the elements of each access group and
+    seals them together in :meth:`finish` (one AES-GCM call and one JSON document per group
+    instead of one per element), leaving the mask marker where each was."""
 
     def __init__(self, cipher: RecordCipher, indexer: BlindIndexer) -> None:
         self.cipher, self.indexer = cipher, indexer
         self.items: list[tuple[str, str]] = []
+        self.groups: dict[str, dict[str, list[object]]] | None = {} if cipher.grouped else None
 
     def seal(self, field_id: str, path: str, payload: object) -> str:
+        """Seal one value alone, under its own ciphertext (v1, and what the sentinel seals)."""
         ct = self.cipher.seal(field_id, path, jsonnum.dumps(payload))
         self.items.append((path, ct))
         return ct
 
-    def primitive(self, parent: JSON, path: str, key: str, repeating: bool, fid: str) -> None:
+    def place(self, el: CompiledElement, path: str, payload: object) -> str | None:
+        """Seal an element of the policy: alone (v1, returns its ciphertext) or into its group (v2, None)."""
+        if self.groups is None:
+            return self.seal(el.field_id, path, payload)
+        group = self.groups.get(el.group_key)
+        if group is None:
+            group = self.groups[el.group_key] = {}
+        group[path] = [el.field_id, payload]
+        self.items.append((path, IN_GROUP))
+        return None
+
+    def finish(self) -> list[JSON]:
+        """The group ciphertext extensions (v2), each also an item of the record MAC."""
+        exts = []
+        for key, entries in (self.groups or {}).items():
+            ct = self.cipher.seal_group(key, jsonnum.dumps(entries))
+            self.items.append(("@" + key, ct))
+            exts.append(mk.group_extension(ct))
+        return exts
+
+    def primitive(self, parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement) -> None:
         ukey = "_" + key
         if key not in parent and ukey not in parent:
             return
         p = _join(path, key)
         if not repeating:
             pair = _primitive_pair(parent.pop(key, None), parent.pop(ukey, None), p)
-            parent[ukey] = mk.encrypted_form(self.seal(fid, p, pair))
+            parent[ukey] = mk.sealed_form(self.place(el, p, pair))
             return
         values, unders = parent.get(key) or [], parent.get(ukey) or []
         if type(values) is not list or type(unders) is not list:
@@ -271,7 +304,7 @@ class _Sealer:
             pair = _primitive_pair(
                 values[i] if i < len(values) else None, unders[i] if i < len(unders) else None, f"{p}[{i}]"
             )
-            sealed.append(None if pair == [None, None] else mk.encrypted_form(self.seal(fid, f"{p}[{i}]", pair)))
+            sealed.append(None if pair == [None, None] else mk.sealed_form(self.place(el, f"{p}[{i}]", pair)))
         parent[key] = [None] * n
         parent[ukey] = sealed
 
@@ -301,7 +334,7 @@ class _Sealer:
         if chained is not None:  # a HumanName searched through chains in its own parts (namechain.py)
             label = chain_label(self.cipher.resource_type, el.field_id)
             form.update(name_chains(item, self.indexer, label, chained.prefix_min or 1))
-        sealed = mk.encrypted_form(self.seal(el.field_id, path, item))
+        sealed = mk.sealed_form(self.place(el, path, item))
         holder = mk.value_holder(item) if el.terminal.key == "extension" else None
         if holder is not None:  # a simple extension keeps a value[x]: the markers go inside it
             form[holder] = sealed
@@ -311,17 +344,20 @@ class _Sealer:
 
     def choice_masked(self, parent: JSON, path: str, el: CompiledElement) -> None:
         present = [n for n, _ in el.choices if n in parent or "_" + n in parent]
-        if not present:
+        # v2 marks the place by the masked dataAbsentReason alone, so a reason the client wrote without a
+        # value is sealed too: a clear one could not be told from the mark
+        if not present and (self.groups is None or "dataAbsentReason" not in parent):
             return
         p = _join(path, el.terminal.key + "[x]")
         exts = parent.get("extension", [])
         if len(present) > 1 or type(exts) is not list:
             raise ShapeError(p)
-        name = present[0]
-        payload = {k: parent.pop(k) for k in (name, "_" + name, "dataAbsentReason") if k in parent}
-        ct = self.seal(el.field_id, p, payload)
+        keys = [k for name in present for k in (name, "_" + name)] + ["dataAbsentReason"]
+        payload = {k: parent.pop(k) for k in keys if k in parent}
+        ct = self.place(el, p, payload)
         parent["dataAbsentReason"] = mk.masked_concept()
-        parent["extension"] = [*exts, mk.ciphertext_extension(ct)]
+        if ct is not None:
+            parent["extension"] = [*exts, mk.ciphertext_extension(ct)]
 
     def narrative(self, parent: JSON, path: str, el: CompiledElement) -> None:
         text = parent.get(el.terminal.key)
@@ -334,7 +370,9 @@ class _Sealer:
             parent[el.terminal.key] = mk.neutral_narrative()
             return
         form = mk.neutral_narrative()
-        form["extension"] = [mk.ciphertext_extension(self.seal(el.field_id, p, text))]
+        ct = self.place(el, p, text)
+        if ct is not None:
+            form["extension"] = [mk.ciphertext_extension(ct)]
         parent[el.terminal.key] = form
 
     def element(self, resource: JSON, el: CompiledElement) -> None:
@@ -344,7 +382,7 @@ class _Sealer:
         for parent, path in _parents(resource, el.nav, strict=True):
             kind = el.kind
             if kind is Kind.PRIMITIVE:
-                self.primitive(parent, path, el.terminal.key, el.repeating, el.field_id)
+                self.primitive(parent, path, el.terminal.key, el.repeating, el)
             elif kind is Kind.COMPLEX:
                 self.complex(parent, path, el.terminal.key, el)
             elif kind is Kind.CHOICE_MASKED:
@@ -354,7 +392,7 @@ class _Sealer:
             else:  # CHOICE: the typed slot stays, its content is encrypted as primitive or complex
                 for name, primitive in el.choices:
                     if primitive:
-                        self.primitive(parent, path, name, False, el.field_id)
+                        self.primitive(parent, path, name, False, el)
                     elif name in parent:
                         parent[name] = self._complex_form_checked(parent[name], _join(path, name), el)
 
@@ -430,13 +468,14 @@ def encrypt_resource(
     cfg = rp.sentinel
     if cfg.action("name") == "encrypt":
         names = names | sentinel.names_of(cfg, (resource,))
-    sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap), keyring.indexer)
+    sealer = _Sealer(RecordCipher.new(keyring, rp.type, wrap, rp.at_rest_format), keyring.indexer)
     for el, item, path in _planned(resource, rp, strict=True):
         if item is None:
             sealer.element(resource, el)
         else:
-            sealer.primitive(item, path, el.terminal.key, el.repeating, el.field_id)
+            sealer.primitive(item, path, el.terminal.key, el.repeating, el)
     strays = bool(cfg.sealing) and sealer.strays(resource, rp, names)
+    sealed = sealer.finish()
     mac = sealer.cipher.mac(sorted(sealer.items))  # sorted: reordering policy entries changes nothing
     envelope = {"url": mk.ENVELOPE_URL, "valueString": sealer.cipher.envelope(mac)}
     meta = resource.get("meta")
@@ -448,7 +487,7 @@ def encrypt_resource(
     exts = holder.get("extension")
     if exts is not None and type(exts) is not list:
         raise ShapeError("meta.extension" if rp.envelope_in_meta else "extension")
-    holder["extension"] = [*(exts or ()), envelope]
+    holder["extension"] = [*(exts or ()), *sealed, envelope]
     tags = meta.get("tag")
     ours = [{"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]
     if strays:  # tells readers to look for them; removing it fails the MAC, which covers them
@@ -459,11 +498,13 @@ def encrypt_resource(
 # --------------------------------------------------------------------------- reading
 
 
-def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[Slot]) -> None:
+def _find_primitive(
+    parent: JSON, path: str, key: str, repeating: bool, el: CompiledElement, out: list[Slot], grouped: bool
+) -> None:
     ukey = "_" + key
     if not repeating:
         under = parent.get(ukey)
-        ct, plain = (_ct_of(under) if under is not None else None), key in parent
+        ct, plain = (_ct_of(under, grouped) if under is not None else None), key in parent
         if ct is not None or plain:
             out.append(PrimitiveSlot(el, f"{path}.{key}" if path else key, ct, plain, parent, key))
         return
@@ -478,58 +519,64 @@ def _find_primitive(parent: JSON, path: str, key: str, repeating: bool, el: Comp
     parent[key], parent[ukey] = values, unders
     p = _join(path, key)
     for i in range(n):
-        ct, plain = _ct_of(unders[i]), values[i] is not None
+        ct, plain = _ct_of(unders[i], grouped), values[i] is not None
         if ct is not None or plain:
             out.append(PrimitiveItemSlot(el, f"{p}[{i}]", ct, plain, parent, key, i, values, unders))
 
 
 def _find_complex(
-    container: Container, index: str | int, path: str, keep: tuple[str, ...], el: CompiledElement, out: list[Slot]
+    container: Container,
+    index: str | int,
+    path: str,
+    keep: tuple[str, ...],
+    el: CompiledElement,
+    out: list[Slot],
+    grouped: bool,
 ) -> None:
     item = container[index]
     if type(item) is not dict:
         container[index] = None
         out.append(GoneSlot(el, path, None, True))
         return
-    ct = _ct_of(item)
+    ct = _ct_of(item, grouped)
     holder = mk.held_markers(item, keep) if ct is None and el.terminal.key == "extension" else None
     if holder is not None:
-        ct = _ct_of(item[holder])
+        ct = _ct_of(item[holder], grouped)
     out.append(ComplexSlot(el, path, ct, ct is None, container, index, keep, holder))
 
 
-def _find(resource: JSON, el: CompiledElement, out: list[Slot]) -> None:
+def _find(resource: JSON, el: CompiledElement, out: list[Slot], grouped: bool) -> None:
     if el.refuses:
         return  # nothing was sealed under refuse
     kind = el.kind
     key = el.terminal.key
     for parent, path in _parents(resource, el.nav, strict=False) if el.nav else ((resource, ""),):
         if kind is Kind.PRIMITIVE:
-            _find_primitive(parent, path, key, el.repeating, el, out)
+            _find_primitive(parent, path, key, el.repeating, el, out, grouped)
         elif kind is Kind.COMPLEX:
             value = parent.get(key)
             if value is None:
                 continue
             p = f"{path}.{key}" if path else key
             if not el.repeating:
-                _find_complex(parent, key, p, el.keep, el, out)
+                _find_complex(parent, key, p, el.keep, el, out, grouped)
             elif type(value) is list:
                 for i, item in enumerate(value):
                     if item is not None and (type(item) is not dict or _admits(item, el.terminal)):
-                        _find_complex(value, i, f"{p}[{i}]", el.keep, el, out)
+                        _find_complex(value, i, f"{p}[{i}]", el.keep, el, out, grouped)
             else:
                 del parent[key]
                 out.append(GoneSlot(el, p, None, True))
         elif kind is Kind.CHOICE:
             for name, primitive in el.choices:
                 if primitive:
-                    _find_primitive(parent, path, name, False, el, out)
+                    _find_primitive(parent, path, name, False, el, out, grouped)
                 elif name in parent:
-                    _find_complex(parent, name, _join(path, name), (), el, out)
+                    _find_complex(parent, name, _join(path, name), (), el, out, grouped)
         elif kind is Kind.CHOICE_MASKED:
-            _find_choice_masked(parent, path, el, out)
+            _find_choice_masked(parent, path, el, out, grouped)
         else:
-            _find_narrative(parent, path, el, out)
+            _find_narrative(parent, path, el, out, grouped)
 
 
 def covered_locations(resource: JSON, rp: ResourcePolicy) -> set[str]:
@@ -545,7 +592,7 @@ def covered_locations(resource: JSON, rp: ResourcePolicy) -> set[str]:
     out: list[Slot] = []
     for el in rp.elements:
         if _may_hold(work, el):
-            _find(work, _sealing(el) if el.refuses else el, out)
+            _find(work, _sealing(el) if el.refuses else el, out, grouped=True)
     found: set[str] = set()
     for slot in out:
         if isinstance(slot, ChoiceMaskedSlot):  # "value[x]": the choice names actually present
@@ -565,7 +612,7 @@ def _sealing(el: CompiledElement) -> CompiledElement:
     return dataclasses.replace(el, nav=(*el.nav[:-1], dataclasses.replace(el.nav[-1], unlisted=sealing)))
 
 
-def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
+def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[Slot], grouped: bool) -> None:
     names = [n for n, _ in el.choices for k in (n, "_" + n) if k in parent]
     exts = parent.get("extension")
     idx, ct = None, None
@@ -573,20 +620,25 @@ def _find_choice_masked(parent: JSON, path: str, el: CompiledElement, out: list[
         idx = next((i for i, e in enumerate(exts) if type(e) is dict and e.get("url") == mk.CIPHERTEXT_URL), None)
         if idx is not None:
             ct = _ct_of({"extension": [exts[idx]]})
-    if idx is None and not names:
+    if idx is None and grouped and mk.is_masked_concept(parent.get("dataAbsentReason")):
+        ct = IN_GROUP  # v2: the masked reason alone marks the place
+    if ct is None and not names:
         return
     path = _join(path, el.terminal.key + "[x]")
     out.append(ChoiceMaskedSlot(el, path, ct, bool(names), parent, exts, idx, names))
 
 
-def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot]) -> None:
+def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot], grouped: bool) -> None:
     key = el.terminal.key
     text = parent.get(key)
     if text is None:
         return
     ct = _ct_of(text)
     neutral = type(text) is dict and text.get("div") == mk.NEUTRAL_DIV
-    tampered = ct is None and not (neutral and el.replace and set(text) <= {"status", "div"})
+    bare = neutral and set(text) <= {"status", "div"}  # type: ignore[arg-type]
+    if ct is None and grouped and bare and not el.replace:
+        ct = IN_GROUP  # v2: the neutral narrative alone marks the place
+    tampered = ct is None and not (bare and el.replace)
     if ct is None and not tampered:
         return
     out.append(NarrativeSlot(el, _join(path, key), ct, tampered or not neutral, parent, key))
@@ -634,17 +686,22 @@ def _stray_slots(
         out.append(PrimitiveItemSlot(el, f"{path}[{i}]", ct, values[i] is not None, parent, key, i, values, under))
 
 
-def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], set[object]]:
-    """Remove our envelope extension(s) and tags; returns the envelopes and the codes of our tags."""
+def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], list[object], set[object]]:
+    """Remove our envelope extension(s), group ciphertexts and tags; returns the envelopes, the group
+    ciphertexts and the codes of our tags."""
     envelopes: list[str] = []
+    sealed: list[object] = []
     meta = resource.get("meta")
     holder = meta if in_meta else resource
     exts = holder.get("extension") if type(holder) is dict else None
     if type(exts) is list:
         kept = []
         for ext in exts:
-            if type(ext) is dict and ext.get("url") == mk.ENVELOPE_URL:
-                envelopes.append(ext.get("valueString"))  # type: ignore[arg-type]
+            url = ext.get("url") if type(ext) is dict else None
+            if url == mk.ENVELOPE_URL:
+                envelopes.append(ext.get("valueString"))  # type: ignore[union-attr]
+            elif url == mk.GROUP_URL:
+                sealed.append(ext.get("valueString"))  # type: ignore[union-attr]
             else:
                 kept.append(ext)
         if kept:
@@ -665,7 +722,7 @@ def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], set[object]
             del meta["tag"]
             if not meta:
                 del resource["meta"]
-    return envelopes, codes
+    return envelopes, sealed, codes
 
 
 def strip_index_identifiers(resource: JSON) -> None:
@@ -680,6 +737,44 @@ def strip_index_identifiers(resource: JSON) -> None:
             resource["identifier"] = kept
         else:
             del resource["identifier"]
+
+
+class _GroupOpener:
+    """The group ciphertexts of one record (format v2), each decrypted once, when a slot of its group is
+    first restored (a caller without the group never has it decrypted)."""
+
+    __slots__ = ("_cts", "_opened", "items")
+
+    def __init__(self, sealed: list[object]) -> None:
+        self._cts: dict[str, str] = {}
+        self._opened: dict[str, dict[str, object] | None] = {}
+        self.items: list[tuple[str, str]] = []  # ("@" + group, ciphertext): items of the record MAC
+        for ct in sealed:
+            group = ct.split(".", 2)[1] if type(ct) is str and ct.count(".") >= 2 else "?"
+            self.items.append(("@" + group, ct if type(ct) is str else ""))
+            self._cts.setdefault(group, ct)  # type: ignore[arg-type]  # a second one already failed the MAC
+
+    def entry(self, cipher: RecordCipher, el: CompiledElement, path: str) -> object:
+        """What the element's group holds for ``path``; IntegrityError unless it is there, under ``el``'s id."""
+        key = el.group_key
+        if key not in self._opened:
+            self._opened[key] = self._open(cipher, key)
+        entries = self._opened[key]
+        found = entries.get(path) if entries is not None else None
+        if type(found) is not list or len(found) != 2 or found[0] != el.field_id:
+            raise IntegrityError("element is not in its group's ciphertext")
+        return found[1]
+
+    def _open(self, cipher: RecordCipher, key: str) -> dict[str, object] | None:
+        ct = self._cts.get(key)
+        if ct is None:
+            return None
+        try:
+            group, pt = cipher.open_group(ct)
+            entries = jsonnum.loads(pt)
+        except (IntegrityError, ValueError):
+            return None
+        return entries if group == key and type(entries) is dict else None
 
 
 def _mark_masked(resource: JSON) -> None:
@@ -708,25 +803,28 @@ def decrypt_resource(
     if not isinstance(grants, frozenset) and grants is not ALL_GROUPS:
         raise TypeError("decrypt_resource needs the reader's grants (a frozenset of groups or ALL_GROUPS)")
     where = f"{rp.type}/{resource.get('id', '?')}"
-    envelopes, codes = _take_markers(resource, rp.envelope_in_meta)
+    envelopes, sealed, codes = _take_markers(resource, rp.envelope_in_meta)
     tagged = bool(codes)
     strip_index_identifiers(resource)
     if not envelopes and not tagged and unenveloped == "allow":
         return
+    # the envelope's version says how elements are marked; a forged one fails the MAC, which names it
+    grouped = len(envelopes) == 1 and type(envelopes[0]) is str and envelopes[0][:3] != "v1."
     slots: list[Slot] = []
     for el, item, path in _planned(resource, rp, strict=False):
         if item is None:
-            _find(resource, el, slots)
+            _find(resource, el, slots, grouped)
         else:
-            _find_primitive(item, path, el.terminal.key, el.repeating, el, slots)
+            _find_primitive(item, path, el.terminal.key, el.repeating, el, slots, grouped)
     if mk.STRAY_CODE in codes:
         _find_strays(resource, rp.stray, slots)
+    groups = _GroupOpener(sealed)
     cipher, shredded = None, False
     try:
         if len(envelopes) != 1:
             raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
         cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
-        cipher.verify(sorted((s.path, s.ct) for s in slots if s.ct is not None), mac)
+        cipher.verify(sorted([*((s.path, s.ct) for s in slots if s.ct is not None), *groups.items]), mac)
     except KeyShredded:
         shredded = True  # destroyed on purpose: masked and labelled, not an integrity failure
     except IntegrityError as exc:
@@ -747,7 +845,10 @@ def decrypt_resource(
             report.masked_groups |= slot.el.groups - grants  # type: ignore[operator]
             continue
         try:
-            slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
+            if slot.ct == IN_GROUP and cipher.grouped:
+                slot.put(groups.entry(cipher, slot.el, slot.path))
+            else:
+                slot.restore(cipher.open(slot.el.field_id, slot.path, slot.ct))
             report.decrypted += 1
             report.decrypted_groups |= slot.el.groups
         except (IntegrityError, ValueError, TypeError):
@@ -762,7 +863,7 @@ def decrypt_resource(
         mk.add_tag(resource, mk.shredded_tag())
 
 
-_MARKER_URLS = frozenset({mk.CIPHERTEXT_URL, mk.ENVELOPE_URL})
+_MARKER_URLS = frozenset({mk.CIPHERTEXT_URL, mk.ENVELOPE_URL, mk.GROUP_URL})
 
 
 def scrub_markers(value: object) -> int:

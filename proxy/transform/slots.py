@@ -2,7 +2,7 @@
 
 A read makes one slot per stored occurrence of a covered element (2,200 for a 100-Patient
 searchset). Each shape of occurrence is its own small class holding exactly the places it
-needs, with :meth:`Slot.restore` (the decrypted JSON goes back where the ciphertext was) and
+needs, with :meth:`Slot.put` (the decrypted JSON goes back where the ciphertext was) and
 :meth:`Slot.mask` (the mask marker goes there instead). Typed classes instead of one object
 with an integer shape code and an untyped ``extra``: the checker then knows what each shape
 holds, and a method call costs no more than the code's if/elif dispatch did. Slots are plain
@@ -34,10 +34,14 @@ class Slot:
 
     el: CompiledElement
     path: str
-    ct: str | None
+    ct: str | None  # IN_GROUP: sealed in its group's ciphertext (format v2), only the mask marker is here
     tampered: bool  # plaintext where only ciphertext can legitimately be
 
     def restore(self, pt: bytes) -> None:
+        """Put back the element an element ciphertext held (its plaintext, UTF-8 JSON)."""
+        self.put(jsonnum.loads(pt))
+
+    def put(self, value: Any) -> None:
         """Put the decrypted JSON back; ValueError/TypeError when it does not fit this shape."""
         raise NotImplementedError
 
@@ -50,7 +54,7 @@ class Slot:
 class GoneSlot(Slot):
     """An occurrence that was not a JSON object where one must be: already removed, nothing to put back."""
 
-    def restore(self, pt: bytes) -> None:
+    def put(self, value: Any) -> None:
         return None
 
     def mask(self) -> None:
@@ -64,8 +68,8 @@ class PrimitiveSlot(Slot):
     parent: JSON
     key: str
 
-    def restore(self, pt: bytes) -> None:
-        value, under = jsonnum.loads(pt)
+    def put(self, value: Any) -> None:
+        value, under = _pair(value)
         ukey = "_" + self.key
         self.parent.pop(ukey, None)
         if value is not None:
@@ -88,8 +92,8 @@ class PrimitiveItemSlot(Slot):
     values: list[Any]
     unders: list[Any]
 
-    def restore(self, pt: bytes) -> None:
-        self.values[self.index], self.unders[self.index] = jsonnum.loads(pt)
+    def put(self, value: Any) -> None:
+        self.values[self.index], self.unders[self.index] = _pair(value)
         tidy(self.parent, self.key, "_" + self.key)
 
     def mask(self) -> None:
@@ -107,8 +111,8 @@ class ComplexSlot(Slot):
     keep: tuple[str, ...]
     holder: str | None
 
-    def restore(self, pt: bytes) -> None:
-        self.container[self.index] = _object(pt)
+    def put(self, value: Any) -> None:
+        self.container[self.index] = _object(value)
 
     def mask(self) -> None:
         item = self.container[self.index]
@@ -133,8 +137,8 @@ class ChoiceMaskedSlot(Slot):
     idx: int | None
     names: list[str]
 
-    def restore(self, pt: bytes) -> None:
-        value = _object(pt)
+    def put(self, value: Any) -> None:
+        value = _object(value)
         self._drop_ciphertext()
         self.parent.pop("dataAbsentReason", None)
         self.parent.update(value)
@@ -159,15 +163,24 @@ class NarrativeSlot(Slot):
     parent: JSON
     key: str
 
-    def restore(self, pt: bytes) -> None:
-        self.parent[self.key] = _object(pt)
+    def put(self, value: Any) -> None:
+        self.parent[self.key] = _object(value)
 
     def mask(self) -> None:
         self.parent[self.key] = mk.neutral_narrative()
 
 
-def _object(pt: bytes) -> JSON:
-    value = jsonnum.loads(pt)
+IN_GROUP = ""  # Slot.ct of an element sealed in its group's ciphertext: its record MAC item is (path, "")
+
+
+def _pair(value: Any) -> tuple[Any, Any]:
+    """A primitive's sealed ``[value, _element]``."""
+    if type(value) is not list or len(value) != 2:
+        raise ValueError("not a primitive's pair")
+    return value[0], value[1]
+
+
+def _object(value: Any) -> JSON:
     if type(value) is not dict:
         raise ValueError("not an object")
     return value

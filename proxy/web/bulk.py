@@ -24,7 +24,7 @@ from proxy.transform.interactions import Interaction
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, audited_references
-from proxy.web.patientkeys import PATIENT_KEY_MARK
+from proxy.web.patientkeys import names_patient_key
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links, upstream_resource
 
@@ -248,7 +248,7 @@ async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, ex
         if as_sent:
             out.append(line.strip(_JSON_SPACE))
             continue
-        if PATIENT_KEY_MARK in line:
+        if names_patient_key(line):
             await rt.prefetch_patient_keys(resource)
         decrypt_body(resource, rt.policy, rt.read_keys, decision, exchange.report)
         out.append(serialise_for_client(resource, exchange.report, "export file"))

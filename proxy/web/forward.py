@@ -26,7 +26,7 @@ from proxy.web.answers import answer_whole, to_public
 from proxy.web.auditing import audited_references, reference_of
 from proxy.web.call import Call
 from proxy.web.paging import has_page_links
-from proxy.web.patientkeys import PATIENT_KEY_MARK
+from proxy.web.patientkeys import names_patient_key
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import has_foreign_links, leads_elsewhere, upstream_resource
 
@@ -105,7 +105,7 @@ async def forward(call: Call) -> web.StreamResponse:
     try:
         as_sent = _as_sent(call, forwarding, raw, status, out_headers)
         return as_sent or await answer_whole(
-            call, forwarding, upstream_resource(raw), status, out_headers, PATIENT_KEY_MARK in raw
+            call, forwarding, upstream_resource(raw), status, out_headers, names_patient_key(raw)
         )
     except (RecursionError, orjson.JSONEncodeError):  # nesting no FHIR resource has; costs nothing when absent
         raise FhirError(502, "structure", "the upstream answered with JSON nested too deeply") from None

@@ -35,7 +35,12 @@ log = logging.getLogger("fhircrypt")
 T = TypeVar("T")
 
 
-PATIENT_KEY_MARK = b'"v1.p_'  # serialised envelopes that name a patient key: only then is the store asked
+_PATIENT_KEY_MARKS = (b'"v2.p_', b'"v1.p_')  # serialised envelopes that name a patient key
+
+
+def names_patient_key(raw: bytes) -> bool:
+    """Whether a serialised body holds an envelope naming a patient key: only then is the store asked."""
+    return _PATIENT_KEY_MARKS[0] in raw or _PATIENT_KEY_MARKS[1] in raw
 
 
 class PatientKeyService:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy.outcome import FhirError
 from proxy.transform import guard, jsonnum
-from proxy.transform.markers import CIPHERTEXT_URL
+from proxy.transform.markers import CIPHERTEXT_URL, DAR_URL
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web import metrics
@@ -23,7 +23,9 @@ from proxy.web.requests import PatchOps, prepare_body
 from proxy.web.upstream import read_limited
 from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepare_write
 
-CIPHERTEXT_BYTES = CIPHERTEXT_URL.encode()
+# what each sealed element leaves in a write's body, counted for the elements metric: its ciphertext
+# extension (format v1), or the mask marker where its group's ciphertext holds it (v2)
+SEALED_MARKS = {"v1": CIPHERTEXT_URL.encode(), "v2": f'"url":"{DAR_URL}","valueCode":"masked"'.encode()}
 
 
 def guard_query(call: Call, params: list[tuple[str, str]]) -> None:
@@ -81,8 +83,9 @@ async def _prepare_body(call: Call, raw: bytes) -> None:
         call.forwarding = dataclasses.replace(call.forwarding, if_match=extra.get("If-Match"))
     else:
         call.body = prepared
-    if call.body is not None and it.resource_type in rt.policy.resources:
-        metrics.ELEMENTS.labels("encrypted").inc(call.body.count(CIPHERTEXT_BYTES))
+    rp = rt.policy.resources.get(it.resource_type)  # type: ignore[arg-type]
+    if call.body is not None and rp is not None:
+        metrics.ELEMENTS.labels("encrypted").inc(call.body.count(SEALED_MARKS[rp.at_rest_format]))
 
 
 async def _matching(call: Call) -> list[str]:

@@ -25,9 +25,9 @@ from proxy.keymgmt.keyring import Keyring, load_keyring, save_keyring
 from proxy.keymgmt.providers.base import KeyringError
 from proxy.keymgmt.providers.local import LocalKeyProvider, generate_kek, parse_kek
 from proxy.transform.bodies import encrypt_for_write
-from proxy.transform.markers import CIPHERTEXT_URL
+from proxy.transform.markers import CIPHERTEXT_URL, GROUP_URL
 from tests.adversarial.harness import ServedProxy
-from tests.conftest import FHIR_JSON
+from tests.conftest import FHIR_JSON, sealed_groups, spoil
 
 NIK = "3174112233445566"
 NAME = "Faultinjectedname"
@@ -162,11 +162,10 @@ async def test_tampered_records_are_masked_never_returned(faulty, satusehat, key
     if where == "envelope":
         env = next(e for e in stored["extension"] if e["url"].endswith("envelope"))
         env["valueString"] = env["valueString"][:-6] + ("AAAAAA" if env["valueString"][-6:] != "AAAAAA" else "BBBBBB")
-    elif where == "element":
-        ct = stored["name"][0]["extension"][1]
-        ct["valueString"] = ct["valueString"][:20] + "A" + ct["valueString"][21:]
+    elif where == "element":  # the ciphertext holding the name (format v2: its group's)
+        spoil(sealed_groups(stored)["demographics"])
     elif where == "swap":  # a valid ciphertext of another record under the same keys
-        stored["name"] = other["name"]
+        sealed_groups(stored)["demographics"]["valueString"] = sealed_groups(other)["demographics"]["valueString"]
     else:
         stored["name"].append({"family": "Injected plaintext"})
     assert text != orjson.dumps(stored).decode() or where == "plaintext-added"
@@ -177,7 +176,7 @@ async def test_tampered_records_are_masked_never_returned(faulty, satusehat, key
     assert resp.headers["X-Fhircrypt-Integrity"].startswith("failed")
     # the whole record is masked when its envelope or MAC fails; injected plaintext is masked where it sits
     withheld = ("Injected plaintext", CIPHERTEXT_URL) if where == "plaintext-added" else (NAME, "Otherperson")
-    for value in (*withheld, CIPHERTEXT_URL):
+    for value in (*withheld, CIPHERTEXT_URL, GROUP_URL):
         assert value.encode() not in body
 
 
