@@ -635,7 +635,7 @@ def _find_narrative(parent: JSON, path: str, el: CompiledElement, out: list[Slot
         return
     ct = _ct_of(text)
     neutral = type(text) is dict and text.get("div") == mk.NEUTRAL_DIV
-    bare = neutral and set(text) <= {"status", "div"}  # type: ignore[arg-type]
+    bare = neutral and set(text) <= {"status", "div"}
     if ct is None and grouped and bare and not el.replace:
         ct = IN_GROUP  # v2: the neutral narrative alone marks the place
     tampered = ct is None and not (bare and el.replace)
@@ -699,9 +699,9 @@ def _take_markers(resource: JSON, in_meta: bool) -> tuple[list[str], list[object
         for ext in exts:
             url = ext.get("url") if type(ext) is dict else None
             if url == mk.ENVELOPE_URL:
-                envelopes.append(ext.get("valueString"))  # type: ignore[union-attr]
+                envelopes.append(ext.get("valueString"))
             elif url == mk.GROUP_URL:
-                sealed.append(ext.get("valueString"))  # type: ignore[union-attr]
+                sealed.append(ext.get("valueString"))
             else:
                 kept.append(ext)
         if kept:
