@@ -289,6 +289,23 @@ async def test_system_only_identifier_search_finds_new_old_and_otherwise_spelled
     assert not leaked(SECRETS, orjson.dumps(clean_upstream.requests()).decode())
 
 
+async def test_which_servers_match_a_system_only_search_on_an_identifier_without_a_value(proxy_for, clean_server):
+    """What identifier_system_search: server relies on, checked on the stored form: Medplum matches
+    ``identifier=S|`` on an identifier whose value is sealed (absent, ``_value`` with extensions only);
+    HAPI's JPA server indexes no token for it, so there the default ``index`` (an ``S|*`` token) is needed."""
+    client = await proxy_for(clean_server.base_url, satusehat_server_systems(), upstream_timeout=120.0)
+    patient = {k: v for k, v in PATIENTS[0].items() if k != "id"}
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    (stored,) = clean_server.dump()
+    nik = next(i for i in stored["identifier"] if i["system"] == NIK)
+    assert "value" not in nik and nik["_value"]["extension"]
+    query = f"Patient?identifier={urllib.parse.quote(NIK, safe='')}%7C"
+    matched = _ids(_direct(clean_server, "GET", query)) == [created["id"]]
+    assert matched is isinstance(clean_server, UpstreamServer)  # Medplum: yes; HAPI: no
+    found = _ids(await (await client.get(f"/fhir/R4/{query}")).json())
+    assert found == ([created["id"]] if matched else [])
+
+
 async def test_paging_links_come_back_through_the_proxy(any_client, clean_upstream):
     client = any_client
     for patient in PATIENTS:
