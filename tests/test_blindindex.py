@@ -169,6 +169,7 @@ def test_system_only_identifier_searches_go_to_the_clear_system_only_where_the_p
     nik = specs["Patient/nik/identifier"]
     assert nik.system_in_clear and not any(s.system_in_clear for s in specs.values() if s.param != "identifier")
     assert not any(s.system_in_clear for el in satusehat.resources["Patient"].elements for s in el.indexes)
+    assert "identifier-system-search" in {f.code for f in server.findings} - {f.code for f in satusehat.findings}
     system = nik.token_system
     assert value_tokens(nik, "3273012903870002", system) == [f"{system}|3273012903870002"]
     for other in (system.upper(), system + "/", None):  # the same system to the proxy, not to the server

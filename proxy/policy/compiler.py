@@ -329,6 +329,16 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
         _add_reference_display(ctx, doc, groups, resources, narrative_default)
 
     findings: list[Finding] = []
+    if system_search == "server":
+        findings.append(
+            Finding(
+                "info",
+                "identifier-system-search",
+                "defaults.identifier_system_search is server: identifier=<system>| is answered from the clear "
+                "system, which needs a server whose token search matches an identifier without a value "
+                "(Medplum does; HAPI FHIR's JPA server does not, and would miss those resources)",
+            )
+        )
     for rp in resources.values():
         for el in rp.content_elements:
             findings.extend(

@@ -131,14 +131,14 @@ def spec_texts(
             yield spec, texts
 
 
-def index_texts(resource: JSON, rp: ResourcePolicy, every_system_token: bool = False) -> dict[str, set[str]]:
+def index_texts(resource: JSON, rp: ResourcePolicy) -> dict[str, set[str]]:
     """The texts index format v2 stores, by label (what is keyed and hashed into tokens): not those of a
     parameter answered under another label (``IndexSpec.v2_via``), of a chained name only the
     ``:exact`` texts (its prefixes live in the name itself, namechain.py), and ``S|*`` only where the
-    server cannot answer ``identifier=S|`` itself (``every_system_token``: as v2 wrote it before)."""
+    server cannot answer ``identifier=S|`` itself."""
     return {
         spec.label: {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
-        for spec, texts in spec_texts(resource, rp, every_system_token)
+        for spec, texts in spec_texts(resource, rp, every_system_token=False)
         if spec.v2_via is None
     }
 
