@@ -7,6 +7,7 @@ in the encrypted run the upstream must never receive a searched value.
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.parse
 import urllib.request
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from proxy.keymgmt.keyring import Keyring
+from proxy.migrate.assess import Plan, State, assess
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.transform.indexes import spec_texts
 from proxy.transform.markers import INDEX_BASE, INDEX_BASES, index_system
@@ -274,6 +276,9 @@ async def test_system_only_identifier_search_finds_new_old_and_otherwise_spelled
     assert {pid for pid, r in stored.items() if nik_all in _index_tokens(r)} == {"p-siti"}  # the other spelling
     old = _with_every_system_token(stored["p-budi"], PATIENTS[1], policy, keyring)  # as written before
     assert nik_all in _index_tokens(old)
+    # fhircrypt reencrypt finds the old token set stale for this policy, and the new one current
+    assert assess(copy.deepcopy(old), Plan(policy, keyring)).state is State.OLD_POLICY
+    assert assess(copy.deepcopy(stored["p-budi"]), Plan(policy, keyring)).state is State.CURRENT
     _direct(clean_upstream, "PUT", "Patient/p-budi", old)
     for query in SYSTEM_QUERIES:
         resp = await client.get(f"/fhir/R4/Patient?{query}")
