@@ -9,17 +9,22 @@ import json
 import unicodedata
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.crypto.blindindex import BlindIndexer
 from proxy.crypto.encoding import b32_128
+from proxy.keymgmt.keyring import Keyring
+from proxy.outcome import FhirError
 from proxy.policy.indexing import IndexSpec
+from proxy.transform import guard
 from proxy.transform.indexes import value_tokens
-from proxy.transform.markers import index_system
+from proxy.transform.markers import INDEX_BASES, index_system
 from proxy.transform.namechain import chains
 from proxy.transform.normalize import digits, fold
-from proxy.transform.search import query_tokens
+from proxy.transform.search import Searcher, query_tokens
+from tests.test_search import BPJS, satusehat_server_systems
 
 NAME = IndexSpec(param="family", param_type="string", label="Patient/name/family", value_type="string", prefix_min=3)
 NIK = IndexSpec(
@@ -153,3 +158,42 @@ def test_published_blind_index_v2_vectors():
 @given(st.lists(st.binary(min_size=16, max_size=16), max_size=80))
 def test_batched_base32_equals_the_standard_library(values):
     assert b32_128(values) == [base64.b32encode(v).decode().rstrip("=").lower() for v in values]
+
+
+def test_system_only_identifier_searches_go_to_the_clear_system_only_where_the_policy_says_so(satusehat):
+    """defaults.identifier_system_search: server drops the S|* token of an identifier spelled as listed and
+    sends identifier=S| as it is, OR-ed with the S|* tokens; a paging link with that form comes back
+    through the same group checks, and no token of another field rides along."""
+    server = satusehat_server_systems()
+    specs = {s.label: s for el in server.resources["Patient"].elements for s in el.indexes}
+    nik = specs["Patient/nik/identifier"]
+    assert nik.system_in_clear and not any(s.system_in_clear for s in specs.values() if s.param != "identifier")
+    assert not any(s.system_in_clear for el in satusehat.resources["Patient"].elements for s in el.indexes)
+    assert "identifier-system-search" in {f.code for f in server.findings} - {f.code for f in satusehat.findings}
+    system = nik.token_system
+    assert value_tokens(nik, "3273012903870002", system) == [f"{system}|3273012903870002"]
+    for other in (system.upper(), system + "/", None):  # the same system to the proxy, not to the server
+        assert f"{system}|*" in value_tokens(nik, "3273012903870002", other)
+    assert f"{system}|*" in value_tokens(NIK, "3273012903870002", system)  # the default: a token for every value
+
+    ring = Keyring.generate()
+    everyone = Searcher(server.resources, ring.indexer)
+    billing = Searcher(server.resources, ring.indexer, frozenset({"insurance"}))
+    ((name, value),) = guard.check_search("Patient", [("identifier", f"{system.upper()}|")], everyone, "q")
+    clear, *tokens = value.split(",")
+    assert (name, clear) == ("identifier", f"{system}|") and len(tokens) == 2  # the v2 and the v1 S|* token
+    assert all(t.startswith(INDEX_BASES) for t in tokens)
+    assert guard.check_search("Patient", [(name, value)], everyone, "q") == [(name, value)]  # a paging link
+    with pytest.raises(FhirError) as refused:
+        guard.check_search("Patient", [(name, value)], billing, "q")
+    assert refused.value.status == 403
+    ((_, bpjs),) = guard.check_search("Patient", [("identifier", f"{BPJS}|")], billing, "q")
+    assert bpjs.startswith(f"{BPJS}|,")
+    with pytest.raises(FhirError) as refused:  # a NIK token copied into the BPJS link
+        guard.check_search("Patient", [("identifier", f"{bpjs},{tokens[0]}")], billing, "q")
+    assert refused.value.status == 403
+    chained = guard.check_search("Condition", [("subject:Patient.identifier", f"{system}|")], everyone, "q")
+    assert chained == [("subject:Patient.identifier", value)]
+    default = Searcher(satusehat.resources, ring.indexer)
+    ((_, value),) = guard.check_search("Patient", [("identifier", f"{system}|")], default, "q")
+    assert value.split(",") == tokens  # the shipped default: the S|* tokens only, as before

@@ -7,6 +7,7 @@ in the encrypted run the upstream must never receive a searched value.
 
 from __future__ import annotations
 
+import copy
 import json
 import urllib.parse
 import urllib.request
@@ -14,9 +15,12 @@ import urllib.request
 import orjson
 import pytest
 
+from proxy.keymgmt.keyring import Keyring
+from proxy.migrate.assess import Plan, State, assess
 from proxy.policy.compiler import CompiledPolicy, compile_text
-from proxy.transform.markers import INDEX_BASE, INDEX_BASES
-from tests.conftest import FHIR_JSON, PUBLIC_BASE, ROOT, assert_no_plaintext, leaked
+from proxy.transform.indexes import spec_texts
+from proxy.transform.markers import INDEX_BASE, INDEX_BASES, index_system
+from tests.conftest import DEPLOYMENT, FHIR_JSON, PUBLIC_BASE, ROOT, assert_no_plaintext, leaked
 from tests.upstream_server import UpstreamServer
 
 NIK = "https://fhir.kemkes.go.id/id/nik"
@@ -143,6 +147,8 @@ QUERIES = [
     "given:exact=Sri,Siti",
     "identifier=0000000000000000",
     f"identifier={BPJS}|",
+    f"identifier={NIK}|",
+    f"identifier={NIK}|,{BPJS}|0001122334405",
 ]
 
 
@@ -174,10 +180,23 @@ def satusehat_chained() -> CompiledPolicy:
     return compile_text(text.replace(old, old[:-1] + ", chain: true}"), "satusehat-chained.yaml")
 
 
-@pytest.fixture(params=["tokens", "chain"])
+def satusehat_server_systems() -> CompiledPolicy:
+    """The shipped SATUSEHAT policy with system-only identifier searches answered by the server from the
+    clear system (defaults.identifier_system_search: server): no ``S|*`` token for a system spelled as listed."""
+    text = (ROOT / "policies" / "satusehat.yaml").read_text()
+    old = "\ndefaults:\n"
+    assert old in text
+    return compile_text(
+        text.replace(old, old + "  identifier_system_search: server\n"), "satusehat-server-systems.yaml", DEPLOYMENT
+    )
+
+
+@pytest.fixture(params=["tokens", "chain", "server-systems"])
 async def any_client(request, proxy_for, clean_upstream, satusehat):
-    """The proxy with names indexed by identifier tokens, and with name chains."""
-    return await proxy_for(clean_upstream.base_url, satusehat if request.param == "tokens" else satusehat_chained())
+    """The proxy with names indexed by identifier tokens, with name chains, and with system-only
+    identifier searches answered from the clear system."""
+    policies = {"tokens": satusehat, "chain": satusehat_chained(), "server-systems": satusehat_server_systems()}
+    return await proxy_for(clean_upstream.base_url, policies[request.param])
 
 
 async def test_search_results_match_a_plaintext_server_and_values_never_reach_it(any_client, clean_upstream):
@@ -203,6 +222,93 @@ async def test_search_results_match_a_plaintext_server_and_values_never_reach_it
     log = orjson.dumps(clean_upstream.requests()).decode()
     assert not leaked(SECRETS, log)
     assert not leaked(SECRETS, orjson.dumps(clean_upstream.dump()).decode())
+
+
+SYSTEM_QUERIES = [
+    f"identifier={NIK}|",
+    f"identifier={NIK.upper()}|",
+    f"identifier={NIK}|,{BPJS}|0001122334405",
+    f"identifier={NIK}|&identifier={BPJS}|",
+    f"identifier={NIK}|&name=santoso",
+]
+
+
+def _spelled(patient: dict, nik_system: str) -> dict:
+    return {**patient, "identifier": [{**patient["identifier"][0], "system": nik_system}, *patient["identifier"][1:]]}
+
+
+def _index_tokens(resource: dict) -> set[str]:
+    return {f"{i['system']}|{i['value']}" for i in resource["identifier"] if i["system"].startswith(INDEX_BASES)}
+
+
+def _with_every_system_token(stored: dict, plain: dict, policy: CompiledPolicy, ring: Keyring) -> dict:
+    """``stored`` with the index identifiers fhircrypt wrote before system-only searches went to the clear
+    system: an ``S|*`` token for every encrypted identifier value."""
+    rp = policy.resources["Patient"]
+    own = [i for i in stored["identifier"] if not i["system"].startswith(INDEX_BASES)]
+    texts = {spec.label: texts for spec, texts in spec_texts(plain, rp) if spec.v2_via is None}  # no name chains
+    tokens = [{"system": index_system(k), "value": t} for k, v in texts.items() for t in ring.indexer.tokens_v2(k, v)]
+    return {**stored, "identifier": own + tokens}
+
+
+async def test_system_only_identifier_search_finds_new_old_and_otherwise_spelled_identifiers(
+    proxy_for, clean_upstream, keyring
+):
+    """With identifier_system_search: server, ``identifier=S|`` goes to the server as it is, OR-ed with the
+    ``S|*`` tokens: identifiers written now (no token), written before (token) and under another spelling of
+    S (token) are all found, with the ids and totals of the plaintext server."""
+    policy = satusehat_server_systems()
+    client = await proxy_for(clean_upstream.base_url, policy)
+    # p-siti spells the NIK system in capitals: the same system to the proxy, and to Medplum's token search
+    patients = [*PATIENTS[:3], _spelled(PATIENTS[3], NIK.upper())]
+    for patient in patients:
+        _direct(clean_upstream, "PUT", f"Patient/{patient['id']}", patient)
+    expected = {q: (_ids(b := _direct(clean_upstream, "GET", f"Patient?{q}")), b.get("total")) for q in SYSTEM_QUERIES}
+    assert expected[f"identifier={NIK}|"][0] == ["p-budi", "p-budiman", "p-siti", "p-sri"]
+
+    clean_upstream.reset()
+    for patient in patients:
+        resp = await client.put(f"/fhir/R4/Patient/{patient['id']}", data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    stored = {r["id"]: r for r in clean_upstream.dump()}
+    label = "Patient/nik/identifier"
+    nik_all = f"{index_system(label)}|{keyring.indexer.tokens_v2(label, [f'{NIK}|*'])[0]}"
+    assert {pid for pid, r in stored.items() if nik_all in _index_tokens(r)} == {"p-siti"}  # the other spelling
+    old = _with_every_system_token(stored["p-budi"], PATIENTS[1], policy, keyring)  # as written before
+    assert nik_all in _index_tokens(old)
+    # fhircrypt reencrypt finds the old token set stale for this policy, and the new one current
+    assert assess(copy.deepcopy(old), Plan(policy, keyring)).state is State.OLD_POLICY
+    assert assess(copy.deepcopy(stored["p-budi"]), Plan(policy, keyring)).state is State.CURRENT
+    _direct(clean_upstream, "PUT", "Patient/p-budi", old)
+    for query in SYSTEM_QUERIES:
+        resp = await client.get(f"/fhir/R4/Patient?{query}")
+        assert resp.status == 200, (query, await resp.text())
+        bundle = await resp.json()
+        assert (_ids(bundle), bundle.get("total")) == expected[query], query
+    # a trailing slash is the NIK system to the proxy but not to the server: only the S|* token finds it
+    slashed = _spelled(PATIENTS[4], NIK + "/")
+    await client.put("/fhir/R4/Patient/p-agus", data=orjson.dumps(slashed), headers=FHIR_JSON)
+    assert "p-agus" not in _ids(_direct(clean_upstream, "GET", f"Patient?identifier={NIK}|"))
+    found = await (await client.get(f"/fhir/R4/Patient?identifier={NIK}|")).json()
+    assert _ids(found) == ["p-agus", "p-budi", "p-budiman", "p-siti", "p-sri"]
+    assert not leaked(SECRETS, orjson.dumps(clean_upstream.requests()).decode())
+
+
+async def test_which_servers_match_a_system_only_search_on_an_identifier_without_a_value(proxy_for, clean_server):
+    """What identifier_system_search: server relies on, checked on the stored form: Medplum matches
+    ``identifier=S|`` on an identifier whose value is sealed (absent, ``_value`` with extensions only);
+    HAPI's JPA server indexes no token for it, so there the default ``index`` (an ``S|*`` token) is needed."""
+    client = await proxy_for(clean_server.base_url, satusehat_server_systems(), upstream_timeout=120.0)
+    patient = {k: v for k, v in PATIENTS[0].items() if k != "id"}
+    created = await (await client.post("/fhir/R4/Patient", data=orjson.dumps(patient), headers=FHIR_JSON)).json()
+    (stored,) = clean_server.dump()
+    nik = next(i for i in stored["identifier"] if i["system"] == NIK)
+    assert "value" not in nik and nik["_value"]["extension"]
+    query = f"Patient?identifier={urllib.parse.quote(NIK, safe='')}%7C"
+    matched = _ids(_direct(clean_server, "GET", query)) == [created["id"]]
+    assert matched is isinstance(clean_server, UpstreamServer)  # Medplum: yes; HAPI: no
+    found = _ids(await (await client.get(f"/fhir/R4/{query}")).json())
+    assert found == ([created["id"]] if matched else [])
 
 
 async def test_paging_links_come_back_through_the_proxy(any_client, clean_upstream):

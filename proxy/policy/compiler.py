@@ -37,6 +37,7 @@ NARRATIVE_ID = "text"  # field id of the resource narrative (DomainResource.text
 NARRATIVE_MODES = ("encrypt", "replace")
 UNENVELOPED_MODES = ("mask", "allow")
 AT_REST_FORMATS = ("v2", "v1")  # v1: for a rolling upgrade, while some replicas cannot read v2 yet
+SYSTEM_SEARCH_MODES = ("index", "server")  # who answers identifier=S| on an encrypted identifier value
 _FIELD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-\[\]/]{0,127}$")
 _FORBIDDEN_KEYS = {
     "id": "ids must stay in the clear",
@@ -301,10 +302,13 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
         raise ctx.fail(doc, "fhircrypt-policy", f"unsupported policy format (this build reads {FORMAT_VERSION})")
     groups = _compile_groups(ctx, doc)
     defaults = doc.get("defaults") or Node()
-    _check_keys(ctx, defaults, "defaults", allowed={"narrative", "unenveloped", "at_rest_format"})
+    _check_keys(
+        ctx, defaults, "defaults", allowed={"narrative", "unenveloped", "at_rest_format", "identifier_system_search"}
+    )
     narrative_default = _choice(ctx, defaults, "narrative", NARRATIVE_MODES, "encrypt")
     unenveloped = _choice(ctx, defaults, "unenveloped", UNENVELOPED_MODES, "mask")
     at_rest_format = _choice(ctx, defaults, "at_rest_format", AT_REST_FORMATS, "v2")
+    system_search = _choice(ctx, defaults, "identifier_system_search", SYSTEM_SEARCH_MODES, "index")
 
     resources: dict[str, ResourcePolicy] = {}
     res_doc = doc.get("resources") or Node()
@@ -325,7 +329,8 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
         _check_keys(ctx, settings, rtype, required={"elements"}, allowed={"elements", "narrative"})
         mode = _choice(ctx, settings, "narrative", NARRATIVE_MODES, narrative_default)
         elements = [
-            _compile_entry(ctx, rtype, entry, groups, i) for i, entry in enumerate(_as_list(ctx, settings, "elements"))
+            _compile_entry(ctx, rtype, entry, groups, i, system_search)
+            for i, entry in enumerate(_as_list(ctx, settings, "elements"))
         ]
         _check_unique_and_disjoint(ctx, settings, rtype, elements)
         resources[rtype] = _resource_policy(rtype, elements, mode)
@@ -334,6 +339,16 @@ def compile_policy(doc: Node, source: str, raw: bytes, values: Mapping[str, str]
         _add_reference_display(ctx, doc, groups, resources, narrative_default)
 
     findings: list[Finding] = []
+    if system_search == "server":
+        findings.append(
+            Finding(
+                "info",
+                "identifier-system-search",
+                "defaults.identifier_system_search is server: identifier=<system>| is answered from the clear "
+                "system, which needs a server whose token search matches an identifier without a value "
+                "(Medplum does; HAPI FHIR's JPA server does not, and would miss those resources)",
+            )
+        )
     for rp in resources.values():
         for el in rp.content_elements:
             findings.extend(
@@ -453,7 +468,9 @@ def _compile_groups(ctx: _Ctx, doc: Node) -> dict[str, str]:
     return groups
 
 
-def _compile_entry(ctx: _Ctx, rtype: str, entry: object, groups: dict[str, str], index: int) -> CompiledElement:
+def _compile_entry(
+    ctx: _Ctx, rtype: str, entry: object, groups: dict[str, str], index: int, system_search: str = "index"
+) -> CompiledElement:
     where = f"{rtype}.elements[{index}]"
     _check_keys(ctx, entry, where, required={"path", "group"}, allowed={"path", "group", "id", "description", "search"})
     assert isinstance(entry, Node)
@@ -484,7 +501,9 @@ def _compile_entry(ctx: _Ctx, rtype: str, entry: object, groups: dict[str, str],
         allowed={"params", "prefix", "year", "normalize", "chain"},
     )
     try:
-        return dataclasses.replace(el, indexes=compile_indexes(rtype, el, entry["search"]))
+        return dataclasses.replace(
+            el, indexes=compile_indexes(rtype, el, entry["search"], server_system_search=system_search == "server")
+        )
     except IndexError_ as exc:
         raise ctx.fail(entry, "search", str(exc)) from None
 

@@ -62,6 +62,9 @@ class IndexSpec:
     # index format v2: a parameter that is another one of the element restricted to one system (phone,
     # email on telecom) stores nothing of its own; it is answered with <system>|<value> under that label
     v2_via: str | None = None
+    # identifier=S| is answered by the server from the identifier's clear system (defaults.identifier_system_search:
+    # server), OR-ed with S|* tokens that are then stored only for identifiers whose system is spelled otherwise
+    system_in_clear: bool = False
 
 
 def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
@@ -86,7 +89,9 @@ def type_at(rtype: str, keys: tuple[str, ...]) -> str | None:
     return type_name
 
 
-def compile_indexes(rtype: str, el: CompiledElement, settings: dict[str, Any]) -> tuple[IndexSpec, ...]:
+def compile_indexes(
+    rtype: str, el: CompiledElement, settings: dict[str, Any], server_system_search: bool = False
+) -> tuple[IndexSpec, ...]:
     params = settings.get("params")
     if not isinstance(params, list) or not params or not all(isinstance(p, str) for p in params):
         raise IndexError_("search.params must list search parameter codes")
@@ -109,7 +114,23 @@ def compile_indexes(rtype: str, el: CompiledElement, settings: dict[str, Any]) -
         raise IndexError_("search.chain needs a whole HumanName element (e.g. path: name) and a prefix length")
     specs = tuple(_spec(rtype, el, keys, code, normalize, prefix, year) for code in params)
     specs = tuple(dataclasses.replace(s, chain=True) if chain and s.param_type == "string" else s for s in specs)
-    return tuple(dataclasses.replace(s, v2_via=_whole(s, specs)) for s in specs)
+    return tuple(
+        dataclasses.replace(s, v2_via=_whole(s, specs), system_in_clear=server_system_search and _clear_system(s))
+        for s in specs
+    )
+
+
+_SEARCH_SPECIAL = frozenset("\\,$|")  # characters FHIR search escapes in a token value
+
+
+def _clear_system(spec: IndexSpec) -> bool:
+    """Whether the server can answer a system-only search on this identifier value from its clear
+    ``system``, OR-ed with index tokens in the same ``identifier`` parameter. Only ``identifier``
+    qualifies: every other parameter (``telecom`` on ``telecom.where(system='phone').value``) is itself
+    answered through ``identifier`` tokens, and a second parameter would be AND-ed, not OR-ed. A system
+    FHIR search would have to escape is not sent as it is either."""
+    system = spec.token_system
+    return system is not None and spec.param == "identifier" and not _SEARCH_SPECIAL.intersection(system)
 
 
 def _whole(spec: IndexSpec, specs: tuple[IndexSpec, ...]) -> str | None:

@@ -6,6 +6,11 @@ whose stored tokens equal the query's. Tokens are stored as extra identifiers
 ``identifier`` token search can match; readers never see them. Writes store index format
 v2 (short system, base32 token); searches also send the v1 token, so data written before
 (until ``fhircrypt reencrypt`` has moved it) is still found.
+
+An identifier value selected by the policy's system ``S`` keeps ``system`` in the clear at rest,
+so a server whose token index keeps an identifier without a value answers ``identifier=S|``
+itself: with ``defaults.identifier_system_search: server`` (``IndexSpec.system_in_clear``) the
+``S|*`` token is stored only for an identifier whose system is spelled otherwise than ``S``.
 """
 
 from __future__ import annotations
@@ -49,8 +54,9 @@ def _descend(values: list[Any], sub_path: tuple[str, ...], criteria: tuple[tuple
     return values
 
 
-def value_tokens(spec: IndexSpec, value: object) -> list[str]:
-    """Normalised token texts for one plaintext value of the indexed type."""
+def value_tokens(spec: IndexSpec, value: object, stored_system: object = None) -> list[str]:
+    """Normalised token texts for one plaintext value of the indexed type; ``stored_system`` is the
+    ``system`` written next to an identifier value (the policy's ``S`` or a canonically equal spelling)."""
     t = spec.value_type
     if spec.param_type == "string":
         parts: list[object] = [value]
@@ -62,7 +68,11 @@ def value_tokens(spec: IndexSpec, value: object) -> list[str]:
     norm = NORMALISERS[spec.normalize]
     if spec.token_system is not None:  # the element is an identifier's or contact point's value
         system = spec.token_system
-        return [f"{system}|{norm(value)}", f"{system}|*"] if type(value) is str else []
+        if type(value) is not str:
+            return []
+        if stored_system == system and spec.system_in_clear:  # the server finds it by its clear system
+            return [f"{system}|{norm(value)}"]
+        return [f"{system}|{norm(value)}", f"{system}|*"]  # spelled otherwise: the server would miss it
     if type(value) is str:
         return [f"*|{norm(value)}"]
     if type(value) is not dict:
@@ -80,7 +90,8 @@ def value_tokens(spec: IndexSpec, value: object) -> list[str]:
     return out
 
 
-def _element_values(resource: JSON, el: CompiledElement) -> Iterator[object]:
+def _element_values(resource: JSON, el: CompiledElement) -> Iterator[tuple[JSON, object]]:
+    """Each value of the element with the object holding it (an identifier value's own identifier)."""
     key = el.terminal.key
     for parent, _ in _parents(resource, el.nav, strict=True):
         if el.kind in (Kind.CHOICE, Kind.CHOICE_MASKED):
@@ -96,26 +107,38 @@ def _element_values(resource: JSON, el: CompiledElement) -> Iterator[object]:
             ):
                 continue
             if value is not None:
-                yield value
+                yield parent, value
 
 
-def spec_texts(resource: JSON, rp: ResourcePolicy) -> Iterator[tuple[IndexSpec, set[str]]]:
-    """Every index spec with the normalised texts of a plaintext resource (all that index format v1 stored)."""
+def spec_texts(
+    resource: JSON, rp: ResourcePolicy, every_system_token: bool = True
+) -> Iterator[tuple[IndexSpec, set[str]]]:
+    """Every index spec with the normalised texts of a plaintext resource: all that index format v1 (and
+    v2 before system-only searches went to the clear system) stored, or without ``every_system_token``
+    no ``S|*`` text where the server finds the identifier by its clear system (``IndexSpec.system_in_clear``)."""
     for el in rp.elements:
         if not el.indexes:
             continue
-        values = list(_element_values(resource, el))
+        found = list(_element_values(resource, el))
+        values = [v for _, v in found]
         for spec in el.indexes:
-            yield spec, {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+            if spec.token_system is None:
+                texts = {tok for v in _descend(values, spec.sub_path, spec.criteria) for tok in value_tokens(spec, v)}
+            else:  # an identifier's value: the system stored next to it decides on S|*
+                texts = set()
+                for parent, v in found:
+                    texts.update(value_tokens(spec, v, None if every_system_token else parent.get("system")))
+            yield spec, texts
 
 
 def index_texts(resource: JSON, rp: ResourcePolicy) -> dict[str, set[str]]:
     """The texts index format v2 stores, by label (what is keyed and hashed into tokens): not those of a
-    parameter answered under another label (``IndexSpec.v2_via``), and of a chained name only the
-    ``:exact`` texts (its prefixes live in the name itself, namechain.py)."""
+    parameter answered under another label (``IndexSpec.v2_via``), of a chained name only the
+    ``:exact`` texts (its prefixes live in the name itself, namechain.py), and ``S|*`` only where the
+    server cannot answer ``identifier=S|`` itself."""
     return {
         spec.label: {t for t in texts if t.startswith(EXACT)} if spec.chain else texts
-        for spec, texts in spec_texts(resource, rp)
+        for spec, texts in spec_texts(resource, rp, every_system_token=False)
         if spec.v2_via is None
     }
 

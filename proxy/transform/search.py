@@ -3,7 +3,9 @@
 ``Patient?identifier=https://fhir.kemkes.go.id/id/nik|3201...`` becomes
 ``Patient?identifier=<index system>|<token>``: the upstream's own ``identifier`` token
 search finds the index identifiers the proxy stored on write, and never sees the NIK.
-Every value of a parameter (comma = OR) becomes tokens in one ``identifier`` parameter;
+Every value of a parameter (comma = OR) becomes tokens in one ``identifier`` parameter (a
+system-only ``identifier=S|`` on an identifier whose system stays clear at rest is also sent as it
+is, OR-ed with the ``S|*`` tokens: see ``IndexSpec.system_in_clear``);
 repeated parameters stay separate (AND). What a blind index cannot answer exactly -
 modifiers, date ranges, prefixes shorter than indexed - is refused, never forwarded
 and never answered with a silently different result.
@@ -155,8 +157,10 @@ def rewrite(
             continue
         for spec, tokens in matching:
             _check_group(owners[spec.label], rp, ctx, where, raw)
+            if spec.system_in_clear and item.endswith("|"):  # system only: the server matches the clear system
+                out.append(f"{spec.token_system}|")
             out.extend(_query_identifiers(ctx.indexer, spec, tokens))
-    return "identifier", ",".join(out)
+    return "identifier", ",".join(dict.fromkeys(out))  # a paging link brings its rewritten values back
 
 
 def _rewrite_chained(
