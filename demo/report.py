@@ -12,7 +12,8 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
-from proxy.transform.markers import CIPHERTEXT_URL, INDEX_BASES
+from proxy.transform import markers as mk
+from proxy.transform.markers import INDEX_BASES
 
 if TYPE_CHECKING:
     from demo.scenario import Written
@@ -42,8 +43,13 @@ def _walk(node: object) -> Iterator[dict]:
 
 
 def encrypted_elements(stored: dict) -> int:
-    """Elements the server holds only as ciphertext (each carries one ciphertext extension)."""
-    return sum(1 for d in _walk(stored) if d.get("url") == CIPHERTEXT_URL)
+    """Elements the server holds only as ciphertext: each left a mark where it was (the mask marker, a
+    masked ``dataAbsentReason`` or the neutral narrative) and sits in a ciphertext (its group's, or its own)."""
+    return sum(
+        1
+        for d in _walk(stored)
+        if mk.has_mask_marker(d) or mk.is_masked_concept(d.get("dataAbsentReason")) or d.get("div") == mk.NEUTRAL_DIV
+    )
 
 
 def search_tokens(stored: dict) -> int:

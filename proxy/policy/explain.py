@@ -6,12 +6,22 @@ from proxy.policy.affects import affected_params
 from proxy.policy.compiler import CompiledPolicy, Kind
 
 _FORMS = {
-    Kind.PRIMITIVE: "value removed; ciphertext on the _element twin",
-    Kind.COMPLEX: "element replaced by masked marker + ciphertext",
+    Kind.PRIMITIVE: "value removed; mask marker on the _element twin",
+    Kind.COMPLEX: "element replaced by the mask marker",
     Kind.CHOICE: "typed slot kept (type visible); contents encrypted",
-    Kind.CHOICE_MASKED: "value[x] removed; dataAbsentReason=masked; ciphertext on the parent",
+    Kind.CHOICE_MASKED: "value[x] removed; dataAbsentReason=masked",
     Kind.NARRATIVE: "neutral narrative; original encrypted",
 }
+
+
+_FORMATS = {
+    "v2": "v2 (the elements of each group sealed in one ciphertext beside the envelope; v1 records still read)",
+    "v1": "v1 (each element its own ciphertext, beside its mask marker)",
+}
+
+
+def _written_format(policy: CompiledPolicy) -> str:
+    return next((rp.at_rest_format for rp in policy.resources.values()), "v2")
 
 
 def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
@@ -19,6 +29,7 @@ def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
         f"policy '{policy.name}' ({policy.source}, sha256 {policy.digest[:16]})",
         f"groups: {', '.join(f'{g}' for g in policy.groups)}",
         f"resources without an envelope (written around the proxy): {policy.unenveloped}",
+        "at-rest format written: " + _FORMATS[_written_format(policy)],
         "data keys wrapped by: "
         + (
             "the patient's own key in a patient's compartment (crypto-shredding), else the master key"
