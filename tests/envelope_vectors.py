@@ -62,22 +62,26 @@ def vector_inputs() -> dict:
 
 
 def vector_inputs_v2() -> dict:
-    """Format v2: the same record sealed per group (the group plaintexts say where each element goes);
-    ``placeholders`` are the locations holding only the mask marker, items of the record MAC."""
+    """Format v2: the same record sealed per group. A group's plaintext lists its elements' plaintexts in
+    the sorted order of their locations; ``placeholders`` are the locations holding only the mask marker,
+    with the group and field id the record MAC binds to each."""
     inputs = {k: v for k, v in vector_inputs().items() if k != "elements"}
     inputs["groups"] = [
         {
             "group": "identity",
             "nonce": (b"\x03" * 12).hex(),
-            "plaintext": '{"identifier[0].value":["nik",["3201010101900001",null]]}',
+            "plaintext": '[["3201010101900001",null]]',
         },
         {
             "group": "demographics",
             "nonce": (b"\x04" * 12).hex(),
-            "plaintext": '{"name[0]":["name",{"family":"Santoso","given":["Budi"]}]}',
+            "plaintext": '[{"family":"Santoso","given":["Budi"]}]',
         },
     ]
-    inputs["placeholders"] = ["identifier[0].value", "name[0]"]
+    inputs["placeholders"] = [
+        {"path": "identifier[0].value", "group": "identity", "field_id": "nik"},
+        {"path": "name[0]", "group": "demographics", "field_id": "name"},
+    ]
     return inputs
 
 
@@ -95,7 +99,7 @@ def compute_vectors_v2(inputs: dict) -> dict:
     """The published outputs of format v2."""
     cipher, master, wrapped = _cipher(inputs, [bytes.fromhex(g["nonce"]) for g in inputs["groups"]], "v2")
     cts = [cipher.seal_group(g["group"], g["plaintext"].encode()) for g in inputs["groups"]]
-    items = [(p, "") for p in inputs["placeholders"]]
+    items = [(p["path"], f"{p['group']}\x1f{p['field_id']}") for p in inputs["placeholders"]]
     items += [("@" + g["group"], ct) for g, ct in zip(inputs["groups"], cts, strict=True)]
     mac = cipher.mac(sorted(items))
     return {

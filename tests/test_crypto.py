@@ -56,16 +56,64 @@ def test_v2_vectors_decrypt_back_and_their_mac_covers_placeholders_and_groups():
     cipher, mac = RecordCipher.open_envelope(ring, "Patient", outputs["envelope"])
     assert cipher.version == "v2" and cipher.grouped
     groups = [("@" + g["group"], ct) for g, ct in zip(inputs["groups"], outputs["group_ciphertexts"], strict=True)]
-    places = [(p, "") for p in inputs["placeholders"]]
+    places = [(p["path"], f"{p['group']}\x1f{p['field_id']}") for p in inputs["placeholders"]]
     cipher.verify(sorted(places + groups), mac)
     for g, ct in zip(inputs["groups"], outputs["group_ciphertexts"], strict=True):
         assert cipher.open_group(ct) == (g["group"], g["plaintext"].encode())
-    for changed in (places[:1] + groups, places + groups[:1], [("name[1]", ""), *places[:1], *groups]):
+    elsewhere = [("name[1]", places[1][1]), *places[:1], *groups]  # a mark moved
+    regrouped = [(places[1][0], "identity\x1fname"), *places[:1], *groups]  # a mark claimed by another group
+    for changed in (places[:1] + groups, places + groups[:1], elsewhere, regrouped):
         with pytest.raises(IntegrityError):
             cipher.verify(sorted(changed), mac)
     renamed = outputs["group_ciphertexts"][0].replace("v2.identity.", "v2.demographics.")
     with pytest.raises(IntegrityError):
         cipher.open_group(renamed)  # a group's ciphertext does not pass for another group's
+
+
+V2_VECTOR_POLICY = """
+fhircrypt-policy: 1
+name: vectors
+groups: {identity: {}, demographics: {}}
+resources:
+  Patient:
+    elements:
+      - {path: identifier.where(system='https://fhir.kemkes.go.id/id/nik').value, group: identity, id: nik}
+      - {path: name, group: demographics, id: name}
+"""
+
+
+def test_a_patient_built_from_the_v2_vectors_alone_reads_back():
+    """The stored form as docs/at-rest-format.md specifies it, assembled from the published bytes only."""
+    from proxy.policy.compiler import compile_text
+    from proxy.transform import markers as mk
+    from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource
+
+    published = json.loads(VECTORS_V2.read_text())
+    inputs, outputs = published["inputs"], published["outputs"]
+    mask = {"extension": [mk.dar_masked()]}
+    stored = {
+        "resourceType": "Patient",
+        "id": "v",
+        "identifier": [{"system": "https://fhir.kemkes.go.id/id/nik", "_value": mask}],
+        "name": [mask],
+        "extension": [
+            *({"url": mk.GROUP_URL, "valueString": ct} for ct in outputs["group_ciphertexts"]),
+            {"url": mk.ENVELOPE_URL, "valueString": outputs["envelope"]},
+        ],
+        "meta": {"tag": [{"system": mk.TAG_SYSTEM, "code": mk.TAG_CODE}]},
+    }
+    ring = Keyring("k1", {"k1": bytes.fromhex(inputs["master_key"])}, os.urandom(32), os.urandom(32), {})
+    report = ReadReport()
+    decrypt_resource(
+        stored, compile_text(V2_VECTOR_POLICY, "v.yaml").for_type("Patient"), ring, ALL_GROUPS, "mask", report
+    )
+    assert not report.failures and report.decrypted == 2
+    assert stored == {
+        "resourceType": "Patient",
+        "id": "v",
+        "identifier": [{"system": "https://fhir.kemkes.go.id/id/nik", "value": "3201010101900001"}],
+        "name": [{"family": "Santoso", "given": ["Budi"]}],
+    }
 
 
 def test_callers_cannot_choose_a_nonce():

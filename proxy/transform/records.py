@@ -258,7 +258,7 @@ class _Sealer:
     def __init__(self, cipher: RecordCipher, indexer: BlindIndexer) -> None:
         self.cipher, self.indexer = cipher, indexer
         self.items: list[tuple[str, str]] = []
-        self.groups: dict[str, dict[str, list[object]]] | None = {} if cipher.grouped else None
+        self.groups: dict[str, dict[str, object]] | None = {} if cipher.grouped else None
 
     def seal(self, field_id: str, path: str, payload: object) -> str:
         """Seal one value alone, under its own ciphertext (v1, and what the sentinel seals)."""
@@ -273,15 +273,17 @@ class _Sealer:
         group = self.groups.get(el.group_key)
         if group is None:
             group = self.groups[el.group_key] = {}
-        group[path] = [el.field_id, payload]
-        self.items.append((path, IN_GROUP))
+        group[path] = payload
+        self.items.append((path, member(el)))
         return None
 
     def finish(self) -> list[JSON]:
-        """The group ciphertext extensions (v2), each also an item of the record MAC."""
+        """The group ciphertext extensions (v2), each also an item of the record MAC. A group's plaintext
+        lists its elements' plaintexts in the order of their locations (sorted, as the MAC sorts them):
+        the reader knows the locations from the marks, which the MAC covers with their group and field id."""
         exts = []
         for key, entries in (self.groups or {}).items():
-            ct = self.cipher.seal_group(key, jsonnum.dumps(entries))
+            ct = self.cipher.seal_group(key, jsonnum.dumps([entries[path] for path in sorted(entries)]))
             self.items.append(("@" + key, ct))
             exts.append(mk.group_extension(ct))
         return exts
@@ -496,6 +498,12 @@ def encrypt_resource(
 
 
 # --------------------------------------------------------------------------- reading
+
+
+def member(el: CompiledElement) -> str:
+    """The record MAC item's second field for an element sealed in its group (v2): its group key and
+    field id, so a mark cannot stand for another group's or another field's element."""
+    return f"{el.group_key}\x1f{el.field_id}"
 
 
 def _find_primitive(
@@ -743,10 +751,12 @@ class _GroupOpener:
     """The group ciphertexts of one record (format v2), each decrypted once, when a slot of its group is
     first restored (a caller without the group never has it decrypted)."""
 
-    __slots__ = ("_cts", "_opened", "items")
+    __slots__ = ("_cts", "_opened", "_paths", "_slots", "items")
 
-    def __init__(self, sealed: list[object]) -> None:
+    def __init__(self, sealed: list[object], slots: list[Slot]) -> None:
         self._cts: dict[str, str] = {}
+        self._slots = slots
+        self._paths: dict[str, list[str]] | None = None  # each group's marked locations, on first use
         self._opened: dict[str, dict[str, object] | None] = {}
         self.items: list[tuple[str, str]] = []  # ("@" + group, ciphertext): items of the record MAC
         for ct in sealed:
@@ -755,26 +765,34 @@ class _GroupOpener:
             self._cts.setdefault(group, ct)  # type: ignore[arg-type]  # a second one already failed the MAC
 
     def entry(self, cipher: RecordCipher, el: CompiledElement, path: str) -> object:
-        """What the element's group holds for ``path``; IntegrityError unless it is there, under ``el``'s id."""
+        """What the element's group holds for ``path``; IntegrityError unless the group verifies."""
         key = el.group_key
         if key not in self._opened:
             self._opened[key] = self._open(cipher, key)
         entries = self._opened[key]
-        found = entries.get(path) if entries is not None else None
-        if type(found) is not list or len(found) != 2 or found[0] != el.field_id:
-            raise IntegrityError("element is not in its group's ciphertext")
-        return found[1]
+        if entries is None:
+            raise IntegrityError("group ciphertext does not verify")
+        return entries[path]
 
     def _open(self, cipher: RecordCipher, key: str) -> dict[str, object] | None:
+        """The group's plaintexts by location: the list it holds, in the sorted order of the group's marks."""
         ct = self._cts.get(key)
         if ct is None:
             return None
         try:
             group, pt = cipher.open_group(ct)
-            entries = jsonnum.loads(pt)
+            values = jsonnum.loads(pt)
         except (IntegrityError, ValueError):
             return None
-        return entries if group == key and type(entries) is dict else None
+        if self._paths is None:
+            self._paths = {}
+            for s in self._slots:
+                if s.ct == IN_GROUP:
+                    self._paths.setdefault(s.el.group_key, []).append(s.path)
+        paths = sorted(self._paths.get(key, ()))
+        if group != key or type(values) is not list or len(values) != len(paths):
+            return None
+        return dict(zip(paths, values, strict=True))
 
 
 def _mark_masked(resource: JSON) -> None:
@@ -818,13 +836,14 @@ def decrypt_resource(
             _find_primitive(item, path, el.terminal.key, el.repeating, el, slots, grouped)
     if mk.STRAY_CODE in codes:
         _find_strays(resource, rp.stray, slots)
-    groups = _GroupOpener(sealed)
+    groups = _GroupOpener(sealed, slots if grouped else [])
     cipher, shredded = None, False
     try:
         if len(envelopes) != 1:
             raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
         cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
-        cipher.verify(sorted([*((s.path, s.ct) for s in slots if s.ct is not None), *groups.items]), mac)
+        items = [(s.path, member(s.el) if grouped and s.ct == IN_GROUP else s.ct) for s in slots if s.ct is not None]
+        cipher.verify(sorted([*items, *groups.items]), mac)
     except KeyShredded:
         shredded = True  # destroyed on purpose: masked and labelled, not an integrity failure
     except IntegrityError as exc:
