@@ -60,13 +60,15 @@ def patient_bytes(variant: int = 0) -> bytes:
     return orjson.dumps(orjson.loads(text))
 
 
-def encrypt_for_storage(resource: dict, policy: CompiledPolicy, keyring: Keyring) -> None:
-    """What the proxy does to a Patient on write, validation aside (see transform.bodies.encrypt_for_write)."""
+def encrypt_for_storage(resource: dict, policy: CompiledPolicy, keyring: Keyring) -> int:
+    """What the proxy does to a Patient on write, validation aside (see transform.bodies.encrypt_for_write);
+    returns the number of index identifiers it added."""
     rp = policy.resources[resource["resourceType"]]
     ids = index_identifiers(resource, rp, keyring.indexer)
     encrypt_resource(resource, rp, keyring)
     if ids:
         resource["identifier"] = [*resource.get("identifier", ()), *ids]
+    return len(ids)
 
 
 class _Fixture:
@@ -76,7 +78,7 @@ class _Fixture:
         self.keyring = Keyring.generate()
         self.plain = patient_bytes()
         at_rest = orjson.loads(self.plain)
-        encrypt_for_storage(at_rest, self.policy, self.keyring)
+        self.index_identifiers = encrypt_for_storage(at_rest, self.policy, self.keyring)
         self.at_rest = orjson.dumps(at_rest)
         check = orjson.loads(self.at_rest)
         report = ReadReport()
@@ -284,6 +286,7 @@ def run_core(rounds: int = 3, min_time: float = 0.5, profile_ops: int = 2000) ->
         "policy": "policies/satusehat.yaml",
         "bytes_plaintext": len(fx.plain),
         "bytes_at_rest": len(fx.at_rest),
+        "index_identifiers": fx.index_identifiers,
         "encrypted_elements": fx.encrypted_elements,
         "rounds": rounds,
         "cases": results,
