@@ -15,8 +15,10 @@ import copy
 import orjson
 import pytest
 
+from proxy.crypto.encoding import b64d
 from proxy.keymgmt.keyring import Keyring
 from proxy.transform import guard
+from proxy.transform.namechain import CHAIN
 from proxy.transform.search import Searcher
 from tests.conftest import FHIR_JSON
 from tests.test_search import PATIENTS, _direct, satusehat_chained
@@ -90,6 +92,25 @@ async def test_the_next_page_is_filtered_by_the_chains_of_its_link(proxy_for, cl
         assert resp.status == 200, await resp.text()
         page = await resp.json()
     assert seen == ["p-budi", "p-siti"]  # Sri's page (the last) comes back empty
+
+
+async def test_a_page_link_names_the_chains_when_the_servers_link_does_not(
+    proxy_for, clean_upstream, tampered, keyring
+):
+    """HAPI's links (``?_getpages=<handle>``) do not repeat the query: the proxy's signed link names the
+    chained parameters as forwarded (chains, never names) and the page is filtered by them."""
+    client = await proxy_for(clean_upstream.base_url, tampered)
+    first = await _search(client, "family=santo&_count=1&_sort=_id")
+    token = next(x["url"] for x in first["link"] if x["relation"] == "next").rpartition("/")[2]
+    claim = orjson.loads(b64d(token.partition(".")[0]))[0]
+    (named,) = orjson.loads(claim.partition(" ")[2])[5]
+    assert named[0] == "family" and CHAIN.fullmatch(named[1]) and "santo" not in claim.lower()
+    # a link whose upstream URL carries no name parameter, as HAPI's do: all five patients come back
+    url = f"{clean_upstream.base_url}/Patient?_count=10"
+    signed = orjson.dumps([None, "search", "type", "Patient", url, [named]]).decode()
+    resp = await client.get(f"/fhir/R4/$fhircrypt-link/page/{keyring.link_signer.sign('page ' + signed)}")
+    assert resp.status == 200, await resp.text()
+    assert _ids(await resp.json()) == ["p-budi", "p-siti"]
 
 
 async def test_a_streamed_page_is_filtered_the_same(proxy_for, clean_upstream, tampered):

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.transform import guard, subset
 from proxy.transform.bodies import decrypt_body, serialise_for_client
+from proxy.transform.namechain import CHAIN
 from proxy.transform.namefilter import READS, NameQuery
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
@@ -26,7 +27,7 @@ from proxy.web.auditing import MAX_REFERENCES, audited_references
 from proxy.web.binaries import binary_content
 from proxy.web.call import Call
 from proxy.web.discovery import secure_capabilities
-from proxy.web.paging import PAGED, sign_page_links
+from proxy.web.paging import PAGED, page_link_names, sign_page_links
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links
 
@@ -44,18 +45,36 @@ def total_waits(bundle: dict, call: Call) -> bool:
 
 def name_query(call: Call) -> NameQuery | None:
     """The post-filter of a search with chained name values (``proxy.transform.namefilter``), None for any
-    other request. Its values are those recorded when the query was rewritten; a next page has only its
-    signed link's query, whose name parameters are checked again for this caller (which records their
-    chains)."""
+    other request. Its values are those recorded when the query was rewritten; a next page has only the
+    chained parameters its signed link names, which are checked again for this caller (recording them)."""
     it = call.interaction
     if it.kind != "search" or it.resource_type is None:
         return None
     if call.searcher is None and call.upstream_url is not None:
         rt = call.rt
         call.searcher = Searcher(rt.policy.resources, rt.keyring.indexer, call.decided.searchable, rt.policy.sentinel)
-        names = [(k, v) for k, v in guard.parse_query(call.upstream_url.partition("?")[2]) if k in READS]
-        guard.check_search(it.resource_type, names, call.searcher, "paging link")
+        guard.check_search(it.resource_type, _page_names(call), call.searcher, "paging link")
     return call.searcher.chained.query(it.resource_type) if call.searcher is not None else None
+
+
+def _page_names(call: Call) -> list[tuple[str, str]]:
+    """The chained name parameters of the search a page continues: as its link names them (for a link minted
+    before links named them: the name parameters of its upstream URL)."""
+    assert call.upstream_url is not None
+    named = page_link_names(call.rt, call.segments[2])
+    if named is not None:
+        return named
+    return [(k, v) for k, v in guard.parse_query(call.upstream_url.partition("?")[2]) if k in READS]
+
+
+def _chained_params(call: Call, forwarding: guard.Forwarding) -> list[tuple[str, str]]:
+    """The chained name parameters of this search as they went upstream (chains only), for its paging links."""
+    if name_query(call) is None:
+        return []
+    if call.upstream_url is not None:
+        return _page_names(call)
+    sent = forwarding.query or []
+    return [(k, v) for k, v in sent if k in READS and all(CHAIN.fullmatch(x) for x in v.split(","))]
 
 
 def account_name_filter(call: Call) -> None:
@@ -98,7 +117,8 @@ async def judge(
         seen = [*exchange.references, *audited_references(rt.audit, payload)]
         exchange.references = list(dict.fromkeys(seen))[:MAX_REFERENCES]
     drop_foreign_links(payload, rt.upstream_base)
-    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it)
+    chained = _chained_params(call, forwarding)
+    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it, chained)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
     if payload.get("resourceType") == "Bundle" and "total" in payload and total_waits(payload, call):
