@@ -11,9 +11,11 @@ streamed, and leave every other search as it is.
 from __future__ import annotations
 
 import copy
+import logging
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from proxy.crypto.encoding import b64d
 from proxy.keymgmt.keyring import Keyring
@@ -21,6 +23,7 @@ from proxy.transform import guard
 from proxy.transform.namechain import CHAIN
 from proxy.transform.search import Searcher
 from tests.conftest import FHIR_JSON
+from tests.test_auth import bearer, issuer, jwt_proxy  # noqa: F401 (fixtures: the OpenID provider, the proxy)
 from tests.test_search import PATIENTS, _direct, satusehat_chained
 
 SRI, BUDI = PATIENTS[0], PATIENTS[1]  # Sri Rahayu Wulandari; Budiarto Santoso (and p-siti: Sri Aminah Santoso)
@@ -52,13 +55,18 @@ async def _search(client, query: str) -> dict:
     return await resp.json()
 
 
-async def test_a_chain_copied_into_another_record_is_filtered_out(proxy_for, clean_upstream, tampered, keyring):
+async def test_a_chain_copied_into_another_record_is_filtered_out(proxy_for, clean_upstream, tampered, keyring, caplog):
     client = await proxy_for(clean_upstream.base_url, tampered)
     forwarded = guard.check_search("Patient", [("family", "santo")], Searcher(tampered.resources, keyring.indexer), "q")
     server = _direct(clean_upstream, "GET", "Patient?" + guard.encode_query(forwarded))
     assert _ids(server) == ["p-budi", "p-siti", SRI["id"]]  # the server is fooled
-    found = await _search(client, "family=santo")
+    before = REGISTRY.get_sample_value("fhircrypt_name_search_removed_total") or 0.0
+    with caplog.at_level(logging.WARNING, logger="fhircrypt"):
+        found = await _search(client, "family=santo")
     assert _ids(found) == ["p-budi", "p-siti"]
+    assert REGISTRY.get_sample_value("fhircrypt_name_search_removed_total") == before + 1
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "name-filter"]
+    assert line.removed == 1 and "santo" not in str(line.__dict__).lower()  # a count, never a value
     assert "total" not in found  # the server counted Sri: a total that counts a removed entry is dropped
     assert _ids(await _search(client, "name=SANTOSO")) == ["p-budi", "p-siti"]  # name reads every part
     # several parameters are AND-ed: each is checked (Sri's given name is Sri, her family is not Santoso)
@@ -111,6 +119,25 @@ async def test_a_page_link_names_the_chains_when_the_servers_link_does_not(
     resp = await client.get(f"/fhir/R4/$fhircrypt-link/page/{keyring.link_signer.sign('page ' + signed)}")
     assert resp.status == 200, await resp.text()
     assert _ids(await resp.json()) == ["p-budi", "p-siti"]
+
+
+async def test_with_real_tokens_a_physician_gets_the_filtered_answer_and_billing_is_refused(
+    jwt_proxy,  # noqa: F811
+    clean_upstream,
+    tampered,
+    issuer,  # noqa: F811
+):
+    """A caller without the name's group cannot search by name (403 before anything is forwarded), so no
+    masked name ever has to be judged; a physician's answer is filtered."""
+    client = await jwt_proxy(tampered)
+    physician = bearer(issuer.token(realm_access={"roles": ["physician"]}, scope="user/*.rs"))
+    resp = await client.get("/fhir/R4/Patient?family=santo", headers=physician)
+    assert resp.status == 200 and _ids(await resp.json()) == ["p-budi", "p-siti"]
+    sent = len(clean_upstream.requests())
+    billing = bearer(issuer.token(realm_access={"roles": ["billing"]}, scope="user/*.rs"))
+    refused = await client.get("/fhir/R4/Patient?family=santo", headers=billing)
+    assert refused.status == 403 and "santo" not in (await refused.text()).lower()
+    assert len(clean_upstream.requests()) == sent
 
 
 async def test_a_streamed_page_is_filtered_the_same(proxy_for, clean_upstream, tampered):
