@@ -87,7 +87,8 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
 
 @dataclass(frozen=True)
 class Searcher:
-    """What rewriting needs: the policy, the index keys, and the groups the caller may search by."""
+    """What rewriting needs: the policy, the index keys, and the groups the caller may search by; rewriting
+    records there the chained name values of the search, which the answer is post-filtered against."""
 
     policies: dict[str, ResourcePolicy]
     indexer: BlindIndexer

@@ -1,7 +1,8 @@
 """What the proxy does to an upstream answer before the caller sees it, read whole or streamed.
 
 An answer is judged by the request's access decision before anything is decrypted (resources the
-caller may not see are removed or refused), decrypted or masked resource by resource, stripped of
+caller may not see are removed or refused), decrypted or masked resource by resource, the matches of a
+chained name search checked against their decrypted names (``proxy.transform.namefilter``), stripped of
 the proxy's artefacts and of links that lead away from the upstream, and rewritten to the proxy's
 own base. :func:`judge` does all of it on a parsed body; a small answer is judged whole
 (:func:`answer_whole`), a large search page in parts (``proxy.web.pagestream``: its top-level members,

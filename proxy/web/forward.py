@@ -126,10 +126,9 @@ def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, 
     """The upstream's own bytes, its URLs rewritten to the proxy's base, when the answer needs nothing else
     from the proxy (None otherwise): nothing in it the policy acts on (``bodies.untouched``), nothing the
     proxy took over (a subset, a Binary's content, the capability statement), no canary to watch, no name
-    filter to apply, no page
-    link to sign or foreign link to drop, and nothing the access decision removes. It is still parsed, to
-    be judged and audited (plain orjson: the parse is not serialised again), and the bytes that go out are
-    the bytes that were judged."""
+    filter to apply, no page link to sign or foreign link to drop, and nothing the access decision removes.
+    It is still parsed, to be judged and audited (plain orjson: the parse is not serialised again), and the
+    bytes that go out are the bytes that were judged."""
     rt, it = call.rt, call.interaction
     if (
         it.kind == "capabilities"
