@@ -28,6 +28,7 @@ from proxy.policy.sentinel import SentinelSettings
 from proxy.transform import markers as mk
 from proxy.transform import namechain
 from proxy.transform.namechain import chain_label, chains
+from proxy.transform.namefilter import READS, Clause, Recorder, Target
 from proxy.transform.normalize import EXACT, NORMALISERS, PREFIX_MAX, fold
 
 _DATE = re.compile(r"^(eq)?(\d{4})(-\d{2}-\d{2})?$")
@@ -86,12 +87,14 @@ def query_tokens(spec: IndexSpec, value: str, where: str, raw: str, modifier: st
 
 @dataclass(frozen=True)
 class Searcher:
-    """What rewriting needs: the policy, the index keys, and the groups the caller may search by."""
+    """What rewriting needs: the policy, the index keys, and the groups the caller may search by; rewriting
+    records there the chained name values of the search, which the answer is post-filtered against."""
 
     policies: dict[str, ResourcePolicy]
     indexer: BlindIndexer
     searchable: frozenset[str] | None = None  # None: every group (development mode)
     sentinel: SentinelSettings = field(default_factory=SentinelSettings)  # on values forwarded as they are
+    chained: Recorder = field(default_factory=Recorder, compare=False)  # for the post-filter of the answer
 
 
 def rewrite(
@@ -177,6 +180,8 @@ def _rewrite_chained(
     if not all(s.chain for s in specs):
         raise _refuse(where, raw, "reads chained and token-indexed names at once, which cannot be searched together")
     out: list[str] = []
+    texts: list[str] = []
+    as_chains: list[str] = []  # values that came as chains: their text is not known here
     for item in _COMMA.split(value):
         if mk.mentions_reserved(item):  # a chain from a paging link (the marker is reserved: never a name)
             if not namechain.CHAIN.fullmatch(item):
@@ -186,8 +191,10 @@ def _rewrite_chained(
             for spec in specs:
                 _check_group(owners[spec.label], rp, ctx, where, raw)
             out.append(item)
+            as_chains.append(item)
             continue
         folded = fold(item.replace("\\,", ","))
+        texts.append(folded)
         for spec in specs:
             if not folded or len(folded) < (spec.prefix_min or 1) or len(folded) > PREFIX_MAX:
                 raise _refuse(
@@ -199,6 +206,10 @@ def _rewrite_chained(
             _check_group(owners[spec.label], rp, ctx, where, raw)
             label = chain_label(rp.type, owners[spec.label].field_id)
             out += chains(ctx.indexer, label, [folded], spec.prefix_min or 1)
+    if raw == sp.code and sp.code in READS:  # a parameter of the searched type itself, not one inside a chain
+        els = [(owners[spec.label], spec.prefix_min or 1) for spec in specs]
+        targets = tuple(Target(el.source, chain_label(rp.type, el.field_id), n) for el, n in els)
+        ctx.chained.clauses.append(Clause(rp.type, READS[sp.code], targets, tuple(texts), tuple(as_chains)))
     return sp.code, ",".join(dict.fromkeys(out))
 
 

@@ -1,7 +1,8 @@
 """What the proxy does to an upstream answer before the caller sees it, read whole or streamed.
 
 An answer is judged by the request's access decision before anything is decrypted (resources the
-caller may not see are removed or refused), decrypted or masked resource by resource, stripped of
+caller may not see are removed or refused), decrypted or masked resource by resource, the matches of a
+chained name search checked against their decrypted names (``proxy.transform.namefilter``), stripped of
 the proxy's artefacts and of links that lead away from the upstream, and rewritten to the proxy's
 own base. :func:`judge` does all of it on a parsed body; a small answer is judged whole
 (:func:`answer_whole`), a large search page in parts (``proxy.web.pagestream``: its top-level members,
@@ -15,34 +16,89 @@ import logging
 
 from aiohttp import web
 
-from proxy.auth.decision import Decision
 from proxy.transform import guard, subset
 from proxy.transform.bodies import decrypt_body, serialise_for_client
+from proxy.transform.namechain import CHAIN
+from proxy.transform.namefilter import READS, NameQuery
+from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
+from proxy.web import metrics
 from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, audited_references
 from proxy.web.binaries import binary_content
 from proxy.web.call import Call
 from proxy.web.discovery import secure_capabilities
-from proxy.web.paging import PAGED, sign_page_links
+from proxy.web.paging import PAGED, page_link_names, sign_page_links
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links
 
 log = logging.getLogger("fhircrypt")
 
 
-def total_waits(bundle: dict, decision: Decision) -> bool:
+def total_waits(bundle: dict, call: Call) -> bool:
     """Whether a Bundle's ``total`` is written after its entries: a searchset or history whose entries the
-    decision may screen loses its ``total`` when it loses an entry (it would count what the caller may not
-    see), which a streamed answer knows only after its last entry. Both paths write it there, so a page
-    reads the same whichever path it took (JSON member order carries no meaning in FHIR)."""
-    return bundle.get("type") in PAGED and not decision.hides_nothing()
+    decision may screen, or the name filter may remove, loses its ``total`` when it loses an entry (it would
+    count what the caller may not see, or what did not match), which a streamed answer knows only after its
+    last entry. Both paths write it there, so a page reads the same whichever path it took (JSON member
+    order carries no meaning in FHIR)."""
+    return bundle.get("type") in PAGED and not (call.decided.hides_nothing() and name_query(call) is None)
+
+
+def name_query(call: Call) -> NameQuery | None:
+    """The post-filter of a search with chained name values (``proxy.transform.namefilter``), None for any
+    other request. Its values are those recorded when the query was rewritten; a next page has only the
+    chained parameters its signed link names, which are checked again for this caller (recording them)."""
+    it = call.interaction
+    if it.kind != "search" or it.resource_type is None:
+        return None
+    if call.searcher is None and call.upstream_url is not None:
+        rt = call.rt
+        call.searcher = Searcher(rt.policy.resources, rt.keyring.indexer, call.decided.searchable, rt.policy.sentinel)
+        guard.check_search(it.resource_type, _page_names(call), call.searcher, "paging link")
+    return call.searcher.chained.query(it.resource_type) if call.searcher is not None else None
+
+
+def _page_names(call: Call) -> list[tuple[str, str]]:
+    """The chained name parameters of the search a page continues: as its link names them (for a link minted
+    before links named them: the name parameters of its upstream URL)."""
+    assert call.upstream_url is not None
+    named = page_link_names(call.rt, call.segments[2])
+    if named is not None:
+        return named
+    return [(k, v) for k, v in guard.parse_query(call.upstream_url.partition("?")[2]) if k in READS]
+
+
+def _chained_params(call: Call, forwarding: guard.Forwarding) -> list[tuple[str, str]]:
+    """The chained name parameters of this search as they went upstream (chains only), for its paging links."""
+    if name_query(call) is None:
+        return []
+    if call.upstream_url is not None:
+        return _page_names(call)
+    sent = forwarding.query or []
+    return [(k, v) for k, v in sent if k in READS and all(CHAIN.fullmatch(x) for x in v.split(","))]
+
+
+def account_name_filter(call: Call) -> None:
+    """One log line and the metric for the entries the name filter removed from a whole answer (no values)."""
+    removed = call.searcher.chained.removed if call.searcher is not None else 0
+    if removed:
+        metrics.NAME_FILTERED.inc(removed)
+        log.warning(
+            "name search matches removed",
+            extra={
+                "event": "name-filter",
+                "request_id": call.request_id,
+                "resource_type": call.interaction.resource_type,
+                "removed": removed,
+            },
+        )
 
 
 async def judge(
     call: Call, forwarding: guard.Forwarding, payload: dict, status: int, hits: list[str], patient_keys: bool = True
 ) -> int:
-    """Judge and decrypt ``payload`` for the caller (in place); the number of entries the screen removed.
+    """Judge and decrypt ``payload`` for the caller (in place); the number of entries the screen and the name
+    filter removed.
     ``hits``: canary resources decrypted (the caller raises the alarm: a stream before it writes them).
     ``patient_keys`` False: the body names no patient key, none is looked up."""
     rt, it, decision, exchange = call.rt, call.interaction, call.decided, call.exchange
@@ -52,14 +108,21 @@ async def judge(
         secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
     removed = decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), exchange.report)
+    names = name_query(call)
+    if names is not None and status < 300:  # before a subset could take the name out
+        filtered = names.filter_page(payload, rt.keyring.indexer)
+        assert call.searcher is not None
+        call.searcher.chained.removed += filtered
+        removed += filtered
     if len(exchange.references) < MAX_REFERENCES:
         seen = [*exchange.references, *audited_references(rt.audit, payload)]
         exchange.references = list(dict.fromkeys(seen))[:MAX_REFERENCES]
     drop_foreign_links(payload, rt.upstream_base)
-    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it)
+    chained = _chained_params(call, forwarding)
+    sign_page_links(rt, payload, exchange.caller.subject if exchange.caller else None, it, chained)
     if forwarding.subset is not None and status < 300:
         subset.apply_to_body(payload, forwarding.subset)
-    if payload.get("resourceType") == "Bundle" and "total" in payload and total_waits(payload, decision):
+    if payload.get("resourceType") == "Bundle" and "total" in payload and total_waits(payload, call):
         payload["total"] = payload.pop("total")
     return removed
 
@@ -98,6 +161,7 @@ async def answer_whole(
     rt, report = call.rt, call.exchange.report
     hits: list[str] = []
     await judge(call, forwarding, payload, status, hits, patient_keys)
+    account_name_filter(call)
     if hits:
         alarm(rt, call.exchange, hits, call.request_id)
     if forwarding.raw_binary and status == 200:

@@ -22,7 +22,7 @@ from proxy.transform import guard
 from proxy.transform.bodies import untouched
 from proxy.web import headers as hdr
 from proxy.web import metrics, pagestream
-from proxy.web.answers import answer_whole, to_public
+from proxy.web.answers import answer_whole, name_query, to_public
 from proxy.web.auditing import audited_references, reference_of
 from proxy.web.call import Call
 from proxy.web.paging import has_page_links
@@ -125,16 +125,17 @@ def _client_headers(call: Call, up_headers) -> CIMultiDict[str]:
 def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, out_headers) -> web.Response | None:
     """The upstream's own bytes, its URLs rewritten to the proxy's base, when the answer needs nothing else
     from the proxy (None otherwise): nothing in it the policy acts on (``bodies.untouched``), nothing the
-    proxy took over (a subset, a Binary's content, the capability statement), no canary to watch, no page
-    link to sign or foreign link to drop, and nothing the access decision removes. It is still parsed, to
-    be judged and audited (plain orjson: the parse is not serialised again), and the bytes that go out are
-    the bytes that were judged."""
+    proxy took over (a subset, a Binary's content, the capability statement), no canary to watch, no name
+    filter to apply, no page link to sign or foreign link to drop, and nothing the access decision removes.
+    It is still parsed, to be judged and audited (plain orjson: the parse is not serialised again), and the
+    bytes that go out are the bytes that were judged."""
     rt, it = call.rt, call.interaction
     if (
         it.kind == "capabilities"
         or forwarding.subset is not None
         or forwarding.raw_binary
         or rt.policy.canaries
+        or name_query(call) is not None  # a chained name search: its matches are checked after decryption
         or not untouched(raw, rt.policy)
     ):
         return None

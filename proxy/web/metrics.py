@@ -57,6 +57,10 @@ SENTINEL = Counter(
     ["detector"],
 )
 sentinel.add_listener(lambda hit: SENTINEL.labels(hit.detector).inc())
+NAME_FILTERED = Counter(
+    "fhircrypt_name_search_removed",
+    "search matches of a chained name search removed after decryption because their name does not match",
+)
 INTEGRITY_FAILURES = Counter(
     "fhircrypt_integrity_failures", "encrypted elements or records that failed verification and were withheld"
 )

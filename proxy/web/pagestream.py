@@ -36,7 +36,7 @@ from proxy.transform.bundlestream import ENTRIES, ENTRIES_END, ENTRY, MEMBER, Bu
 from proxy.upstream.client import CHUNK
 from proxy.web import headers as hdr
 from proxy.web.access import alarm
-from proxy.web.answers import answer_whole, judge, log_integrity, serialise, total_waits
+from proxy.web.answers import account_name_filter, answer_whole, judge, log_integrity, serialise, total_waits
 from proxy.web.bulk import StreamAborted
 from proxy.web.call import Call
 
@@ -111,7 +111,7 @@ class _Page:
         self.batch: list[Any] = []
         self.out: web.StreamResponse | None = None
         self.written = 0  # entries written
-        self.removed = 0  # entries the access decision removed
+        self.removed = 0  # entries the access decision or the name filter removed
         self.hits: list[str] = []
 
     async def run(
@@ -151,7 +151,7 @@ class _Page:
                 self.batch.append(value)
             elif kind == MEMBER:
                 key, member = value
-                if key == "total" and total_waits({"type": self.type}, self.call.decided):
+                if key == "total" and total_waits({"type": self.type}, self.call):
                     self.total = (member,)
                 else:
                     (self.tail if self.out is not None else self.head)[key] = member
@@ -223,6 +223,7 @@ class _Page:
         del tail["resourceType"], tail["type"]
         rest = serialise(call, tail)[1:-1]
         await self.out.write(b"," + rest + b"}" if rest else b"}")
+        account_name_filter(call)
         if self.hits:
             alarm(call.rt, call.exchange, self.hits, call.request_id)
         await self.out.write_eof()

@@ -8,6 +8,10 @@ like Bulk export links): each names the upstream URL, the searched type and the 
 caller who made the search, and is followed only for that subject, with a fresh access decision
 for that type, and only on the upstream's own origin. Every page is judged and decrypted like the
 first. The ``self`` link stays a plain link to the proxy: it repeats the (rewritten) search.
+
+A link also names the chained name parameters of the search as they were forwarded (chains, never
+names), so that every page is post-filtered (``proxy.transform.namefilter``) even where the server's
+link does not repeat the query (HAPI's ``_getpages``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,16 @@ def _unsigned(rt: Runtime, payload: dict) -> Iterator[dict]:
             yield link
 
 
-def sign_page_links(rt: Runtime, payload: dict, subject: str | None, it: Interaction) -> None:
+def sign_page_links(
+    rt: Runtime, payload: dict, subject: str | None, it: Interaction, names: list[tuple[str, str]]
+) -> None:
     """Replace the navigation links of a searchset or history Bundle that point into the upstream's
-    base with proxy links bound to ``subject`` (in place); ``self`` is left alone."""
+    base with proxy links bound to ``subject`` (in place), naming the search's chained name parameters
+    ``names``; ``self`` is left alone."""
     for link in _unsigned(rt, payload):
         assert rt.client is not None
-        claim = orjson.dumps([subject, it.kind, it.level, it.resource_type, str(rt.client.resolve(link["url"]))])
+        url = str(rt.client.resolve(link["url"]))
+        claim = orjson.dumps([subject, it.kind, it.level, it.resource_type, url, names])
         link["url"] = f"{rt.public_base}/{LINKS}/{PAGE}/{rt.keyring.link_signer.sign(f'{PAGE} {claim.decode()}')}"
 
 
@@ -51,11 +59,21 @@ def has_page_links(rt: Runtime, payload: dict) -> bool:
     return next(_unsigned(rt, payload), None) is not None
 
 
-def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str]:
-    """The subject the link was minted for, the interaction it continues and the upstream URL; 404 for a
-    link this proxy did not mint (or that expired)."""
+def _claim(rt: Runtime, token: str) -> list:
     signed = rt.keyring.link_signer.open(token)
     if signed is None or not signed.startswith(PAGE + " "):
         raise FhirError(404, "not-found", "unknown or expired paging link")
-    subject, kind, level, rtype, url = orjson.loads(signed[len(PAGE) + 1 :])
+    return orjson.loads(signed[len(PAGE) + 1 :])
+
+
+def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str]:
+    """The subject the link was minted for, the interaction it continues and the upstream URL; 404 for a
+    link this proxy did not mint (or that expired)."""
+    subject, kind, level, rtype, url, *_ = _claim(rt, token)
     return subject, Interaction(kind, level, rtype), url
+
+
+def page_link_names(rt: Runtime, token: str) -> list[tuple[str, str]] | None:
+    """The chained name parameters a paging link names; None for a link minted before links named them."""
+    claim = _claim(rt, token)
+    return [(name, value) for name, value in claim[5]] if len(claim) > 5 else None
