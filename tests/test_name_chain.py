@@ -23,7 +23,7 @@ from proxy.transform.namechain import CHAIN, MARK
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from proxy.transform.search import Searcher
 from tests.conftest import FHIR_JSON
-from tests.test_search import PATIENTS, satusehat_chained
+from tests.test_search import PATIENTS, satusehat_chained, satusehat_tokens
 
 BUDI = PATIENTS[1]  # family Santoso, given Budiarto
 
@@ -48,7 +48,7 @@ def _read(stored: dict, policy, ring: Keyring, grants) -> tuple[dict, ReadReport
     return back, report
 
 
-def test_the_stored_name_holds_chains_and_no_prefix_identifiers(chained, satusehat):
+def test_the_stored_name_holds_chains_and_no_prefix_identifiers(chained):
     ring = Keyring.generate()
     stored = _stored(BUDI, chained, ring)
     (name,) = stored["name"]
@@ -57,7 +57,7 @@ def test_the_stored_name_holds_chains_and_no_prefix_identifiers(chained, satuseh
     systems = [i["system"] for i in stored["identifier"] if i["system"].startswith(mk.INDEX_BASES)]
     # name, family and given keep one :exact token per part they read; the prefixes are in the chains
     assert sum(s.endswith(("/name/name", "/name/family", "/name/given")) for s in systems) == 4
-    tokens = _stored(BUDI, satusehat, ring)
+    tokens = _stored(BUDI, satusehat_tokens(), ring)
     assert len(systems) < len([i for i in tokens["identifier"] if i["system"].startswith(mk.INDEX_BASES)]) - 15
     # a longer prefix's chain extends a shorter one's: that is what the server's string search matches
     assert name["family"].startswith(guard_chain(chained, ring, "family", "sant"))
@@ -121,19 +121,26 @@ def test_chain_searches_are_checked_like_token_searches(chained):
     with pytest.raises(FhirError) as refused:
         guard.check_search("Condition", forwarded, billing, "q")
     assert refused.value.status == 403
-    for value in (MARK + "budi", f"{chain},{MARK}x", "bu", "x" * 65):  # not a chain, too short, too long
+    for value in (MARK + "budi", f"{chain},{MARK}x", "bu"):  # not a chain, too short
         with pytest.raises(FhirError) as refused:
             guard.check_search("Patient", [("family", value)], everyone, "q")
         assert refused.value.status == 400 and value not in str(refused.value)
+    # longer than a chain's 64 characters: the chain of its first 64 on the searched type (the post-filter
+    # proves the whole value), refused inside a chain on another type (no post-filter sees that Patient)
+    ((_, long_chain),) = guard.check_search("Patient", [("family", "x" * 65)], everyone, "q")
+    assert long_chain == guard_chain(chained, ring, "family", "x" * 64)
+    with pytest.raises(FhirError) as refused:
+        guard.check_search("Condition", [("patient.family", "x" * 65)], everyone, "q")
+    assert refused.value.status == 400
     # :exact keeps its identifier tokens (case and accents matter)
     ((param, value),) = guard.check_search("Patient", [("given:exact", "Budiarto")], everyone, "q")
     assert param == "identifier" and value.startswith(mk.INDEX_BASE)
 
 
-def test_token_indexed_names_are_moved_to_chains_by_reencrypt(chained, satusehat):
-    ring = Keyring.generate()
-    stored = _stored(BUDI, satusehat, ring)
-    assert assess(copy.deepcopy(stored), Plan(satusehat, ring)).state is State.CURRENT
+def test_token_indexed_names_are_moved_to_chains_by_reencrypt(chained):
+    ring, tokens = Keyring.generate(), satusehat_tokens()
+    stored = _stored(BUDI, tokens, ring)
+    assert assess(copy.deepcopy(stored), Plan(tokens, ring)).state is State.CURRENT
     moved = assess(copy.deepcopy(stored), Plan(chained, ring))
     assert moved.state is State.OLD_POLICY and CHAIN.fullmatch(moved.replacement["name"][0]["family"])
     assert assess(moved.replacement, Plan(chained, ring)).state is State.CURRENT

@@ -195,13 +195,19 @@ def _rewrite_chained(
             continue
         folded = fold(item.replace("\\,", ","))
         texts.append(folded)
+        # a chain holds prefixes up to PREFIX_MAX characters: a longer value is searched by the chain of its
+        # first PREFIX_MAX and proven whole by the post-filter (namefilter.py), which only a parameter of the
+        # searched type itself gets
+        longest = None if raw == sp.code and sp.code in READS else PREFIX_MAX
         for spec in specs:
-            if not folded or len(folded) < (spec.prefix_min or 1) or len(folded) > PREFIX_MAX:
+            if not folded or len(folded) < (spec.prefix_min or 1) or (longest and len(folded) > longest):
                 raise _refuse(
                     where,
                     raw,
                     f"needs {spec.prefix_min} to {PREFIX_MAX} characters on an encrypted name "
-                    "(other lengths are not indexed)",
+                    "(other lengths are not indexed)"
+                    if longest
+                    else f"needs at least {spec.prefix_min} characters on an encrypted name",
                 )
             _check_group(owners[spec.label], rp, ctx, where, raw)
             label = chain_label(rp.type, owners[spec.label].field_id)
