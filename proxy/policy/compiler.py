@@ -94,6 +94,12 @@ class CompiledElement:
         """Which group ciphertext holds this element in format v2: its groups, sorted, comma-joined."""
         return ",".join(sorted(self.groups))
 
+    @cached_property
+    def group_member(self) -> str:
+        """Its record MAC item's second field when sealed in its group (format v2): group key and field id,
+        so a mark cannot stand for another group's or another field's element."""
+        return f"{self.group_key}\x1f{self.field_id}"
+
     @property
     def closing(self) -> closed.Unlisted | None:
         """The catch-all rule when this element closes unlisted identifiers or extensions."""

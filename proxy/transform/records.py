@@ -274,7 +274,7 @@ class _Sealer:
         if group is None:
             group = self.groups[el.group_key] = {}
         group[path] = payload
-        self.items.append((path, member(el)))
+        self.items.append((path, el.group_member))
         return None
 
     def finish(self) -> list[JSON]:
@@ -498,12 +498,6 @@ def encrypt_resource(
 
 
 # --------------------------------------------------------------------------- reading
-
-
-def member(el: CompiledElement) -> str:
-    """The record MAC item's second field for an element sealed in its group (v2): its group key and
-    field id, so a mark cannot stand for another group's or another field's element."""
-    return f"{el.group_key}\x1f{el.field_id}"
 
 
 def _find_primitive(
@@ -842,7 +836,9 @@ def decrypt_resource(
         if len(envelopes) != 1:
             raise IntegrityError("not written by fhircrypt (no envelope)" if not envelopes else "two envelopes")
         cipher, mac = RecordCipher.open_envelope(keyring, rp.type, envelopes[0])
-        items = [(s.path, member(s.el) if grouped and s.ct == IN_GROUP else s.ct) for s in slots if s.ct is not None]
+        items = [
+            (s.path, s.el.group_member if grouped and s.ct == IN_GROUP else s.ct) for s in slots if s.ct is not None
+        ]
         cipher.verify(sorted([*items, *groups.items]), mac)
     except KeyShredded:
         shredded = True  # destroyed on purpose: masked and labelled, not an integrity failure
