@@ -128,7 +128,10 @@ async def test_search_results_match_plaintext_hapi_including_chains_and_includes
     for resource in PATIENTS + CONDITIONS:
         status, answer = clean_hapi.request("PUT", f"/{resource['resourceType']}/{resource['id']}", resource)
         assert status == 201, answer
-    answers = {q: clean_hapi.request("GET", f"/{q}")[1] for q in queries}
+    # a page of a search without _sort holds any of the matches (FHIR leaves the order to the server, and
+    # HAPI orders chains otherwise than tokens): such a page is compared with all the matches
+    unsorted_pages = {q: re.sub(r"&_count=\d+", "", q) for q in queries if "_count=" in q and "_sort=" not in q}
+    answers = {q: clean_hapi.request("GET", f"/{q}")[1] for q in [*queries, *unsorted_pages.values()]}
     expected = {q: _entries(bundle) for q, bundle in answers.items()}
     order = {q: _order(bundle) for q, bundle in answers.items()}
     assert all(expected[q] for q in LINKED_QUERIES), expected  # HAPI answers them: the comparison is not vacuous
@@ -142,7 +145,11 @@ async def test_search_results_match_plaintext_hapi_including_chains_and_includes
         assert resp.status == 201, await resp.text()
     for query in queries:
         bundle = await _through_proxy(client, f"/fhir/R4/{query}")
-        assert _entries(bundle) == expected[query], query
+        if query in unsorted_pages:
+            got = _entries(bundle)
+            assert len(got) == len(expected[query]) and set(got) <= set(expected[unsorted_pages[query]]), query
+        else:
+            assert _entries(bundle) == expected[query], query
         if "_sort=" in query:
             assert _order(bundle) == order[query], query
         for entry in bundle.get("entry", []):  # matches and includes alike come back decrypted
