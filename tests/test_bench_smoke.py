@@ -94,10 +94,11 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
         assert core[case]["per_core_per_s"] > 0
     assert data["core"]["encrypted_elements"] >= 8
     assert data["core"]["profile"]["decrypt_path"]["functions"]
-    # the upstream's CPU is read from /proc in 10 ms clock ticks: in a quick run's 0.25 s phases the direct
-    # target may use none, and a ratio to zero is reported as not measured; every other target is measured
+    # process CPU is read from /proc in 10 ms clock ticks: in a quick run's 0.25 s phases a few transactions or
+    # export files through the passthrough may use none, and a ratio to zero is reported as not measured;
+    # the core, stored-form and latency targets are always measured
     assert {t["target"] for t in data["targets"]}
-    assert all(t["measured"] is not None for t in data["targets"] if not t["target"].startswith("upstream CPU"))
+    assert all(t["measured"] is not None for t in data["targets"] if " CPU " not in t["target"])
 
 
 @pytest.mark.hapi
