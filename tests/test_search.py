@@ -8,6 +8,7 @@ in the encrypted run the upstream must never receive a searched value.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import urllib.parse
 import urllib.request
@@ -19,7 +20,7 @@ from proxy.keymgmt.keyring import Keyring
 from proxy.migrate.assess import Plan, State, assess
 from proxy.policy.compiler import CompiledPolicy, compile_text
 from proxy.transform.indexes import spec_texts
-from proxy.transform.markers import INDEX_BASE, INDEX_BASES, index_system
+from proxy.transform.markers import ENVELOPE_URL, INDEX_BASE, INDEX_BASES, index_system
 from proxy.transform.namechain import CHAIN
 from tests.conftest import DEPLOYMENT, FHIR_JSON, PUBLIC_BASE, ROOT, assert_no_plaintext, leaked
 from tests.upstream_server import UpstreamServer
@@ -232,6 +233,38 @@ async def test_search_results_match_a_plaintext_server_and_values_never_reach_it
             assert entry["resource"]["identifier"] == original["identifier"]  # decrypted, indexes stripped
     log = orjson.dumps(clean_upstream.requests()).decode()
     assert not leaked(SECRETS, log)
+    assert not leaked(SECRETS, orjson.dumps(clean_upstream.dump()).decode())
+
+
+async def test_a_mix_of_format_v1_and_v2_records_is_searched_and_read_like_plaintext(
+    proxy_for, clean_upstream, satusehat
+):
+    """What earlier versions wrote (at-rest format v1) and what this one writes (v2), side by side in one
+    server: every query finds the ids and totals a plaintext server finds, and every match reads back."""
+    for patient in PATIENTS:
+        _direct(clean_upstream, "PUT", f"Patient/{patient['id']}", patient)
+    expected = {q: (_ids(b := _direct(clean_upstream, "GET", f"Patient?{q}")), b.get("total")) for q in QUERIES}
+
+    clean_upstream.reset()
+    v1 = dataclasses.replace(
+        satusehat, resources={t: dataclasses.replace(rp, at_rest_format="v1") for t, rp in satusehat.resources.items()}
+    )
+    writers = [await proxy_for(clean_upstream.base_url, v1), await proxy_for(clean_upstream.base_url, satusehat)]
+    for i, patient in enumerate(PATIENTS):
+        url = f"/fhir/R4/Patient/{patient['id']}"
+        resp = await writers[i % 2].put(url, data=orjson.dumps(patient), headers=FHIR_JSON)
+        assert resp.status == 201, await resp.text()
+    envelopes = [
+        e["valueString"][:2] for r in clean_upstream.dump() for e in r["extension"] if e["url"] == ENVELOPE_URL
+    ]
+    assert sorted(envelopes) == sorted("v1" if i % 2 == 0 else "v2" for i in range(len(PATIENTS)))
+    reader = writers[1]
+    for query in QUERIES:
+        bundle = await (await reader.get(f"/fhir/R4/Patient?{query}")).json()
+        assert (_ids(bundle), bundle.get("total")) == expected[query], query
+        for entry in bundle.get("entry", []):
+            original = next(p for p in PATIENTS if p["id"] == entry["resource"]["id"])
+            assert {k: v for k, v in entry["resource"].items() if k != "meta"} == original, query
     assert not leaked(SECRETS, orjson.dumps(clean_upstream.dump()).decode())
 
 
