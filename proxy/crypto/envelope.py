@@ -38,6 +38,14 @@ from proxy.crypto.encoding import b64d, b64d_fast, b64e
 
 VERSION = "v2"  # what new records are written in
 VERSIONS = ("v1", "v2")  # what is read
+
+
+def grouped_envelope(envelope: object) -> bool:
+    """Whether a record's elements are marked as format v2 does (sealed in group ciphertexts), read from its
+    envelope string before it is opened; an envelope forged to say otherwise fails the record MAC."""
+    return type(envelope) is str and not envelope.startswith("v1.")
+
+
 _US, _RS = "\x1f", "\x1e"  # unit and record separators: never part of a path or field id
 _NONCE_BATCH = 32  # nonces drawn per OS call: a Patient under the SATUSEHAT policy seals 22 elements
 

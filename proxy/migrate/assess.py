@@ -100,8 +100,7 @@ def envelope_key_ids(resource: dict) -> frozenset[str]:
 
 def _stale_format(stored: dict, policy: CompiledPolicy) -> bool:
     """An envelope of another at-rest format than the one the policy writes (``defaults.at_rest_format``)."""
-    writes = {rp.at_rest_format for rp in policy.resources.values()}
-    return any(parts[0] not in writes for parts in _envelope_fields(stored))
+    return any(parts[0] != policy.at_rest_format for parts in _envelope_fields(stored))
 
 
 def _has_markers(resource: dict) -> bool:

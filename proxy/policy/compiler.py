@@ -234,6 +234,11 @@ class CompiledPolicy:
     sentinel: SentinelSettings = field(default_factory=SentinelSettings)  # PHI detectors on clear values
 
     @property
+    def at_rest_format(self) -> str:
+        """The at-rest format writes produce (``defaults.at_rest_format``, kept on each resource policy)."""
+        return next((rp.at_rest_format for rp in self.resources.values()), "v2")
+
+    @property
     def warnings(self) -> tuple[str, ...]:
         return tuple(f.message for f in self.findings)
 

@@ -20,16 +20,12 @@ _FORMATS = {
 }
 
 
-def _written_format(policy: CompiledPolicy) -> str:
-    return next((rp.at_rest_format for rp in policy.resources.values()), "v2")
-
-
 def explain(policy: CompiledPolicy, show_display: bool = False) -> str:
     lines = [
         f"policy '{policy.name}' ({policy.source}, sha256 {policy.digest[:16]})",
         f"groups: {', '.join(f'{g}' for g in policy.groups)}",
         f"resources without an envelope (written around the proxy): {policy.unenveloped}",
-        "at-rest format written: " + _FORMATS[_written_format(policy)],
+        "at-rest format written: " + _FORMATS[policy.at_rest_format],
         "data keys wrapped by: "
         + (
             "the patient's own key in a patient's compartment (crypto-shredding), else the master key"

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from proxy.crypto.blindindex import BlindIndexer
-from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher
+from proxy.crypto.envelope import IntegrityError, KeyLookup, RecordCipher, grouped_envelope
 from proxy.keymgmt.keyring import Keyring
 from proxy.keymgmt.patientkeys import KeyShredded
 from proxy.policy.closed import Unlisted, canonical, same_uri
@@ -821,7 +821,7 @@ def decrypt_resource(
     if not envelopes and not tagged and unenveloped == "allow":
         return
     # the envelope's version says how elements are marked; a forged one fails the MAC, which names it
-    grouped = len(envelopes) == 1 and type(envelopes[0]) is str and envelopes[0][:3] != "v1."
+    grouped = len(envelopes) == 1 and grouped_envelope(envelopes[0])
     slots: list[Slot] = []
     for el, item, path in _planned(resource, rp, strict=False):
         if item is None:

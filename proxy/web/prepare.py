@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy.outcome import FhirError
 from proxy.transform import guard, jsonnum
-from proxy.transform.markers import CIPHERTEXT_URL, DAR_URL
+from proxy.transform import markers as mk
 from proxy.transform.search import Searcher
 from proxy.web import headers as hdr
 from proxy.web import metrics
@@ -25,7 +25,7 @@ from proxy.web.writes import apply_patch, check_scope, prepare_operation, prepar
 
 # what each sealed element leaves in a write's body, counted for the elements metric: its ciphertext
 # extension (format v1), or the mask marker where its group's ciphertext holds it (v2)
-SEALED_MARKS = {"v1": CIPHERTEXT_URL.encode(), "v2": f'"url":"{DAR_URL}","valueCode":"masked"'.encode()}
+SEALED_MARKS = {"v1": mk.CIPHERTEXT_URL.encode(), "v2": jsonnum.dumps(mk.dar_masked())[1:-1]}
 
 
 def guard_query(call: Call, params: list[tuple[str, str]]) -> None:
