@@ -12,6 +12,7 @@ from __future__ import annotations
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy.transform import markers as mk
 from proxy.transform.bodies import covers_any, untouched
@@ -156,3 +157,67 @@ async def test_a_patient_app_is_still_screened_and_audited_on_an_uncovered_type(
     events = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
     named = [{e["what"]["reference"] for e in ev["entity"] if "reference" in e.get("what", {})} for ev in events]
     assert named == [{"Encounter/enc-a"}, {"Encounter/enc-b"}, {"Encounter/enc-a"}]  # the search's answer too
+
+
+async def test_a_clinician_is_judged_by_type_on_the_answers_outline_and_audited(
+    proxy_for, aiohttp_server, issuer, tmp_path
+):
+    """A caller with no patient/ scopes is judged by resource type on the outline of an uncovered answer
+    (``proxy.transform.outline``): an included resource of a type it may not read still leaves the page
+    (with the ``total``), the server's next link is still signed and a foreign one dropped, and the audit
+    names every resource the caller was shown. The upstream is scripted: Medplum's in-memory server
+    answers no ``_include``."""
+    from proxy.audit.cli import init_trail
+
+    async def search(request: web.Request) -> web.Response:
+        base = f"http://{request.host}/fhir/R4"
+        page = {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "total": 1,
+            "link": [{"relation": "self", "url": f"{base}/Encounter?{request.query_string}"}],
+            "entry": [
+                {"fullUrl": f"{base}/Encounter/enc-c", "resource": _encounter("enc-c", "p1")},
+                {"fullUrl": f"{base}/Location/loc-1", "resource": {"resourceType": "Location", "id": "loc-1"}},
+            ],
+        }
+        if "_count" in request.query:  # a page that has a next one
+            page["link"] += [
+                {"relation": "next", "url": f"{base}/Encounter?{request.query_string}&_page=2"},
+                {"relation": "previous", "url": "https://elsewhere.example/fhir/Encounter"},
+            ]
+        body = orjson.dumps(page, option=orjson.OPT_INDENT_2)  # a re-serialised answer would differ
+        return web.Response(body=body, content_type="application/fhir+json")
+
+    app = web.Application()
+    app.router.add_get("/fhir/R4/Encounter", search)
+    upstream = await aiohttp_server(app)
+    trail = tmp_path / "audit.jsonl"
+    init_trail(trail, tmp_path / "audit.key")
+    proxy = await proxy_for(
+        str(upstream.make_url("/fhir/R4")),
+        POLICY,
+        auth="jwt",
+        oidc_issuer=issuer.url,
+        audience=test_auth.AUDIENCE,
+        audit_trail=str(trail),
+    )
+    asked = "/fhir/R4/Encounter?_include=Encounter:location"
+    narrow = bearer(issuer.token(scope="user/Encounter.rs", fhirUser="Practitioner/dr-1"))
+    wide = bearer(issuer.token(scope="user/Encounter.rs user/Location.rs", fhirUser="Practitioner/dr-1"))
+    for auth, ids in ((narrow, ["enc-c"]), (wide, ["enc-c", "loc-1"])):
+        for query in ("", "&_count=2"):
+            page = await (await proxy.get(asked + query, headers=auth)).json()
+            assert [e["resource"]["id"] for e in page["entry"]] == ids
+            assert ("total" in page) is (auth is wide)
+            links = {link["relation"]: link["url"] for link in page["link"]}
+            assert set(links) == ({"self", "next"} if query else {"self"})
+            assert not query or links["next"].startswith(PUBLIC_BASE + "/$fhircrypt-link/page/")
+    # nothing to change: the upstream's own bytes, in the proxy's base
+    async with aiohttp.ClientSession() as session, session.get(upstream.make_url(asked)) as direct:
+        expected = (await direct.read()).replace(str(upstream.make_url("/fhir/R4")).encode(), PUBLIC_BASE.encode())
+    assert await (await proxy.get(asked, headers=wide)).read() == expected
+    await proxy.server.close()  # flushes the trail
+    events = [orjson.loads(line)["event"] for line in trail.read_text().splitlines()]
+    named = [{e["what"]["reference"] for e in ev["entity"] if "reference" in e.get("what", {})} for ev in events]
+    assert named == [{"Encounter/enc-c"}] * 2 + [{"Encounter/enc-c", "Location/loc-1"}] * 3

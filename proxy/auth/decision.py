@@ -84,6 +84,13 @@ class Decision:
         can then promise a searchset's ``total`` before it has seen the entries."""
         return self._everything or self._grants is None or not self._grants.scopes_required
 
+    def judges_content(self) -> bool:
+        """Whether :meth:`visible` may look inside a resource, not only at its type: only for a caller
+        with ``patient/`` read scopes (a type read only through them is confined to the compartment).
+        Otherwise an answer can be judged on its outline (``proxy.transform.outline``)."""
+        grants = self._grants
+        return not self.hides_nothing() and grants is not None and grants.reads_in_context("patient")
+
     def visible(self, resource: dict[str, Any]) -> bool:
         """Whether the caller may see ``resource`` at all (its type and its compartment)."""
         grants = self._grants

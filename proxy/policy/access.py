@@ -153,6 +153,10 @@ class CallerGrants:
         """A SMART scope allowing ``access`` (read, write, delete) on the type, in any context."""
         return not self.scopes_required or bool(self.contexts(resource_type, access))
 
+    def reads_in_context(self, context: str) -> bool:
+        """Whether any of the caller's scopes allows reading some type through ``context``."""
+        return any(s.read and s.context == context for s in self.caller.scopes)
+
     def patient_only(self, resource_type: str, access: str) -> bool:
         """Every scope allowing ``access`` on the type is a patient/ scope: the compartment limits it."""
         return self.scopes_required and self.contexts(resource_type, access) == {"patient"}

@@ -26,7 +26,7 @@ from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, audited_references
 from proxy.web.patientkeys import names_patient_key
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import drop_foreign_links, upstream_resource
+from proxy.web.upstream import drop_foreign_links, untouched_view, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 LINKS = "$fhircrypt-link"
@@ -235,12 +235,15 @@ async def _file(
 
 async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, exchange: Exchange) -> bytes:
     """Each line judged for the caller and decrypted; a line holding nothing the policy acts on
-    (``bodies.untouched``, and no canary to watch) goes out as it came, parsed only to be judged."""
+    (``bodies.untouched``, and no canary to watch) goes out as it came, judged on its outline."""
     plain = not rt.policy.canaries
-    out = []
+    # one look at the whole batch usually answers for every line (a match across a line break only
+    # makes it say "no": then each line is looked at on its own)
+    all_untouched = plain and untouched(b"\n".join(lines), rt.policy)
+    out, what = [], "an export file line is"
     for line in lines:
-        as_sent = plain and untouched(line, rt.policy)
-        resource = upstream_resource(line, "an export file line is", orjson.loads if as_sent else jsonnum.loads)
+        as_sent = all_untouched or (plain and untouched(line, rt.policy))
+        resource = untouched_view(line, decision, what) if as_sent else upstream_resource(line, what, jsonnum.loads)
         if not decision.visible(resource):
             continue
         if len(exchange.references) < MAX_REFERENCES:

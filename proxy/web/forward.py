@@ -28,7 +28,7 @@ from proxy.web.call import Call
 from proxy.web.paging import has_page_links
 from proxy.web.patientkeys import names_patient_key
 from proxy.web.runtime import Runtime
-from proxy.web.upstream import has_foreign_links, leads_elsewhere, upstream_resource
+from proxy.web.upstream import has_foreign_links, leads_elsewhere, untouched_view, upstream_resource
 
 log = logging.getLogger("fhircrypt")
 
@@ -127,7 +127,7 @@ def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, 
     from the proxy (None otherwise): nothing in it the policy acts on (``bodies.untouched``), nothing the
     proxy took over (a subset, a Binary's content, the capability statement), no canary to watch, no name
     filter to apply, no page link to sign or foreign link to drop, and nothing the access decision removes.
-    It is still parsed, to be judged and audited (plain orjson: the parse is not serialised again), and the
+    It is still judged and audited, on its outline or a plain parse (``upstream.untouched_view``), and the
     bytes that go out are the bytes that were judged."""
     rt, it = call.rt, call.interaction
     if (
@@ -139,7 +139,7 @@ def _as_sent(call: Call, forwarding: guard.Forwarding, raw: bytes, status: int, 
         or not untouched(raw, rt.policy)
     ):
         return None
-    view = upstream_resource(raw, parse=orjson.loads)
+    view = untouched_view(raw, call.decided)
     if call.decided.screen(view, it) or has_foreign_links(view, rt.upstream_base) or has_page_links(rt, view):
         return None  # the parsing path judges a fresh parse again and changes what it must
     call.exchange.references = audited_references(rt.audit, view)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.auth.decision import Decision
 from proxy.outcome import FhirError
 from proxy.settings import Settings
 from proxy.transform import jsonnum
+from proxy.transform.outline import outline
 from proxy.upstream.client import UpstreamClient, read_limited
 from proxy.upstream.credentials import ClientCredentials, Credential, StaticBearer
 from proxy.web.tls import upstream_context
@@ -105,3 +107,11 @@ def upstream_resource(raw: bytes, what: str = "the upstream answered with", pars
     if type(value) is not dict:
         raise FhirError(502, "structure", f"{what} JSON that is not a FHIR resource")
     return value
+
+
+def untouched_view(raw: bytes, decision: Decision, what: str = "the upstream answered with") -> dict:
+    """An answer the policy does not act on (``bodies.untouched``), as much of it as judging it for
+    ``decision`` needs: its outline (``proxy.transform.outline``) when the caller is judged by resource
+    type alone, else a plain parse. Neither is serialised again: the client gets the upstream's bytes."""
+    view = None if decision.judges_content() else outline(raw)
+    return view if view is not None else upstream_resource(raw, what, parse=orjson.loads)
