@@ -77,17 +77,21 @@ MAX_DEPTH = 200
 
 
 def too_deep(value: object, limit: int = MAX_DEPTH) -> bool:
-    """Whether JSON ``value`` nests objects and arrays more than ``limit`` levels deep."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        if type(item) is dict:
-            stack.extend((v, depth + 1) for v in item.values() if type(v) in (dict, list))
-        elif type(item) is list:
-            stack.extend((v, depth + 1) for v in item if type(v) in (dict, list))
-    return False
+    """Whether JSON ``value`` nests objects and arrays more than ``limit`` levels deep. Level by level,
+    with no depth carried per item: every write's body is walked, a 50-entry transaction's thousands of
+    objects."""
+    level = [value]
+    for _ in range(limit):
+        deeper: list[object] = []
+        for item in level:
+            if type(item) is dict:
+                deeper += [v for v in item.values() if type(v) is dict or type(v) is list]
+            elif type(item) is list:
+                deeper += [v for v in item if type(v) is dict or type(v) is list]
+        if not deeper:
+            return False
+        level = deeper
+    return True
 
 
 def shape_refusal(where: str, exc: ShapeError) -> FhirError:

@@ -6,7 +6,9 @@ import asyncio
 import tracemalloc
 
 import orjson
+import pytest
 
+from proxy.transform.bodies import MAX_DEPTH, too_deep
 from proxy.transform.normalize import PREFIX_MAX, string_tokens
 from tests.conftest import FHIR_JSON
 
@@ -116,3 +118,12 @@ async def test_summary_and_elements_in_a_post_search_body_are_refused(proxy_for,
     assert resp.status == 200
     sent = clean_upstream.requests()[-1]
     assert "_elements" not in sent["url"] + sent["body"] and "Budiarto" not in sent["body"]  # applied by the proxy
+
+
+@pytest.mark.parametrize("depth", [1, 2, MAX_DEPTH - 1, MAX_DEPTH, MAX_DEPTH + 1])
+def test_the_nesting_limit_counts_every_level_of_objects_and_arrays(depth):
+    value: object = "leaf"
+    for i in range(depth):
+        value = {"a": value, "n": 1} if i % 2 else [1, value, "x"]
+    assert too_deep(value) is (depth > MAX_DEPTH)
+    assert too_deep({"shallow": [1], "deep": value}) is (depth + 1 > MAX_DEPTH)
