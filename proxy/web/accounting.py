@@ -43,7 +43,9 @@ _LOGGED_PATHS = 20  # paths named in the line; the counts cover them all
 
 def _gather(hit: sentinel.Hit) -> None:
     hits = _SENTINEL_HITS.get()
-    if hits is not None:
+    if hits is None:  # outside a request this middleware accounts for: counted at once
+        metrics.SENTINEL.labels(hit.detector).inc()
+    else:  # counted, like logged, once per request (:func:`_report_sentinel_hits`)
         hits[hit.detector, hit.path] += 1
 
 
@@ -135,7 +137,7 @@ def _close(call: Call) -> None:
     if report.failures:
         metrics.INTEGRITY_FAILURES.inc(len(report.failures))
     metrics.AUDIT_BACKLOG.set(sum(sink.backlog for sink in rt.audit))
-    _log_sentinel_hits(call.request_id)
+    _report_sentinel_hits(call.request_id)
     log.info(
         "request cut before its answer" if status == CUT else "request",
         extra={
@@ -151,15 +153,18 @@ def _close(call: Call) -> None:
     )
 
 
-def _log_sentinel_hits(request_id: str) -> None:
-    """One line for the values the sentinel reported in this request: counts by detector, and the paths
-    (never the values) with how often each was hit, the first ``_LOGGED_PATHS`` of them."""
+def _report_sentinel_hits(request_id: str) -> None:
+    """The values the sentinel reported in this request, counted in the metric by detector and logged
+    in one line: counts by detector, and the paths (never the values) with how often each was hit, the
+    first ``_LOGGED_PATHS`` of them."""
     hits = _SENTINEL_HITS.get()
     if not hits:
         return
     detectors: Counter[str] = Counter()
     for (detector, _), n in hits.items():
         detectors[detector] += n
+    for detector, n in detectors.items():
+        metrics.SENTINEL.labels(detector).inc(n)
     log.warning(
         "sentinel",
         extra={

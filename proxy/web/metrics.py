@@ -27,7 +27,6 @@ from prometheus_client import (
 )
 
 from proxy.keymgmt.providers import KeyProvider
-from proxy.transform import sentinel
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -56,7 +55,6 @@ SENTINEL = Counter(
     "values forwarded in clear elements that a PHI sentinel detector recognised (sentinel: report), by detector",
     ["detector"],
 )
-sentinel.add_listener(lambda hit: SENTINEL.labels(hit.detector).inc())
 NAME_FILTERED = Counter(
     "fhircrypt_name_search_removed",
     "search matches of a chained name search removed after decryption because their name does not match",
