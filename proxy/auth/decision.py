@@ -46,7 +46,7 @@ _CONFINING = ("patient", "subject", "beneficiary", "individual", "requester")
 class Decision:
     """What one caller may see of one request: which resources, and which groups in each."""
 
-    __slots__ = ("_everything", "_grants", "_watch", "constraint", "searchable")
+    __slots__ = ("_by_type", "_everything", "_grants", "_watch", "constraint", "searchable")
 
     def __init__(
         self,
@@ -64,6 +64,7 @@ class Decision:
         self._watch = watch
         self.constraint = constraint  # (parameter, value) ANDed to a search, or None
         self.searchable = searchable  # groups the caller may search by; None: every group
+        self._by_type: dict[str, bool | None] = {}  # resource type -> visible, None: by its compartment
 
     def groups(self, resource: dict[str, Any]) -> Grants:
         """The groups decrypted in ``resource`` (still encrypted: only clear data is looked at);
@@ -97,16 +98,24 @@ class Decision:
         if self.hides_nothing() or grants is None:
             return True
         rtype = resource.get("resourceType")
-        if rtype == "OperationOutcome":
-            return True
         if type(rtype) is not str:
             return False
+        by_type = self._by_type.get(rtype, ...)
+        if by_type is ...:  # a page holds a hundred resources of one or two types: decided once per type
+            by_type = self._by_type[rtype] = self._type_visible(grants, rtype)
+        return grants.in_own_compartment(resource) if by_type is None else by_type
+
+    @staticmethod
+    def _type_visible(grants: CallerGrants, rtype: str) -> bool | None:
+        """Whether every resource of the type is visible to the caller (None: only those in its compartment)."""
+        if rtype == "OperationOutcome":
+            return True
         contexts = grants.contexts(rtype, "read")
         if contexts - {"patient"}:
             return True
         if "patient" not in contexts:
             return False
-        return rtype not in _compartment_types() or grants.in_own_compartment(resource)
+        return True if rtype not in _compartment_types() else None
 
     def watched(self, watch: Callable[[dict[str, Any], Grants], None]) -> Decision:
         """The same decision, telling ``watch`` about every resource it decides groups for (canaries)."""
@@ -120,6 +129,8 @@ class Decision:
         loses its ``total`` too (it would count what the caller may not see). Contained resources
         are part of their container and are judged with it, never on their own local ids.
         """
+        if self.hides_nothing():
+            return 0  # every resource is visible: nothing to remove, no read to refuse
         if body.get("resourceType") == "Bundle" and body.get("type") in _CONTAINERS:
             return self._screen_bundle(body)
         if body.get("resourceType") == "Parameters" and it.kind == "operation":
