@@ -59,6 +59,7 @@ FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 TARGETS = ("direct", "passthrough", "fhircrypt-empty", "fhircrypt-satusehat")
 PROXIES = ("fhircrypt-empty", "fhircrypt-satusehat")
+PROFILED = ("passthrough", *PROXIES)  # the passthrough's profile is the HTTP floor the proxies share
 WORKLOADS = ("read", "search", "create", "transaction", "export")
 CONCURRENCY = (1, 8)
 HEAVY = ("transaction", "export")  # tens of ms per request: concurrency 1 only
@@ -84,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="closed-loop generator: wrk when installed (auto), or the Python client")  # fmt: skip
     p.add_argument("--load-fraction", type=float, default=0.5,
                    help="open-loop rate as a fraction of the slowest target's closed-loop throughput")  # fmt: skip
-    p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass of the proxy under load")
+    p.add_argument("--no-profile", action="store_true", help="skip the cProfile pass of each target under load")
     p.add_argument("--no-core", action="store_true", help="skip the core micro-benchmark")
     p.add_argument("--no-scaling", action="store_true", help="skip the 1 vs 2 worker processes comparison")
     p.add_argument("--no-gc", action="store_true", help="skip the garbage-collector tuned vs default comparison")
@@ -422,38 +423,41 @@ class Bench:
             "raw": rows,
         }
 
-    async def profile_proxy(self) -> dict:
-        """A fhircrypt-satusehat proxy under cProfile while each workload runs at c=1 (idle time left out)."""
-        out = {}
+    async def profile_targets(self) -> dict:
+        """Each target of :data:`PROFILED` in a fresh process under cProfile while the Python client drives
+        each workload at c=1: where each one's CPU goes, by area and by function (idle time left out)."""
+        out: dict[str, dict[str, dict]] = {}
         with tempfile.TemporaryDirectory(prefix="fhircrypt-prof-") as tmp:
-            for workload in ("read", "search", "create"):
-                prof = Path(tmp) / f"{workload}.prof"
-                policy = str(ROOT / "policies" / "satusehat.yaml")
-                argv = ["proxy", "--upstream", self.upstream.base_url, "--policy", policy, "--profile", str(prof)]
-                proc = TargetProcess("profiled", argv).start()
-                self.ports["profiled"] = proc.port
-                try:
-                    request, _ = await self.seed(workload, "profiled")
-                    await load.closed_loop(HOST, proc.port, request, 1, self.warmup)
-                    proc.signal(signal.SIGUSR1)
-                    await asyncio.sleep(0.05)
-                    r = await load.closed_loop(HOST, proc.port, request, 1, self.duration)
-                    proc.signal(signal.SIGUSR2)
-                    for _ in range(100):
-                        if prof.exists():
-                            break
+            for workload in WORKLOADS:
+                for target in PROFILED:
+                    prof = Path(tmp) / f"{target}-{workload}.prof"
+                    proc = TargetProcess("profiled", [*self.specs[target], "--profile", str(prof)]).start()
+                    self.ports["profiled"] = proc.port
+                    try:
+                        request, _ = await self.seed(workload, "profiled")
+                        await load.closed_loop(HOST, proc.port, request, 1, self.warmup)
+                        proc.signal(signal.SIGUSR1)
                         await asyncio.sleep(0.05)
-                finally:
-                    proc.stop()
-                    del self.ports["profiled"]
-                stats = pstats.Stats(str(prof))
-                summary = summarise_profile(stats, max(1, r.requests), top=12)
-                summary["areas"] = profile_areas(stats, max(1, r.requests))
-                out[workload] = summary
-                self.say(f"profiled {workload}: {r.requests} requests, {summary['total_us_per_op']:.0f} µs CPU each")
+                        r = await load.closed_loop(HOST, proc.port, request, 1, self.duration)
+                        proc.signal(signal.SIGUSR2)
+                        for _ in range(100):
+                            if prof.exists():
+                                break
+                            await asyncio.sleep(0.05)
+                    finally:
+                        proc.stop()
+                        del self.ports["profiled"]
+                    stats = pstats.Stats(str(prof))
+                    summary = summarise_profile(stats, max(1, r.requests), top=12)
+                    summary["areas"] = profile_areas(stats, max(1, r.requests))
+                    out.setdefault(workload, {})[target] = summary
+                    self.say(
+                        f"profiled {workload:11} {target:20} {r.requests:5} requests, "
+                        f"{summary['total_us_per_op']:7.0f} µs CPU each"
+                    )
         return {
-            "tool": "cProfile, enabled only while the Python client drives one workload at c=1 against a "
-            "fresh fhircrypt-satusehat proxy; idle time in epoll left out; cProfile inflates Python call costs",
+            "tool": "cProfile, enabled only while the Python client drives one workload at c=1 against a fresh "
+            "process of each target; idle time in epoll left out; cProfile inflates Python call costs",
             "workloads": out,
         }
 
@@ -523,7 +527,7 @@ async def amain(args: argparse.Namespace) -> dict:
         rss_end = {name: rss_bytes(p.pid) for name, p in bench.procs.items()}
         gc_compare = None if args.no_gc else await bench.run_gc()
         scaling = None if args.no_scaling else await bench.run_scaling()
-        profile = None if (bench.quick or args.no_profile) else await bench.profile_proxy()
+        profile = None if (bench.quick or args.no_profile) else await bench.profile_targets()
     finally:
         bench.stop()
     result.update(
