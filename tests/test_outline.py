@@ -21,7 +21,7 @@ from proxy.auth.scopes import parse_scopes
 from proxy.outcome import FhirError
 from proxy.policy.access import CallerGrants
 from proxy.transform.interactions import Interaction
-from proxy.transform.outline import outline
+from proxy.transform.outline import outline, outlines
 from proxy.web.auditing import references_in
 from proxy.web.upstream import has_foreign_links
 
@@ -140,6 +140,26 @@ def test_the_outline_judges_like_a_full_parse_or_declines(body):
     assert references_in(view) == references_in(full)
     for scope in CALLERS:
         assert _judged(view, scope) == _judged(full, scope)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.one_of(_resource, st.dictionaries(_keys, _json, max_size=4)), min_size=1, max_size=5))
+def test_an_export_batch_is_outlined_at_once_like_line_by_line(bodies):
+    lines = [orjson.dumps(body) for body in bodies]
+    one_by_one = [outline(line) for line in lines]
+    assert outlines(lines) == (None if None in one_by_one else one_by_one)
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [b'{"resourceType":"Basic"}', b'{"resourceType":"Basic"} {"resourceType":"Basic"}'],  # two values, one line
+        [b'{"resourceType":"Basic"}', b"not json"],
+        [b'{"resourceType":"Basic","x":"\xff"}'],  # invalid UTF-8
+    ],
+)
+def test_a_batch_with_a_line_the_outline_cannot_take_is_declined_whole(lines):
+    assert outlines(lines) is None
 
 
 @pytest.mark.parametrize(

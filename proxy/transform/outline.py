@@ -61,13 +61,34 @@ _DECODER = msgspec.json.Decoder(_Outline)
 def outline(raw: bytes) -> dict[str, Any] | None:
     """The outline of the JSON object ``raw`` as plain dicts and lists, or None when ``raw`` does not
     fit the outline's shape or is not valid JSON (the caller then parses it whole)."""
-    if not raw.isascii():
-        try:
-            raw.decode()  # msgspec does not check the UTF-8 of the strings it skips; a full parse does
-        except UnicodeDecodeError:
-            return None
+    if not _utf8(raw):
+        return None
     try:
         view: dict[str, Any] = msgspec.to_builtins(_DECODER.decode(raw))
     except (msgspec.DecodeError, RecursionError):
         return None
     return view
+
+
+def outlines(lines: list[bytes]) -> list[dict[str, Any]] | None:
+    """The outlines of NDJSON ``lines`` (none of them blank) decoded in one call, or None when any line
+    does not fit, is not valid JSON or holds more than one value (the caller then takes them one by one)."""
+    raw = b"\n".join(lines)
+    if not _utf8(raw):
+        return None
+    try:
+        views: list[dict[str, Any]] = msgspec.to_builtins(_DECODER.decode_lines(raw))
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    return views if len(views) == len(lines) else None
+
+
+def _utf8(raw: bytes) -> bool:
+    """msgspec does not check the UTF-8 of the strings it skips; a full parse does."""
+    if raw.isascii():
+        return True
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -21,6 +21,7 @@ from proxy.outcome import FhirError
 from proxy.transform import bulk, jsonnum
 from proxy.transform.bodies import decrypt_body, serialise_for_client, untouched
 from proxy.transform.interactions import Interaction
+from proxy.transform.outline import outlines
 from proxy.web import headers as hdr
 from proxy.web.access import alarm, watch_canaries
 from proxy.web.auditing import MAX_REFERENCES, Exchange, audited_references
@@ -238,16 +239,19 @@ async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, ex
     (``bodies.untouched``, and no canary to watch) goes out as it came, judged on its outline."""
     plain = not rt.policy.canaries
     # one look at the whole batch usually answers for every line (a match across a line break only
-    # makes it say "no": then each line is looked at on its own)
+    # makes it say "no": then each line is looked at on its own), and one call outlines them all
     all_untouched = plain and untouched(b"\n".join(lines), rt.policy)
+    views = outlines(lines) if all_untouched and not decision.judges_content() else None
+    if views is not None:
+        pairs = zip(lines, views, strict=True)
+        shown = [line.strip(_JSON_SPACE) for line, view in pairs if _shown(rt, view, decision, exchange)]
+        return b"\n".join([*shown, b""])
     out, what = [], "an export file line is"
     for line in lines:
         as_sent = all_untouched or (plain and untouched(line, rt.policy))
         resource = untouched_view(line, decision, what) if as_sent else upstream_resource(line, what, jsonnum.loads)
-        if not decision.visible(resource):
+        if not _shown(rt, resource, decision, exchange):
             continue
-        if len(exchange.references) < MAX_REFERENCES:
-            exchange.references.extend(audited_references(rt.audit, resource))
         if as_sent:
             out.append(line.strip(_JSON_SPACE))
             continue
@@ -257,6 +261,15 @@ async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, ex
         out.append(serialise_for_client(resource, exchange.report, "export file"))
     out.append(b"")
     return b"\n".join(out)
+
+
+def _shown(rt: Runtime, resource: dict, decision: Decision, exchange: Exchange) -> bool:
+    """Whether the caller may see an export file's resource; if so, it is noted for the audit."""
+    if not decision.visible(resource):
+        return False
+    if len(exchange.references) < MAX_REFERENCES:
+        exchange.references.extend(audited_references(rt.audit, resource))
+    return True
 
 
 _JSON_SPACE = b" \t\r\n"
