@@ -10,8 +10,14 @@ Cases (µs per Patient and Patients/s per core):
 ``orjson_at_rest``  the same for the encrypted (at-rest) form, which is what a read parses
 ``decrypt``         ``decrypt_resource`` alone on an already parsed at-rest Patient
 ``decrypt_path``    ``jsonnum.loads``(at-rest) + ``decrypt_resource`` + ``jsonnum.dumps``: a read, per resource
+``crypto_floor``    only the calls the stored form makes necessary, with no policy and no walk: parse it, unwrap
+                    the data key, the record MAC, open each group ciphertext and parse its values, serialise:
+                    the floor of a read of this format in Python with these libraries
 ``encrypt``         ``index_identifiers`` + ``encrypt_resource`` alone (validation off)
 ``encrypt_path``    ``jsonnum.loads``(plaintext) + index + encrypt + ``jsonnum.dumps``: what a write costs
+``crypto_floor_write`` likewise for a write: parse, every blind-index HMAC and its base32, a new data key
+                    wrapped, each group sealed, the record MAC and envelope, serialise (no walk, no
+                    normalising, no JSON of the group plaintexts)
 ``validate``        ``validate_resource`` (fhir.resources) of the plaintext: what create adds under ``validate: full``
 ``validate_structure`` ``check_structure`` of the plaintext: what create adds under ``validate: structure``
                     (the default)
@@ -23,19 +29,24 @@ Cases (µs per Patient and Patients/s per core):
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import gc
 import pstats
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
 
+from proxy.crypto.blindindex import BlindIndexer
+from proxy.crypto.encoding import b32_128
+from proxy.crypto.envelope import RecordCipher
 from proxy.keymgmt.keyring import Keyring
 from proxy.policy.compiler import CompiledPolicy, compile_file
 from proxy.transform import jsonnum, sentinel
+from proxy.transform import markers as mk
 from proxy.transform.indexes import index_identifiers
 from proxy.transform.records import ALL_GROUPS, ReadReport, decrypt_resource, encrypt_resource
 from proxy.transform.structure import check_structure
@@ -87,6 +98,46 @@ class _Fixture:
             raise RuntimeError(f"the at-rest Patient does not decrypt to the original: {report.failures}")
         self.encrypted_elements = report.decrypted
 
+    def record_parts(self) -> tuple[str, list[str], list[tuple[str, str]]]:
+        """The stored Patient's envelope, its group ciphertexts and the items its record MAC covers, as a
+        read computes them (seen during one read)."""
+        stored = orjson.loads(self.at_rest)
+        holder = stored["meta"] if self.rp.envelope_in_meta else stored
+        exts = holder["extension"]
+        envelope = next(e["valueString"] for e in exts if e["url"] == mk.ENVELOPE_URL)
+        sealed = [e["valueString"] for e in exts if e["url"] == mk.GROUP_URL]
+        with _spying(RecordCipher, "verify") as verified:
+            decrypt_resource(stored, self.rp, self.keyring, ALL_GROUPS, self.policy.unenveloped, ReadReport())
+        return envelope, sealed, verified[0][0]
+
+    def write_parts(self) -> tuple[list[tuple[int, str, list[str]]], list[tuple[str, bytes]], list[tuple[str, str]]]:
+        """What one write of the Patient computes its cryptography over (seen during one write): the texts
+        of each blind-index label, each group's plaintext and the items of the record MAC."""
+        with (
+            _spying(BlindIndexer, "digests") as indexed,
+            _spying(RecordCipher, "seal_group") as sealed,
+            _spying(RecordCipher, "mac") as maced,
+        ):
+            encrypt_for_storage(orjson.loads(self.plain), self.policy, self.keyring)
+        return [(v, label, list(texts)) for v, label, texts in indexed], sealed, maced[0][0]
+
+
+@contextlib.contextmanager
+def _spying(cls: type, name: str) -> Iterator[list[tuple]]:
+    """The arguments (``self`` left out; iterables as lists) of every call of ``cls.name`` inside the block."""
+    original, calls = getattr(cls, name), []
+
+    def spy(this: object, *args: object) -> object:
+        args = tuple(list(a) if isinstance(a, Iterator) else a for a in args)
+        calls.append(args)
+        return original(this, *args)
+
+    setattr(cls, name, spy)
+    try:
+        yield calls
+    finally:
+        setattr(cls, name, original)
+
 
 def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[list], None]]]:
     """name -> (make the batch's inputs outside the timed region, process them)."""
@@ -127,6 +178,30 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         for r in items:
             check_structure(r)
 
+    envelope, sealed, mac_items = fx.record_parts()
+    indexed, group_plaintexts, write_mac_items = fx.write_parts()
+
+    def crypto_floor(items: list) -> None:
+        for raw in items:
+            record = loads(raw)
+            cipher, mac = RecordCipher.open_envelope(ring, "Patient", envelope)
+            cipher.verify(mac_items, mac)
+            for ct in sealed:
+                loads(cipher.open_group(ct)[1])
+            dumps(record)
+
+    def crypto_floor_write(items: list) -> None:
+        indexer = ring.indexer
+        for raw in items:
+            record = loads(raw)
+            for version, label, texts in indexed:
+                b32_128(list(indexer.digests(version, label, texts)))
+            cipher = RecordCipher.new(ring, "Patient", None, rp.at_rest_format)
+            for group, pt in group_plaintexts:
+                cipher.seal_group(group, pt)
+            cipher.envelope(cipher.mac(write_mac_items))
+            dumps(record)
+
     cfg = policy.sentinel
     parsed_plain = loads(plain)
     parsed_at_rest = loads(at_rest)
@@ -142,8 +217,10 @@ def _cases(fx: _Fixture) -> dict[str, tuple[Callable[[int], list], Callable[[lis
         "orjson_at_rest": (lambda n: [at_rest] * n, parse_serialise),
         "decrypt": (lambda n: [loads(at_rest) for _ in range(n)], decrypt),
         "decrypt_path": (lambda n: [at_rest] * n, decrypt_path),
+        "crypto_floor": (lambda n: [at_rest] * n, crypto_floor),
         "encrypt": (lambda n: [loads(plain) for _ in range(n)], encrypt),
         "encrypt_path": (lambda n: [plain] * n, encrypt_path),
+        "crypto_floor_write": (lambda n: [plain] * n, crypto_floor_write),
         "validate": (lambda n: [parsed_plain] * n, validate),
         "validate_structure": (lambda n: [parsed_plain] * n, validate_structure),
         "sentinel": (lambda n: [parsed_at_rest] * n, sentinel_write),

@@ -90,7 +90,7 @@ def test_quick_benchmark_reports_every_target_workload_and_concurrency(tmp_path)
             assert cell["errors"] == 0 and cell["throughput"] > 0 and cell["latency_ms"]["p99"] is not None
 
     core = data["core"]["cases"]
-    for case in ("orjson", "decrypt", "decrypt_path", "encrypt", "encrypt_path"):
+    for case in ("orjson", "decrypt", "decrypt_path", "crypto_floor", "encrypt", "encrypt_path", "crypto_floor_write"):
         assert core[case]["per_core_per_s"] > 0
     assert data["core"]["encrypted_elements"] >= 8
     assert data["core"]["profile"]["decrypt_path"]["functions"]
