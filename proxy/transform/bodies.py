@@ -31,6 +31,7 @@ from proxy.transform.records import (
     encrypt_resource,
     scrub_markers,
 )
+from proxy.transform.unsealable import refuse_unsealable
 from proxy.transform.validation import Validation, validator
 
 
@@ -266,9 +267,11 @@ def encrypt_for_write(
         if inner_rp is not None:
             wrap = (wrap_for(inner) if wrap_for is not None else None) or top
             _seal(inner, inner_rp, keyring, where, with_indexes=False, wrap=wrap, names=names)
+            refuse_unsealable(inner, inner_rp.type, policy.closure, where)
     rp = policy.resources.get(rtype)  # type: ignore[arg-type]
     if rp is not None:
         _seal(resource, rp, keyring, rtype, with_indexes=True, wrap=top, names=names)  # type: ignore[arg-type]
+        refuse_unsealable(resource, rp.type, policy.closure, rp.type)
 
 
 def _seal(
