@@ -102,6 +102,24 @@ async def test_the_next_page_is_filtered_by_the_chains_of_its_link(proxy_for, cl
     assert seen == ["p-budi", "p-siti"]  # Sri's page (the last) comes back empty
 
 
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+async def test_the_searches_of_a_batch_are_filtered_each_by_its_own_names(proxy_for, clean_upstream, tampered, kind):
+    client = await proxy_for(clean_upstream.base_url, tampered)
+    searches = ["Patient?family=santo", "Patient?gender=female", "Patient?given=sri&family=wulan", "Patient?given=budi"]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": kind,
+        "entry": [{"request": {"method": "GET", "url": u}} for u in searches],
+    }
+    resp = await client.post("/fhir/R4", data=orjson.dumps(bundle), headers=FHIR_JSON)
+    assert resp.status == 200, await resp.text()
+    answers = [e["resource"] for e in (await resp.json())["entry"]]
+    assert _ids(answers[0]) == ["p-budi", "p-siti"] and "total" not in answers[0]  # Sri, found by the copy: out
+    assert SRI["id"] in _ids(answers[1])  # no chained value: the server's answer
+    assert _ids(answers[2]) == []  # the copy took Sri's own chain: the server cannot find her, nothing to add
+    assert _ids(answers[3]) == ["p-budi", "p-budiman"] and answers[3]["total"] == 2  # nothing removed
+
+
 async def test_a_page_link_names_the_chains_when_the_servers_link_does_not(
     proxy_for, clean_upstream, tampered, keyring
 ):

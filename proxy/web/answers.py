@@ -78,6 +78,21 @@ def _chained_params(call: Call, forwarding: guard.Forwarding) -> list[tuple[str,
     return [(k, v) for k, v in sent if k in READS and all(CHAIN.fullmatch(x) for x in v.split(","))]
 
 
+def _filter_entries(call: Call, payload: dict) -> int:
+    """The name post-filter of each search in a batch or transaction, on the searchset its entry of the
+    answer holds (the answer's entries are in the order of the request's); the number removed."""
+    entries = payload.get("entry") if payload.get("resourceType") == "Bundle" else None
+    removed = 0
+    for i, names in call.entry_names.items():
+        entry = entries[i] if type(entries) is list and i < len(entries) else None
+        found = entry.get("resource") if type(entry) is dict else None
+        if type(found) is dict and found.get("resourceType") == "Bundle" and found.get("type") == "searchset":
+            removed += names.filter_page(found, call.rt.keyring.indexer)
+    if call.searcher is not None:
+        call.searcher.chained.removed += removed
+    return removed
+
+
 def account_name_filter(call: Call) -> None:
     """One log line and the metric for the entries the name filter removed from a whole answer (no values)."""
     removed = call.searcher.chained.removed if call.searcher is not None else 0
@@ -114,6 +129,8 @@ async def judge(
         assert call.searcher is not None
         call.searcher.chained.removed += filtered
         removed += filtered
+    elif call.entry_names and status < 300:
+        removed += _filter_entries(call, payload)
     if len(exchange.references) < MAX_REFERENCES:
         seen = [*exchange.references, *audited_references(rt.audit, payload)]
         exchange.references = list(dict.fromkeys(seen))[:MAX_REFERENCES]

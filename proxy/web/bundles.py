@@ -21,6 +21,7 @@ from proxy.policy.access import CallerGrants
 from proxy.policy.operations import read_only
 from proxy.transform import sentinel
 from proxy.transform.bundles import Entry, parse_bundle, rewrite_request
+from proxy.transform.namefilter import NameQuery, Recorder
 from proxy.transform.search import Searcher
 from proxy.transform.search_urls import rewrite_search_urls
 from proxy.web.requests import PatchOps, check_target, patch_document
@@ -39,13 +40,16 @@ async def prepare_bundle(
     restricted: bool,
     request_headers: Mapping[str, str],
     request_id: str,
-) -> None:
-    """Rewrite a batch or transaction Bundle in place so that it carries no plaintext of covered elements.
+) -> dict[int, NameQuery]:
+    """Rewrite a batch or transaction Bundle in place so that it carries no plaintext of covered elements;
+    returns the post-filters of its searches with chained name values, by entry index (the answer's
+    entries are in the same order).
 
     Each entry is decided like a request of its own (:func:`proxy.auth.decision.decide`): refused
     entries refuse the Bundle, and a confined caller's searches get its compartment added."""
     authorization = request_headers.get("Authorization")
     entries = parse_bundle(bundle)
+    name_queries: dict[int, NameQuery] = {}
     names = sentinel.names_of(rt.policy.sentinel, (e.resource for e in entries if e.resource is not None))
     for entry in entries:
         it = entry.interaction
@@ -55,8 +59,11 @@ async def prepare_bundle(
                 entry_decision = decide(grants, it, read_only(rt.policy.operations))
             except FhirError as exc:
                 raise exc.located(f"{entry.where}.request") from None
-        entry_searcher = replace(searcher, searchable=entry_decision.searchable)
+        entry_searcher = replace(searcher, searchable=entry_decision.searchable, chained=Recorder())
         rewrite_request(entry, entry_searcher, rt.policy.operations, entry_decision.constraint)
+        chained = entry_searcher.chained.query(it.resource_type) if it.kind == "search" else None
+        if chained is not None:
+            name_queries[entry.index] = chained
         headers = {"Authorization": authorization} if authorization else {}
         if_match = entry.entry["request"].get("ifMatch")
         if type(if_match) is str:
@@ -79,6 +86,7 @@ async def prepare_bundle(
             extra = await prepare_write(rt, it, entry.resource, grants, restricted, headers, request_id, names=names)
             if "If-Match" in extra:
                 entry.entry["request"]["ifMatch"] = extra["If-Match"]
+    return name_queries
 
 
 def deleted_by(bundle: dict) -> list[str]:

@@ -14,6 +14,7 @@ from aiohttp import web
 from proxy.auth.decision import Decision
 from proxy.transform import guard
 from proxy.transform.interactions import Interaction
+from proxy.transform.namefilter import NameQuery
 from proxy.transform.search import Searcher
 from proxy.web.auditing import Exchange
 from proxy.web.runtime import Runtime
@@ -34,6 +35,7 @@ class Call:
     forwarding: guard.Forwarding | None = None  # what goes upstream instead of the client's query
     body: bytes | None = None  # the request body as it goes upstream (encrypted, rewritten)
     upstream_url: str | None = None  # a proxy paging link's upstream URL, forwarded as it is
+    entry_names: dict[int, NameQuery] = field(default_factory=dict)  # a batch's chained name searches, by entry
 
     @property
     def decided(self) -> Decision:

@@ -69,7 +69,7 @@ async def _prepare_body(call: Call, raw: bytes) -> None:
         call.body = jsonnum.dumps(patched)
         call.forwarding = dataclasses.replace(call.forwarding, if_match=extra.get("If-Match"), method="PUT")
     elif isinstance(prepared, dict) and it.kind == "batch":
-        await prepare_bundle(
+        call.entry_names = await prepare_bundle(
             rt, prepared, call.searcher, call.decided, exchange.grants, restricted, headers, request_id
         )
         exchange.targets.extend(deleted_by(prepared))
