@@ -147,7 +147,7 @@ def test_the_outline_judges_like_a_full_parse_or_declines(body):
 def test_an_export_batch_is_outlined_at_once_like_line_by_line(bodies):
     lines = [orjson.dumps(body) for body in bodies]
     one_by_one = [outline(line) for line in lines]
-    assert outlines(lines) == (None if None in one_by_one else one_by_one)
+    assert outlines(b"\n".join(lines), len(lines)) == (None if None in one_by_one else one_by_one)
 
 
 @pytest.mark.parametrize(
@@ -159,7 +159,7 @@ def test_an_export_batch_is_outlined_at_once_like_line_by_line(bodies):
     ],
 )
 def test_a_batch_with_a_line_the_outline_cannot_take_is_declined_whole(lines):
-    assert outlines(lines) is None
+    assert outlines(b"\n".join(lines), len(lines)) is None
 
 
 @pytest.mark.parametrize(

@@ -70,17 +70,17 @@ def outline(raw: bytes) -> dict[str, Any] | None:
     return view
 
 
-def outlines(lines: list[bytes]) -> list[dict[str, Any]] | None:
-    """The outlines of NDJSON ``lines`` (none of them blank) decoded in one call, or None when any line
-    does not fit, is not valid JSON or holds more than one value (the caller then takes them one by one)."""
-    raw = b"\n".join(lines)
+def outlines(raw: bytes, count: int) -> list[dict[str, Any]] | None:
+    """The outlines of the ``count`` NDJSON lines of ``raw`` (none of them blank) decoded in one call, or
+    None when a line does not fit, is not valid JSON or holds more than one value (the caller then takes
+    them one by one)."""
     if not _utf8(raw):
         return None
     try:
         views: list[dict[str, Any]] = msgspec.to_builtins(_DECODER.decode_lines(raw))
     except (msgspec.DecodeError, RecursionError):
         return None
-    return views if len(views) == len(lines) else None
+    return views if len(views) == count else None
 
 
 def _utf8(raw: bytes) -> bool:

@@ -28,7 +28,7 @@ from proxy.web.auditing import MAX_REFERENCES, audited_references
 from proxy.web.binaries import binary_content
 from proxy.web.call import Call
 from proxy.web.discovery import secure_capabilities
-from proxy.web.paging import PAGED, page_link_names, sign_page_links
+from proxy.web.paging import PAGED, sign_page_links
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import drop_foreign_links
 
@@ -62,9 +62,8 @@ def _page_names(call: Call) -> list[tuple[str, str]]:
     """The chained name parameters of the search a page continues: as its link names them (for a link minted
     before links named them: the name parameters of its upstream URL)."""
     assert call.upstream_url is not None
-    named = page_link_names(call.rt, call.segments[2])
-    if named is not None:
-        return named
+    if call.page_names is not None:
+        return call.page_names
     return [(k, v) for k, v in guard.parse_query(call.upstream_url.partition("?")[2]) if k in READS]
 
 
@@ -78,16 +77,19 @@ def _chained_params(call: Call, forwarding: guard.Forwarding) -> list[tuple[str,
     return [(k, v) for k, v in sent if k in READS and all(CHAIN.fullmatch(x) for x in v.split(","))]
 
 
-def _filter_entries(call: Call, payload: dict) -> int:
-    """The name post-filter of each search in a batch or transaction, on the searchset its entry of the
-    answer holds (the answer's entries are in the order of the request's); the number removed."""
+def _filter_names(call: Call, payload: dict) -> int:
+    """The name post-filter on the searchsets of an answer: the answer of a search with chained name values,
+    or those a batch or transaction's entries hold for its searches (the answer's entries are in the
+    order of the request's); the number of entries removed, also counted for :func:`account_name_filter`."""
+    names = name_query(call)
+    pages: list[tuple[NameQuery, dict]] = [(names, payload)] if names is not None else []
     entries = payload.get("entry") if payload.get("resourceType") == "Bundle" else None
-    removed = 0
-    for i, names in call.entry_names.items():
+    for i, entry_names in call.entry_names.items():
         entry = entries[i] if type(entries) is list and i < len(entries) else None
         found = entry.get("resource") if type(entry) is dict else None
         if type(found) is dict and found.get("resourceType") == "Bundle" and found.get("type") == "searchset":
-            removed += names.filter_page(found, call.rt.keyring.indexer)
+            pages.append((entry_names, found))
+    removed = sum(q.filter_page(page, call.rt.keyring.indexer) for q, page in pages)
     if call.searcher is not None:
         call.searcher.chained.removed += removed
     return removed
@@ -123,14 +125,8 @@ async def judge(
         secure_capabilities(payload, rt.verifier.openid_configuration if rt.verifier else None, rt.policy)
     removed = decision.screen(payload, it)  # before decryption: only what stays in the clear is judged
     decrypt_body(payload, rt.policy, rt.read_keys, watch_canaries(rt, decision, hits), exchange.report)
-    names = name_query(call)
-    if names is not None and status < 300:  # before a subset could take the name out
-        filtered = names.filter_page(payload, rt.keyring.indexer)
-        assert call.searcher is not None
-        call.searcher.chained.removed += filtered
-        removed += filtered
-    elif call.entry_names and status < 300:
-        removed += _filter_entries(call, payload)
+    if status < 300:  # before a subset could take the name out
+        removed += _filter_names(call, payload)
     if len(exchange.references) < MAX_REFERENCES:
         seen = [*exchange.references, *audited_references(rt.audit, payload)]
         exchange.references = list(dict.fromkeys(seen))[:MAX_REFERENCES]

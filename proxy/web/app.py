@@ -74,7 +74,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     link = len(segments) == 3 and segments[0] == bulk.LINKS
     page = link and segments[1] == PAGE
     if page:  # the next page of a search: decided again for the type searched, for the same caller only
-        minted_for, it, call.upstream_url = open_page_link(rt, segments[2])
+        minted_for, it, call.upstream_url, call.page_names = open_page_link(rt, segments[2])
     else:
         it = bulk.EXPORT if link else classify(request.method, segments, bool(request.query_string))
     call.it = it

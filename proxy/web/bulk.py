@@ -240,8 +240,9 @@ async def _decrypt_lines(rt: Runtime, lines: list[bytes], decision: Decision, ex
     plain = not rt.policy.canaries
     # one look at the whole batch usually answers for every line (a match across a line break only
     # makes it say "no": then each line is looked at on its own), and one call outlines them all
-    all_untouched = plain and untouched(b"\n".join(lines), rt.policy)
-    views = outlines(lines) if all_untouched and not decision.judges_content() else None
+    batch = b"\n".join(lines)
+    all_untouched = plain and untouched(batch, rt.policy)
+    views = outlines(batch, len(lines)) if all_untouched and not decision.judges_content() else None
     if views is not None:
         pairs = zip(lines, views, strict=True)
         shown = [line.strip(_JSON_SPACE) for line, view in pairs if _shown(rt, view, decision, exchange)]

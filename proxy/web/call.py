@@ -35,6 +35,7 @@ class Call:
     forwarding: guard.Forwarding | None = None  # what goes upstream instead of the client's query
     body: bytes | None = None  # the request body as it goes upstream (encrypted, rewritten)
     upstream_url: str | None = None  # a proxy paging link's upstream URL, forwarded as it is
+    page_names: list[tuple[str, str]] | None = None  # the chained name parameters that paging link names
     entry_names: dict[int, NameQuery] = field(default_factory=dict)  # a batch's chained name searches, by entry
 
     @property

@@ -59,21 +59,13 @@ def has_page_links(rt: Runtime, payload: dict) -> bool:
     return next(_unsigned(rt, payload), None) is not None
 
 
-def _claim(rt: Runtime, token: str) -> list:
+def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str, list[tuple[str, str]] | None]:
+    """The subject the link was minted for, the interaction it continues, the upstream URL and the chained
+    name parameters it names (None for a link minted before links named them); 404 for a link this proxy
+    did not mint (or that expired)."""
     signed = rt.keyring.link_signer.open(token)
     if signed is None or not signed.startswith(PAGE + " "):
         raise FhirError(404, "not-found", "unknown or expired paging link")
-    return orjson.loads(signed[len(PAGE) + 1 :])
-
-
-def open_page_link(rt: Runtime, token: str) -> tuple[str | None, Interaction, str]:
-    """The subject the link was minted for, the interaction it continues and the upstream URL; 404 for a
-    link this proxy did not mint (or that expired)."""
-    subject, kind, level, rtype, url, *_ = _claim(rt, token)
-    return subject, Interaction(kind, level, rtype), url
-
-
-def page_link_names(rt: Runtime, token: str) -> list[tuple[str, str]] | None:
-    """The chained name parameters a paging link names; None for a link minted before links named them."""
-    claim = _claim(rt, token)
-    return [(name, value) for name, value in claim[5]] if len(claim) > 5 else None
+    subject, kind, level, rtype, url, *rest = orjson.loads(signed[len(PAGE) + 1 :])
+    names = [(name, value) for name, value in rest[0]] if rest else None
+    return subject, Interaction(kind, level, rtype), url, names
